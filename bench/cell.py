@@ -1,0 +1,125 @@
+"""One cell of a sweep: load -> calibrate -> prune -> (save) -> evaluate -> result JSON.
+
+A failing cell records its exception and traceback in its result and returns normally, so one bad
+cell never takes the rest of a sweep down.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+import methods
+from bench import data, engine, evaluate, models, results
+from bench.arch import measured_sparsity
+from bench.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+def find_completed(root: Optional[Path], config_hash: str) -> Optional[dict]:
+    """A finished result with this config hash anywhere under `root` (the sweep dir), if any."""
+    if root is None or not root.exists():
+        return None
+    for result in results.read_results(root):
+        if result.get("config_hash") == config_hash and result.get("status") == "ok":
+            return result
+    return None
+
+
+def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[Path] = None) -> dict:
+    out_dir = Path(out_dir)
+    result_path = out_dir / results.RESULT_FILE
+    config_hash = results.config_hash(resolved)
+    previous = find_completed(sweep_dir or out_dir, config_hash)
+    if previous is not None:
+        log.info("cell %s already done (%s); skipping", config_hash, previous["path"])
+        return previous
+
+    result = {
+        "schema": results.SCHEMA_VERSION,
+        "status": "running",
+        "config_hash": config_hash,
+        "cell": {"model": cfg.model.name, "method": cfg.method.name, "sparsity": cfg.sparsity,
+                 "sparsity_type": str(cfg.method.pattern), "protocol": cfg.protocol, "seed": cfg.seed},
+        "config": resolved,
+        "provenance": results.provenance(),
+        "timings": {},
+        "warnings": [],
+        "metrics": {},
+        "error": None,
+    }
+    results.write_json_atomic(result_path, result)
+    timings = result["timings"]
+    started = time.perf_counter()
+    try:
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        stage = time.perf_counter()
+        model, tokenizer = models.load(cfg.model)
+        timings["load"] = time.perf_counter() - stage
+
+        stage = time.perf_counter()
+        calib = cfg.data.calib
+        corpus = data.load_corpus(calib.dataset, calib.split, cfg.data.dir, "calib", cfg.data.allow_fallback)
+        _note_fallback(result, corpus, "calibration")
+        samples = data.calibration_samples(data.tokenize(tokenizer, corpus.text), calib.nsamples, calib.seqlen,
+                                           cfg.seed)
+        result["data"] = {"calib": {"dataset": corpus.name, "split": corpus.split, "source": corpus.source,
+                                    "fallback_for": corpus.fallback_for, "nsamples": calib.nsamples,
+                                    "seqlen": calib.seqlen}}
+        timings["calib_data"] = time.perf_counter() - stage
+
+        method = methods.build(cfg.method)
+        report = engine.prune(model, method, samples, cfg.sparsity, cfg.device)
+        timings.update(report.seconds)
+        overall, per_layer = measured_sparsity(model)
+        result["sparsity"] = {"target": cfg.sparsity, "measured": overall, "allocated": report.rates,
+                              "per_layer": per_layer}
+
+        if cfg.save_dir:
+            stage = time.perf_counter()
+            models.save(model, tokenizer, cfg.save_dir)
+            result["saved_to"] = str(Path(cfg.save_dir).expanduser().resolve())
+            timings["save"] = time.perf_counter() - stage
+
+        if cfg.eval.ppl is not None:
+            ppl_cfg = cfg.eval.ppl
+            result["metrics"]["ppl"] = {}
+            result["data"]["eval"] = {}
+            for name in ppl_cfg.datasets:
+                stage = time.perf_counter()
+                corpus = data.load_corpus(name, ppl_cfg.split, cfg.data.dir, "eval", cfg.data.allow_fallback)
+                _note_fallback(result, corpus, "evaluation")
+                windows = data.eval_windows(data.tokenize(tokenizer, corpus.text), ppl_cfg.seqlen,
+                                            ppl_cfg.max_windows, corpus.name)
+                ppl = evaluate.perplexity(model, windows, cfg.device, desc=f"ppl {corpus.name}")
+                key = name if corpus.fallback_for is None else f"{name}(pydoc fallback)"
+                result["metrics"]["ppl"][key] = ppl
+                result["data"]["eval"][key] = {"dataset": corpus.name, "split": corpus.split,
+                                               "source": corpus.source, "seqlen": ppl_cfg.seqlen,
+                                               "windows": int(windows.shape[0])}
+                timings[f"eval_ppl_{name}"] = time.perf_counter() - stage
+                log.info("%s %s %.0f%%: %s ppl = %.3f", cfg.model.name, cfg.method.name, 100 * cfg.sparsity,
+                         key, ppl)
+        result["status"] = "ok"
+    except Exception as exc:  # recorded, not raised: the sweep goes on
+        log.exception("cell failed")
+        result["status"] = "failed"
+        result["error"] = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
+    finally:
+        timings["total"] = time.perf_counter() - started
+        result["peak_memory"] = results.peak_memory()
+        results.write_json_atomic(result_path, result)
+    return result
+
+
+def _note_fallback(result: dict, corpus: data.Corpus, purpose: str) -> None:
+    if corpus.fallback_for is not None:
+        result["warnings"].append(f"{purpose}: {corpus.fallback_for} not found; used the offline pydoc corpus "
+                                  f"(not comparable with papers)")

@@ -1,0 +1,180 @@
+"""Calibration and evaluation text: WikiText-2 (raw), PTB, C4, and the always-present pydoc corpus.
+
+Lookup order for a corpus: the local dir (`data.dir`, else `$PRUNEBENCH_DATA`), then the Hugging Face
+hub through `datasets`. The joins follow the SparseGPT/Wanda protocol so perplexities are comparable
+with the papers: WikiText-2 eval is "\\n\\n".join(rows), calibration " ".join(rows); PTB and C4 use
+" ".join; C4 eval takes the first 1100 validation documents.
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+LOCAL_FILES = {
+    ("wikitext2", "validation"): "wikitext2/wiki.valid.raw",
+    ("wikitext2", "test"): "wikitext2/wiki.test.raw",
+    ("wikitext2", "train"): "wikitext2/wiki.train.raw",
+    ("ptb", "validation"): "ptb/ptb.valid.txt",
+    ("ptb", "test"): "ptb/ptb.test.txt",
+    ("ptb", "train"): "ptb/ptb.train.txt",
+    ("c4", "validation"): "c4/c4-validation.00000-of-00008.json.gz",
+    ("c4", "train"): "c4/c4-train.00000-of-01024.json.gz",
+}
+C4_EVAL_DOCS = 1100
+C4_EVAL_WINDOWS = 256
+
+
+class DataUnavailable(RuntimeError):
+    """A named corpus could be found neither locally nor on the hub."""
+
+
+@dataclass
+class Corpus:
+    name: str  # the corpus actually used
+    split: str
+    text: str
+    source: str  # local path, "hub:<id>" or "pydoc_data"
+    fallback_for: Optional[str] = None  # the corpus that was asked for, when we fell back
+
+
+def data_dir(configured: Optional[str]) -> Optional[Path]:
+    value = configured or os.environ.get("PRUNEBENCH_DATA")
+    return Path(value).expanduser() if value else None
+
+
+def load_corpus(name: str, split: str, directory: Optional[str], purpose: str,
+                allow_fallback: bool = False) -> Corpus:
+    """The text of `name`/`split` joined for `purpose` ("calib" or "eval")."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not valid; allowed: {', '.join(SPLITS)}")
+    if name == "pydoc":
+        return _pydoc(split)
+    try:
+        return _local_or_hub(name, split, data_dir(directory), purpose)
+    except DataUnavailable as exc:
+        if not allow_fallback:
+            raise
+        log.warning("=" * 78)
+        log.warning("%s", exc)
+        log.warning("FALLING BACK to the offline pydoc corpus for %s; numbers are NOT comparable with "
+                    "papers. Set PRUNEBENCH_DATA or data.dir to a dir with %s.", purpose, name)
+        log.warning("=" * 78)
+        corpus = _pydoc(split)
+        corpus.fallback_for = name
+        return corpus
+
+
+def _local_or_hub(name: str, split: str, directory: Optional[Path], purpose: str) -> Corpus:
+    relative = LOCAL_FILES.get((name, split))
+    looked = []
+    if directory is not None and relative is not None:
+        path = directory / relative
+        looked.append(str(path))
+        if path.exists():
+            return Corpus(name, split, _join(name, _read_local(name, path), purpose), str(path))
+    try:
+        rows, hub_id = _hub_rows(name, split)
+    except Exception as exc:  # datasets raises many types for "offline" / "no such split"
+        looked.append(f"the hub ({type(exc).__name__})")
+        raise DataUnavailable(
+            f"corpus {name!r} split {split!r} not found; looked in: {'; '.join(looked) or 'no local dir set'}. "
+            f"Put the file at <dir>/{relative or '?'} and set data.dir=<dir> or PRUNEBENCH_DATA=<dir>, "
+            f"or allow hub access.") from None
+    return Corpus(name, split, _join(name, rows, purpose), f"hub:{hub_id}")
+
+
+def _read_local(name: str, path: Path) -> list[str]:
+    if name == "c4":
+        with gzip.open(path, "rt", encoding="utf-8") as handle:
+            return [json.loads(line)["text"] for line in handle]
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    if name == "wikitext2":  # the HF loader's row rule: blank lines become ""
+        return [line if line.strip() else "" for line in lines]
+    return [line.strip() for line in lines]  # PTB: HF `sentence` has no leading space or newline
+
+
+@functools.lru_cache(maxsize=1)
+def _hub_reachable() -> bool:
+    """A 3-second TCP probe, so machines without the hub fail over in seconds, not after retries."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_rows(name: str, split: str) -> tuple[list[str], str]:
+    import datasets
+
+    if not _hub_reachable():
+        raise ConnectionError("huggingface.co is unreachable")
+
+    if name == "wikitext2":
+        return datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"], "wikitext-2-raw-v1"
+    if name == "ptb":
+        return (datasets.load_dataset("ptb_text_only", "penn_treebank", split=split)["sentence"],
+                "ptb_text_only")
+    shard = "en/c4-train.00000-of-01024.json.gz" if split == "train" else "en/c4-validation.00000-of-00008.json.gz"
+    rows = datasets.load_dataset("allenai/c4", data_files={split: shard}, split=split)["text"]
+    return rows, f"allenai/c4:{shard}"
+
+
+def _join(name: str, rows: list[str], purpose: str) -> str:
+    if name == "c4" and purpose == "eval":
+        rows = rows[:C4_EVAL_DOCS]
+    if name == "wikitext2" and purpose == "eval":
+        return "\n\n".join(rows)
+    return " ".join(rows)
+
+
+def _pydoc(split: str) -> Corpus:
+    """CPython's documentation topics: first half of the topics is validation/train, second half test."""
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    half = len(keys) // 2
+    chosen = keys[half:] if split == "test" else keys[:half]
+    return Corpus("pydoc", split, "\n\n".join(topics[k] for k in chosen), "pydoc_data")
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """One long row of token ids (1, N), without special tokens (the protocol scores raw text)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long).unsqueeze(0)
+
+
+def calibration_samples(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`nsamples` windows of `seqlen` tokens at seeded random offsets (the SparseGPT sampler), (n, seqlen)."""
+    total = ids.shape[1]
+    if total <= seqlen:
+        raise ValueError(f"calibration text has {total} tokens, fewer than data.calib.seqlen={seqlen}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, total - seqlen, (nsamples,), generator=generator)
+    return torch.stack([ids[0, s:s + seqlen] for s in starts.tolist()])
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: Optional[int], dataset: str) -> torch.Tensor:
+    """Non-overlapping windows (n, seqlen) covering the text from its start; a trailing partial window is
+    dropped, as in the SparseGPT protocol. C4 is capped at 256 windows by that protocol."""
+    count = ids.shape[1] // seqlen
+    if dataset == "c4":
+        count = min(count, C4_EVAL_WINDOWS)
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count == 0:
+        raise ValueError(f"{dataset}: {ids.shape[1]} tokens is less than one window of eval.ppl.seqlen={seqlen}")
+    return ids[0, :count * seqlen].view(count, seqlen)

@@ -1,0 +1,243 @@
+"""The sequential layer-wise engine (the SparseGPT protocol).
+
+Calibration samples are embedded once and the inputs of block 0 captured; then, block by block, the
+block's input statistics are collected with forward hooks, the method edits the block, and the edited
+block's outputs become the next block's inputs, so each block is calibrated on what the already-pruned
+model actually feeds it. Only the current block visits the compute device.
+
+Input statistics are accumulated once per *input group* (linears reading the same tensor: q/k/v,
+gate/up), since their X^T X is identical.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from bench.arch import Arch, arch_for, prunable_linears
+
+log = logging.getLogger(__name__)
+
+STATS_LEVELS = ("none", "diag", "full")
+
+
+@dataclass
+class InputStats:
+    """Running sums over all calibration tokens of one linear's input x (columns = input features)."""
+
+    ntokens: int
+    x_sum: torch.Tensor  # (cols,) sum of x
+    sq_sum: torch.Tensor  # (cols,) sum of x^2
+    xtx: Optional[torch.Tensor]  # (cols, cols) sum of x x^T, when level == "full"
+
+    def hessian(self) -> torch.Tensor:
+        """H = 2 X^T X / n, the Hessian of the layer-wise squared reconstruction error."""
+        return self.xtx * (2.0 / self.ntokens)
+
+    def col_norms(self) -> torch.Tensor:
+        """||X_j||_2 over all calibration tokens, per input feature j (Wanda's activation norm)."""
+        return self.sq_sum.sqrt()
+
+
+class _Accumulator:
+    """Forward hook accumulating InputStats for the module it is attached to."""
+
+    def __init__(self, cols: int, level: str, device: torch.device):
+        self.stats = InputStats(
+            ntokens=0,
+            x_sum=torch.zeros(cols, device=device),
+            sq_sum=torch.zeros(cols, device=device),
+            xtx=torch.zeros(cols, cols, device=device) if level == "full" else None,
+        )
+
+    def __call__(self, module: nn.Module, inputs: tuple, output) -> None:
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+        stats = self.stats
+        stats.ntokens += x.shape[0]
+        stats.x_sum += x.sum(0)
+        if stats.xtx is not None:
+            stats.xtx.addmm_(x.T, x)
+            stats.sq_sum = stats.xtx.diagonal().clone()
+        else:
+            stats.sq_sum += (x * x).sum(0)
+
+
+@dataclass
+class BlockView:
+    """What a method sees of one decoder block during a traversal."""
+
+    index: int
+    block: nn.Module
+    arch: Arch
+    linears: dict[str, nn.Linear]  # full module name -> linear
+    stats: dict[str, InputStats]  # full module name -> its input statistics (shared within a group)
+    inputs: torch.Tensor  # (nsamples, seqlen, hidden) block inputs
+    outputs: Optional[torch.Tensor]  # block outputs before any edit (only in observe-only traversals)
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _InputCatcher(nn.Module):
+    """Stands in for block 0: records its call and aborts the forward (nothing after it is needed)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+        self.hidden: list[torch.Tensor] = []
+        self.kwargs: Optional[dict] = None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise RuntimeError("decoder blocks are expected to take only hidden_states positionally")
+        self.hidden.append(hidden_states.detach())
+        if self.kwargs is None:
+            self.kwargs = kwargs
+        raise _StopForward
+
+    def __getattr__(self, name):  # some models read attributes of their layers (e.g. attention_type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)
+
+
+def _to_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _non_block_modules_to(model: nn.Module, arch: Arch, device) -> None:
+    blocks = arch.blocks(model)
+    for block in blocks:
+        block.to("cpu")
+    stash = list(blocks)
+    for index in range(len(blocks)):
+        blocks[index] = nn.Identity()  # moved separately: keep the (possibly huge) blocks off the device
+    model.to(device)
+    for index, block in enumerate(stash):
+        blocks[index] = block
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, samples: torch.Tensor, device: str) -> tuple[torch.Tensor, dict]:
+    """Inputs of block 0 for each sample (n, seqlen, hidden), on CPU, and the kwargs every block gets."""
+    arch = arch_for(model)
+    blocks = arch.blocks(model)
+    _non_block_modules_to(model, arch, device)
+    catcher = _InputCatcher(blocks[0])
+    blocks[0] = catcher
+    try:
+        for row in samples:
+            try:
+                model(row.unsqueeze(0).to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        blocks[0] = catcher.block
+        _non_block_modules_to(model, arch, "cpu")
+    hidden = torch.cat(catcher.hidden).to("cpu")
+    kwargs = {k: v for k, v in catcher.kwargs.items() if k not in ("past_key_values", "layer_past")}
+    kwargs["use_cache"] = False
+    return hidden, _to_device(kwargs, "cpu")
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, device: str) -> torch.Tensor:
+    """Forward every sample (batch 1, as captured) through one block; returns outputs on CPU."""
+    outputs = torch.empty_like(inputs)
+    for index in range(inputs.shape[0]):
+        out = block(inputs[index:index + 1].to(device), **kwargs)
+        outputs[index] = (out[0] if isinstance(out, tuple) else out)[0].to("cpu")
+    return outputs
+
+
+@torch.no_grad()
+def traverse(model: nn.Module, samples: torch.Tensor, device: str, stats_level: str,
+             visit: Callable[[BlockView], None], edits: bool, desc: str, share_stats: bool = True) -> None:
+    """Walk the blocks sequentially, calling `visit` on each with its input statistics.
+
+    `edits=True`: `visit` changes the block, so the block is re-run afterwards and *its* outputs feed
+    the next block. `edits=False`: an observe-only pass over the dense model; the statistics forward
+    already gives the outputs (exposed to `visit` as `view.outputs`).
+    `share_stats=False` hooks every linear separately (only for measuring what sharing saves).
+    """
+    if stats_level not in STATS_LEVELS:
+        raise ValueError(f"stats level {stats_level!r}; allowed: {STATS_LEVELS}")
+    arch = arch_for(model)
+    hidden, kwargs = capture_inputs(model, samples, device)
+    kwargs = _to_device(kwargs, device)
+    for index, block in enumerate(tqdm(arch.blocks(model), desc=desc, unit="block")):
+        block.to(device)
+        prefix = f"{arch.block_name(index)}."
+        stats: dict[str, InputStats] = {}
+        outputs = None
+        if stats_level != "none" or not edits:
+            handles, owners = [], []
+            groups = arch.groups if share_stats else tuple((name,) for g in arch.groups for name in g)
+            for group in groups:
+                first = block.get_submodule(group[0])
+                hook = _Accumulator(first.in_features, stats_level if stats_level != "none" else "diag", device)
+                handles.append(first.register_forward_hook(hook))
+                owners.append((group, hook))
+            try:
+                outputs = run_block(block, hidden, kwargs, device)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for group, hook in owners:
+                for name in group:
+                    stats[prefix + name] = hook.stats
+        linears = {prefix + name: module for name, module in arch.linears(block).items()}
+        visit(BlockView(index, block, arch, linears, stats, hidden, None if edits else outputs))
+        if edits:
+            outputs = run_block(block, hidden, kwargs, device)
+        block.to("cpu")
+        hidden = outputs
+
+
+@dataclass
+class PruneReport:
+    rates: dict[str, float]  # the allocated sparsity of every prunable linear
+    seconds: dict[str, float]  # wall time per stage
+
+
+def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, device: str) -> PruneReport:
+    """Apply `method` (a `methods.Method`) to `model` in place at mean target `sparsity`."""
+    import time
+
+    arch = arch_for(model)
+    sizes = {name: linear.weight.numel() for name, linear in prunable_linears(model).items()}
+    seconds = {}
+    allocator, pruner = method.allocator, method.pruner
+    if allocator.needs_dense_pass:
+        start = time.perf_counter()
+        traverse(model, samples, device, allocator.stats_level, allocator.observe_block, edits=False,
+                 desc=f"{method.name}: dense statistics")
+        seconds["allocate_observe"] = time.perf_counter() - start
+    start = time.perf_counter()
+    rates = allocator.allocate(sizes, sparsity)
+    seconds["allocate"] = time.perf_counter() - start
+    start = time.perf_counter()
+    if sparsity == 0:
+        pass
+    elif pruner.stats_level == "none":  # data-free: no traversal needed
+        for index, block in enumerate(tqdm(arch.blocks(model), desc=f"{method.name}: pruning", unit="block")):
+            prefix = f"{arch.block_name(index)}."
+            linears = {prefix + name: module for name, module in arch.linears(block).items()}
+            pruner.prune_block(BlockView(index, block, arch, linears, {}, torch.empty(0), None), rates)
+    else:
+        traverse(model, samples, device, pruner.stats_level, lambda view: pruner.prune_block(view, rates),
+                 edits=True, desc=f"{method.name}: pruning")
+    seconds["prune"] = time.perf_counter() - start
+    return PruneReport(rates=rates, seconds=seconds)

@@ -1,0 +1,30 @@
+"""Magnitude pruning: zero the smallest |W| of each layer (layer-wide threshold), or per N:M group.
+
+The classic baseline; no calibration data, no weight update.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bench.config import SparsityPattern
+from methods import masks
+from methods.base import LinearPruner
+
+
+class Magnitude(LinearPruner):
+    stats_level = "none"
+    supports_nm = True
+
+    @dataclass
+    class Options(LinearPruner):
+        pass
+
+    def __init__(self, options: Options, pattern: SparsityPattern):
+        self.pattern = pattern
+
+    @torch.no_grad()
+    def prune_linear(self, weight: torch.Tensor, stats, sparsity: float) -> None:
+        mask = masks.select(weight.abs().float(), sparsity, self.pattern, per_row=False)
+        weight[mask] = 0

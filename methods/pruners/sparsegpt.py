@@ -1,0 +1,99 @@
+"""SparseGPT (Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned
+in One-Shot"), written to be read beside Algorithm 1 of the paper.
+
+For a linear layer with weights W (rows x cols) and calibration inputs X, minimise ||WX - W'X||^2
+under a sparsity mask. With H = 2 X X^T (cols x cols) the optimal-brain-surgeon (OBS) step for removing
+weight w_q of a row is
+
+    error  = w_q^2 / [H^-1]_qq                         (saliency, used to choose the mask)
+    update = -(w_q / [H^-1]_qq) * H^-1[:, q]           (applied to the not-yet-processed weights)
+
+SparseGPT processes columns left to right, so every row shares one sequence of inverse Hessians; those
+are read off the upper Cholesky factor of H^-1 (row i of the factor, divided by its diagonal, is the
+OBS update restricted to columns >= i). The mask is chosen adaptively per block of `blocksize`
+columns (lowest w^2/[U]_ii^2 over the block: exactly the target fraction per block), and for N:M
+patterns per group of M columns, just before those columns are processed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bench.config import SparsityPattern
+from methods import masks
+from methods.base import LinearPruner
+
+
+class SparseGPT(LinearPruner):
+    stats_level = "full"
+    supports_nm = True
+
+    @dataclass
+    class Options:
+        blocksize: int = 128  # columns whose mask is chosen together (lazy batch of updates)
+        percdamp: float = 0.01  # dampening: lambda = percdamp * mean(diag H), added to diag H
+
+    def __init__(self, options: Options, pattern: SparsityPattern):
+        if options.blocksize < 1:
+            raise ValueError(f"method.blocksize={options.blocksize}; allowed: >= 1")
+        if not 0 <= options.percdamp < 1:
+            raise ValueError(f"method.percdamp={options.percdamp}; allowed: 0 <= percdamp < 1")
+        if pattern.kind == "nm" and options.blocksize % pattern.m:
+            raise ValueError(f"method.blocksize={options.blocksize} must be a multiple of M={pattern.m} "
+                             f"for sparsity_type={pattern}")
+        self.options = options
+        self.pattern = pattern
+
+    @torch.no_grad()
+    def prune_linear(self, weight: torch.Tensor, stats, sparsity: float) -> None:
+        pruned = sparsegpt(weight.float(), stats.hessian().to(weight.device), sparsity, self.pattern,
+                           self.options.blocksize, self.options.percdamp)
+        weight.copy_(pruned.to(weight.dtype))
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of the dampened H^-1, and the mask of dead inputs (never active: H_jj = 0)."""
+    H = hessian.clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1  # a never-active input carries no information; its weights are zeroed anyway
+    damp = percdamp * H.diagonal().mean()
+    H.diagonal().add_(damp)
+    H_inv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    return torch.linalg.cholesky(H_inv, upper=True), dead
+
+
+def sparsegpt(W: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: SparsityPattern,
+              blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
+    """Return the pruned (and OBS-updated) copy of W (float32)."""
+    W = W.clone()
+    rows, cols = W.shape
+    U, dead = inverse_hessian_factor(hessian, percdamp)
+    W[:, dead] = 0
+    for start in range(0, cols, blocksize):
+        end = min(start + blocksize, cols)
+        W_block = W[:, start:end].clone()
+        U_block = U[start:end, start:end]
+        errors = torch.zeros_like(W_block)
+        if pattern.kind == "unstructured":
+            saliency = W_block ** 2 / U_block.diagonal().unsqueeze(0) ** 2
+            mask = masks.lowest_fraction_mask(saliency, sparsity, per_row=False)
+        else:
+            mask = torch.zeros_like(W_block, dtype=torch.bool)
+        for i in range(end - start):
+            if pattern.kind == "nm" and i % pattern.m == 0:
+                group = slice(i, i + pattern.m)
+                saliency = W_block[:, group] ** 2 / U_block.diagonal()[group].unsqueeze(0) ** 2
+                mask[:, group] = masks.nm_mask(saliency, pattern.n, pattern.m)
+            w = W_block[:, i]
+            d = U_block[i, i]
+            q = w.masked_fill(mask[:, i], 0)
+            err = (w - q) / d
+            # OBS update of the remaining columns of this block (row i of the factor = H^-1 row, scaled)
+            W_block[:, i:] -= err.unsqueeze(1) * U_block[i, i:].unsqueeze(0)
+            W_block[:, i] = q
+            errors[:, i] = err
+        W[:, start:end] = W_block
+        # lazy batch update: propagate the whole block's errors to the columns on its right at once
+        W[:, end:] -= errors @ U[start:end, end:]
+    return W

@@ -1,0 +1,1 @@
+"""Turn sweep results (result.json files) into tables."""

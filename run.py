@@ -1,0 +1,48 @@
+"""prunebench entry point: compose the config, validate it once, run one cell, write its result.
+
+    python run.py                                         # one cell with the defaults
+    python run.py -m method=dense,sparsegpt,wanda sparsity=0.5,0.7   # a sweep (cross product)
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from bench.config import ConfigError, validate
+
+log = logging.getLogger("prunebench")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from bench.cell import run_cell
+
+    hydra_cfg = HydraConfig.get()
+    try:
+        run_cfg = validate(cfg)
+    except ConfigError as exc:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise  # the sweep's validation callback already checked every cell; this is a bug
+        print(f"prunebench: config error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    sweep_dir = Path(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    result = run_cell(run_cfg, resolved, out_dir, sweep_dir)
+    if result["status"] != "ok" and hydra_cfg.mode != RunMode.MULTIRUN:
+        print(f"prunebench: cell failed: {result['error']['type']}: {result['error']['message']}", file=sys.stderr)
+        sys.exit(1)
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        from reports.collect import collect
+
+        print(collect(out_dir).markdown)
+
+
+if __name__ == "__main__":
+    main()
