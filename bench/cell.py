@@ -34,6 +34,7 @@ def find_completed(root: Optional[Path], config_hash: str) -> Optional[dict]:
 
 def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[Path] = None) -> dict:
     out_dir = Path(out_dir)
+    resolved = {**resolved, "sparsity": cfg.sparsity}  # the effective value: dense ignores the sweep axis
     result_path = out_dir / results.RESULT_FILE
     config_hash = results.config_hash(resolved)
     previous = find_completed(sweep_dir or out_dir, config_hash)
