@@ -185,9 +185,9 @@ def traverse(model: nn.Module, samples: torch.Tensor, device: str, stats_level: 
         if stats_level != "none" or not edits:
             handles, owners = [], []
             groups = arch.groups if share_stats else tuple((name,) for g in arch.groups for name in g)
-            for group in groups:
+            for group in groups if stats_level != "none" else ():
                 first = block.get_submodule(group[0])
-                hook = _Accumulator(first.in_features, stats_level if stats_level != "none" else "diag", device)
+                hook = _Accumulator(first.in_features, stats_level, device)
                 handles.append(first.register_forward_hook(hook))
                 owners.append((group, hook))
             try:
