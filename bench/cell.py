@@ -120,6 +120,10 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
         timings["total"] = time.perf_counter() - started
         result["peak_memory"] = results.peak_memory()
         results.write_json_atomic(result_path, result)
+    if cfg.logger.name != "none":
+        from reports.wandb_log import log_cell
+
+        log_cell(cfg.logger, result, out_dir, sweep_dir)
     return result
 
 

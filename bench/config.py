@@ -95,6 +95,21 @@ class EvalConfig:
     zeroshot: Optional[ZeroShotConfig] = None
 
 
+LOGGERS = ("none", "wandb")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment tracking (reports/wandb_log.py); `none` keeps results in result.json only."""
+
+    name: str = "none"
+    project: str = "prunebench"
+    entity: Optional[str] = None
+    mode: str = "offline"
+    group: Optional[str] = None
+
+
 @dataclass
 class SparsityPattern:
     """`unstructured`, or N:M = at most N non-zeros in every M consecutive inputs (2:4 = 50%)."""
@@ -147,6 +162,7 @@ class RunConfig:
     device: str
     protocol: str
     save_dir: Optional[str]
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
@@ -220,6 +236,9 @@ def validate(cfg: DictConfig) -> RunConfig:
     data = _structured("data", DataConfig, raw["data"])
     _choice("data.calib.dataset", data.calib.dataset, DATASETS)
     evaluation = _structured("eval", EvalConfig, raw["eval"])
+    logger = _structured("logger", LoggerConfig, raw.get("logger", {}))
+    _choice("logger.name", logger.name, LOGGERS)
+    _choice("logger.mode", logger.mode, WANDB_MODES)
     device = raw.get("device", "cpu")
     _choice("device", device, DEVICES)
 
@@ -256,4 +275,4 @@ def validate(cfg: DictConfig) -> RunConfig:
                           f"give the transformers config kwargs")
     return RunConfig(model=model, method=method, data=data, eval=evaluation, sparsity=sparsity,
                      seed=int(raw.get("seed", 0)), device=device, protocol=str(raw["protocol"]["name"]),
-                     save_dir=raw.get("save_dir"))
+                     save_dir=raw.get("save_dir"), logger=logger)
