@@ -219,8 +219,9 @@ def _footnotes(unique: list[dict]) -> list[str]:
             notes.append(f"WARNING ({result['cell']['method']}): {warning}")
         if result.get("status") == "failed":
             error = result["error"]
+            message = (error["message"] or "").splitlines()[:1]  # one line keeps the footnote list intact
             notes.append(f"failed: {result['cell']['model']} {result['cell']['method']} "
-                         f"{result['cell']['sparsity']:.0%}: {error['type']}: {error['message']} ({result['path']})")
+                         f"{result['cell']['sparsity']:.0%}: {error['type']}: {''.join(message)} ({result['path']})")
     return list(dict.fromkeys(notes))
 
 

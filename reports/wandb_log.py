@@ -55,7 +55,9 @@ def _log(cfg: LoggerConfig, result: dict, out_dir: Path, sweep_dir: Optional[Pat
                      group=cfg.group or (sweep_dir or out_dir).name, job_type="cell",
                      name=f"{cell['model']}_{cell['method']}_{cell['sparsity']}", config=result["config"],
                      tags=[cell["model"], cell["method"], cell["protocol"]], reinit="finish_previous",
-                     settings=wandb.Settings(console="off", silent=True))
+                     # the result already records provenance; W&B's own system/git probes cost ~1 min on a busy CPU
+                     settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, x_disable_meta=True,
+                                             x_disable_machine_info=True))
     try:
         per_layer = result.get("sparsity", {}).get("per_layer", {})
         for index, (name, value) in enumerate(per_layer.items()):
