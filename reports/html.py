@@ -13,6 +13,7 @@ th, td { border: 1px solid #bbb; padding: 0.25em 0.6em; text-align: right; white
 th { background: #eee; }
 td:nth-child(-n+2), th:nth-child(-n+2) { text-align: left; }
 ul.notes { font-size: 0.85em; color: #555; }
+td:last-child { white-space: normal; text-align: left; }
 figure { display: inline-block; margin: 0.5em; }
 img { max-width: 100%; }
 """

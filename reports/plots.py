@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from reports.collect import method_label, metric_value  # noqa: E402
 
@@ -63,6 +64,10 @@ def _metric_panels(records: list[dict], out_dir: Path, metrics: list[str], stem:
                 ax.axhline(dense["dense"], color="black", linestyle="--", linewidth=1, label="dense")
             if log_y:
                 ax.set_yscale("log")
+                plain = FuncFormatter(lambda v, _: f"{v:g}")  # 26.5, not 2.65x10^1, on narrow ranges
+                ax.yaxis.set_major_formatter(plain)
+                ax.yaxis.set_minor_formatter(plain)
+            ax.set_xticks(sorted({x for points in lines.values() for x, _ in points}))
             ax.set_xlabel("sparsity (%)")
             ax.set_ylabel(ylabel(metric))
             ax.set_title(f"{model}: {metric}")
