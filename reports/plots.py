@@ -55,7 +55,8 @@ def _metric_panels(records: list[dict], out_dir: Path, metrics: list[str], stem:
                                              if r["cell"]["model"] == model)]
         if not panels:
             continue
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.6), squeeze=False,
+                                 gridspec_kw={"wspace": 0.35})
         for ax, metric in zip(axes[0], panels):
             lines, dense = _series(records, model, metric)
             for method, points in lines.items():
@@ -66,7 +67,9 @@ def _metric_panels(records: list[dict], out_dir: Path, metrics: list[str], stem:
                 ax.set_yscale("log")
                 plain = FuncFormatter(lambda v, _: f"{v:g}")  # 26.5, not 2.65x10^1, on narrow ranges
                 ax.yaxis.set_major_formatter(plain)
-                ax.yaxis.set_minor_formatter(plain)
+                low, high = ax.get_ylim()
+                if high / low < 10:  # minor labels only when there is no decade label; else they overlap
+                    ax.yaxis.set_minor_formatter(plain)
             ax.set_xticks(sorted({x for points in lines.values() for x, _ in points}))
             ax.set_xlabel("sparsity (%)")
             ax.set_ylabel(ylabel(metric))
