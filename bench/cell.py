@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 import methods
-from bench import data, engine, evaluate, models, results
+from bench import data, engine, evaluate, models, results, zeroshot
 from bench.arch import measured_sparsity
 from bench.config import RunConfig
 
@@ -108,6 +108,10 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
                 timings[f"eval_ppl_{name}"] = time.perf_counter() - stage
                 log.info("%s %s %.0f%%: %s ppl = %.3f", cfg.model.name, cfg.method.name, 100 * cfg.sparsity,
                          key, ppl)
+        if cfg.eval.zeroshot is not None:
+            stage = time.perf_counter()
+            result["metrics"]["zeroshot"] = zeroshot.evaluate(model, tokenizer, cfg.eval.zeroshot, cfg.device, cfg.seed)
+            timings["eval_zeroshot"] = time.perf_counter() - stage
         result["status"] = "ok"
     except Exception as exc:  # recorded, not raised: the sweep goes on
         log.exception("cell failed")
@@ -117,6 +121,10 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
         timings["total"] = time.perf_counter() - started
         result["peak_memory"] = results.peak_memory()
         results.write_json_atomic(result_path, result)
+    if cfg.logger.name != "none":
+        from reports.wandb_log import log_cell
+
+        log_cell(cfg.logger, result, out_dir, sweep_dir)
     return result
 
 
