@@ -152,6 +152,7 @@ def load_shrunk(path: str | Path, dtype: torch.dtype) -> nn.Module:
     config = transformers.AutoConfig.from_pretrained(path)
     with no_init_weights():  # every tensor is overwritten below
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # skipped under no_init_weights
     arch = arch_for(model)
     for block, size in zip(arch.blocks(model), getattr(config, FFN_SIZES_KEY)):
         arch.shrink_ffn(block, torch.arange(size))
