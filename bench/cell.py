@@ -5,6 +5,7 @@ cell never takes the rest of a sweep down.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import time
@@ -15,7 +16,7 @@ from typing import Optional
 import torch
 
 import methods
-from bench import data, engine, evaluate, models, results, zeroshot
+from bench import arch, data, engine, evaluate, models, results, speed, zeroshot
 from bench.arch import measured_sparsity
 from bench.config import RunConfig
 
@@ -69,19 +70,30 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
         calib = cfg.data.calib
         corpus = data.load_corpus(calib.dataset, calib.split, cfg.data.dir, "calib", cfg.data.allow_fallback)
         _note_fallback(result, corpus, "calibration")
-        samples = data.calibration_samples(data.tokenize(tokenizer, corpus.text), calib.nsamples, calib.seqlen,
-                                           cfg.seed)
+        calib_ids = data.tokenize(tokenizer, corpus.text)
+        samples = data.calibration_samples(calib_ids, calib.nsamples, calib.seqlen, cfg.seed)
         result["data"] = {"calib": {"dataset": corpus.name, "split": corpus.split, "source": corpus.source,
                                     "fallback_for": corpus.fallback_for, "nsamples": calib.nsamples,
                                     "seqlen": calib.seqlen}}
         timings["calib_data"] = time.perf_counter() - stage
 
         method = methods.build(cfg.method)
+        structured = getattr(method.pruner, "structured", False)  # FFN channels removed physically
+        if structured:
+            dense_sizes, dense_params = arch.ffn_sizes(model), arch.parameter_count(model)
+            reference = copy.deepcopy(model) if cfg.eval.speed else None
         report = engine.prune(model, method, samples, cfg.sparsity, cfg.device)
         timings.update(report.seconds)
-        overall, per_layer = measured_sparsity(model)
-        result["sparsity"] = {"target": cfg.sparsity, "measured": overall, "allocated": report.rates,
-                              "per_layer": per_layer}
+        if structured:
+            result["sparsity"] = {"target": cfg.sparsity, **arch.structured_sparsity(model, dense_sizes, dense_params),
+                                  "allocated": report.rates}
+            if method.pruner.options.recovery != "none":
+                model, result["recovery"] = _recover(model, method, calib_ids, samples, cfg)
+                timings["recovery"] = result["recovery"]["seconds"]
+        else:
+            overall, per_layer = measured_sparsity(model)
+            result["sparsity"] = {"target": cfg.sparsity, "measured": overall, "allocated": report.rates,
+                                  "per_layer": per_layer}
 
         if cfg.save_dir:
             stage = time.perf_counter()
@@ -112,6 +124,10 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
             stage = time.perf_counter()
             result["metrics"]["zeroshot"] = zeroshot.evaluate(model, tokenizer, cfg.eval.zeroshot, cfg.device, cfg.seed)
             timings["eval_zeroshot"] = time.perf_counter() - stage
+        if structured and reference is not None:
+            stage = time.perf_counter()
+            result["metrics"]["speed"] = speed.measure(reference, model, cfg.eval.speed, cfg.device, cfg.seed)
+            timings["speed"] = time.perf_counter() - stage
         result["status"] = "ok"
     except Exception as exc:  # recorded, not raised: the sweep goes on
         log.exception("cell failed")
@@ -126,6 +142,16 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
 
         log_cell(cfg.logger, result, out_dir, sweep_dir)
     return result
+
+
+def _recover(model, method, calib_ids, samples, cfg: RunConfig):
+    from methods import recovery
+    from methods.allocators import cfsp_coarse
+
+    weights = getattr(method.allocator, "block_weights", None)
+    if method.pruner.options.recovery == "ig_lora" and not weights:  # no coarse scores from the allocator
+        weights = cfsp_coarse.sigmoid_scores(cfsp_coarse.block_distances(model, samples, cfg.device), a=1.0)
+    return recovery.recover(model, calib_ids, method.pruner.options, weights, cfg.seed, cfg.device)
 
 
 def _note_fallback(result: dict, corpus: data.Corpus, purpose: str) -> None:

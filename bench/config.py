@@ -90,9 +90,20 @@ class ZeroShotConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """Inference throughput of a structurally pruned model vs its dense original, same run and shapes."""
+
+    batch: int = 1
+    prefill_seqlen: int = 128
+    decode_tokens: int = 32  # generated one at a time with a KV cache, after a prefill of prefill_seqlen
+    repeats: int = 3  # median over interleaved dense/pruned repeats
+
+
+@dataclass
 class EvalConfig:
     ppl: Optional[PplConfig] = None
     zeroshot: Optional[ZeroShotConfig] = None
+    speed: Optional[SpeedConfig] = None  # measured for structured pruners only (zeros give no speed-up)
 
 
 LOGGERS = ("none", "wandb")
@@ -257,6 +268,10 @@ def validate(cfg: DictConfig) -> RunConfig:
         if not 0 < seqlen <= model.seqlen:
             raise ConfigError(f"{key}={seqlen} is out of range for model {model.name}; "
                               f"allowed: 1..{model.seqlen} (the model's context length)")
+    if evaluation.speed:
+        for key, value in vars(evaluation.speed).items():
+            if value < 1:
+                raise ConfigError(f"eval.speed.{key}={value} is out of range; allowed: >= 1")
     if data.calib.nsamples < 1:
         raise ConfigError(f"data.calib.nsamples={data.calib.nsamples} is out of range; allowed: >= 1")
     if evaluation.ppl:

@@ -220,10 +220,15 @@ def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, devi
     sizes = {name: linear.weight.numel() for name, linear in prunable_linears(model).items()}
     seconds = {}
     allocator, pruner = method.allocator, method.pruner
-    if allocator.needs_dense_pass:
+    # One observe-only pass over the dense model serves every component that needs one (CFSP's single
+    # forward pass: block scores for the allocator and channel scores for a structured pruner).
+    observers = [(c, c.stats_level if c is allocator else c.observe_level)
+                 for c in (allocator, pruner) if getattr(c, "needs_dense_pass", False)]
+    if observers:
         start = time.perf_counter()
-        traverse(model, samples, device, allocator.stats_level, allocator.observe_block, edits=False,
-                 desc=f"{method.name}: dense statistics")
+        level = max((lvl for _, lvl in observers), key=STATS_LEVELS.index)
+        traverse(model, samples, device, level, lambda view: [c.observe_block(view) for c, _ in observers],
+                 edits=False, desc=f"{method.name}: dense statistics")
         seconds["allocate_observe"] = time.perf_counter() - start
     start = time.perf_counter()
     rates = allocator.allocate(sizes, sparsity)
