@@ -119,7 +119,8 @@ def method_label(cell: dict) -> str:
 
 def metric_value(result: dict, metric: str) -> Optional[float]:
     """A result's value of a target-style metric name: ppl/<dataset>, acc/<task> (the task's configured
-    acc or acc_norm), acc_norm/<task>, acc_avg, speedup. Accuracies in %."""
+    acc or acc_norm), acc_norm/<task>, acc_avg, speedup[/prefill|/decode] (structured methods measure
+    both, pruned vs dense in the same run; plain `speedup` means prefill). Accuracies in %."""
     metrics = result.get("metrics", {})
     kind, _, name = metric.partition("/")
     if kind == "ppl":
@@ -132,7 +133,7 @@ def metric_value(result: dict, metric: str) -> Optional[float]:
         value = None if task is None else task["value" if kind == "acc" else "acc_norm"]
         return None if value is None else 100 * value
     if kind == "speedup":
-        return metrics.get("speedup")
+        return metrics.get("speed", {}).get(f"{name or 'prefill'}_speedup")
     return None
 
 
@@ -156,7 +157,7 @@ def _metric_columns(unique: list[dict]) -> list[tuple[str, str]]:
 
 
 def _fmt(value: float, metric: str) -> str:
-    return f"{value:.2f}" if metric.startswith("ppl") or metric == "speedup" else f"{value:.1f}"
+    return f"{value:.2f}" if metric.startswith(("ppl", "speedup")) else f"{value:.1f}"
 
 
 def results_table(unique: list[dict]) -> Table:
@@ -229,10 +230,11 @@ def _footnotes(unique: list[dict]) -> list[str]:
 
 DETAILS = (  # column label, how to read it from a result (None = not present)
     ("measured sparsity", lambda r: _pct(r.get("sparsity", {}).get("measured"))),
-    ("params removed", lambda r: _pct(r.get("params", {}).get("removed_fraction"))),
+    ("params removed", lambda r: _pct(r.get("sparsity", {}).get("params_removed"))),
     ("pruning time (s)", lambda r: _num(r.get("timings", {}).get("prune"), "{:.1f}")),
     ("peak memory (MB)", lambda r: _num(r.get("peak_memory", {}).get("cuda_mb", r.get("peak_memory", {}).get("rss_mb")), "{:.0f}")),
-    ("speed-up", lambda r: _num(r.get("metrics", {}).get("speedup"), "{:.2f}x")),
+    ("prefill speed-up", lambda r: _num(r.get("metrics", {}).get("speed", {}).get("prefill_speedup"), "{:.2f}x")),
+    ("decode speed-up", lambda r: _num(r.get("metrics", {}).get("speed", {}).get("decode_speedup"), "{:.2f}x")),
 )
 
 

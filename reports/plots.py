@@ -95,12 +95,14 @@ def plot_accuracy_vs_sparsity(records: list[dict], out_dir: Path) -> list[Path]:
 
 
 def plot_speedup_vs_params(records: list[dict], out_dir: Path) -> list[Path]:
-    """Speed-up vs fraction of parameters removed, per method (cells that measured a speed-up)."""
+    """Prefill and decode speed-up vs fraction of parameters removed, per method (structured cells)."""
     points = defaultdict(list)
     for r in _ok(records):
-        speedup, removed = r["metrics"].get("speedup"), r.get("params", {}).get("removed_fraction")
-        if speedup is not None and removed is not None:
-            points[(r["cell"]["model"], method_label(r["cell"]))].append((100 * removed, speedup))
+        speed, removed = r["metrics"].get("speed", {}), r.get("sparsity", {}).get("params_removed")
+        for stage in ("prefill", "decode"):
+            if f"{stage}_speedup" in speed and removed is not None:
+                points[(r["cell"]["model"], f"{method_label(r['cell'])} {stage}")].append(
+                    (100 * removed, speed[f"{stage}_speedup"]))
     if not points:
         return []
     fig, ax = plt.subplots(figsize=(5, 3.6))
