@@ -220,6 +220,7 @@ def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, devi
     sizes = {name: linear.weight.numel() for name, linear in prunable_linears(model).items()}
     seconds = {}
     allocator, pruner = method.allocator, method.pruner
+    allocator.check(sparsity, len(sizes))  # before the (long) dense pass
     if allocator.needs_dense_pass:
         start = time.perf_counter()
         traverse(model, samples, device, allocator.stats_level, allocator.observe_block, edits=False,
@@ -229,8 +230,8 @@ def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, devi
     rates = allocator.allocate(sizes, sparsity)
     seconds["allocate"] = time.perf_counter() - start
     start = time.perf_counter()
-    if sparsity == 0:
-        pass
+    if sparsity == 0 and not getattr(pruner, "quantizes", False):
+        pass  # nothing to remove (a quantizing pruner still has work at sparsity 0)
     elif pruner.stats_level == "none":  # data-free: no traversal needed
         for index, block in enumerate(tqdm(arch.blocks(model), desc=f"{method.name}: pruning", unit="block")):
             prefix = f"{arch.block_name(index)}."

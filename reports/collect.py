@@ -37,9 +37,12 @@ class Table:
         return buffer.getvalue()
 
 
-def _method_label(cell: dict) -> str:
+def _method_label(result: dict) -> str:
+    cell = result["cell"]
     kind = cell.get("sparsity_type", "unstructured")
-    return cell["method"] if kind == "unstructured" or cell["method"] == "dense" else f"{cell['method']} ({kind})"
+    label = cell["method"] if kind == "unstructured" or cell["method"] == "dense" else f"{cell['method']} ({kind})"
+    wbits = result.get("config", {}).get("method", {}).get("wbits")
+    return label if wbits is None else f"{label} + {wbits}-bit"  # a quantized run is its own row
 
 
 def _protocol_note(result: dict) -> str:
@@ -70,7 +73,7 @@ def build_table(results: list[dict]) -> Table:
     rows_by_key: dict[tuple, dict] = {}
     for result in unique:
         cell = result["cell"]
-        row_key = (cell["model"], _method_label(cell))
+        row_key = (cell["model"], _method_label(result))
         entries = rows_by_key.setdefault(row_key, {})
         for sparsity, dataset in columns:
             if cell["method"] != "dense" and cell["sparsity"] != sparsity:
