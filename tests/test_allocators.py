@@ -132,3 +132,20 @@ def test_schedules_run_end_to_end_and_hit_target(model, method, make_config, tmp
     assert len(set(sparsity["allocated"].values())) > 1  # really non-uniform
     for name, rate in sparsity["allocated"].items():
         assert abs(sparsity["per_layer"][name] - rate) < 0.01
+
+
+def test_schedule_plot_writes_png_and_svg(tmp_path):
+    from reports.plots import plot_layer_schedules
+
+    def result(method, rates):
+        allocated = {f"model.layers.{i // 2}.{'q' if i % 2 else 'fc'}": r for i, r in enumerate(rates)}
+        return {"status": "ok", "cell": {"model": "m", "method": method, "sparsity": 0.7},
+                "config": {"method": {"wbits": None}},
+                "sparsity": {"target": 0.7, "measured": 0.7, "allocated": allocated}}
+
+    written = plot_layer_schedules([result("uniform", [0.7] * 4), result("loss_estimate", [0.6, 0.8, 0.65, 0.75]),
+                                    {"status": "failed", "cell": {}}], tmp_path / "schedules")
+    assert [p.suffix for p in written] == [".png", ".svg"]
+    assert all(p.stat().st_size > 1000 for p in written)
+    with pytest.raises(ValueError, match="no finished result"):
+        plot_layer_schedules([{"status": "failed"}], tmp_path / "none")
