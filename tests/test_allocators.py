@@ -149,3 +149,16 @@ def test_schedule_plot_writes_png_and_svg(tmp_path):
     assert all(p.stat().st_size > 1000 for p in written)
     with pytest.raises(ValueError, match="no finished result"):
         plot_layer_schedules([{"status": "failed"}], tmp_path / "none")
+
+
+def test_relative_loss_ignores_the_scale_of_a_layer():
+    torch.manual_seed(0)
+    X = torch.randn(128, 16)
+    stats = InputStats(ntokens=128, x_sum=X.sum(0), sq_sum=(X * X).sum(0), xtx=X.T @ X)
+    small, large = torch.nn.Linear(16, 8, bias=False), torch.nn.Linear(16, 8, bias=False)
+    large.weight.data = small.weight.data * 10
+    view = SimpleNamespace(linears={"small": small, "large": large}, stats={"small": stats, "large": stats})
+    for loss, ratio in (("absolute", 100.0), ("relative", 1.0)):
+        allocator = LossEstimate(LossEstimate.Options(levels=[0.5], loss=loss))
+        allocator.observe_block(view)
+        assert allocator.losses["large"][0] == pytest.approx(ratio * allocator.losses["small"][0], rel=1e-4)

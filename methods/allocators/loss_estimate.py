@@ -11,6 +11,9 @@ The paper's code is not public; this is our reading of it, every choice below is
      matrix (interactions between removed weights and the OBS update are ignored);
    - `error: exact`: run SparseGPT (`blocksize`, `percdamp`) at each level and measure
      (W - W') H (W - W')^T / 2 exactly (one SparseGPT solve per level per layer: slower).
+   `loss: absolute` clusters these errors as they are; `loss: relative` divides each by the layer's
+   dense output energy ||W X||^2 / n, so that a layer is not judged cheap merely for having few
+   output rows (GQA k/v) or small inputs (early blocks), nor expensive for large ones.
    Only len(levels) numbers per layer are kept; every Hessian is dropped as soon as its block is done.
    Statistics come from one observe-only pass over the *dense* model (the paper's "sequentially
    pruning all" assumption lets the loss of each layer be estimated before any layer is pruned).
@@ -22,8 +25,8 @@ The paper's code is not public; this is our reading of it, every choice below is
    higher sparsity than a lower-loss one. The shift b is solved (bisection, the mean is monotone in b)
    so that the parameter-weighted mean sparsity equals the target exactly; any target inside
    [min(levels), max(levels)] is reachable, others are rejected at config time.
-Assumptions where the paper is silent: per-linear granularity (not per block), absolute (not
-normalised) losses, the level spacing `step`, and the loss taken at the nearest candidate level.
+Assumptions where the paper is silent: per-linear granularity (not per block), the normalisation
+of the losses (`loss`), the level spacing `step`, and the loss taken at the nearest candidate level.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from methods.pruners.sparsegpt import inverse_hessian_factor, sparsegpt
 log = logging.getLogger(__name__)
 
 ERRORS = ("obs", "exact")
+LOSSES = ("absolute", "relative")
 
 
 class LossEstimate:
@@ -53,6 +57,7 @@ class LossEstimate:
         k: int = 3  # K-means clusters of layers (by log-loss)
         step: float = 0.05  # sparsity difference between adjacent clusters before the mean is solved
         error: str = "obs"  # obs: sum of OBS errors of the removed weights | exact: SparseGPT's error
+        loss: str = "absolute"  # absolute | relative (divided by the dense output energy ||WX||^2/n)
         percdamp: float = 0.01  # dampening of H, as in SparseGPT
         blocksize: int = 128  # SparseGPT block size (error=exact only)
 
@@ -66,6 +71,8 @@ class LossEstimate:
             raise ValueError(f"method.step={options.step}; allowed: >= 0")
         if options.error not in ERRORS:
             raise ValueError(f"method.error={options.error!r}; allowed: {', '.join(ERRORS)}")
+        if options.loss not in LOSSES:
+            raise ValueError(f"method.loss={options.loss!r}; allowed: {', '.join(LOSSES)}")
         if not 0 <= options.percdamp < 1:
             raise ValueError(f"method.percdamp={options.percdamp}; allowed: 0 <= percdamp < 1")
         self.options = options
@@ -102,6 +109,9 @@ class LossEstimate:
                     delta = W - sparsegpt(W, hessian, s, SparsityPattern("unstructured"),
                                           self.options.blocksize, self.options.percdamp)
                     losses.append(float(((delta @ hessian) * delta).sum() / 2))
+            if self.options.loss == "relative":
+                energy = float(((W @ hessian) * W).sum() / 2)
+                losses = [loss / energy if energy > 0 else 0.0 for loss in losses]
             self.losses[name] = np.array(losses)
 
     def allocate(self, sizes: dict[str, int], target: float) -> dict[str, float]:
