@@ -59,7 +59,7 @@ class LossEstimate:
         k: int = 3  # K-means clusters of layers (by log-loss)
         step: float = 0.05  # sparsity difference between adjacent clusters before the mean is solved
         error: str = "obs"  # obs: sum of OBS errors of the removed weights | exact: SparseGPT's error
-        loss: str = "relative"  # relative | absolute (divided by the dense output energy ||WX||^2/n)
+        loss: str = "relative"  # relative (divided by the dense output energy ||WX||^2/n) | absolute
         percdamp: float = 0.01  # dampening of H, as in SparseGPT
         blocksize: int = 128  # SparseGPT block size (error=exact only)
 
