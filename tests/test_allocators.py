@@ -70,10 +70,10 @@ def test_obs_estimate_grows_with_sparsity_and_exact_error_is_output_error():
     stats = InputStats(ntokens=256, x_sum=X.sum(0), sq_sum=(X * X).sum(0), xtx=X.T @ X)
     view = SimpleNamespace(linears={"lin": linear}, stats={"lin": stats})
     levels = [0.2, 0.5, 0.8]
-    cheap = LossEstimate(LossEstimate.Options(levels=levels))
+    cheap = LossEstimate(LossEstimate.Options(levels=levels, loss="absolute"))
     cheap.observe_block(view)
     assert np.all(np.diff(cheap.losses["lin"]) > 0)
-    exact = LossEstimate(LossEstimate.Options(levels=levels, error="exact", percdamp=0.0))
+    exact = LossEstimate(LossEstimate.Options(levels=levels, error="exact", loss="absolute", percdamp=0.0))
     exact.observe_block(view)
     W = linear.weight.detach()
     pruned = sparsegpt(W, stats.hessian(), 0.5, SparsityPattern("unstructured"), percdamp=0.0)
