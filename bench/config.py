@@ -215,7 +215,10 @@ def _method(raw: dict) -> MethodSpec:
                           f"allowed: {', '.join(allowed)}")
     if pattern.kind == "nm" and not PRUNERS[pruner].supports_nm:
         raise ConfigError(f"method.sparsity_type={pattern}: pruner {pruner} supports only unstructured")
-    return MethodSpec(
+    if pattern.kind == "nm" and allocator != "uniform":
+        raise ConfigError(f"method.sparsity_type={pattern} fixes every layer's sparsity; "
+                          f"allocator {allocator} needs sparsity_type=unstructured")
+    spec = MethodSpec(
         name=name or pruner,
         allocator=allocator,
         pruner=pruner,
@@ -223,6 +226,22 @@ def _method(raw: dict) -> MethodSpec:
         allocator_options=_structured("method", alloc_schema, {k: raw[k] for k in alloc_keys & set(raw)}),
         pruner_options=_structured("method", prune_schema, {k: raw[k] for k in prune_keys & set(raw)}),
     )
+    try:  # the components check their own options in __init__: surface that now, not in the job
+        ALLOCATORS[allocator](spec.allocator_options)
+        PRUNERS[pruner](spec.pruner_options, pattern)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return spec
+
+
+def _known_layer_count(model: ModelConfig) -> Optional[int]:
+    """Number of prunable linears when the config states the depth (random models), else None."""
+    from bench.arch import ARCHS
+
+    blocks = model.architecture.get("num_hidden_layers", model.architecture.get("n_layer"))
+    if blocks is None:
+        return None
+    return int(blocks) * sum(len(group) for group in ARCHS[model.family].groups)
 
 
 def _zeroshot(zs: ZeroShotConfig) -> None:
@@ -262,6 +281,11 @@ def validate(cfg: DictConfig) -> RunConfig:
     if implied is not None and method.pruner != "none" and abs(implied - sparsity) > 1e-9:
         raise ConfigError(f"sparsity={sparsity} conflicts with method.sparsity_type={method.pattern}, "
                           f"which means sparsity={implied:g}; pass sparsity={implied:g}")
+
+    if method.pruner != "none":
+        from methods import ALLOCATORS
+
+        ALLOCATORS[method.allocator](method.allocator_options).check(sparsity, _known_layer_count(model))
 
     for key, seqlen in (("data.calib.seqlen", data.calib.seqlen),
                         ("eval.ppl.seqlen", evaluation.ppl.seqlen if evaluation.ppl else 1)):

@@ -220,6 +220,7 @@ def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, devi
     sizes = {name: linear.weight.numel() for name, linear in prunable_linears(model).items()}
     seconds = {}
     allocator, pruner = method.allocator, method.pruner
+    allocator.check(sparsity, len(sizes))  # before the (long) dense pass
     # One observe-only pass over the dense model serves every component that needs one (CFSP's single
     # forward pass: block scores for the allocator and channel scores for a structured pruner).
     observers = [(c, c.stats_level if c is allocator else c.observe_level)
@@ -234,8 +235,8 @@ def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, devi
     rates = allocator.allocate(sizes, sparsity)
     seconds["allocate"] = time.perf_counter() - start
     start = time.perf_counter()
-    if sparsity == 0:
-        pass
+    if sparsity == 0 and not getattr(pruner, "quantizes", False):
+        pass  # nothing to remove (a quantizing pruner still has work at sparsity 0)
     elif pruner.stats_level == "none":  # data-free: no traversal needed
         for index, block in enumerate(tqdm(arch.blocks(model), desc=f"{method.name}: pruning", unit="block")):
             prefix = f"{arch.block_name(index)}."

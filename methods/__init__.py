@@ -4,6 +4,8 @@
   {full linear name: sparsity}. One that needs global information about the dense model sets
   `needs_dense_pass = True` and `stats_level`; the engine then calls `observe_block(view)` on every
   block of the dense model first.
+  `check(target, n_layers)` raises ConfigError for a target it cannot reach (n_layers = number of
+  prunable linears, None when unknown before loading); run at config time and again before pruning.
 - A *pruner* removes weights inside one block given those rates: `prune_block(view, rates)`. Its
   `stats_level` ("none", "diag", "full") says which input statistics the engine must collect.
 - A *structured* pruner (`methods.base.ChannelPruner`, `structured = True`) removes FFN channels
@@ -20,6 +22,8 @@ from typing import Any
 
 
 from methods.allocators.cfsp_coarse import CFSPCoarse
+from methods.allocators.loss_estimate import LossEstimate
+from methods.allocators.owl import OWL
 from methods.allocators.uniform import Uniform
 from methods.pruners.cfsp_fine import CFSPFine
 from methods.pruners.flap import FLAP
@@ -30,7 +34,7 @@ from methods.pruners.sparsegpt import SparseGPT
 from methods.pruners.wanda import Wanda
 from methods.pruners.wanda_sp import WandaSP
 
-ALLOCATORS = {"uniform": Uniform, "cfsp_coarse": CFSPCoarse}
+ALLOCATORS = {"uniform": Uniform, "owl": OWL, "loss_estimate": LossEstimate, "cfsp_coarse": CFSPCoarse}
 PRUNERS = {"none": NoPruning, "magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT,
            "cfsp_fine": CFSPFine, "magnitude_sp": MagnitudeSP, "wanda_sp": WandaSP, "flap": FLAP}
 

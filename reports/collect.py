@@ -114,7 +114,8 @@ def unique_results(results: list[dict]) -> list[dict]:
 
 def method_label(cell: dict) -> str:
     kind = cell.get("sparsity_type", "unstructured")
-    return cell["method"] if kind == "unstructured" or cell["method"] == "dense" else f"{cell['method']} ({kind})"
+    label = cell["method"] if kind == "unstructured" or cell["method"] == "dense" else f"{cell['method']} ({kind})"
+    return label if cell.get("wbits") is None else f"{label} + {cell['wbits']}-bit"  # quantized: its own row
 
 
 def metric_value(result: dict, metric: str) -> Optional[float]:

@@ -116,7 +116,45 @@ def plot_speedup_vs_params(records: list[dict], out_dir: Path) -> list[Path]:
     return _save(fig, Path(out_dir), "speedup_vs_params")
 
 
+def plot_layer_schedules(results: list[dict], path) -> list[Path]:
+    """Allocated sparsity of every prunable linear (block order), one panel per finished run, side by
+    side with a shared y axis; written as `path` with suffixes .png and .svg. Returns the two paths."""
+    runs = [r for r in results if r.get("status") == "ok" and r.get("sparsity", {}).get("allocated")]
+    if not runs:
+        raise ValueError("no finished result with an allocated schedule to plot")
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 3.2), sharey=True, squeeze=False)
+    for ax, result in zip(axes[0], runs):
+        allocated = result["sparsity"]["allocated"]  # insertion order = block order
+        names = list(allocated)
+        blocks = [next((int(part) for part in name.split(".") if part.isdigit()), None) for name in names]
+        ax.plot(range(len(names)), list(allocated.values()), ".", markersize=3)
+        ax.axhline(result["sparsity"]["target"], color="grey", linewidth=0.8, linestyle="--")
+        starts = [i for i, b in enumerate(blocks) if b is not None and (i == 0 or blocks[i - 1] != b)]
+        step = max(1, len(starts) // 6)
+        ax.set_xticks(starts[::step], [str(blocks[i]) for i in starts[::step]])
+        cell = result["cell"]
+        ax.set_title(f"{method_label(cell)}, {cell['sparsity']:.0%}\n"
+                     f"measured {result['sparsity']['measured']:.2%}", fontsize=9)
+        ax.set_xlabel("decoder block (linears in block order)")
+    axes[0][0].set_ylabel("sparsity")
+    fig.suptitle(f"{runs[0]['cell']['model']}: per-layer sparsity", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    return _save(fig, path.parent, path.name)
+
+
+def plot_all_layer_schedules(records: list[dict], out_dir: Path) -> list[Path]:
+    """One schedule figure per model and sparsity where some allocator was not uniform."""
+    scheduled = [r for r in _ok(records) if r["cell"]["method"] != "dense" and r.get("sparsity", {}).get("allocated")]
+    written = []
+    for model, sparsity in sorted({(r["cell"]["model"], r["cell"]["sparsity"]) for r in scheduled}):
+        runs = [r for r in scheduled if (r["cell"]["model"], r["cell"]["sparsity"]) == (model, sparsity)]
+        if any(len(set(r["sparsity"]["allocated"].values())) > 1 for r in runs):
+            written += plot_layer_schedules(runs, Path(out_dir) / f"layer_schedules_{model}_{round(100 * sparsity)}")
+    return written
+
+
 def write_plots(records: list[dict], out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     return (plot_ppl_vs_sparsity(records, out_dir) + plot_accuracy_vs_sparsity(records, out_dir)
-            + plot_speedup_vs_params(records, out_dir))
+            + plot_speedup_vs_params(records, out_dir) + plot_all_layer_schedules(records, out_dir))

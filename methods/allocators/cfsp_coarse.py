@@ -76,6 +76,9 @@ class CFSPCoarse:
         self.ffn_linears: dict[int, list[str]] = {}  # block index -> full names of its FFN linears
         self.block_weights: list[float] = []  # final z_l (after spread shrinking), for IG-LoRA
 
+    def check(self, target: float, n_layers) -> None:
+        pass  # any target in [0, 1) is reachable: the spread shrinks until every block fits
+
     def observe_block(self, view) -> None:
         self.distances[view.index] = angular_distance(view.inputs, view.outputs).mean().item()
         self.widths[view.index] = view.arch.ffn_width(view.block)

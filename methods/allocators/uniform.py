@@ -14,5 +14,8 @@ class Uniform:
     def __init__(self, options: Options):
         pass
 
+    def check(self, target: float, n_layers) -> None:
+        pass  # every target in [0, 1) is valid
+
     def allocate(self, sizes: dict[str, int], target: float) -> dict[str, float]:
         return {name: target for name in sizes}

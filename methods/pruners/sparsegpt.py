@@ -13,15 +13,25 @@ are read off the upper Cholesky factor of H^-1 (row i of the factor, divided by 
 OBS update restricted to columns >= i). The mask is chosen adaptively per block of `blocksize`
 columns (lowest w^2/[U]_ii^2 over the block: exactly the target fraction per block), and for N:M
 patterns per group of M columns, just before those columns are processed.
+
+Joint quantization (`wbits`, section 3.5 of the paper): every kept weight is replaced by its value on
+a min-max grid (`methods/quant.py`) at the moment its column is processed, and the rounding error is
+compensated by the same OBS update as the pruning error, exactly as GPTQ does. The grid is per output
+row, from the weights as they stand before the first column is processed; with `groupsize` it is
+recomputed from the current (already updated) weights at the start of every group of columns, which
+must lie inside one lazy-update block (blocksize % groupsize == 0). Pruned weights are 0, which is on
+every grid, so quantization never undoes pruning; kept weights may round to 0, so the measured
+sparsity of a quantized model can exceed its target. At sparsity 0 this is GPTQ (quantize only).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from bench.config import SparsityPattern
-from methods import masks
+from methods import masks, quant
 from methods.base import LinearPruner
 
 
@@ -33,6 +43,8 @@ class SparseGPT(LinearPruner):
     class Options:
         blocksize: int = 128  # columns whose mask is chosen together (lazy batch of updates)
         percdamp: float = 0.01  # dampening: lambda = percdamp * mean(diag H), added to diag H
+        wbits: Optional[int] = None  # quantize the kept weights to this many bits (None: no quantization)
+        groupsize: Optional[int] = None  # quantization grid per this many input columns (None: per row)
 
     def __init__(self, options: Options, pattern: SparsityPattern):
         if options.blocksize < 1:
@@ -42,13 +54,26 @@ class SparseGPT(LinearPruner):
         if pattern.kind == "nm" and options.blocksize % pattern.m:
             raise ValueError(f"method.blocksize={options.blocksize} must be a multiple of M={pattern.m} "
                              f"for sparsity_type={pattern}")
+        if options.wbits is not None:
+            quant.check_bits(options.wbits)
+        if options.groupsize is not None:
+            if options.wbits is None:
+                raise ValueError(f"method.groupsize={options.groupsize} needs method.wbits (quantization)")
+            if options.groupsize < 1 or options.blocksize % options.groupsize:
+                raise ValueError(f"method.groupsize={options.groupsize}; allowed: a divisor of "
+                                 f"method.blocksize={options.blocksize}")
         self.options = options
         self.pattern = pattern
+
+    @property
+    def quantizes(self) -> bool:
+        return self.options.wbits is not None
 
     @torch.no_grad()
     def prune_linear(self, weight: torch.Tensor, stats, sparsity: float) -> None:
         pruned = sparsegpt(weight.float(), stats.hessian().to(weight.device), sparsity, self.pattern,
-                           self.options.blocksize, self.options.percdamp)
+                           self.options.blocksize, self.options.percdamp, self.options.wbits,
+                           self.options.groupsize)
         weight.copy_(pruned.to(weight.dtype))
 
 
@@ -64,12 +89,14 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> tuple[torc
 
 
 def sparsegpt(W: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: SparsityPattern,
-              blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
-    """Return the pruned (and OBS-updated) copy of W (float32)."""
+              blocksize: int = 128, percdamp: float = 0.01, wbits: Optional[int] = None,
+              groupsize: Optional[int] = None) -> torch.Tensor:
+    """Return the pruned (and OBS-updated, optionally quantized) copy of W (float32)."""
     W = W.clone()
     rows, cols = W.shape
     U, dead = inverse_hessian_factor(hessian, percdamp)
     W[:, dead] = 0
+    grid = quant.minmax_grid(W, wbits) if wbits is not None and groupsize is None else None
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)
         W_block = W[:, start:end].clone()
@@ -85,9 +112,13 @@ def sparsegpt(W: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: 
                 group = slice(i, i + pattern.m)
                 saliency = W_block[:, group] ** 2 / U_block.diagonal()[group].unsqueeze(0) ** 2
                 mask[:, group] = masks.nm_mask(saliency, pattern.n, pattern.m)
+            if wbits is not None and groupsize is not None and (start + i) % groupsize == 0:
+                grid = quant.minmax_grid(W_block[:, i:i + groupsize], wbits)
             w = W_block[:, i]
             d = U_block[i, i]
             q = w.masked_fill(mask[:, i], 0)
+            if grid is not None:
+                q = grid.quantize(q.unsqueeze(1)).squeeze(1)
             err = (w - q) / d
             # OBS update of the remaining columns of this block (row i of the factor = H^-1 row, scaled)
             W_block[:, i:] -= err.unsqueeze(1) * U_block[i, i:].unsqueeze(0)
