@@ -21,7 +21,7 @@ from tests.conftest import ROOT
     (["eval.ppl.datasets=[wikitext3]"], ["eval.ppl.datasets='wikitext3'", "wikitext2, ptb, c4"]),
     (["data.calib.dataset=c5"], ["data.calib.dataset='c5'", "allowed"]),
     (["model.path=/no/such/dir"], ["model.path='/no/such/dir'", "does not exist"]),
-    (["+method.blocksiz=64"], ["method.blocksiz", "blocksize, percdamp"]),
+    (["+method.blocksiz=64"], ["method.blocksiz", "blocksize, groupsize, percdamp"]),
     (["method.pruner=obs"], ["method.pruner='obs'", "sparsegpt"]),
     (["method.percdamp=abc"], ["method"]),
     (["device=tpu"], ["device='tpu'", "cpu, cuda"]),
