@@ -20,6 +20,7 @@ from typing import Any
 
 
 from methods.allocators.cfsp_coarse import CFSPCoarse
+from methods.allocators.self_pruner import SelfPruner
 from methods.allocators.uniform import Uniform
 from methods.pruners.cfsp_fine import CFSPFine
 from methods.pruners.flap import FLAP
@@ -30,7 +31,7 @@ from methods.pruners.sparsegpt import SparseGPT
 from methods.pruners.wanda import Wanda
 from methods.pruners.wanda_sp import WandaSP
 
-ALLOCATORS = {"uniform": Uniform, "cfsp_coarse": CFSPCoarse}
+ALLOCATORS = {"uniform": Uniform, "cfsp_coarse": CFSPCoarse, "self_pruner": SelfPruner}
 PRUNERS = {"none": NoPruning, "magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT,
            "cfsp_fine": CFSPFine, "magnitude_sp": MagnitudeSP, "wanda_sp": WandaSP, "flap": FLAP}
 
