@@ -198,7 +198,7 @@ def test_model_without_chat_template_fails_before_pruning(make_config):
     ("method.llm.backend=grpc", "method.llm.backend='grpc' is not valid"),
 ])
 def test_bad_options_fail_at_build(make_config, override, match):
-    cfg, _ = make_config("model=llama-tiny", *TINY, "method=self_pruner_ga", override)
+    cfg, _ = make_config("model=llama-tiny", *TINY, "method=self_pruner", override)
     with pytest.raises(ConfigError, match=match):
         methods.build(cfg.method)
 
@@ -270,3 +270,14 @@ def test_http_backend_against_a_loopback_server(server, monkeypatch):
     monkeypatch.setenv("PRUNEBENCH_TEST_KEY", "wrong")
     with pytest.raises(ConfigError, match="rejected the API key"):
         make_backend(cfg)
+
+
+def test_llama2_experiment_preset_validates_with_targets():
+    from bench.config import validate
+    from tests.conftest import compose_config
+
+    cfg = compose_config("+experiment=self_pruner_llama2")
+    run = validate(cfg)
+    assert run.method.allocator == "self_pruner" and run.model.name == "llama2-70b"
+    assert {(t.sparsity, t.metric) for t in cfg.targets} == {(0.3, "acc_avg_drop"), (0.3, "speedup"),
+                                                            (0.5, "acc_avg_drop"), (0.5, "speedup")}
