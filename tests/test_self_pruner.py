@@ -54,7 +54,8 @@ def test_repair_weights_by_parameters():
 
 @pytest.mark.parametrize("text, reason", [
     ("I think layer 3 is the most important one.", "no_json"),
-    ('{"rates": [0.5, 0.5', "no_json"),
+    ('{"rates": [0.5, 0.5, 0.', "truncated"),
+    ('{"rates": [0.5, 0.5, "x"', "no_json"),
     ('{"rates": [0.5, 0.5, 0.5]}', "wrong_length"),
     ('{"rates": [0.5, NaN, 0.5, 0.5]}', "non_finite"),
     ('[0.5, Infinity, 0.5, 0.5]', "non_finite"),

@@ -14,7 +14,8 @@ config (conf/method/self_pruner.yaml) and is ours:
 - Prompts (templates in config, `string.Template` fields `$n_layers $target $min_rate $max_rate
   $population $candidate`) ask for `{"rates": [...]}`. Parsing takes the first JSON list of
   numbers of the right length found anywhere in the answer (inside `{"rates": ...}` or bare); percentages
-  (all values in (1, 100]) are converted. Unusable answers (no JSON list of numbers, wrong length,
+  (all values in (1, 100]) are converted. Unusable answers (no JSON list of numbers, a list cut off by
+  max_new_tokens, wrong length,
   NaN/inf, backend error) are retried `retries` times, then the classical operator stands in (origin
   `fallback_*`); each unusable answer and each repair is counted in `details["answers"]`.
 - Repair: clip to the bounds, then shift all rates by one constant, re-clipping, until the weighted mean
@@ -44,6 +45,7 @@ import copy
 import json
 import logging
 import math
+import re
 import string
 import time
 from dataclasses import dataclass, field
@@ -80,7 +82,7 @@ class Prompts:
 
 def parse_rates(text: str, n: int) -> tuple[Optional[list[float]], str]:
     """(rates, "ok"|"percent") from an LLM answer, or (None, reason) with reason in
-    no_json | wrong_length | non_finite."""
+    no_json | truncated (a list of numbers cut off by max_new_tokens) | wrong_length | non_finite."""
     decoder = json.JSONDecoder()
     lists = []
     for start, char in enumerate(text):
@@ -96,7 +98,8 @@ def parse_rates(text: str, n: int) -> tuple[Optional[list[float]], str]:
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             lists.append([float(v) for v in value])
     if not lists:
-        return None, "no_json"
+        tail = text[text.rfind("["):] if "[" in text else ""
+        return None, "truncated" if re.fullmatch(r"\[[\d.,\s-]*", tail) else "no_json"
     rates = next((values for values in lists if len(values) == n), None)
     if rates is None:
         return None, "wrong_length"
