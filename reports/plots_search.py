@@ -18,6 +18,7 @@ def plot_search(results: list, out_stem) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for index, path in enumerate(results):
@@ -31,7 +32,8 @@ def plot_search(results: list, out_stem) -> list[Path]:
         ax.axhline(search["uniform_fitness"], color=color, linestyle=":", linewidth=1,
                    label=f"{label} uniform rates")
     ax.set_xlabel("generation")
-    ax.set_ylabel("fitness: perplexity on the held-out calibration slice")
+    ax.set_ylabel("fitness (held-out calibration ppl)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     fig.tight_layout()
