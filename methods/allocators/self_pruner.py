@@ -270,8 +270,9 @@ class _Search:
         start = time.perf_counter()
         trial = copy.deepcopy(self.ctx.model)
         per_linear = {name: float(rates[b]) for name, b in self.block_of.items()}
-        engine.prune(trial, Method("fitness", _Fixed(per_linear), self.pruner), self.calib, self.target,
-                     self.ctx.device)
+        # a copy of the pruner too: one that observes the dense model keeps per-model state
+        engine.prune(trial, Method("fitness", _Fixed(per_linear), copy.deepcopy(self.pruner)), self.calib,
+                     self.target, self.ctx.device)
         value = evaluate.perplexity(trial, self.heldout, self.ctx.device, desc="fitness ppl")
         del trial
         value = value if math.isfinite(value) else math.inf
