@@ -99,7 +99,7 @@ def parse_rates(text: str, n: int) -> tuple[Optional[list[float]], str]:
             lists.append([float(v) for v in value])
     if not lists:
         tail = text[text.rfind("["):] if "[" in text else ""
-        return None, "truncated" if re.fullmatch(r"\[[\d.,\s-]*", tail) else "no_json"
+        return None, "truncated" if re.fullmatch(r"\[\s*-?\d[\d.,\s-]*", tail) else "no_json"
     rates = next((values for values in lists if len(values) == n), None)
     if rates is None:
         return None, "wrong_length"
