@@ -277,7 +277,7 @@ def test_llama2_experiment_preset_validates_with_targets():
     from bench.config import validate
     from tests.conftest import compose_config
 
-    cfg = compose_config("+experiment=self_pruner_llama2")
+    cfg = compose_config("experiment=self_pruner_llama2")
     run = validate(cfg)
     assert run.method.allocator == "self_pruner" and run.model.name == "llama2-70b"
     assert {(t.sparsity, t.metric) for t in cfg.targets} == {(0.3, "acc_avg_drop"), (0.3, "speedup"),
