@@ -95,6 +95,8 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
             overall, per_layer = measured_sparsity(model)
             result["sparsity"] = {"target": cfg.sparsity, "measured": overall, "allocated": report.rates,
                                   "per_layer": per_layer}
+        if report.details:
+            result["allocator"] = report.details
 
         if cfg.save_dir:
             stage = time.perf_counter()

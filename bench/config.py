@@ -188,10 +188,9 @@ def _structured(key: str, schema: type, values: dict) -> Any:
         if name not in allowed:
             raise ConfigError(f"{key}.{name} is not a known key; allowed: {', '.join(allowed)}")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), values)
-    except Exception as exc:  # omegaconf's ValidationError carries the full key and type in its msg
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+    except Exception as exc:  # omegaconf's errors (bad type, missing value) carry the full key in their msg
         raise ConfigError(f"{key}: {str(exc).splitlines()[0]}") from None
-    return OmegaConf.to_object(merged)
 
 
 def _method(raw: dict) -> MethodSpec:

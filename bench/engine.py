@@ -11,8 +11,8 @@ gate/up), since their X^T X is identical.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -207,9 +207,21 @@ def traverse(model: nn.Module, samples: torch.Tensor, device: str, stats_level: 
 
 
 @dataclass
+class SearchContext:
+    """Given to an allocator with `needs_search = True` (via `bind`) before `allocate`: it scores candidate
+    allocations by pruning copies of the still-dense `model` with `pruner` on `samples`."""
+
+    model: nn.Module
+    samples: torch.Tensor
+    pruner: Any
+    device: str
+
+
+@dataclass
 class PruneReport:
     rates: dict[str, float]  # the allocated sparsity of every prunable linear
     seconds: dict[str, float]  # wall time per stage
+    details: dict = field(default_factory=dict)  # the allocator's own record (`allocator.details`), if any
 
 
 def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, device: str) -> PruneReport:
@@ -231,6 +243,8 @@ def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, devi
         traverse(model, samples, device, level, lambda view: [c.observe_block(view) for c, _ in observers],
                  edits=False, desc=f"{method.name}: dense statistics")
         seconds["allocate_observe"] = time.perf_counter() - start
+    if getattr(allocator, "needs_search", False):
+        allocator.bind(SearchContext(model, samples, pruner, device))
     start = time.perf_counter()
     rates = allocator.allocate(sizes, sparsity)
     seconds["allocate"] = time.perf_counter() - start
@@ -246,4 +260,4 @@ def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, devi
         traverse(model, samples, device, pruner.stats_level, lambda view: pruner.prune_block(view, rates),
                  edits=True, desc=f"{method.name}: pruning")
     seconds["prune"] = time.perf_counter() - start
-    return PruneReport(rates=rates, seconds=seconds)
+    return PruneReport(rates=rates, seconds=seconds, details=getattr(allocator, "details", {}))

@@ -144,3 +144,18 @@ def save(model: nn.Module, tokenizer, directory: str | Path) -> Path:
         shutil.rmtree(directory)
     os.replace(staging, directory)
     return directory
+
+
+def zoo_entry(name: str) -> ModelConfig:
+    """The ModelConfig of `conf/model/<name>.yaml`, for code that loads a second model by name."""
+    from omegaconf import OmegaConf
+
+    from bench.config import ConfigError
+
+    zoo = Path(__file__).resolve().parent.parent / "conf" / "model"
+    path = zoo / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"model {name!r} is not in the zoo; allowed: "
+                          f"{', '.join(sorted(p.stem for p in zoo.glob('*.yaml')))}")
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
+    return OmegaConf.to_object(merged)

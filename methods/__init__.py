@@ -24,6 +24,7 @@ from typing import Any
 from methods.allocators.cfsp_coarse import CFSPCoarse
 from methods.allocators.loss_estimate import LossEstimate
 from methods.allocators.owl import OWL
+from methods.allocators.self_pruner import SelfPruner
 from methods.allocators.uniform import Uniform
 from methods.pruners.cfsp_fine import CFSPFine
 from methods.pruners.flap import FLAP
@@ -34,7 +35,8 @@ from methods.pruners.sparsegpt import SparseGPT
 from methods.pruners.wanda import Wanda
 from methods.pruners.wanda_sp import WandaSP
 
-ALLOCATORS = {"uniform": Uniform, "owl": OWL, "loss_estimate": LossEstimate, "cfsp_coarse": CFSPCoarse}
+ALLOCATORS = {"uniform": Uniform, "owl": OWL, "loss_estimate": LossEstimate, "cfsp_coarse": CFSPCoarse,
+              "self_pruner": SelfPruner}
 PRUNERS = {"none": NoPruning, "magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT,
            "cfsp_fine": CFSPFine, "magnitude_sp": MagnitudeSP, "wanda_sp": WandaSP, "flap": FLAP}
 

@@ -1,0 +1,284 @@
+"""Self-Pruner: repair and parsing properties, the search loop (deterministic, counted, bounded), the LLM
+backends (local with a chat template; HTTP against a loopback server) and their config-time errors."""
+from __future__ import annotations
+
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import numpy as np
+import pytest
+
+import methods
+from bench import data, engine, models
+from bench.arch import prunable_linears
+from bench.config import ConfigError
+from bench.llm import HttpChat, LLMConfig, LLMError, make_backend
+from methods.allocators.self_pruner import parse_rates, repair
+from tests.conftest import TINY
+
+# a minimal chat template for the byte-level tiny models, which ship none
+TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
+FAST = [*TINY, "data.calib.nsamples=6", "method.fitness_nsamples=2", "method.fitness_windows=2",
+        "method.fitness_seqlen=32", "method.population=3", "method.generations=2"]
+
+
+# ----------------------------------------------------------------------------- repair and parsing
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
+def test_repair_makes_the_weighted_mean_exact_and_respects_bounds(target):
+    rng = np.random.default_rng(0)
+    low, high = target - 0.2, target + 0.2
+    for _ in range(200):
+        n = int(rng.integers(2, 40))
+        weights = rng.integers(1, 100, n).astype(float)
+        raw = rng.normal(target, 0.5, n)  # many values far out of bounds
+        fixed, clipped, adjusted = repair(raw, weights, target, low, high)
+        assert abs(np.dot(fixed, weights) / weights.sum() - target) < 1e-9
+        assert fixed.min() >= low and fixed.max() <= high
+        assert clipped == bool((raw < low).any() or (raw > high).any())
+
+
+def test_repair_leaves_a_valid_vector_alone():
+    rates = np.array([0.4, 0.6, 0.5])
+    fixed, clipped, adjusted = repair(rates, [1, 1, 1], 0.5, 0.3, 0.7)
+    assert not clipped and not adjusted and np.array_equal(fixed, rates)
+
+
+def test_repair_weights_by_parameters():
+    fixed, _, adjusted = repair([0.5, 0.5], [3, 1], 0.6, 0.0, 0.99)
+    assert adjusted and abs(0.75 * fixed[0] + 0.25 * fixed[1] - 0.6) < 1e-12
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("I think layer 3 is the most important one.", "no_json"),
+    ('{"rates": [0.5, 0.5, 0.', "truncated"),
+    ('{"rates": [0.5, 0.5, "x"', "no_json"),
+    ('{"rates": [0.5, 0.5, 0.5]}', "wrong_length"),
+    ('{"rates": [0.5, NaN, 0.5, 0.5]}', "non_finite"),
+    ('[0.5, Infinity, 0.5, 0.5]', "non_finite"),
+    ('{"rates": ["a", "b", "c", "d"]}', "no_json"),
+])
+def test_parse_rejects_unusable_answers(text, reason):
+    assert parse_rates(text, 4) == (None, reason)
+
+
+def test_parse_finds_the_vector_inside_prose_and_converts_percentages():
+    text = 'Sure! Here it is:\n```json\n{"rates": [0.4, 0.6, 0.5, 0.5]}\n```\nThe first layers [1, 2] matter.'
+    assert parse_rates(text, 4) == ([0.4, 0.6, 0.5, 0.5], "ok")
+    assert parse_rates("[40, 60, 50, 50]", 4) == ([0.4, 0.6, 0.5, 0.5], "percent")
+
+
+# ----------------------------------------------------------------------------- the search loop
+
+
+def _search(make_config, *overrides, target=0.5):
+    """Prune llama-tiny through engine.prune -> (rates, search details, {linear: numel})."""
+    cfg, _ = make_config("model=llama-tiny", *FAST, *overrides)
+    model, tokenizer = models.load(cfg.model)
+    corpus = data.load_corpus("pydoc", "validation", None, "calib")
+    samples = data.calibration_samples(data.tokenize(tokenizer, corpus.text), 6, 64, 0)
+    sizes = {name: linear.weight.numel() for name, linear in prunable_linears(model).items()}
+    report = engine.prune(model, methods.build(cfg.method), samples, target, "cpu")
+    return report.rates, report.details["search"], sizes
+
+
+def test_ga_search_respects_budget_mean_and_bounds(make_config):
+    rates, search, sizes = _search(make_config, "method=self_pruner_ga", "method.max_deviation=0.1")
+    assert abs(sum(rates[n] * s for n, s in sizes.items()) / sum(sizes.values()) - 0.5) < 1e-9
+    assert all(0.4 - 1e-12 <= r <= 0.6 + 1e-12 for r in rates.values())
+    # budget: reference + population + generations x (population - elites)
+    assert search["candidates_total"] == 1 + 3 + 2 * 2
+    assert search["evaluations"] + search["cache_hits"] == search["candidates_total"]
+    assert search["cache_hits"] >= 1  # the seeded uniform candidate repeats the reference
+    best = min(c["fitness"] for c in search["candidates"])
+    assert search["best"]["fitness"] == best <= search["uniform_fitness"]
+    assert [h["generation"] for h in search["history"]] == [0, 1, 2]
+    assert all(h["best"] <= h["mean"] for h in search["history"])
+    assert {c["origin"] for c in search["candidates"]} <= {"uniform_reference", "uniform", "ga_init",
+                                                         "ga_crossover", "ga_mutation"}
+
+
+def test_local_llm_search_is_deterministic_and_counts_garbage(make_config):
+    # llama-tiny as the LLM: random weights, so its answers are garbage -> all unusable -> fallbacks
+    overrides = ("method=self_pruner", "method.llm.model=llama-tiny", f"method.llm.chat_template={json.dumps(TEMPLATE)}",
+                 "method.llm.max_new_tokens=12", "method.retries=0")
+    first = _search(make_config, *overrides)
+    second = _search(make_config, *overrides)
+    assert first[0] == second[0]
+    strip = lambda s: {k: v for k, v in s.items() if k != "seconds"}  # noqa: E731
+    assert strip(first[1]) == strip(second[1])
+    answers = first[1]["answers"]
+    assert answers["calls"] == sum(answers["unusable"].values()) + answers["usable"] >= 3
+    assert answers["fallbacks"] == answers["calls"] - answers["usable"]
+    assert len(answers["log"]) == answers["calls"]
+
+
+class ScriptedLLM:
+    """Answers from a fixed list, in order (cycling): exercises parsing/repair/fallback accounting."""
+
+    description = "scripted"
+
+    def __init__(self, answers):
+        self.answers, self.calls = answers, 0
+
+    def chat(self, messages, seed):
+        text = self.answers[self.calls % len(self.answers)]
+        self.calls += 1
+        if text is None:
+            raise LLMError("connection reset")
+        return text
+
+
+def test_malformed_answers_are_handled_and_counted(make_config, monkeypatch):
+    script = ['{"rates": [0.45, 0.55]}',  # fine
+              "Layer 0 should be pruned less.",  # prose
+              '{"rates": [0.5]}',  # wrong length
+              '{"rates": [NaN, 0.5]}',  # NaN
+              None,  # backend error
+              "[90, 40]",  # percent -> clipped -> mean adjusted
+              '{"rates": [0.9, 0.9]}']  # clipped + mean adjusted
+    fake = ScriptedLLM(script)
+    monkeypatch.setattr("methods.allocators.self_pruner.make_backend", lambda cfg: fake)
+    _, search, _ = _search(make_config, "method=self_pruner", "method.retries=0", "method.max_deviation=0.2",
+                            "method.mutation_prob=1.0")
+    answers = search["answers"]
+    calls = answers["calls"]
+    assert calls == fake.calls
+    expected_unusable = {}
+    expected_repairs = {}
+    for index in range(calls):
+        text = script[index % len(script)]
+        kind = {1: "no_json", 2: "wrong_length", 3: "non_finite", 4: "backend_error"}.get(index % len(script))
+        if kind:
+            expected_unusable[kind] = expected_unusable.get(kind, 0) + 1
+        elif index % len(script) in (5, 6):
+            for repair_kind in (["percent_to_fraction"] if index % len(script) == 5 else []) + ["clipped",
+                                                                                             "mean_adjusted"]:
+                expected_repairs[repair_kind] = expected_repairs.get(repair_kind, 0) + 1
+    assert answers["unusable"] == expected_unusable
+    assert answers["repairs"] == expected_repairs
+    assert answers["usable"] == calls - sum(expected_unusable.values())
+    origins = {c["origin"] for c in search["candidates"]}
+    assert {"llm_init", "fallback_init"} <= origins
+    for candidate in search["candidates"]:
+        assert 0.3 - 1e-12 <= min(candidate["rates"]) and max(candidate["rates"]) <= 0.7 + 1e-12
+        assert abs(sum(candidate["rates"]) / 2 - 0.5) < 1e-9  # llama-tiny's two blocks have equal size
+
+
+def test_result_json_carries_the_search_and_plots(make_config, tmp_path):
+    from bench.cell import run_cell
+    from reports.plots_search import plot_search
+
+    cfg, resolved = make_config("model=llama-tiny", *FAST, "method=self_pruner_ga", "method.generations=1")
+    result = run_cell(cfg, resolved, tmp_path)
+    assert result["status"] == "ok", result["error"]
+    saved = json.loads((tmp_path / "result.json").read_text())
+    search = saved["allocator"]["search"]
+    assert search["operators"] == "ga" and len(search["candidates"]) == search["candidates_total"]
+    files = plot_search([tmp_path / "result.json"], tmp_path / "search")
+    assert sorted(p.suffix for p in files) == [".png", ".svg"] and all(p.stat().st_size > 0 for p in files)
+
+
+# ----------------------------------------------------------------------------- config-time errors
+
+
+def test_model_without_chat_template_fails_before_pruning(make_config):
+    cfg, _ = make_config("model=llama-tiny", *TINY, "method=self_pruner")
+    with pytest.raises(ConfigError, match="no chat template"):
+        methods.build(cfg.method)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("method.operators=pso", "method.operators='pso' is not valid"),
+    ("method.elites=6", "method.elites=6 is out of range"),
+    ("method.fitness_pruner=obs", "method.fitness_pruner='obs' is not valid"),
+    ("method.prompts.init='rates for $layers'", r"method.prompts.init: bad placeholder"),
+    ("method.llm.backend=grpc", "method.llm.backend='grpc' is not valid"),
+])
+def test_bad_options_fail_at_build(make_config, override, match):
+    cfg, _ = make_config("model=llama-tiny", *TINY, "method=self_pruner", override)
+    with pytest.raises(ConfigError, match=match):
+        methods.build(cfg.method)
+
+
+def test_missing_api_key_and_unreachable_endpoint(monkeypatch):
+    monkeypatch.delenv("PRUNEBENCH_TEST_KEY", raising=False)
+    cfg = LLMConfig(backend="http", model="m", base_url="http://127.0.0.1:9/v1", api_key_env="PRUNEBENCH_TEST_KEY")
+    with pytest.raises(ConfigError, match="PRUNEBENCH_TEST_KEY.*not set"):
+        make_backend(cfg)
+    monkeypatch.setenv("PRUNEBENCH_TEST_KEY", "k")
+    with pytest.raises(ConfigError, match="unreachable"):
+        make_backend(cfg)
+
+
+# ----------------------------------------------------------------------------- HTTP backend
+
+
+class _FakeOpenAI(BaseHTTPRequestHandler):
+    requests: list = []
+
+    def _reply(self, status, payload):
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.headers.get("Authorization") != "Bearer secret":
+            return self._reply(401, {"error": "bad key"})
+        self._reply(200, {"data": [{"id": "fake"}]})
+
+    def do_POST(self):
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append(request)
+        if request["messages"][-1]["content"] == "fail":
+            return self._reply(500, {"error": "boom"})
+        self._reply(200, {"choices": [{"message": {"role": "assistant", "content": '{"rates": [0.1, 0.2]}'}}]})
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = HTTPServer(("127.0.0.1", 0), _FakeOpenAI)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    _FakeOpenAI.requests = []
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_http_backend_against_a_loopback_server(server, monkeypatch):
+    monkeypatch.setenv("PRUNEBENCH_TEST_KEY", "secret")
+    cfg = LLMConfig(backend="http", model="fake", base_url=server, api_key_env="PRUNEBENCH_TEST_KEY",
+                    temperature=0.3, max_new_tokens=50)
+    llm = make_backend(cfg)
+    assert isinstance(llm, HttpChat)
+    messages = [{"role": "user", "content": "rates please"}]
+    assert parse_rates(llm.chat(messages, seed=7), 2) == ([0.1, 0.2], "ok")
+    sent = _FakeOpenAI.requests[-1]
+    assert sent["model"] == "fake" and sent["messages"] == messages and sent["seed"] == 7
+    assert sent["max_tokens"] == 50 and math.isclose(sent["temperature"], 0.3)
+    with pytest.raises(LLMError, match="500"):
+        llm.chat([{"role": "user", "content": "fail"}], seed=0)
+    monkeypatch.setenv("PRUNEBENCH_TEST_KEY", "wrong")
+    with pytest.raises(ConfigError, match="rejected the API key"):
+        make_backend(cfg)
+
+
+def test_llama2_experiment_preset_validates_with_targets():
+    from bench.config import validate
+    from tests.conftest import compose_config
+
+    cfg = compose_config("experiment=self_pruner_llama2")
+    run = validate(cfg)
+    assert run.method.allocator == "self_pruner" and run.model.name == "llama2-70b"
+    assert {(t.sparsity, t.metric) for t in cfg.targets} == {(0.3, "acc_avg_drop"), (0.3, "speedup"),
+                                                            (0.5, "acc_avg_drop"), (0.5, "speedup")}
