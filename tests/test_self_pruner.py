@@ -187,8 +187,9 @@ def test_result_json_carries_the_search_and_plots(make_config, tmp_path):
 
 def test_model_without_chat_template_fails_before_pruning(make_config):
     cfg, _ = make_config("model=llama-tiny", *TINY, "method=self_pruner")
+    allocator = methods.build(cfg.method).allocator
     with pytest.raises(ConfigError, match="no chat template"):
-        methods.build(cfg.method)
+        allocator.bind(context=None)
 
 
 @pytest.mark.parametrize("override, match", [
@@ -198,10 +199,9 @@ def test_model_without_chat_template_fails_before_pruning(make_config):
     ("method.prompts.init='rates for $layers'", r"method.prompts.init: bad placeholder"),
     ("method.llm.backend=grpc", "method.llm.backend='grpc' is not valid"),
 ])
-def test_bad_options_fail_at_build(make_config, override, match):
-    cfg, _ = make_config("model=llama-tiny", *TINY, "method=self_pruner", override)
+def test_bad_options_fail_at_config_time(make_config, override, match):
     with pytest.raises(ConfigError, match=match):
-        methods.build(cfg.method)
+        make_config("model=llama-tiny", *TINY, "method=self_pruner", override)
 
 
 def test_missing_api_key_and_unreachable_endpoint(monkeypatch):

@@ -56,7 +56,7 @@ from omegaconf import MISSING
 from tqdm import tqdm
 
 from bench.config import ConfigError, SparsityPattern
-from bench.llm import LLMConfig, LLMError, make_backend
+from bench.llm import BACKENDS, LLMConfig, LLMError, make_backend
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,8 @@ class SelfPruner:
         from methods import PRUNERS
 
         o = self.options = options
+        if o.llm.backend not in BACKENDS:
+            raise ConfigError(f"method.llm.backend={o.llm.backend!r} is not valid; allowed: {', '.join(BACKENDS)}")
         if o.operators not in OPERATORS:
             raise ConfigError(f"method.operators={o.operators!r} is not valid; allowed: {', '.join(OPERATORS)}")
         checks = [("population", o.population >= 2, ">= 2"), ("generations", o.generations >= 0, ">= 0"),
@@ -207,7 +209,7 @@ class SelfPruner:
             except (KeyError, ValueError) as exc:
                 raise ConfigError(f"method.prompts.{key}: bad placeholder {exc}; allowed: "
                                   f"{', '.join('$' + f for f in TEMPLATE_FIELDS)} ($$ for a literal $)") from None
-        self.llm = make_backend(o.llm) if o.operators == "llm" else None
+        self.llm = None  # built in bind(): loading an LLM or probing an endpoint is not config-time work
         self.context = None
         self.details: dict = {}
 
@@ -215,7 +217,10 @@ class SelfPruner:
         pass  # any target in [0, 1): candidates are clipped to [target - d, target + d] within [0, 1)
 
     def bind(self, context) -> None:
+        """Called by the engine before any pruning: a missing key or chat template fails here, early."""
         self.context = context
+        if self.options.operators == "llm" and self.llm is None:
+            self.llm = make_backend(self.options.llm)
 
     def allocate(self, sizes: dict[str, int], target: float) -> dict[str, float]:
         if self.context is None:
