@@ -1,12 +1,16 @@
 """One cell of a sweep: load -> calibrate -> prune -> (save) -> evaluate -> result JSON.
 
 A failing cell records its exception and traceback in its result and returns normally, so one bad
-cell never takes the rest of a sweep down.
+cell never takes the rest of a sweep down. An interrupted one (Ctrl-C, or Submitit requeuing it on
+preemption/timeout) records "interrupted" and re-raises; a killed one stays "running" with the host and
+pid that ran it, so `python -m reports status` can tell it is dead. Neither counts as done on resume.
 """
 from __future__ import annotations
 
 import logging
+import os
 import random
+import socket
 import time
 import traceback
 from pathlib import Path
@@ -32,11 +36,14 @@ def find_completed(root: Optional[Path], config_hash: str) -> Optional[dict]:
     return None
 
 
-def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[Path] = None) -> dict:
+def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[Path] = None,
+             rerun: str = "failed") -> dict:
+    """`rerun="failed"` returns an existing ok result with the same config hash instead of running;
+    `rerun="all"` always runs."""
     out_dir = Path(out_dir)
     result_path = out_dir / results.RESULT_FILE
     config_hash = results.config_hash(resolved)
-    previous = find_completed(sweep_dir or out_dir, config_hash)
+    previous = None if rerun == "all" else find_completed(sweep_dir or out_dir, config_hash)
     if previous is not None:
         log.info("cell %s already done (%s); skipping", config_hash, previous["path"])
         return previous
@@ -53,6 +60,8 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
         "warnings": [],
         "metrics": {},
         "error": None,
+        "process": {"host": socket.gethostname(), "pid": os.getpid(),
+                    "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started": time.time()},
     }
     results.write_json_atomic(result_path, result)
     timings = result["timings"]
@@ -112,6 +121,10 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
         log.exception("cell failed")
         result["status"] = "failed"
         result["error"] = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
+    except BaseException as exc:  # KeyboardInterrupt, or SystemExit from Submitit's requeue handler
+        result["status"] = "interrupted"
+        result["error"] = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
+        raise
     finally:
         timings["total"] = time.perf_counter() - started
         result["peak_memory"] = results.peak_memory()
