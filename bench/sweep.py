@@ -119,7 +119,7 @@ def _size_launcher(config: DictConfig, launchers: list[DictConfig]) -> None:
         if key not in launcher or not OmegaConf.is_interpolation(launcher, key):
             continue  # unset, or given explicitly by the user: leave it
         values = [cell_launcher[key] for cell_launcher in launchers]
-        if any(value is None for value in values):
+        if not values or any(value is None for value in values):
             continue
         with open_dict(launcher):
             launcher[key] = max(values)
