@@ -29,8 +29,8 @@ def _primary(*overrides: str):
     """The sweep's primary config, `hydra` node included, as the callback receives it."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
-    OmegaConf.set_readonly(cfg.hydra, False)  # as in a real multirun (hydra's config_loader_impl)
-    HydraConfig.instance().set_config(cfg)
+    HydraConfig.instance().set_config(cfg)  # resolves ${hydra.job.name}; makes cfg.hydra read-only
+    OmegaConf.set_readonly(cfg.hydra, False)  # as the callback gets it in a real multirun
     return cfg
 
 
