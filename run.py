@@ -36,7 +36,7 @@ def main(cfg: DictConfig) -> None:
     out_dir = Path(hydra_cfg.runtime.output_dir)
     sweep_dir = Path(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    result = run_cell(run_cfg, resolved, out_dir, sweep_dir, rerun)
+    result = run_cell(run_cfg, resolved, out_dir, sweep_dir, rerun, cache=bool(cfg.get("cache", True)))
     if result["status"] != "ok" and hydra_cfg.mode != RunMode.MULTIRUN:
         print(f"prunebench: cell failed: {result['error']['type']}: {result['error']['message']}", file=sys.stderr)
         sys.exit(1)

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 import methods
+from bench import cache as caching
 from bench import data, engine, evaluate, models, results
 from bench.arch import measured_sparsity
 from bench.config import RunConfig
@@ -37,9 +38,9 @@ def find_completed(root: Optional[Path], config_hash: str) -> Optional[dict]:
 
 
 def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[Path] = None,
-             rerun: str = "failed") -> dict:
+             rerun: str = "failed", cache: bool = False) -> dict:
     """`rerun="failed"` returns an existing ok result with the same config hash instead of running;
-    `rerun="all"` always runs."""
+    `rerun="all"` always runs. `cache`: reuse what other cells computed (bench/cache.py)."""
     out_dir = Path(out_dir)
     result_path = out_dir / results.RESULT_FILE
     config_hash = results.config_hash(resolved)
@@ -72,20 +73,23 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
         stage = time.perf_counter()
         model, tokenizer = models.load(cfg.model)
         timings["load"] = time.perf_counter() - stage
+        shared = caching.for_cell(cache, cfg.model, cfg.method)
+
+        def tokens(text: str):
+            return shared.tokens(text, lambda: data.tokenize(tokenizer, text))
 
         stage = time.perf_counter()
         calib = cfg.data.calib
         corpus = data.load_corpus(calib.dataset, calib.split, cfg.data.dir, "calib", cfg.data.allow_fallback)
         _note_fallback(result, corpus, "calibration")
-        samples = data.calibration_samples(data.tokenize(tokenizer, corpus.text), calib.nsamples, calib.seqlen,
-                                           cfg.seed)
+        samples = data.calibration_samples(tokens(corpus.text), calib.nsamples, calib.seqlen, cfg.seed)
         result["data"] = {"calib": {"dataset": corpus.name, "split": corpus.split, "source": corpus.source,
                                     "fallback_for": corpus.fallback_for, "nsamples": calib.nsamples,
                                     "seqlen": calib.seqlen}}
         timings["calib_data"] = time.perf_counter() - stage
 
         method = methods.build(cfg.method)
-        report = engine.prune(model, method, samples, cfg.sparsity, cfg.device)
+        report = engine.prune(model, method, samples, cfg.sparsity, cfg.device, cache=shared)
         timings.update(report.seconds)
         overall, per_layer = measured_sparsity(model)
         result["sparsity"] = {"target": cfg.sparsity, "measured": overall, "allocated": report.rates,
@@ -105,9 +109,13 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
                 stage = time.perf_counter()
                 corpus = data.load_corpus(name, ppl_cfg.split, cfg.data.dir, "eval", cfg.data.allow_fallback)
                 _note_fallback(result, corpus, "evaluation")
-                windows = data.eval_windows(data.tokenize(tokenizer, corpus.text), ppl_cfg.seqlen,
-                                            ppl_cfg.max_windows, corpus.name)
-                ppl = evaluate.perplexity(model, windows, cfg.device, desc=f"ppl {corpus.name}")
+                windows = data.eval_windows(tokens(corpus.text), ppl_cfg.seqlen, ppl_cfg.max_windows, corpus.name)
+                desc = f"ppl {corpus.name}"
+                if cfg.method.pruner == "none":  # the dense model's ppl is the same in every cell
+                    ppl = shared.dense_ppl(windows, cfg.device,
+                                           lambda: evaluate.perplexity(model, windows, cfg.device, desc=desc))
+                else:
+                    ppl = evaluate.perplexity(model, windows, cfg.device, desc=desc)
                 key = name if corpus.fallback_for is None else f"{name}(pydoc fallback)"
                 result["metrics"]["ppl"][key] = ppl
                 result["data"]["eval"][key] = {"dataset": corpus.name, "split": corpus.split,
@@ -116,6 +124,7 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
                 timings[f"eval_ppl_{name}"] = time.perf_counter() - stage
                 log.info("%s %s %.0f%%: %s ppl = %.3f", cfg.model.name, cfg.method.name, 100 * cfg.sparsity,
                          key, ppl)
+        result["cache"] = shared.report
         result["status"] = "ok"
     except Exception as exc:  # recorded, not raised: the sweep goes on
         log.exception("cell failed")

@@ -164,18 +164,23 @@ def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, device: str)
 
 @torch.no_grad()
 def traverse(model: nn.Module, samples: torch.Tensor, device: str, stats_level: str,
-             visit: Callable[[BlockView], None], edits: bool, desc: str, share_stats: bool = True) -> None:
+             visit: Callable[[BlockView], None], edits: bool, desc: str, share_stats: bool = True,
+             cache=None) -> None:
     """Walk the blocks sequentially, calling `visit` on each with its input statistics.
 
     `edits=True`: `visit` changes the block, so the block is re-run afterwards and *its* outputs feed
     the next block. `edits=False`: an observe-only pass over the dense model; the statistics forward
     already gives the outputs (exposed to `visit` as `view.outputs`).
     `share_stats=False` hooks every linear separately (only for measuring what sharing saves).
+    `cache` (a `bench.cache.CellCache`) serves block 0's inputs, which do not depend on any pruning.
     """
     if stats_level not in STATS_LEVELS:
         raise ValueError(f"stats level {stats_level!r}; allowed: {STATS_LEVELS}")
     arch = arch_for(model)
-    hidden, kwargs = capture_inputs(model, samples, device)
+    if cache is None:
+        hidden, kwargs = capture_inputs(model, samples, device)
+    else:
+        hidden, kwargs = cache.block0(samples, device, lambda: capture_inputs(model, samples, device))
     kwargs = _to_device(kwargs, device)
     for index, block in enumerate(tqdm(arch.blocks(model), desc=desc, unit="block")):
         block.to(device)
@@ -212,8 +217,12 @@ class PruneReport:
     seconds: dict[str, float]  # wall time per stage
 
 
-def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, device: str) -> PruneReport:
-    """Apply `method` (a `methods.Method`) to `model` in place at mean target `sparsity`."""
+def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, device: str,
+          cache=None) -> PruneReport:
+    """Apply `method` (a `methods.Method`) to `model` in place at mean target `sparsity`.
+
+    With a `cache` (`bench.cache.CellCache`), block-0 inputs come from it, and so do the dense-pass
+    observations of an allocator that defines `dense_state()` / `load_dense_state(state)`."""
     import time
 
     arch = arch_for(model)
@@ -222,8 +231,16 @@ def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, devi
     allocator, pruner = method.allocator, method.pruner
     if allocator.needs_dense_pass:
         start = time.perf_counter()
-        traverse(model, samples, device, allocator.stats_level, allocator.observe_block, edits=False,
-                 desc=f"{method.name}: dense statistics")
+
+        def observe():
+            traverse(model, samples, device, allocator.stats_level, allocator.observe_block, edits=False,
+                     desc=f"{method.name}: dense statistics", cache=cache)
+            return allocator.dense_state() if hasattr(allocator, "dense_state") else None
+
+        if cache is not None and hasattr(allocator, "dense_state"):
+            allocator.load_dense_state(cache.dense_state(samples, allocator.stats_level, observe))
+        else:
+            observe()
         seconds["allocate_observe"] = time.perf_counter() - start
     start = time.perf_counter()
     rates = allocator.allocate(sizes, sparsity)
@@ -238,6 +255,6 @@ def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, devi
             pruner.prune_block(BlockView(index, block, arch, linears, {}, torch.empty(0), None), rates)
     else:
         traverse(model, samples, device, pruner.stats_level, lambda view: pruner.prune_block(view, rates),
-                 edits=True, desc=f"{method.name}: pruning")
+                 edits=True, desc=f"{method.name}: pruning", cache=cache)
     seconds["prune"] = time.perf_counter() - start
     return PruneReport(rates=rates, seconds=seconds)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import submitit
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
@@ -173,3 +174,56 @@ def test_status_tells_killed_and_missing_cells(tmp_path):
     rows = status(tmp_path)
     assert [row.state for row in rows] == ["done", "failed", "missing"]
     assert "killed" in rows[1].detail
+
+
+def test_cache_reuses_invariant_work_and_changes_no_number(make_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNEBENCH_CACHE", str(tmp_path / "cache"))
+    cells = {s: make_config("model=llama-tiny", "method=sparsegpt", f"sparsity={s}", *TINY) for s in (0.5, 0.7)}
+    first = run_cell(*cells[0.5], tmp_path / "a", cache=True)
+    second = run_cell(*cells[0.7], tmp_path / "b", cache=True)
+    uncached = run_cell(*cells[0.7], tmp_path / "c")
+    assert first["cache"] == {"hits": [], "misses": ["block0", "tokens", "tokens"]}
+    assert second["cache"] == {"hits": ["block0", "tokens", "tokens"], "misses": []}
+    assert second["metrics"] == uncached["metrics"] and second["sparsity"] == uncached["sparsity"]
+
+    dense = make_config("model=llama-tiny", "method=dense", *TINY)
+    assert "dense_ppl" in run_cell(*dense, tmp_path / "d", cache=True)["cache"]["misses"]
+    again = run_cell(*dense, tmp_path / "e", cache=True)
+    assert "dense_ppl" in again["cache"]["hits"]
+
+
+def test_allocator_dense_observations_come_from_the_cache(make_config, tmp_path):
+    import methods
+    from bench import cache as caching
+    from bench import engine, models
+
+    class Observing:  # the opt-in protocol of bench/cache.py
+        needs_dense_pass, stats_level = True, "diag"
+
+        def __init__(self):
+            self.norms, self.loaded = {}, None
+
+        def observe_block(self, view):
+            self.norms.update({name: stats.col_norms().sum().item() for name, stats in view.stats.items()})
+
+        def allocate(self, sizes, target):
+            return {name: target for name in sizes}
+
+        def dense_state(self):
+            return self.norms
+
+        def load_dense_state(self, state):
+            self.loaded = state
+
+    cfg, _ = make_config("model=llama-tiny", "method=magnitude", *TINY)
+    samples = torch.randint(0, 256, (2, 16))
+    states = []
+    for _ in range(2):
+        model, _ = models.load(cfg.model)
+        method = methods.build(cfg.method)
+        method.allocator = Observing()
+        shared = caching.for_cell(True, cfg.model, cfg.method, root=tmp_path)
+        engine.prune(model, method, samples, 0.5, "cpu", cache=shared)
+        states.append(method.allocator)
+    assert states[0].norms and states[1].norms == {}  # the second run did not traverse the dense model
+    assert states[1].loaded == states[0].norms
