@@ -120,13 +120,18 @@ def _to_device(value, device):
 def _non_block_modules_to(model: nn.Module, arch: Arch, device) -> None:
     blocks = arch.blocks(model)
     for block in blocks:
-        block.to("cpu")
+        if not _on_meta(block):  # a streamed block is not loaded yet
+            block.to("cpu")
     stash = list(blocks)
     for index in range(len(blocks)):
         blocks[index] = nn.Identity()  # moved separately: keep the (possibly huge) blocks off the device
     model.to(device)
     for index, block in enumerate(stash):
         blocks[index] = block
+
+
+def _on_meta(module: nn.Module) -> bool:
+    return any(p.is_meta for p in module.parameters())
 
 
 @torch.no_grad()
@@ -165,7 +170,7 @@ def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, device: str)
 @torch.no_grad()
 def traverse(model: nn.Module, samples: torch.Tensor, device: str, stats_level: str,
              visit: Callable[[BlockView], None], edits: bool, desc: str, share_stats: bool = True,
-             cache=None) -> None:
+             cache=None, stream=None) -> None:
     """Walk the blocks sequentially, calling `visit` on each with its input statistics.
 
     `edits=True`: `visit` changes the block, so the block is re-run afterwards and *its* outputs feed
@@ -173,6 +178,8 @@ def traverse(model: nn.Module, samples: torch.Tensor, device: str, stats_level: 
     already gives the outputs (exposed to `visit` as `view.outputs`).
     `share_stats=False` hooks every linear separately (only for measuring what sharing saves).
     `cache` (a `bench.cache.CellCache`) serves block 0's inputs, which do not depend on any pruning.
+    `stream` (a `bench.streaming.BlockStream`) loads each block's weights when the walk reaches it and
+    takes it back (writing it out when `edits`) when the walk leaves it.
     """
     if stats_level not in STATS_LEVELS:
         raise ValueError(f"stats level {stats_level!r}; allowed: {STATS_LEVELS}")
@@ -183,6 +190,8 @@ def traverse(model: nn.Module, samples: torch.Tensor, device: str, stats_level: 
         hidden, kwargs = cache.block0(samples, device, lambda: capture_inputs(model, samples, device))
     kwargs = _to_device(kwargs, device)
     for index, block in enumerate(tqdm(arch.blocks(model), desc=desc, unit="block")):
+        if stream is not None:
+            stream.load(index, block)
         block.to(device)
         prefix = f"{arch.block_name(index)}."
         stats: dict[str, InputStats] = {}
@@ -208,6 +217,8 @@ def traverse(model: nn.Module, samples: torch.Tensor, device: str, stats_level: 
         if edits:
             outputs = run_block(block, hidden, kwargs, device)
         block.to("cpu")
+        if stream is not None:
+            stream.release(index, block, edited=edits)
         hidden = outputs
 
 
@@ -218,11 +229,12 @@ class PruneReport:
 
 
 def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, device: str,
-          cache=None) -> PruneReport:
+          cache=None, stream=None) -> PruneReport:
     """Apply `method` (a `methods.Method`) to `model` in place at mean target `sparsity`.
 
     With a `cache` (`bench.cache.CellCache`), block-0 inputs come from it, and so do the dense-pass
-    observations of an allocator that defines `dense_state()` / `load_dense_state(state)`."""
+    observations of an allocator that defines `dense_state()` / `load_dense_state(state)`.
+    With a `stream`, blocks live on the meta device until the engine reaches them (see `traverse`)."""
     import time
 
     arch = arch_for(model)
@@ -234,7 +246,7 @@ def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, devi
 
         def observe():
             traverse(model, samples, device, allocator.stats_level, allocator.observe_block, edits=False,
-                     desc=f"{method.name}: dense statistics", cache=cache)
+                     desc=f"{method.name}: dense statistics", cache=cache, stream=stream)
             return allocator.dense_state() if hasattr(allocator, "dense_state") else None
 
         if cache is not None and hasattr(allocator, "dense_state"):
@@ -250,11 +262,15 @@ def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, devi
         pass
     elif pruner.stats_level == "none":  # data-free: no traversal needed
         for index, block in enumerate(tqdm(arch.blocks(model), desc=f"{method.name}: pruning", unit="block")):
+            if stream is not None:
+                stream.load(index, block)
             prefix = f"{arch.block_name(index)}."
             linears = {prefix + name: module for name, module in arch.linears(block).items()}
             pruner.prune_block(BlockView(index, block, arch, linears, {}, torch.empty(0), None), rates)
+            if stream is not None:
+                stream.release(index, block, edited=True)
     else:
         traverse(model, samples, device, pruner.stats_level, lambda view: pruner.prune_block(view, rates),
-                 edits=True, desc=f"{method.name}: pruning", cache=cache)
+                 edits=True, desc=f"{method.name}: pruning", cache=cache, stream=stream)
     seconds["prune"] = time.perf_counter() - start
     return PruneReport(rates=rates, seconds=seconds)
