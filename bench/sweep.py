@@ -164,3 +164,48 @@ def read_manifest(sweep_dir: Path) -> list[dict] | None:
     if not path.exists():
         return None
     return json.loads(path.read_text())["cells"]
+
+
+def run_isolated(out_dir: Path, run: Callable[..., dict], *args: Any) -> dict:
+    """`run(*args)` (a cell) in a forked child, so that a cell killed by the kernel (OOM killer) or by a
+    signal still leaves a result saying so, and the sweep's own process lives on to run the next cell.
+
+    Fork, not spawn: the parent has imported torch but run no op (no thread pool yet), and a fork costs
+    milliseconds where a spawn re-imports everything."""
+    import multiprocessing
+    import signal
+
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_child, args=(send, run, args))
+    child.start()
+    send.close()
+    try:
+        result = receive.recv()
+    except EOFError:  # the child died without sending its result
+        result = None
+    except BaseException as exc:  # Ctrl-C, or Submitit's preemption/timeout handler in this process
+        child.kill()
+        child.join()
+        _mark(out_dir, "interrupted", type(exc).__name__, f"the sweep process was interrupted: {exc}")
+        raise
+    child.join()
+    if result is not None:
+        return result
+    code = child.exitcode
+    how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exited with {code}"
+    return _mark(out_dir, "failed", "Killed", f"cell process {how} before writing its result "
+                                              f"(SIGKILL is usually the out-of-memory killer)")
+
+
+def _mark(out_dir: Path, status: str, error_type: str, message: str) -> dict:
+    path = Path(out_dir) / results.RESULT_FILE
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result.update(status=status, error={"type": error_type, "message": message})
+    results.write_json_atomic(path, result)
+    return result
+
+
+def _child(send, run: Callable[..., dict], args: tuple) -> None:
+    send.send(run(*args))
+    send.close()

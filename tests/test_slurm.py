@@ -131,7 +131,7 @@ def _drain(env: dict, spool: Path) -> None:
 
 def test_sweep_on_real_slurm(slurm_cluster, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    command = [sys.executable, "run.py", "-m", "hydra/launcher=slurm", "model=llama-tiny",
+    command = [sys.executable, "run.py", "-m", "hydra/launcher=slurm", "cache=false", "model=llama-tiny",
                "method=magnitude,wanda", "sparsity=0.5,0.7", *TINY, f"hydra.sweep.dir={sweep_dir}"]
     env = {**slurm_cluster, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

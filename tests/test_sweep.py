@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -106,8 +107,8 @@ def test_slurm_preflight_errors(tmp_path, monkeypatch):
 
 
 def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "run.py", "-m", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, timeout=300)
+    return subprocess.run([sys.executable, "run.py", "-m", "cache=false", *args], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, timeout=300)
 
 
 def test_bad_cell_or_missing_sbatch_stops_the_sweep_before_any_cell_runs(tmp_path):
@@ -227,3 +228,15 @@ def test_allocator_dense_observations_come_from_the_cache(make_config, tmp_path)
         states.append(method.allocator)
     assert states[0].norms and states[1].norms == {}  # the second run did not traverse the dense model
     assert states[1].loaded == states[0].norms
+
+
+def _killed_midway(out_dir: Path) -> dict:
+    results.write_json_atomic(out_dir / results.RESULT_FILE, {"status": "running", "config_hash": "h"})
+    os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's OOM killer does
+
+
+def test_a_killed_cell_is_recorded_and_the_sweep_process_lives_on(tmp_path):
+    result = sweep.run_isolated(tmp_path, _killed_midway, tmp_path)
+    assert result["status"] == "failed" and "killed by SIGKILL" in result["error"]["message"]
+    assert json.loads((tmp_path / results.RESULT_FILE).read_text())["status"] == "failed"
+    assert sweep.run_isolated(tmp_path, lambda: {"status": "ok"}) == {"status": "ok"}
