@@ -4,10 +4,11 @@ Cached (each entry keyed by a hash of its inputs, plus the torch/transformers ve
 - token ids of a corpus: model identity (its tokenizer) + sha256 of the text;
 - the inputs of block 0 and the kwargs every block gets: model identity + the calibration samples;
 - the perplexity of the *dense* model: model identity + the evaluation token windows;
-- the dense-model observations of an allocator (OWL outlier ratios, loss estimates, CFSP block scores):
-  model identity + calibration samples + allocator name, options and stats level. An allocator opts in by
-  defining `dense_state() -> object` (what `observe_block` gathered; torch.save-able) and
-  `load_dense_state(state)`; the engine then skips the dense traversal on a hit (`bench.engine.prune`).
+- the dense-model observations of the components that make a dense pass (OWL outlier ratios, loss
+  estimates, CFSP block and channel scores): model identity + calibration samples + allocator and pruner
+  names and options + stats level. A component opts in by defining `dense_state() -> object` (what
+  `observe_block` gathered; torch.save-able) and `load_dense_state(state)`; when every observing
+  component does, the engine skips the dense traversal on a hit (`bench.engine.prune`).
 Not cached: anything computed after a block was pruned (sequential pruners calibrate block k on the
 outputs of the already-pruned blocks 0..k-1, so those statistics differ between cells).
 
@@ -100,7 +101,8 @@ class CellCache:
     def __init__(self, disk: DiskCache, model: ModelConfig, method: Any = None):
         self.disk = disk
         self.model = model_identity(model)
-        self.allocator = None if method is None else [method.allocator, _asdict(method.allocator_options)]
+        self.method = None if method is None else [method.allocator, _asdict(method.allocator_options),
+                                                   method.pruner, _asdict(method.pruner_options)]
 
     def tokens(self, text: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         return self.disk.get_or_compute("tokens", [self.model, hashlib.sha256(text.encode()).hexdigest()], compute)
@@ -112,7 +114,7 @@ class CellCache:
         return self.disk.get_or_compute("block0", [self.model, tensor_digest(samples), device], compute)
 
     def dense_state(self, samples: torch.Tensor, stats_level: str, compute: Callable[[], Any]) -> Any:
-        key = [self.model, tensor_digest(samples), self.allocator, stats_level]
+        key = [self.model, tensor_digest(samples), self.method, stats_level]
         return self.disk.get_or_compute("dense_state", key, compute)
 
     @property

@@ -7,6 +7,7 @@ pid that ran it, so `python -m reports status` can tell it is dead. Neither coun
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
@@ -19,8 +20,8 @@ from typing import Optional
 import torch
 
 import methods
+from bench import arch, data, engine, evaluate, models, results, speed, zeroshot
 from bench import cache as caching
-from bench import data, engine, evaluate, models, results
 from bench.arch import measured_sparsity
 from bench.config import RunConfig
 
@@ -37,11 +38,17 @@ def find_completed(root: Optional[Path], config_hash: str) -> Optional[dict]:
     return None
 
 
+def identity(cfg: RunConfig, resolved: dict) -> dict:
+    """The resolved config a cell is hashed by: with the effective sparsity (dense ignores the sweep axis)."""
+    return {**resolved, "sparsity": cfg.sparsity}
+
+
 def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[Path] = None,
              rerun: str = "failed", cache: bool = False) -> dict:
     """`rerun="failed"` returns an existing ok result with the same config hash instead of running;
     `rerun="all"` always runs. `cache`: reuse what other cells computed (bench/cache.py)."""
     out_dir = Path(out_dir)
+    resolved = identity(cfg, resolved)
     result_path = out_dir / results.RESULT_FILE
     config_hash = results.config_hash(resolved)
     previous = None if rerun == "all" else find_completed(sweep_dir or out_dir, config_hash)
@@ -82,18 +89,30 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
         calib = cfg.data.calib
         corpus = data.load_corpus(calib.dataset, calib.split, cfg.data.dir, "calib", cfg.data.allow_fallback)
         _note_fallback(result, corpus, "calibration")
-        samples = data.calibration_samples(tokens(corpus.text), calib.nsamples, calib.seqlen, cfg.seed)
+        calib_ids = tokens(corpus.text)
+        samples = data.calibration_samples(calib_ids, calib.nsamples, calib.seqlen, cfg.seed)
         result["data"] = {"calib": {"dataset": corpus.name, "split": corpus.split, "source": corpus.source,
                                     "fallback_for": corpus.fallback_for, "nsamples": calib.nsamples,
                                     "seqlen": calib.seqlen}}
         timings["calib_data"] = time.perf_counter() - stage
 
         method = methods.build(cfg.method)
+        structured = getattr(method.pruner, "structured", False)  # FFN channels removed physically
+        if structured:
+            dense_sizes, dense_params = arch.ffn_sizes(model), arch.parameter_count(model)
+            reference = copy.deepcopy(model) if cfg.eval.speed else None
         report = engine.prune(model, method, samples, cfg.sparsity, cfg.device, cache=shared)
         timings.update(report.seconds)
-        overall, per_layer = measured_sparsity(model)
-        result["sparsity"] = {"target": cfg.sparsity, "measured": overall, "allocated": report.rates,
-                              "per_layer": per_layer}
+        if structured:
+            result["sparsity"] = {"target": cfg.sparsity, **arch.structured_sparsity(model, dense_sizes, dense_params),
+                                  "allocated": report.rates}
+            if method.pruner.options.recovery != "none":
+                model, result["recovery"] = _recover(model, method, calib_ids, samples, cfg)
+                timings["recovery"] = result["recovery"]["seconds"]
+        else:
+            overall, per_layer = measured_sparsity(model)
+            result["sparsity"] = {"target": cfg.sparsity, "measured": overall, "allocated": report.rates,
+                                  "per_layer": per_layer}
 
         if cfg.save_dir:
             stage = time.perf_counter()
@@ -124,6 +143,14 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
                 timings[f"eval_ppl_{name}"] = time.perf_counter() - stage
                 log.info("%s %s %.0f%%: %s ppl = %.3f", cfg.model.name, cfg.method.name, 100 * cfg.sparsity,
                          key, ppl)
+        if cfg.eval.zeroshot is not None:
+            stage = time.perf_counter()
+            result["metrics"]["zeroshot"] = zeroshot.evaluate(model, tokenizer, cfg.eval.zeroshot, cfg.device, cfg.seed)
+            timings["eval_zeroshot"] = time.perf_counter() - stage
+        if structured and reference is not None:
+            stage = time.perf_counter()
+            result["metrics"]["speed"] = speed.measure(reference, model, cfg.eval.speed, cfg.device, cfg.seed)
+            timings["speed"] = time.perf_counter() - stage
         result["cache"] = shared.report
         result["status"] = "ok"
     except Exception as exc:  # recorded, not raised: the sweep goes on
@@ -138,7 +165,21 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
         timings["total"] = time.perf_counter() - started
         result["peak_memory"] = results.peak_memory()
         results.write_json_atomic(result_path, result)
+    if cfg.logger.name != "none":
+        from reports.wandb_log import log_cell
+
+        log_cell(cfg.logger, result, out_dir, sweep_dir)
     return result
+
+
+def _recover(model, method, calib_ids, samples, cfg: RunConfig):
+    from methods import recovery
+    from methods.allocators import cfsp_coarse
+
+    weights = getattr(method.allocator, "block_weights", None)
+    if method.pruner.options.recovery == "ig_lora" and not weights:  # no coarse scores from the allocator
+        weights = cfsp_coarse.sigmoid_scores(cfsp_coarse.block_distances(model, samples, cfg.device), a=1.0)
+    return recovery.recover(model, calib_ids, method.pruner.options, weights, cfg.seed, cfg.device)
 
 
 def _note_fallback(result: dict, corpus: data.Corpus, purpose: str) -> None:

@@ -72,9 +72,53 @@ class PplConfig:
     max_windows: Optional[int] = None  # None = the whole split (paper protocol)
 
 
+ZEROSHOT_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "rte")
+ZEROSHOT_METRICS = ("acc", "acc_norm")
+ACC_ONLY_TASKS = ("boolq", "winogrande", "rte")  # lm-eval reports no acc_norm for these
+
+
+@dataclass
+class ZeroShotConfig:
+    """lm-eval zero-shot tasks; `metric` picks acc or acc_norm per task, since papers differ."""
+
+    tasks: list = field(default_factory=lambda: list(ZEROSHOT_TASKS[:7]))
+    metric: dict = field(default_factory=dict)  # task -> acc | acc_norm; a task not listed uses acc
+    num_fewshot: int = 0
+    limit: Optional[int] = None  # examples per task; None = the whole split (paper protocol)
+    batch_size: int = 1
+    include_path: Optional[str] = None  # dir of local task YAMLs (offline mirrors); None = lm-eval's tasks
+
+
+@dataclass
+class SpeedConfig:
+    """Inference throughput of a structurally pruned model vs its dense original, same run and shapes."""
+
+    batch: int = 1
+    prefill_seqlen: int = 128
+    decode_tokens: int = 32  # generated one at a time with a KV cache, after a prefill of prefill_seqlen
+    repeats: int = 3  # median over interleaved dense/pruned repeats
+
+
 @dataclass
 class EvalConfig:
     ppl: Optional[PplConfig] = None
+    zeroshot: Optional[ZeroShotConfig] = None
+    speed: Optional[SpeedConfig] = None  # measured for structured pruners only (zeros give no speed-up)
+
+
+LOGGERS = ("none", "wandb")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment tracking (reports/wandb_log.py); `none` keeps results in result.json only."""
+
+    name: str = "none"
+    project: str = "prunebench"
+    entity: Optional[str] = None
+    mode: str = "offline"
+    group: Optional[str] = None
 
 
 @dataclass
@@ -129,6 +173,7 @@ class RunConfig:
     device: str
     protocol: str
     save_dir: Optional[str]
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
@@ -180,6 +225,17 @@ def _method(raw: dict) -> MethodSpec:
     )
 
 
+def _zeroshot(zs: ZeroShotConfig) -> None:
+    for task in zs.tasks:
+        _choice("eval.zeroshot.tasks", task, ZEROSHOT_TASKS)
+    for task, metric in zs.metric.items():
+        _choice("eval.zeroshot.metric", task, ZEROSHOT_TASKS)
+        _choice(f"eval.zeroshot.metric.{task}", metric, ("acc",) if task in ACC_ONLY_TASKS else ZEROSHOT_METRICS)
+    for key, value, low in (("num_fewshot", zs.num_fewshot, 0), ("limit", zs.limit, 1), ("batch_size", zs.batch_size, 1)):
+        if value is not None and value < low:
+            raise ConfigError(f"eval.zeroshot.{key}={value} is out of range; allowed: >= {low}")
+
+
 def validate(cfg: DictConfig) -> RunConfig:
     """Turn the composed Hydra config into a RunConfig, or raise ConfigError naming the bad key."""
     raw = OmegaConf.to_container(cfg, resolve=True)
@@ -191,6 +247,9 @@ def validate(cfg: DictConfig) -> RunConfig:
     data = _structured("data", DataConfig, raw["data"])
     _choice("data.calib.dataset", data.calib.dataset, DATASETS)
     evaluation = _structured("eval", EvalConfig, raw["eval"])
+    logger = _structured("logger", LoggerConfig, raw.get("logger", {}))
+    _choice("logger.name", logger.name, LOGGERS)
+    _choice("logger.mode", logger.mode, WANDB_MODES)
     device = raw.get("device", "cpu")
     _choice("device", device, DEVICES)
 
@@ -209,11 +268,17 @@ def validate(cfg: DictConfig) -> RunConfig:
         if not 0 < seqlen <= model.seqlen:
             raise ConfigError(f"{key}={seqlen} is out of range for model {model.name}; "
                               f"allowed: 1..{model.seqlen} (the model's context length)")
+    if evaluation.speed:
+        for key, value in vars(evaluation.speed).items():
+            if value < 1:
+                raise ConfigError(f"eval.speed.{key}={value} is out of range; allowed: >= 1")
     if data.calib.nsamples < 1:
         raise ConfigError(f"data.calib.nsamples={data.calib.nsamples} is out of range; allowed: >= 1")
     if evaluation.ppl:
         for name in evaluation.ppl.datasets:
             _choice("eval.ppl.datasets", name, DATASETS)
+    if evaluation.zeroshot:
+        _zeroshot(evaluation.zeroshot)
     if model.path is not None:
         from pathlib import Path
 
@@ -225,4 +290,4 @@ def validate(cfg: DictConfig) -> RunConfig:
                           f"give the transformers config kwargs")
     return RunConfig(model=model, method=method, data=data, eval=evaluation, sparsity=sparsity,
                      seed=int(raw.get("seed", 0)), device=device, protocol=str(raw["protocol"]["name"]),
-                     save_dir=raw.get("save_dir"))
+                     save_dir=raw.get("save_dir"), logger=logger)

@@ -199,9 +199,9 @@ def traverse(model: nn.Module, samples: torch.Tensor, device: str, stats_level: 
         if stats_level != "none" or not edits:
             handles, owners = [], []
             groups = arch.groups if share_stats else tuple((name,) for g in arch.groups for name in g)
-            for group in groups:
+            for group in groups if stats_level != "none" else ():
                 first = block.get_submodule(group[0])
-                hook = _Accumulator(first.in_features, stats_level if stats_level != "none" else "diag", device)
+                hook = _Accumulator(first.in_features, stats_level, device)
                 handles.append(first.register_forward_hook(hook))
                 owners.append((group, hook))
             try:
@@ -233,7 +233,7 @@ def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, devi
     """Apply `method` (a `methods.Method`) to `model` in place at mean target `sparsity`.
 
     With a `cache` (`bench.cache.CellCache`), block-0 inputs come from it, and so do the dense-pass
-    observations of an allocator that defines `dense_state()` / `load_dense_state(state)`.
+    observations when every observing component defines `dense_state()` / `load_dense_state(state)`.
     With a `stream`, blocks live on the meta device until the engine reaches them (see `traverse`)."""
     import time
 
@@ -241,16 +241,23 @@ def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, devi
     sizes = {name: linear.weight.numel() for name, linear in prunable_linears(model).items()}
     seconds = {}
     allocator, pruner = method.allocator, method.pruner
-    if allocator.needs_dense_pass:
+    # One observe-only pass over the dense model serves every component that needs one (CFSP's single
+    # forward pass: block scores for the allocator and channel scores for a structured pruner).
+    observers = [(c, c.stats_level if c is allocator else c.observe_level)
+                 for c in (allocator, pruner) if getattr(c, "needs_dense_pass", False)]
+    if observers:
         start = time.perf_counter()
+        level = max((lvl for _, lvl in observers), key=STATS_LEVELS.index)
+        cacheable = cache is not None and all(hasattr(c, "dense_state") for c, _ in observers)
 
         def observe():
-            traverse(model, samples, device, allocator.stats_level, allocator.observe_block, edits=False,
-                     desc=f"{method.name}: dense statistics", cache=cache, stream=stream)
-            return allocator.dense_state() if hasattr(allocator, "dense_state") else None
+            traverse(model, samples, device, level, lambda view: [c.observe_block(view) for c, _ in observers],
+                     edits=False, desc=f"{method.name}: dense statistics", cache=cache, stream=stream)
+            return [c.dense_state() for c, _ in observers] if cacheable else None
 
-        if cache is not None and hasattr(allocator, "dense_state"):
-            allocator.load_dense_state(cache.dense_state(samples, allocator.stats_level, observe))
+        if cacheable:
+            for (component, _), state in zip(observers, cache.dense_state(samples, level, observe)):
+                component.load_dense_state(state)
         else:
             observe()
         seconds["allocate_observe"] = time.perf_counter() - start

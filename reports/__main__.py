@@ -1,19 +1,41 @@
-"""python -m reports collect <sweep dir>: print the table and write table.md / table.csv there.
-python -m reports status <sweep dir>: done / running / failed / missing cells of a sweep."""
+"""python -m reports collect <sweep dir> [--format md,csv,tex,html] [--no-plots]
+python -m reports wandb-report <sweep dir> [--project P] [--entity E] [--online]
+
+collect prints the markdown tables and writes table.md / table.csv / table.tex / report.html and
+plots/*.png|svg into the sweep dir; wandb-report builds a W&B Report of the sweep (offline: its spec
+JSON, wandb_report.json; online: saved to W&B, URL printed).
+python -m reports status <sweep dir>: done / running / failed / missing cells of a sweep.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-from reports.collect import collect
+from reports.collect import FORMATS, collect
+
+
+def _formats(text: str) -> tuple:
+    formats = tuple(f.strip() for f in text.split(",") if f.strip())
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"--format {bad[0]!r} is not valid; allowed: {', '.join(FORMATS)}")
+    return formats
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reports")
     commands = parser.add_subparsers(dest="command", required=True)
-    collect_cmd = commands.add_parser("collect", help="tables from the result.json files under a dir")
+    collect_cmd = commands.add_parser("collect", help="tables and plots from the result.json files under a dir")
     collect_cmd.add_argument("sweep_dir", type=Path)
+    collect_cmd.add_argument("--format", type=_formats, default=("md", "csv"),
+                             help=f"comma-separated, of {','.join(FORMATS)} (default md,csv)")
+    collect_cmd.add_argument("--no-plots", action="store_true", help="skip the PNG/SVG plots")
+    report_cmd = commands.add_parser("wandb-report", help="a W&B Report of a sweep (offline: spec JSON)")
+    report_cmd.add_argument("sweep_dir", type=Path)
+    report_cmd.add_argument("--project", default="prunebench")
+    report_cmd.add_argument("--entity", default=None, help="W&B entity (online: your default entity)")
+    report_cmd.add_argument("--online", action="store_true", help="save the report to W&B (needs wandb login)")
     status_cmd = commands.add_parser("status", help="done / running / failed / missing cells of a sweep")
     status_cmd.add_argument("sweep_dir", type=Path)
     args = parser.parse_args(argv)
@@ -30,12 +52,18 @@ def main(argv=None) -> int:
             return 2
         return 0
     try:
-        table = collect(args.sweep_dir)
+        if args.command == "collect":
+            report = collect(args.sweep_dir, formats=args.format, plots=not args.no_plots)
+            print(report.markdown)
+            print(f"\nwrote {', '.join(str(p.relative_to(args.sweep_dir)) for p in report.written)} "
+                  f"into {args.sweep_dir}")
+        else:
+            from reports.wandb_report import build_report
+
+            print(build_report(args.sweep_dir, args.project, args.entity, args.online))
     except FileNotFoundError as exc:
         print(f"reports: {exc}", file=sys.stderr)
         return 2
-    print(table.markdown)
-    print(f"\nwrote {args.sweep_dir / 'table.md'} and {args.sweep_dir / 'table.csv'}")
     return 0
 
 

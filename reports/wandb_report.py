@@ -1,0 +1,64 @@
+"""A W&B Report of one sweep (wandb-workspaces): the runs of the sweep's group, scatter plots of each
+metric against sparsity (log y for perplexity), the per-layer sparsity lines, and the results tables
+the cells logged (`logger=wandb`), plus the markdown tables and the targets' verdicts as text.
+
+Offline (the default) it writes the report's spec, the JSON W&B stores for a report, to
+`<sweep dir>/wandb_report.json`, so it can be reviewed, diffed and saved later; `--online` saves it to
+W&B (needs `wandb login`) and prints its URL. The panel ids wandb-workspaces draws at random are seeded
+from the sweep's name, so the same sweep gives the same spec.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Optional
+
+from reports.collect import collect
+from reports.wandb_log import flat_metrics
+
+SPEC_FILE = "wandb_report.json"
+
+
+def report_object(sweep_dir: Path, project: str, entity: str, online: bool):
+    import wandb_workspaces.reports.v2 as wr
+
+    sweep_dir = Path(sweep_dir)
+    report = collect(sweep_dir, write=False)
+    group = sweep_dir.name
+    metrics = sorted({name for r in report.records for name in flat_metrics(r)
+                      if name.split("/")[0] in ("ppl", "acc", "acc_avg", "speedup")})
+    panels = [wr.ScatterPlot(title=f"{m} vs sparsity", x=wr.Config("sparsity"), y=wr.SummaryMetric(m),
+                             log_y=m.startswith("ppl")) for m in metrics]
+    panels.append(wr.LinePlot(title="per-layer sparsity", x="layer", y=["layer_sparsity"]))
+    panels += [wr.WeavePanelSummaryTable(table_name=t.title.lower().replace(" ", "_")) for t in report.tables]
+    # Offline a runset cannot name its project: wandb-workspaces looks the project's id up on the server
+    runset = wr.Runset(entity=entity if online else "", project=project if online else "", name=group,
+                       filters=f"Group = '{group}'")
+    blocks = [wr.H1(f"prunebench sweep {group}"),
+              wr.P(f"{len(report.records)} cells; runs logged with logger=wandb, group {group}."),
+              wr.PanelGrid(runsets=[runset], panels=panels)]
+    for table in report.tables:
+        blocks += [wr.H2(table.title), wr.MarkdownBlock(text=table.markdown)]
+    return wr.Report(project=project, entity=entity, title=f"prunebench: {group}",
+                     description="Tables and plots of a prunebench sweep", blocks=blocks)
+
+
+def build_report(sweep_dir: Path, project: str = "prunebench", entity: Optional[str] = None,
+                 online: bool = False) -> str:
+    """Offline: write the spec JSON and return its path; online: save the report and return its URL."""
+    sweep_dir = Path(sweep_dir)
+    if online:
+        import wandb
+
+        report = report_object(sweep_dir, project, entity or wandb.Api().default_entity, online=True)
+        return report.save().url
+    state = random.getstate()
+    random.seed(sweep_dir.name)
+    try:
+        spec = report_object(sweep_dir, project, entity or "offline", online=False)._to_model()
+    finally:
+        random.setstate(state)
+    path = sweep_dir / SPEC_FILE
+    path.write_text(json.dumps(spec.model_dump(by_alias=True, exclude_none=True, mode="json"), indent=1) + "\n")
+    return str(path)

@@ -1,0 +1,63 @@
+"""Zero-shot evaluation through lm-eval on offline task mirrors (no hub), and its config validation."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.cell import run_cell
+from bench.config import ConfigError
+from bench.zeroshot import write_mirrors
+from tests.conftest import TINY
+
+TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "rte"]
+
+
+@pytest.fixture(scope="module")
+def mirrors(tmp_path_factory):
+    return write_mirrors(tmp_path_factory.mktemp("mirrors"), n=6)
+
+
+def test_mirrors_are_in_each_tasks_schema(mirrors):
+    for task in TASKS:
+        docs = [json.loads(line) for line in (mirrors / f"{task}.jsonl").read_text().splitlines()]
+        assert len(docs) == 6
+        if task in ("arc_easy", "arc_challenge", "openbookqa"):
+            assert all(doc["answerKey"] in doc["choices"]["label"] for doc in docs)
+        if task == "winogrande":
+            assert all(len(doc["contexts"]) == 2 and doc["label"] in (0, 1) for doc in docs)
+
+
+def test_cell_scores_every_task_on_local_mirrors(mirrors, make_config, tmp_path):
+    cfg, resolved = make_config("model=llama-tiny", "method=magnitude", "sparsity=0.5", *TINY,
+                                "eval=[ppl,zeroshot]", f"eval.zeroshot.tasks=[{','.join(TASKS)}]",
+                                "eval.zeroshot.limit=4", f"eval.zeroshot.include_path={mirrors}")
+    result = run_cell(cfg, resolved, tmp_path)
+    assert result["status"] == "ok", result["error"]
+    assert "pydoc" in result["metrics"]["ppl"]  # ppl and zeroshot compose
+    zs = result["metrics"]["zeroshot"]
+    assert set(zs["tasks"]) == set(TASKS)
+    for task, scores in zs["tasks"].items():
+        assert scores["samples"] == 4
+        assert scores["metric"] == cfg.eval.zeroshot.metric[task]
+        assert scores["value"] == scores[scores["metric"]]
+        assert scores["value"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # a fraction of 4 examples
+        assert scores["version"] is not None
+    assert zs["average"] == pytest.approx(sum(t["value"] for t in zs["tasks"].values()) / len(TASKS))
+    assert zs["lm_eval"].startswith("0.4.") and str(mirrors) in zs["source"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.zeroshot.tasks=[piqa,mmlu]", "eval.zeroshot.tasks='mmlu'"),
+    ("eval.zeroshot.metric.boolq=acc_norm", "eval.zeroshot.metric.boolq='acc_norm'"),
+    ("eval.zeroshot.metric.piqa=f1", "eval.zeroshot.metric.piqa='f1'"),
+    ("eval.zeroshot.limit=0", "eval.zeroshot.limit=0"),
+])
+def test_bad_zeroshot_config_fails_naming_the_key(override, message, make_config):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        make_config("model=llama-tiny", *TINY, "eval=[ppl,zeroshot]", override)
+
+
+def test_ppl_only_by_default(make_config):
+    cfg, _ = make_config("model=llama-tiny", *TINY)
+    assert cfg.eval.ppl is not None and cfg.eval.zeroshot is None
