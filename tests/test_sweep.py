@@ -114,7 +114,7 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def test_bad_cell_or_missing_sbatch_stops_the_sweep_before_any_cell_runs(tmp_path):
     bad = _run("model=llama-tiny", "method=magnitude", "sparsity=0.5,1.5", *TINY, f"hydra.sweep.dir={tmp_path}/a")
     assert bad.returncode != 0
-    assert "sparsity=1.5 is out of range" in bad.stderr and "cell [model=llama-tiny method=magnitude" in bad.stderr
+    assert "sparsity=1.5 is out of range" in bad.stderr and "cell [cache=False model=llama-tiny method=magnitude sparsity=1.5 " in bad.stderr
     no_sbatch = _run("hydra/launcher=slurm", "model=llama-tiny", *TINY, f"hydra.sweep.dir={tmp_path}/b",
                      env={"PATH": str(tmp_path)})
     assert no_sbatch.returncode != 0 and "`sbatch` is not on PATH" in no_sbatch.stderr
