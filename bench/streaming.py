@@ -18,6 +18,7 @@ again, so mapped pages of other blocks never count against the process.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import resource
@@ -117,6 +118,7 @@ class BlockStream:
                 self.total += linear.weight.numel()
         for local in names:
             set_module_tensor_to_device(block, local, "meta")
+        _return_freed_memory()
 
     def finish(self, model: nn.Module) -> Path:
         """Write the non-block parameters, the index and the config: `target` becomes a checkpoint."""
@@ -134,6 +136,16 @@ class BlockStream:
     @property
     def sparsity(self) -> float:
         return self.zeros / self.total
+
+
+def _return_freed_memory() -> None:
+    """Give freed heap pages back to the OS. glibc raises its mmap threshold after big frees, so later
+    block-sized tensors come from the heap and stay resident once freed: measured here, a streamed
+    SparseGPT run then grows by about one block per block; with this it stays flat."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def prune_streamed(checkpoint: Path, target: Path, method, samples: torch.Tensor, sparsity: float,
