@@ -22,10 +22,12 @@ log = logging.getLogger("prunebench")
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from bench.cell import run_cell
+    from bench.sweep import rerun_mode, run_isolated
 
     hydra_cfg = HydraConfig.get()
     try:
         run_cfg = validate(cfg)
+        rerun = rerun_mode(cfg)
     except ConfigError as exc:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise  # the sweep's validation callback already checked every cell; this is a bug
@@ -34,7 +36,8 @@ def main(cfg: DictConfig) -> None:
     out_dir = Path(hydra_cfg.runtime.output_dir)
     sweep_dir = Path(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    result = run_cell(run_cfg, resolved, out_dir, sweep_dir)
+    result = run_isolated(out_dir, run_cell, run_cfg, resolved, out_dir, sweep_dir, rerun,
+                          bool(cfg.get("cache", True)))
     if result["status"] != "ok" and hydra_cfg.mode != RunMode.MULTIRUN:
         print(f"prunebench: cell failed: {result['error']['type']}: {result['error']['message']}", file=sys.stderr)
         sys.exit(1)

@@ -1,13 +1,17 @@
 """One cell of a sweep: load -> calibrate -> prune -> (save) -> evaluate -> result JSON.
 
 A failing cell records its exception and traceback in its result and returns normally, so one bad
-cell never takes the rest of a sweep down.
+cell never takes the rest of a sweep down. An interrupted one (Ctrl-C, or Submitit requeuing it on
+preemption/timeout) records "interrupted" and re-raises; a killed one stays "running" with the host and
+pid that ran it, so `python -m reports status` can tell it is dead. Neither counts as done on resume.
 """
 from __future__ import annotations
 
 import copy
 import logging
+import os
 import random
+import socket
 import time
 import traceback
 from pathlib import Path
@@ -17,6 +21,7 @@ import torch
 
 import methods
 from bench import arch, data, engine, evaluate, models, results, speed, zeroshot
+from bench import cache as caching
 from bench.arch import measured_sparsity
 from bench.config import RunConfig
 
@@ -33,12 +38,20 @@ def find_completed(root: Optional[Path], config_hash: str) -> Optional[dict]:
     return None
 
 
-def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[Path] = None) -> dict:
+def identity(cfg: RunConfig, resolved: dict) -> dict:
+    """The resolved config a cell is hashed by: with the effective sparsity (dense ignores the sweep axis)."""
+    return {**resolved, "sparsity": cfg.sparsity}
+
+
+def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[Path] = None,
+             rerun: str = "failed", cache: bool = False) -> dict:
+    """`rerun="failed"` returns an existing ok result with the same config hash instead of running;
+    `rerun="all"` always runs. `cache`: reuse what other cells computed (bench/cache.py)."""
     out_dir = Path(out_dir)
-    resolved = {**resolved, "sparsity": cfg.sparsity}  # the effective value: dense ignores the sweep axis
+    resolved = identity(cfg, resolved)
     result_path = out_dir / results.RESULT_FILE
     config_hash = results.config_hash(resolved)
-    previous = find_completed(sweep_dir or out_dir, config_hash)
+    previous = None if rerun == "all" else find_completed(sweep_dir or out_dir, config_hash)
     if previous is not None:
         log.info("cell %s already done (%s); skipping", config_hash, previous["path"])
         return previous
@@ -56,6 +69,8 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
         "warnings": [],
         "metrics": {},
         "error": None,
+        "process": {"host": socket.gethostname(), "pid": os.getpid(),
+                    "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started": time.time()},
     }
     results.write_json_atomic(result_path, result)
     timings = result["timings"]
@@ -66,12 +81,16 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
         stage = time.perf_counter()
         model, tokenizer = models.load(cfg.model)
         timings["load"] = time.perf_counter() - stage
+        shared = caching.for_cell(cache, cfg.model, cfg.method)
+
+        def tokens(text: str):
+            return shared.tokens(text, lambda: data.tokenize(tokenizer, text))
 
         stage = time.perf_counter()
         calib = cfg.data.calib
         corpus = data.load_corpus(calib.dataset, calib.split, cfg.data.dir, "calib", cfg.data.allow_fallback)
         _note_fallback(result, corpus, "calibration")
-        calib_ids = data.tokenize(tokenizer, corpus.text)
+        calib_ids = tokens(corpus.text)
         samples = data.calibration_samples(calib_ids, calib.nsamples, calib.seqlen, cfg.seed)
         result["data"] = {"calib": {"dataset": corpus.name, "split": corpus.split, "source": corpus.source,
                                     "fallback_for": corpus.fallback_for, "nsamples": calib.nsamples,
@@ -83,7 +102,7 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
         if structured:
             dense_sizes, dense_params = arch.ffn_sizes(model), arch.parameter_count(model)
             reference = copy.deepcopy(model) if cfg.eval.speed else None
-        report = engine.prune(model, method, samples, cfg.sparsity, cfg.device)
+        report = engine.prune(model, method, samples, cfg.sparsity, cfg.device, cache=shared)
         timings.update(report.seconds)
         if structured:
             result["sparsity"] = {"target": cfg.sparsity, **arch.structured_sparsity(model, dense_sizes, dense_params),
@@ -112,9 +131,13 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
                 stage = time.perf_counter()
                 corpus = data.load_corpus(name, ppl_cfg.split, cfg.data.dir, "eval", cfg.data.allow_fallback)
                 _note_fallback(result, corpus, "evaluation")
-                windows = data.eval_windows(data.tokenize(tokenizer, corpus.text), ppl_cfg.seqlen,
-                                            ppl_cfg.max_windows, corpus.name)
-                ppl = evaluate.perplexity(model, windows, cfg.device, desc=f"ppl {corpus.name}")
+                windows = data.eval_windows(tokens(corpus.text), ppl_cfg.seqlen, ppl_cfg.max_windows, corpus.name)
+                desc = f"ppl {corpus.name}"
+                if cfg.method.pruner == "none":  # the dense model's ppl is the same in every cell
+                    ppl = shared.dense_ppl(windows, cfg.device,
+                                           lambda: evaluate.perplexity(model, windows, cfg.device, desc=desc))
+                else:
+                    ppl = evaluate.perplexity(model, windows, cfg.device, desc=desc)
                 key = name if corpus.fallback_for is None else f"{name}(pydoc fallback)"
                 result["metrics"]["ppl"][key] = ppl
                 result["data"]["eval"][key] = {"dataset": corpus.name, "split": corpus.split,
@@ -131,11 +154,16 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
             stage = time.perf_counter()
             result["metrics"]["speed"] = speed.measure(reference, model, cfg.eval.speed, cfg.device, cfg.seed)
             timings["speed"] = time.perf_counter() - stage
+        result["cache"] = shared.report
         result["status"] = "ok"
     except Exception as exc:  # recorded, not raised: the sweep goes on
         log.exception("cell failed")
         result["status"] = "failed"
         result["error"] = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
+    except BaseException as exc:  # KeyboardInterrupt, or SystemExit from Submitit's requeue handler
+        result["status"] = "interrupted"
+        result["error"] = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
+        raise
     finally:
         timings["total"] = time.perf_counter() - started
         result["peak_memory"] = results.peak_memory()

@@ -120,13 +120,18 @@ def _to_device(value, device):
 def _non_block_modules_to(model: nn.Module, arch: Arch, device) -> None:
     blocks = arch.blocks(model)
     for block in blocks:
-        block.to("cpu")
+        if not _on_meta(block):  # a streamed block is not loaded yet
+            block.to("cpu")
     stash = list(blocks)
     for index in range(len(blocks)):
         blocks[index] = nn.Identity()  # moved separately: keep the (possibly huge) blocks off the device
     model.to(device)
     for index, block in enumerate(stash):
         blocks[index] = block
+
+
+def _on_meta(module: nn.Module) -> bool:
+    return any(p.is_meta for p in module.parameters())
 
 
 @torch.no_grad()
@@ -164,20 +169,29 @@ def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, device: str)
 
 @torch.no_grad()
 def traverse(model: nn.Module, samples: torch.Tensor, device: str, stats_level: str,
-             visit: Callable[[BlockView], None], edits: bool, desc: str, share_stats: bool = True) -> None:
+             visit: Callable[[BlockView], None], edits: bool, desc: str, share_stats: bool = True,
+             cache=None, stream=None) -> None:
     """Walk the blocks sequentially, calling `visit` on each with its input statistics.
 
     `edits=True`: `visit` changes the block, so the block is re-run afterwards and *its* outputs feed
     the next block. `edits=False`: an observe-only pass over the dense model; the statistics forward
     already gives the outputs (exposed to `visit` as `view.outputs`).
     `share_stats=False` hooks every linear separately (only for measuring what sharing saves).
+    `cache` (a `bench.cache.CellCache`) serves block 0's inputs, which do not depend on any pruning.
+    `stream` (a `bench.streaming.BlockStream`) loads each block's weights when the walk reaches it and
+    takes it back (writing it out when `edits`) when the walk leaves it.
     """
     if stats_level not in STATS_LEVELS:
         raise ValueError(f"stats level {stats_level!r}; allowed: {STATS_LEVELS}")
     arch = arch_for(model)
-    hidden, kwargs = capture_inputs(model, samples, device)
+    if cache is None:
+        hidden, kwargs = capture_inputs(model, samples, device)
+    else:
+        hidden, kwargs = cache.block0(samples, device, lambda: capture_inputs(model, samples, device))
     kwargs = _to_device(kwargs, device)
     for index, block in enumerate(tqdm(arch.blocks(model), desc=desc, unit="block")):
+        if stream is not None:
+            stream.load(index, block)
         block.to(device)
         prefix = f"{arch.block_name(index)}."
         stats: dict[str, InputStats] = {}
@@ -203,6 +217,8 @@ def traverse(model: nn.Module, samples: torch.Tensor, device: str, stats_level: 
         if edits:
             outputs = run_block(block, hidden, kwargs, device)
         block.to("cpu")
+        if stream is not None:
+            stream.release(index, block, edited=edits)
         hidden = outputs
 
 
@@ -224,8 +240,13 @@ class PruneReport:
     details: dict = field(default_factory=dict)  # the allocator's own record (`allocator.details`), if any
 
 
-def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, device: str) -> PruneReport:
-    """Apply `method` (a `methods.Method`) to `model` in place at mean target `sparsity`."""
+def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, device: str,
+          cache=None, stream=None) -> PruneReport:
+    """Apply `method` (a `methods.Method`) to `model` in place at mean target `sparsity`.
+
+    With a `cache` (`bench.cache.CellCache`), block-0 inputs come from it, and so do the dense-pass
+    observations when every observing component defines `dense_state()` / `load_dense_state(state)`.
+    With a `stream`, blocks live on the meta device until the engine reaches them (see `traverse`)."""
     import time
 
     arch = arch_for(model)
@@ -240,8 +261,18 @@ def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, devi
     if observers:
         start = time.perf_counter()
         level = max((lvl for _, lvl in observers), key=STATS_LEVELS.index)
-        traverse(model, samples, device, level, lambda view: [c.observe_block(view) for c, _ in observers],
-                 edits=False, desc=f"{method.name}: dense statistics")
+        cacheable = cache is not None and all(hasattr(c, "dense_state") for c, _ in observers)
+
+        def observe():
+            traverse(model, samples, device, level, lambda view: [c.observe_block(view) for c, _ in observers],
+                     edits=False, desc=f"{method.name}: dense statistics", cache=cache, stream=stream)
+            return [c.dense_state() for c, _ in observers] if cacheable else None
+
+        if cacheable:
+            for (component, _), state in zip(observers, cache.dense_state(samples, level, observe)):
+                component.load_dense_state(state)
+        else:
+            observe()
         seconds["allocate_observe"] = time.perf_counter() - start
     if getattr(allocator, "needs_search", False):
         allocator.bind(SearchContext(model, samples, pruner, device))
@@ -253,11 +284,15 @@ def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, devi
         pass  # nothing to remove (a quantizing pruner still has work at sparsity 0)
     elif pruner.stats_level == "none":  # data-free: no traversal needed
         for index, block in enumerate(tqdm(arch.blocks(model), desc=f"{method.name}: pruning", unit="block")):
+            if stream is not None:
+                stream.load(index, block)
             prefix = f"{arch.block_name(index)}."
             linears = {prefix + name: module for name, module in arch.linears(block).items()}
             pruner.prune_block(BlockView(index, block, arch, linears, {}, torch.empty(0), None), rates)
+            if stream is not None:
+                stream.release(index, block, edited=True)
     else:
         traverse(model, samples, device, pruner.stats_level, lambda view: pruner.prune_block(view, rates),
-                 edits=True, desc=f"{method.name}: pruning")
+                 edits=True, desc=f"{method.name}: pruning", cache=cache, stream=stream)
     seconds["prune"] = time.perf_counter() - start
     return PruneReport(rates=rates, seconds=seconds, details=getattr(allocator, "details", {}))

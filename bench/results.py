@@ -19,7 +19,7 @@ from typing import Any
 RESULT_FILE = "result.json"
 SCHEMA_VERSION = 1
 # Keys that do not change the numbers a cell produces, so they stay out of its identity.
-NON_IDENTITY_KEYS = ("save_dir", "device", "targets", "logger")
+NON_IDENTITY_KEYS = ("save_dir", "device", "targets", "logger", "rerun", "cache")
 PACKAGES = ("torch", "transformers", "hydra-core", "omegaconf", "lm-eval", "submitit", "wandb", "gguf")
 
 

@@ -4,6 +4,7 @@ python -m reports wandb-report <sweep dir> [--project P] [--entity E] [--online]
 collect prints the markdown tables and writes table.md / table.csv / table.tex / report.html and
 plots/*.png|svg into the sweep dir; wandb-report builds a W&B Report of the sweep (offline: its spec
 JSON, wandb_report.json; online: saved to W&B, URL printed).
+python -m reports status <sweep dir>: done / running / failed / missing cells of a sweep.
 """
 from __future__ import annotations
 
@@ -35,10 +36,21 @@ def main(argv=None) -> int:
     report_cmd.add_argument("--project", default="prunebench")
     report_cmd.add_argument("--entity", default=None, help="W&B entity (online: your default entity)")
     report_cmd.add_argument("--online", action="store_true", help="save the report to W&B (needs wandb login)")
+    status_cmd = commands.add_parser("status", help="done / running / failed / missing cells of a sweep")
+    status_cmd.add_argument("sweep_dir", type=Path)
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         print(f"reports: {args.sweep_dir} is not a directory", file=sys.stderr)
         return 2
+    if args.command == "status":
+        from reports.status import render, status
+
+        try:
+            print(render(status(args.sweep_dir)))
+        except FileNotFoundError as exc:
+            print(f"reports: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
         if args.command == "collect":
             report = collect(args.sweep_dir, formats=args.format, plots=not args.no_plots)

@@ -1,0 +1,213 @@
+"""Sweep-level checks and bookkeeping, run once on the submitting machine before any cell starts.
+
+`SweepCallback` is registered in conf/config.yaml (`hydra.callbacks`). On `python run.py -m ...` it:
+- expands the sweep's cross product and validates every cell (`bench.config.validate`), so a typo in the
+  last value of a sweep fails before anything is submitted, naming the cell, the key and the value;
+- sizes the launcher: launcher keys that interpolate `model.resources` resolve against the sweep's
+  *primary* config, where a swept model group is still the default model, so they are set to the
+  largest request over the sweep's cells (one job array asks for one size);
+- checks the Slurm side before submitting: `sbatch` on PATH, a partition where the cluster has no default;
+- hands Submitit's local executor one cell at a time by default (it starts every job it gets at once);
+- writes `cells.json` in the sweep dir (overrides + config hash of every cell), which
+  `python -m reports status` compares with the result files; and logs how many cells are already done.
+
+Resume: a cell whose config hash already has an `ok` result under the sweep dir is skipped
+(`bench.cell.find_completed`); failed, missing and interrupted ("running" but dead) cells run again.
+`+rerun=all` re-runs every cell. To resume a sweep, re-run the same command with
+`hydra.sweep.dir=<its dir>` (the default dir is timestamped, so a plain re-run starts a new sweep).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from bench import results
+from bench.config import ConfigError, validate
+
+log = logging.getLogger(__name__)
+
+RERUN_MODES = ("failed", "all")  # failed: skip cells with an ok result (the default); all: run every cell
+CELLS_FILE = "cells.json"
+# Launcher keys that may interpolate `model.resources.*`; each is set to the max over the sweep's cells.
+RESOURCE_KEYS = ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min")
+SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+LOCAL_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
+
+
+@dataclass
+class Cell:
+    overrides: list[str]
+    config: DictConfig  # as composed: the task config, with the `hydra` node when composed by Hydra
+    resolved: dict  # the resolved task config, as run.py sees it
+    config_hash: str
+
+
+def rerun_mode(cfg: DictConfig) -> str:
+    mode = cfg.get("rerun", "failed")
+    if mode not in RERUN_MODES:
+        raise ConfigError(f"rerun={mode!r} is not valid; allowed: {', '.join(RERUN_MODES)}")
+    return mode
+
+
+def cell_overrides(task_overrides: list[str]) -> list[list[str]]:
+    """The cross product of a multirun's task overrides, in the order Hydra's basic sweeper runs it."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    parsed = OverridesParser.create().parse_overrides(task_overrides)
+    return BasicSweeper.split_arguments(parsed, None)[0]
+
+
+def expand(task_overrides: list[str], compose: Callable[[list[str]], DictConfig]) -> list[Cell]:
+    """Every cell of the sweep, each composed by `compose(overrides)` and validated (a ConfigError names
+    the cell), with the config hash its run will have."""
+    from bench.cell import identity
+
+    cells = []
+    for overrides in cell_overrides(task_overrides):
+        config = compose(overrides)
+        resolved = task_container(config)
+        try:
+            task = OmegaConf.create(resolved)
+            run_cfg = validate(task)
+            rerun_mode(task)
+        except ConfigError as exc:
+            raise ConfigError(f"cell [{' '.join(overrides)}]: {exc}") from None
+        cells.append(Cell(overrides, config, resolved, results.config_hash(identity(run_cfg, resolved))))
+    return cells
+
+
+def task_container(config: DictConfig) -> dict:
+    """The resolved task config, as the task function sees it (Hydra strips the `hydra` node)."""
+    return OmegaConf.to_container(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]),
+                                  resolve=True)
+
+
+class SweepCallback(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.global_hydra import GlobalHydra
+
+        loader = GlobalHydra.instance().config_loader()
+        try:
+            cells = expand(list(config.hydra.overrides.task), lambda o: loader.load_sweep_config(config, o))
+            _size_launcher(config, [cell.config.hydra.launcher for cell in cells])
+            _check_launcher(config)
+        except ConfigError as exc:
+            raise SystemExit(f"prunebench: sweep not started: {exc}") from None
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        manifest = [{"overrides": c.overrides, "config_hash": c.config_hash} for c in cells]
+        results.write_json_atomic(sweep_dir / CELLS_FILE, {"cells": manifest})
+        done = {r["config_hash"] for r in results.read_results(sweep_dir) if r.get("status") == "ok"}
+        already = sum(c.config_hash in done for c in cells)
+        if already and rerun_mode(config) != "all":
+            log.info("%d of %d cells already have an ok result in %s; they will be skipped (+rerun=all "
+                     "runs them again)", already, len(cells), sweep_dir)
+        log.info("sweep of %d cells validated", len(cells))
+
+
+def _size_launcher(config: DictConfig, launchers: list[DictConfig]) -> None:
+    launcher = config.hydra.launcher
+    for key in RESOURCE_KEYS:
+        if key not in launcher or not OmegaConf.is_interpolation(launcher, key):
+            continue  # unset, or given explicitly by the user: leave it
+        values = [cell_launcher[key] for cell_launcher in launchers]
+        if not values or any(value is None for value in values):
+            continue
+        with open_dict(launcher):
+            launcher[key] = max(values)
+        if len(set(values)) > 1:
+            log.info("hydra.launcher.%s=%s: the largest request over the sweep's cells %s", key, max(values),
+                     sorted(set(values)))
+    target = launcher.get("_target_")
+    if target == LOCAL_LAUNCHER and config.hydra.sweeper.get("max_batch_size") is None:
+        with open_dict(config.hydra.sweeper):
+            config.hydra.sweeper.max_batch_size = 1
+
+
+def _check_launcher(config: DictConfig) -> None:
+    launcher = config.hydra.launcher
+    if launcher.get("_target_") != SLURM_LAUNCHER:
+        return
+    if shutil.which("sbatch") is None:
+        raise ConfigError("hydra/launcher=slurm but `sbatch` is not on PATH; run from a Slurm login node, "
+                          "or use hydra/launcher=local")
+    if launcher.get("partition") is None:
+        partitions = slurm_partitions()
+        if partitions is not None and not any(default for _, default in partitions):
+            names = ", ".join(name for name, _ in partitions) or "(none listed)"
+            raise ConfigError(f"hydra.launcher.partition=null but this cluster has no default partition; "
+                              f"allowed: {names}")
+
+
+def slurm_partitions() -> list[tuple[str, bool]] | None:
+    """[(partition, is_default)] from `sinfo`, or None when sinfo cannot tell."""
+    try:
+        proc = subprocess.run(["sinfo", "--noheader", "--format=%P"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        return None
+    names = sorted({line.strip() for line in proc.stdout.splitlines() if line.strip()})
+    return [(name.rstrip("*"), name.endswith("*")) for name in names]
+
+
+def read_manifest(sweep_dir: Path) -> list[dict] | None:
+    path = Path(sweep_dir) / CELLS_FILE
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())["cells"]
+
+
+def run_isolated(out_dir: Path, run: Callable[..., dict], *args: Any) -> dict:
+    """`run(*args)` (a cell) in a forked child, so that a cell killed by the kernel (OOM killer) or by a
+    signal still leaves a result saying so, and the sweep's own process lives on to run the next cell.
+
+    Fork, not spawn: the parent has imported torch but run no op (no thread pool yet), and a fork costs
+    milliseconds where a spawn re-imports everything."""
+    import multiprocessing
+    import signal
+
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_child, args=(send, run, args))
+    child.start()
+    send.close()
+    try:
+        result = receive.recv()
+    except EOFError:  # the child died without sending its result
+        result = None
+    except BaseException as exc:  # Ctrl-C, or Submitit's preemption/timeout handler in this process
+        child.kill()
+        child.join()
+        _mark(out_dir, "interrupted", type(exc).__name__, f"the sweep process was interrupted: {exc}")
+        raise
+    child.join()
+    if result is not None:
+        return result
+    code = child.exitcode
+    how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exited with {code}"
+    return _mark(out_dir, "failed", "Killed", f"cell process {how} before writing its result "
+                                              f"(SIGKILL is usually the out-of-memory killer)")
+
+
+def _mark(out_dir: Path, status: str, error_type: str, message: str) -> dict:
+    path = Path(out_dir) / results.RESULT_FILE
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result.update(status=status, error={"type": error_type, "message": message})
+    results.write_json_atomic(path, result)
+    return result
+
+
+def _child(send, run: Callable[..., dict], args: tuple) -> None:
+    send.send(run(*args))
+    send.close()

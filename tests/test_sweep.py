@@ -1,0 +1,242 @@
+"""Sweeps: every cell validated before any runs, launcher sizing, the sbatch script (golden file),
+Slurm pre-flight errors, resume/skip/rerun, and `reports status`."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import submitit
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from omegaconf import OmegaConf
+
+from bench import results, sweep
+from bench.cell import run_cell
+from bench.config import ConfigError
+from reports.status import status
+from tests.conftest import ROOT, TINY
+
+GOLDEN = Path(__file__).parent / "golden" / "slurm_opt-66b.sbatch"
+
+
+def _primary(*overrides: str):
+    """The sweep's primary config, `hydra` node included, as the callback receives it."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # resolves ${hydra.job.name}; makes cfg.hydra read-only
+    OmegaConf.set_readonly(cfg.hydra, False)  # as the callback gets it in a real multirun
+    return cfg
+
+
+def _cells(hydra_overrides: list[str], *task_overrides: str):
+    def compose_cell(overrides):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            return compose("config", overrides=hydra_overrides + overrides, return_hydra_config=True)
+
+    return sweep.expand(list(task_overrides), compose_cell)
+
+
+def _sbatch(launcher) -> str:
+    """The sbatch script Submitit writes for these launcher params (the mapping of hydra-submitit-launcher's
+    launch(): BaseQueueConf keys as is, the rest prefixed with the executor name)."""
+    params = OmegaConf.to_container(launcher, resolve=True)
+    params.pop("_target_")
+    executor = submitit.AutoExecutor(cluster="slurm", folder=params.pop("submitit_folder"),
+                                     slurm_max_num_timeout=params.pop("max_num_timeout"))
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+    return executor._executor._make_submission_file_text("CELL", "uid")
+
+
+def test_sbatch_script_for_a_big_model_matches_golden_file():
+    cfg = _primary("hydra/launcher=slurm", "model=opt-66b", "hydra.launcher.partition=gpu",
+                   "hydra.launcher.account=lab", "hydra.launcher.constraint=a100",
+                   "hydra.launcher.setup=[module load cuda/12.1]", "hydra.sweep.dir=/sweep",
+                   "+hydra.launcher.additional_parameters.mail-type=END")
+    assert _sbatch(cfg.hydra.launcher) == GOLDEN.read_text()
+
+
+def test_launcher_asks_for_the_largest_model_of_the_sweep():
+    primary = _primary("hydra/launcher=slurm", "hydra.launcher.mem_gb=64")  # default model: smollm2
+    cells = _cells(["hydra/launcher=slurm"], "model=llama-tiny,opt-66b", "method=magnitude")
+    assert [c.config.model.resources.gpus for c in cells] == [0, 2]
+    sweep._size_launcher(primary, [cell.config.hydra.launcher for cell in cells])
+    launcher = primary.hydra.launcher
+    assert (launcher.gpus_per_node, launcher.cpus_per_task, launcher.timeout_min) == (2, 8, 1440)
+    assert launcher.mem_gb == 64  # given explicitly: left alone
+
+
+def test_local_launcher_gets_one_cell_at_a_time_unless_told():
+    for overrides, expected in (((), 1), (("hydra.sweeper.max_batch_size=3",), 3)):
+        primary = _primary("hydra/launcher=local", *overrides)
+        sweep._size_launcher(primary, [])
+        assert primary.hydra.sweeper.max_batch_size == expected
+
+
+def _fake_slurm(bin_dir: Path, sinfo_output: str) -> None:
+    bin_dir.mkdir()
+    for tool, output in (("sbatch", ""), ("sinfo", sinfo_output)):
+        script = bin_dir / tool
+        script.write_text(f"#!/bin/sh\nprintf '{output}'\n")
+        script.chmod(0o755)
+
+
+def test_slurm_preflight_errors(tmp_path, monkeypatch):
+    cfg = _primary("hydra/launcher=slurm")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ConfigError, match="`sbatch` is not on PATH"):
+        sweep._check_launcher(cfg)
+
+    _fake_slurm(tmp_path / "nodefault", "gpu\\ncpu\\n")
+    monkeypatch.setenv("PATH", str(tmp_path / "nodefault"))
+    with pytest.raises(ConfigError, match=r"hydra.launcher.partition=null .* allowed: cpu, gpu"):
+        sweep._check_launcher(cfg)
+    sweep._check_launcher(_primary("hydra/launcher=slurm", "hydra.launcher.partition=gpu"))
+
+    _fake_slurm(tmp_path / "default", "gpu*\\ncpu\\n")
+    monkeypatch.setenv("PATH", str(tmp_path / "default"))
+    sweep._check_launcher(cfg)
+
+
+def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "run.py", "-m", "cache=false", *args], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, timeout=300)
+
+
+def test_bad_cell_or_missing_sbatch_stops_the_sweep_before_any_cell_runs(tmp_path):
+    bad = _run("model=llama-tiny", "method=magnitude", "sparsity=0.5,1.5", *TINY, f"hydra.sweep.dir={tmp_path}/a")
+    assert bad.returncode != 0
+    assert "sparsity=1.5 is out of range" in bad.stderr and "cell [cache=False model=llama-tiny method=magnitude sparsity=1.5 " in bad.stderr
+    no_sbatch = _run("hydra/launcher=slurm", "model=llama-tiny", *TINY, f"hydra.sweep.dir={tmp_path}/b",
+                     env={"PATH": str(tmp_path)})
+    assert no_sbatch.returncode != 0 and "`sbatch` is not on PATH" in no_sbatch.stderr
+    assert not list(tmp_path.rglob(results.RESULT_FILE))
+
+
+def test_resume_runs_only_failed_cells_then_completes(tmp_path):
+    """The c4 cell fails (no such file, fallback off), the pydoc cell succeeds; re-runs of the same command
+    skip the done cell and retry the failed one, which succeeds once its data exists."""
+    sweep_dir, data_dir = tmp_path / "sweep", tmp_path / "data"
+    data_dir.mkdir()
+    command = ["model=llama-tiny", "method=magnitude", "data=pydoc,c4", f"data.dir={data_dir}",
+               "data.allow_fallback=false", *TINY[1:], f"hydra.sweep.dir={sweep_dir}"]
+
+    def by_data():
+        return {r["config"]["data"]["calib"]["dataset"]: r for r in results.read_results(sweep_dir)}
+
+    assert _run(*command).returncode == 0  # a failed cell does not fail the sweep
+    first = by_data()
+    assert first["pydoc"]["status"] == "ok" and first["c4"]["status"] == "failed"
+    assert first["c4"]["error"]["type"] == "DataUnavailable"
+    assert [row.state for row in status(sweep_dir)] == ["done", "failed"]
+
+    from pydoc_data.topics import topics
+
+    (data_dir / "c4").mkdir()
+    with gzip.open(data_dir / "c4" / "c4-validation.00000-of-00008.json.gz", "wt") as out:
+        out.writelines(json.dumps({"text": text}) + "\n" for text in topics.values())
+    assert _run(*command).returncode == 0
+    second = by_data()
+    assert second["pydoc"]["process"] == first["pydoc"]["process"]  # skipped
+    assert second["c4"]["status"] == "ok" and second["c4"]["process"] != first["c4"]["process"]
+    assert [row.state for row in status(sweep_dir)] == ["done", "done"]
+
+
+def test_rerun_all_runs_a_done_cell_again(make_config, tmp_path):
+    cfg, resolved = make_config("model=llama-tiny", "method=magnitude", *TINY)
+    first = run_cell(cfg, resolved, tmp_path / "0", sweep_dir=tmp_path)
+    again = run_cell(cfg, resolved, tmp_path / "1", sweep_dir=tmp_path)
+    assert again["path"] == str(tmp_path / "0" / results.RESULT_FILE)
+    assert not (tmp_path / "1" / results.RESULT_FILE).exists()
+    forced = run_cell(cfg, resolved, tmp_path / "1", sweep_dir=tmp_path, rerun="all")
+    assert forced["status"] == "ok" and forced["process"]["started"] > first["process"]["started"]
+    with pytest.raises(ConfigError, match="rerun='some' is not valid; allowed: failed, all"):
+        sweep.rerun_mode(OmegaConf.create({"rerun": "some"}))
+
+
+def test_status_tells_killed_and_missing_cells(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    cells = [{"overrides": [f"sparsity={s}"], "config_hash": f"h{s}"} for s in (0.5, 0.6, 0.7)]
+    results.write_json_atomic(tmp_path / sweep.CELLS_FILE, {"cells": cells})
+    import socket
+
+    results.write_json_atomic(tmp_path / "0" / results.RESULT_FILE, {"config_hash": "h0.5", "status": "ok"})
+    results.write_json_atomic(tmp_path / "1" / results.RESULT_FILE, {
+        "config_hash": "h0.6", "status": "running", "process": {"host": socket.gethostname(), "pid": dead.pid}})
+    rows = status(tmp_path)
+    assert [row.state for row in rows] == ["done", "failed", "missing"]
+    assert "killed" in rows[1].detail
+
+
+def test_cache_reuses_invariant_work_and_changes_no_number(make_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNEBENCH_CACHE", str(tmp_path / "cache"))
+    cells = {s: make_config("model=llama-tiny", "method=sparsegpt", f"sparsity={s}", *TINY) for s in (0.5, 0.7)}
+    first = run_cell(*cells[0.5], tmp_path / "a", cache=True)
+    second = run_cell(*cells[0.7], tmp_path / "b", cache=True)
+    uncached = run_cell(*cells[0.7], tmp_path / "c")
+    assert first["cache"] == {"hits": [], "misses": ["block0", "tokens", "tokens"]}
+    assert second["cache"] == {"hits": ["block0", "tokens", "tokens"], "misses": []}
+    assert second["metrics"] == uncached["metrics"] and second["sparsity"] == uncached["sparsity"]
+
+    dense = make_config("model=llama-tiny", "method=dense", *TINY)
+    assert "dense_ppl" in run_cell(*dense, tmp_path / "d", cache=True)["cache"]["misses"]
+    again = run_cell(*dense, tmp_path / "e", cache=True)
+    assert "dense_ppl" in again["cache"]["hits"]
+
+
+def test_allocator_dense_observations_come_from_the_cache(make_config, tmp_path):
+    import methods
+    from bench import cache as caching
+    from bench import engine, models
+
+    class Observing:  # the opt-in protocol of bench/cache.py
+        needs_dense_pass, stats_level = True, "diag"
+
+        def __init__(self):
+            self.norms, self.loaded = {}, None
+
+        def observe_block(self, view):
+            self.norms.update({name: stats.col_norms().sum().item() for name, stats in view.stats.items()})
+
+        def allocate(self, sizes, target):
+            return {name: target for name in sizes}
+
+        def dense_state(self):
+            return self.norms
+
+        def load_dense_state(self, state):
+            self.loaded = state
+
+    cfg, _ = make_config("model=llama-tiny", "method=magnitude", *TINY)
+    samples = torch.randint(0, 256, (2, 16))
+    states = []
+    for _ in range(2):
+        model, _ = models.load(cfg.model)
+        method = methods.build(cfg.method)
+        method.allocator = Observing()
+        shared = caching.for_cell(True, cfg.model, cfg.method, root=tmp_path)
+        engine.prune(model, method, samples, 0.5, "cpu", cache=shared)
+        states.append(method.allocator)
+    assert states[0].norms and states[1].norms == {}  # the second run did not traverse the dense model
+    assert states[1].loaded == states[0].norms
+
+
+def _killed_midway(out_dir: Path) -> dict:
+    results.write_json_atomic(out_dir / results.RESULT_FILE, {"status": "running", "config_hash": "h"})
+    os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's OOM killer does
+
+
+def test_a_killed_cell_is_recorded_and_the_sweep_process_lives_on(tmp_path):
+    result = sweep.run_isolated(tmp_path, _killed_midway, tmp_path)
+    assert result["status"] == "failed" and "killed by SIGKILL" in result["error"]["message"]
+    assert json.loads((tmp_path / results.RESULT_FILE).read_text())["status"] == "failed"
+    assert sweep.run_isolated(tmp_path, lambda: {"status": "ok"}) == {"status": "ok"}
