@@ -51,6 +51,12 @@ class ChannelPruner:
     def compensate(self, view, removed: torch.Tensor) -> None:
         """Called before removal with the removed channel indices (FLAP's bias compensation)."""
 
+    def dense_state(self) -> dict:  # what observe_block gathered, for bench/cache.py
+        return self.scores
+
+    def load_dense_state(self, state: dict) -> None:
+        self.scores = state
+
     def observe_block(self, view) -> None:
         self.scores[view.index] = self.channel_scores(view).float().cpu()
 

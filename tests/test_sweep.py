@@ -204,6 +204,9 @@ def test_allocator_dense_observations_come_from_the_cache(make_config, tmp_path)
         def __init__(self):
             self.norms, self.loaded = {}, None
 
+        def check(self, target, n_layers):
+            pass
+
         def observe_block(self, view):
             self.norms.update({name: stats.col_norms().sum().item() for name, stats in view.stats.items()})
 
@@ -240,3 +243,29 @@ def test_a_killed_cell_is_recorded_and_the_sweep_process_lives_on(tmp_path):
     assert result["status"] == "failed" and "killed by SIGKILL" in result["error"]["message"]
     assert json.loads((tmp_path / results.RESULT_FILE).read_text())["status"] == "failed"
     assert sweep.run_isolated(tmp_path, lambda: {"status": "ok"}) == {"status": "ok"}
+
+
+@pytest.mark.parametrize("method_name", ["owl_wanda", "loss_estimate", "cfsp"])
+def test_dense_statistics_of_real_methods_are_cached_and_give_the_same_pruning(method_name, make_config, tmp_path):
+    import methods
+    from bench import cache as caching
+    from bench import engine, models
+
+    extra = ["method.round_to=1"] if method_name == "cfsp" else []  # the tiny FFN is narrower than 128
+    cfg, _ = make_config("model=llama-tiny", f"method={method_name}", "sparsity=0.5", *extra, *TINY)
+    samples = torch.randint(0, 256, (2, 32))
+    runs = []
+    for _ in range(2):
+        model, _ = models.load(cfg.model)
+        method = methods.build(cfg.method)
+        observed = []
+        for component in (method.allocator, method.pruner):
+            if getattr(component, "needs_dense_pass", False):
+                original = component.observe_block
+                component.observe_block = lambda view, original=original: (observed.append(view.index), original(view))
+        report = engine.prune(model, method, samples, 0.5, "cpu",
+                              cache=caching.for_cell(True, cfg.model, cfg.method, root=tmp_path))
+        runs.append((report.rates, observed, {k: v.clone() for k, v in model.state_dict().items()}))
+    assert runs[0][1] and not runs[1][1]  # the second run took the dense statistics from the cache
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][2][k], runs[1][2][k]) for k in runs[0][2])

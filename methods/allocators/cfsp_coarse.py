@@ -79,6 +79,12 @@ class CFSPCoarse:
     def check(self, target: float, n_layers) -> None:
         pass  # any target in [0, 1) is reachable: the spread shrinks until every block fits
 
+    def dense_state(self) -> dict:  # what observe_block gathered, for bench/cache.py
+        return {"distances": self.distances, "widths": self.widths, "ffn_linears": self.ffn_linears}
+
+    def load_dense_state(self, state: dict) -> None:
+        self.distances, self.widths, self.ffn_linears = state["distances"], state["widths"], state["ffn_linears"]
+
     def observe_block(self, view) -> None:
         self.distances[view.index] = angular_distance(view.inputs, view.outputs).mean().item()
         self.widths[view.index] = view.arch.ffn_width(view.block)

@@ -90,6 +90,12 @@ class LossEstimate:
             raise ConfigError(f"method.k={self.options.k} is larger than the number of prunable layers "
                               f"({n_layers}); allowed: 1..{n_layers}")
 
+    def dense_state(self) -> dict:  # what observe_block gathered, for bench/cache.py
+        return self.losses
+
+    def load_dense_state(self, state: dict) -> None:
+        self.losses = state
+
     @torch.no_grad()
     def observe_block(self, view) -> None:
         factors = {}  # one inverse per input group (q/k/v share their statistics)

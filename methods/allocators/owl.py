@@ -45,6 +45,12 @@ class OWL:
             raise ConfigError(f"sparsity={target} with method.lam={self.options.lam} could give rates outside "
                               f"[0, 1); allowed: {spread:g} <= sparsity < {1 - spread:g} (or lower method.lam)")
 
+    def dense_state(self) -> dict:  # what observe_block gathered, for bench/cache.py
+        return {"ratios": self.ratios, "block_of": self.block_of}
+
+    def load_dense_state(self, state: dict) -> None:
+        self.ratios, self.block_of = state["ratios"], state["block_of"]
+
     @torch.no_grad()
     def observe_block(self, view) -> None:
         scores = torch.cat([(linear.weight.abs().float() * view.stats[name].col_norms().unsqueeze(0)).flatten()
