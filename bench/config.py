@@ -225,6 +225,9 @@ def _method(raw: dict) -> MethodSpec:
         allocator_options=_structured("method", alloc_schema, {k: raw[k] for k in alloc_keys & set(raw)}),
         pruner_options=_structured("method", prune_schema, {k: raw[k] for k in prune_keys & set(raw)}),
     )
+    if getattr(spec.pruner_options, "selection", None) == "global" and allocator != "uniform":
+        raise ConfigError(f"method.selection=global picks every block's width itself and would ignore the "
+                          f"per-block rates of allocator={allocator}; allowed with it: method.selection=per_block")
     try:  # the components check their own options in __init__: surface that now, not in the job
         ALLOCATORS[allocator](spec.allocator_options)
         PRUNERS[pruner](spec.pruner_options, pattern)

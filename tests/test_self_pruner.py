@@ -182,6 +182,27 @@ def test_result_json_carries_the_search_and_plots(make_config, tmp_path):
     assert sorted(p.suffix for p in files) == [".png", ".svg"] and all(p.stat().st_size > 0 for p in files)
 
 
+
+def test_structured_search_removes_ffn_channels_at_the_searched_block_rates(make_config, tmp_path):
+    """The same search over block-level FFN rates with a structured pruner (physical channel removal)."""
+    from bench.cell import run_cell
+
+    cfg, resolved = make_config("model=llama-tiny", *FAST, "method=self_pruner_ga", "method.pruner=wanda_sp",
+                                "+method.selection=per_block", "method.generations=1", "sparsity=0.25")
+    result = run_cell(cfg, resolved, tmp_path)
+    assert result["status"] == "ok", result["error"]
+    widths, allocated = result["sparsity"]["ffn_sizes"], result["sparsity"]["allocated"]
+    down = {int(name.split(".")[2]): rate for name, rate in allocated.items() if name.endswith("down_proj")}
+    assert [round(192 * (1 - down[block])) for block in sorted(down)] == widths
+    assert abs(result["sparsity"]["measured"] - 0.25) < 1 / 192 + 1e-9
+    assert result["sparsity"]["params_removed"] > 0
+
+
+def test_global_channel_selection_cannot_silently_ignore_a_schedule(make_config):
+    with pytest.raises(ConfigError, match="method.selection=global"):
+        make_config("model=llama-tiny", *FAST, "method=self_pruner_ga", "method.pruner=wanda_sp")
+
+
 # ----------------------------------------------------------------------------- config-time errors
 
 
