@@ -14,16 +14,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from bench.cell import run_cell
 from bench.config import ConfigError, validate
+from bench.sweep import rerun_mode, run_isolated
+from reports.collect import collect
 
 log = logging.getLogger("prunebench")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from bench.cell import run_cell
-    from bench.sweep import rerun_mode, run_isolated
-
     hydra_cfg = HydraConfig.get()
     try:
         run_cfg = validate(cfg)
@@ -38,12 +38,10 @@ def main(cfg: DictConfig) -> None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     result = run_isolated(out_dir, run_cell, run_cfg, resolved, out_dir, sweep_dir, rerun,
                           bool(cfg.get("cache", True)))
-    if result["status"] != "ok" and hydra_cfg.mode != RunMode.MULTIRUN:
-        print(f"prunebench: cell failed: {result['error']['type']}: {result['error']['message']}", file=sys.stderr)
+    if not result.ok and hydra_cfg.mode != RunMode.MULTIRUN:
+        print(f"prunebench: cell failed: {result.error.type}: {result.error.message}", file=sys.stderr)
         sys.exit(1)
     if hydra_cfg.mode != RunMode.MULTIRUN:
-        from reports.collect import collect
-
         print(collect(out_dir).markdown)
 
 

@@ -1,39 +1,60 @@
-"""On-disk cache of what the cells of a sweep share, keyed by exactly what it depends on.
+"""On-disk cache of what the cells of a sweep share, keyed by exactly what it depends on, code included.
 
-Cached (each entry keyed by a hash of its inputs, plus the torch/transformers versions):
+Cached (each entry keyed by a hash of its inputs and of the code that computes it):
 - token ids of a corpus: model identity (its tokenizer) + sha256 of the text;
 - the inputs of block 0 and the kwargs every block gets: model identity + the calibration samples;
 - the perplexity of the *dense* model: model identity + the evaluation token windows;
 - the dense-model observations of the components that make a dense pass (OWL outlier ratios, loss
-  estimates, CFSP block and channel scores): model identity + calibration samples + allocator and pruner
-  names and options + stats level. A component opts in by defining `dense_state() -> object` (what
-  `observe_block` gathered; torch.save-able) and `load_dense_state(state)`; when every observing
-  component does, the engine skips the dense traversal on a hit (`bench.engine.prune`).
+  estimates, CFSP block and channel scores; `dense_state()` of `methods.base.Component`): model
+  identity + calibration samples + allocator and pruner names and options + statistics level.
 Not cached: anything computed after a block was pruned (sequential pruners calibrate block k on the
 outputs of the already-pruned blocks 0..k-1, so those statistics differ between cells).
 
-Model identity is the resolved model config without `resources` (name, source, id or local path,
-dtype, architecture), plus the size and mtime of a local checkpoint's files. Entries live under
-`$PRUNEBENCH_CACHE/cells/<kind>/<key>.pt` (default ~/.cache/prunebench), written atomically, so
-concurrent cells at worst compute the same entry twice. Disable with `cache=false`; delete the dir to
-clear it.
+Code: every key carries a fingerprint of the modules that compute that kind of value (`STAGE_MODULES`,
+plus the observing components' own modules), the prunebench version, and the torch and transformers
+versions, so after a fix an old value is never served: it is simply not found, and recomputed.
+Model identity is the resolved model config without `resources`, plus the size and mtime of a local
+checkpoint's files. Entries live under `$PRUNEBENCH_CACHE/cells/<kind>/<key>.pt` (default
+~/.cache/prunebench), written atomically, so concurrent cells at worst compute the same entry twice.
+Disable with `cache=false`.
+
+    python -m bench.cache list [--kind K]     # entries, sizes and ages per kind
+    python -m bench.cache clear [--kind K]    # delete them
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
+import importlib
 import json
 import logging
 import os
+import shutil
+import sys
 import tempfile
+import time
+from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
+import transformers
 
 from bench.config import ModelConfig
+from bench.models import cache_dir
+from methods import ALLOCATORS, PRUNERS, MethodSpec
 
 log = logging.getLogger(__name__)
+
+KINDS = ("tokens", "block0", "dense_ppl", "dense_state")
+# The modules whose code decides each kind of value; a change to any of them changes the key.
+STAGE_MODULES = {
+    "tokens": ("bench.data", "bench.models"),
+    "block0": ("bench.core.engine", "bench.core.families", "bench.models"),
+    "dense_ppl": ("bench.core.perplexity", "bench.data", "bench.models"),
+    "dense_state": ("bench.core.engine", "bench.core.families", "bench.models", "methods.base"),
+}
 
 
 def _digest(value: Any) -> str:
@@ -46,20 +67,26 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(header + tensor.view(torch.uint8).numpy().tobytes()).hexdigest()[:24]
 
 
+def _source(module: str) -> bytes:
+    return Path(importlib.import_module(module).__file__).read_bytes()
+
+
+def code_fingerprint(modules: Iterable[str]) -> str:
+    """Hash of the prunebench, torch and transformers versions and of the source of `modules`."""
+    digest = hashlib.sha256(f"{metadata.version('prunebench')} {torch.__version__} "
+                            f"{transformers.__version__}".encode())
+    for module in sorted(set(modules)):
+        digest.update(module.encode() + b"\0" + _source(module))
+    return digest.hexdigest()[:16]
+
+
 def model_identity(cfg: ModelConfig) -> dict:
     identity = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resources"}
-    identity["versions"] = {"torch": torch.__version__, "transformers": _transformers_version()}
     if cfg.path is not None:  # a local checkpoint can be rewritten in place: key on its files too
         root = Path(cfg.path).expanduser()
         identity["files"] = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in root.iterdir()
                                    if p.is_file())
     return identity
-
-
-def _transformers_version() -> str:
-    import transformers
-
-    return transformers.__version__
 
 
 class DiskCache:
@@ -70,10 +97,11 @@ class DiskCache:
         self.hits: list[str] = []
         self.misses: list[str] = []
 
-    def get_or_compute(self, kind: str, key: Any, compute: Callable[[], Any]) -> Any:
+    def get_or_compute(self, kind: str, key: Any, code: Iterable[str], compute: Callable[[], Any]) -> Any:
+        """The value of `key`, computed by the code in the modules `code`."""
         if self.root is None:
             return compute()
-        path = self.root / kind / f"{_digest(key)}.pt"
+        path = self.root / kind / f"{_digest([key, code_fingerprint(code)])}.pt"
         if path.exists():
             try:
                 value = torch.load(path, weights_only=False)
@@ -95,27 +123,33 @@ class DiskCache:
 
 
 class CellCache:
-    """The cache as one cell sees it: bound to its model; the engine asks it for block-0 inputs and
-    allocator observations of the calibration samples it was given."""
+    """The cache as one cell sees it: bound to its model and method; the engine asks it for block-0
+    inputs and dense observations of the calibration samples it was given."""
 
-    def __init__(self, disk: DiskCache, model: ModelConfig, method: Any = None):
+    def __init__(self, disk: DiskCache, model: ModelConfig, method: Optional[MethodSpec] = None):
         self.disk = disk
         self.model = model_identity(model)
         self.method = None if method is None else [method.allocator, _asdict(method.allocator_options),
                                                    method.pruner, _asdict(method.pruner_options)]
+        self.components = () if method is None else (ALLOCATORS[method.allocator].__module__,
+                                                      PRUNERS[method.pruner].__module__)
 
     def tokens(self, text: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        return self.disk.get_or_compute("tokens", [self.model, hashlib.sha256(text.encode()).hexdigest()], compute)
+        key = [self.model, hashlib.sha256(text.encode()).hexdigest()]
+        return self.disk.get_or_compute("tokens", key, STAGE_MODULES["tokens"], compute)
 
     def dense_ppl(self, windows: torch.Tensor, device: str, compute: Callable[[], float]) -> float:
-        return self.disk.get_or_compute("dense_ppl", [self.model, tensor_digest(windows), device], compute)
+        key = [self.model, tensor_digest(windows), device]
+        return self.disk.get_or_compute("dense_ppl", key, STAGE_MODULES["dense_ppl"], compute)
 
     def block0(self, samples: torch.Tensor, device: str, compute: Callable[[], tuple]) -> tuple:
-        return self.disk.get_or_compute("block0", [self.model, tensor_digest(samples), device], compute)
+        key = [self.model, tensor_digest(samples), device]
+        return self.disk.get_or_compute("block0", key, STAGE_MODULES["block0"], compute)
 
     def dense_state(self, samples: torch.Tensor, stats_level: str, compute: Callable[[], Any]) -> Any:
         key = [self.model, tensor_digest(samples), self.method, stats_level]
-        return self.disk.get_or_compute("dense_state", key, compute)
+        code = STAGE_MODULES["dense_state"] + self.components
+        return self.disk.get_or_compute("dense_state", key, code, compute)
 
     @property
     def report(self) -> dict:
@@ -126,8 +160,35 @@ def _asdict(options: Any) -> Any:
     return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else repr(options)
 
 
-def for_cell(enabled: bool, model: ModelConfig, method: Any, root: Optional[Path] = None) -> CellCache:
-    """The cache of a cell (`method`: its MethodSpec); with `enabled=False` it computes everything."""
-    from bench.models import cache_dir
+def cells_dir() -> Path:
+    return cache_dir() / "cells"
 
-    return CellCache(DiskCache((root or cache_dir() / "cells") if enabled else None), model, method)
+
+def for_cell(enabled: bool, model: ModelConfig, method: Optional[MethodSpec], root: Optional[Path] = None) -> CellCache:
+    """The cache of a cell; with `enabled=False` it computes everything."""
+    return CellCache(DiskCache((root or cells_dir()) if enabled else None), model, method)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.cache", description="list or clear the cross-cell cache")
+    parser.add_argument("command", choices=("list", "clear"))
+    parser.add_argument("--kind", choices=KINDS, help="only this kind of entry")
+    args = parser.parse_args(argv)
+    root = cells_dir()
+    kinds = [args.kind] if args.kind else list(KINDS)
+    for kind in kinds:
+        entries = sorted((root / kind).glob("*.pt")) if (root / kind).is_dir() else []
+        size = sum(p.stat().st_size for p in entries)
+        if args.command == "clear":
+            shutil.rmtree(root / kind, ignore_errors=True)
+            print(f"{kind}: removed {len(entries)} entries ({size / 2**20:.1f} MiB)")
+            continue
+        newest = max((p.stat().st_mtime for p in entries), default=None)
+        age = "-" if newest is None else f"newest {(time.time() - newest) / 3600:.1f} h ago"
+        print(f"{kind}: {len(entries)} entries, {size / 2**20:.1f} MiB, {age}")
+    print(f"(cache dir: {root})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

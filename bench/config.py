@@ -2,23 +2,26 @@
 
 `run.py` calls `validate(cfg)` once; everything below it receives these objects and never reads a
 config by string key. Every error names the key, the bad value and what is allowed, so a typo in a
-sweep fails at start instead of an hour into a job.
+sweep fails at start instead of an hour into a job. Method keys are the components' own schemas
+(`methods.parse`); `compose` is the one way code outside run.py composes a config from conf/.
 """
 from __future__ import annotations
 
-import dataclasses
-import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Optional
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+import methods
+from bench.core.families import ARCHS, FAMILIES
+from bench.core.vocab import ConfigError, check_choice, check_range, typed
+from methods import MethodSpec
+from methods.recovery import RecoveryOptions
 
-class ConfigError(ValueError):
-    """A bad config value; the message is a single line meant for the user."""
-
-
-FAMILIES = ("opt", "bloom", "llama")
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SOURCES = ("hub", "pypi_gguf", "random")
 DTYPES = ("float32", "float16", "bfloat16")
 DATASETS = ("wikitext2", "ptb", "c4", "pydoc")
@@ -37,15 +40,17 @@ class Resources:
 
 @dataclass
 class ModelConfig:
+    """A zoo entry (conf/model/<name>.yaml). The family is the checkpoint's `model_type`; a random
+    model names it in `architecture.model_type`."""
+
     name: str
-    family: str
     source: str
     id: Optional[str] = None  # hub id, or "package==version" for pypi_gguf
     file: Optional[str] = None  # file inside the PyPI wheel (pypi_gguf)
     path: Optional[str] = None  # local checkpoint dir: overrides `id`
     dtype: str = "float32"
     seqlen: int = 2048  # the model's context length
-    architecture: dict = field(default_factory=dict)  # transformers config kwargs for source=random
+    architecture: dict = field(default_factory=dict)  # transformers config kwargs (with model_type) for random
     resources: Resources = field(default_factory=Resources)
 
 
@@ -122,47 +127,6 @@ class LoggerConfig:
 
 
 @dataclass
-class SparsityPattern:
-    """`unstructured`, or N:M = at most N non-zeros in every M consecutive inputs (2:4 = 50%)."""
-
-    kind: str  # "unstructured" | "nm"
-    n: int = 0
-    m: int = 0
-
-    @staticmethod
-    def parse(text: str) -> "SparsityPattern":
-        if text == "unstructured":
-            return SparsityPattern("unstructured")
-        match = re.fullmatch(r"(\d+):(\d+)", text)
-        if not match:
-            raise ConfigError(
-                f"method.sparsity_type={text!r} is not valid; allowed: 'unstructured' or 'N:M' (e.g. 2:4)")
-        n, m = int(match.group(1)), int(match.group(2))
-        if not 0 < n < m:
-            raise ConfigError(f"method.sparsity_type={text!r}: need 0 < N < M (N non-zeros out of every M)")
-        return SparsityPattern("nm", n, m)
-
-    @property
-    def implied_sparsity(self) -> Optional[float]:
-        return 1 - self.n / self.m if self.kind == "nm" else None
-
-    def __str__(self) -> str:
-        return "unstructured" if self.kind == "unstructured" else f"{self.n}:{self.m}"
-
-
-@dataclass
-class MethodSpec:
-    """A method preset: allocator x pruner, with each component's own typed options."""
-
-    name: str
-    allocator: str
-    pruner: str
-    pattern: SparsityPattern
-    allocator_options: Any
-    pruner_options: Any
-
-
-@dataclass
 class RunConfig:
     model: ModelConfig
     method: MethodSpec
@@ -174,146 +138,108 @@ class RunConfig:
     protocol: str
     save_dir: Optional[str]
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    recovery: RecoveryOptions = field(default_factory=RecoveryOptions)
+
+    def identity(self, resolved: dict) -> dict:
+        """The resolved config a cell is hashed by: with the effective sparsity (dense ignores the
+        sweep's sparsity axis)."""
+        return {**resolved, "sparsity": self.sparsity}
 
 
-def _choice(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not valid; allowed: {', '.join(map(str, allowed))}")
+def compose(overrides: list[str] = (), with_hydra: bool = False) -> DictConfig:
+    """The config `python run.py <overrides>` would run, composed from conf/ (for tests and scripts);
+    `with_hydra` keeps the `hydra` node (launcher, sweep dirs)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=with_hydra)
 
 
-def _structured(key: str, schema: type, values: dict) -> Any:
-    """Build dataclass `schema` from `values`, turning OmegaConf's errors into one-line ConfigErrors."""
-    allowed = [f.name for f in dataclasses.fields(schema)]
-    for name in values:
-        if name not in allowed:
-            raise ConfigError(f"{key}.{name} is not a known key; allowed: {', '.join(allowed)}")
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
-    except Exception as exc:  # omegaconf's errors (bad type, missing value) carry the full key in their msg
-        raise ConfigError(f"{key}: {str(exc).splitlines()[0]}") from None
-
-
-def _method(raw: dict) -> MethodSpec:
-    from methods import ALLOCATORS, PRUNERS
-
-    raw = dict(raw)
-    name = raw.pop("name", None)
-    allocator = raw.pop("allocator", "uniform")
-    pruner = raw.pop("pruner", None)
-    pattern = SparsityPattern.parse(str(raw.pop("sparsity_type", "unstructured")))
-    _choice("method.allocator", allocator, tuple(ALLOCATORS))
-    _choice("method.pruner", pruner, tuple(PRUNERS))
-    alloc_schema = ALLOCATORS[allocator].Options
-    prune_schema = PRUNERS[pruner].Options
-    alloc_keys = {f.name for f in dataclasses.fields(alloc_schema)}
-    prune_keys = {f.name for f in dataclasses.fields(prune_schema)}
-    unknown = sorted(set(raw) - alloc_keys - prune_keys)
-    if unknown:
-        allowed = ["name", "allocator", "pruner", "sparsity_type", *sorted(alloc_keys | prune_keys)]
-        raise ConfigError(f"method.{unknown[0]} is not an option of allocator={allocator}, pruner={pruner}; "
-                          f"allowed: {', '.join(allowed)}")
-    if pattern.kind == "nm" and not PRUNERS[pruner].supports_nm:
-        raise ConfigError(f"method.sparsity_type={pattern}: pruner {pruner} supports only unstructured")
-    if pattern.kind == "nm" and allocator != "uniform":
-        raise ConfigError(f"method.sparsity_type={pattern} fixes every layer's sparsity; "
-                          f"allocator {allocator} needs sparsity_type=unstructured")
-    spec = MethodSpec(
-        name=name or pruner,
-        allocator=allocator,
-        pruner=pruner,
-        pattern=pattern,
-        allocator_options=_structured("method", alloc_schema, {k: raw[k] for k in alloc_keys & set(raw)}),
-        pruner_options=_structured("method", prune_schema, {k: raw[k] for k in prune_keys & set(raw)}),
-    )
-    if getattr(spec.pruner_options, "selection", None) == "global" and allocator != "uniform":
-        raise ConfigError(f"method.selection=global picks every block's width itself and would ignore the "
-                          f"per-block rates of allocator={allocator}; allowed with it: method.selection=per_block")
-    try:  # the components check their own options in __init__: surface that now, not in the job
-        ALLOCATORS[allocator](spec.allocator_options)
-        PRUNERS[pruner](spec.pruner_options, pattern)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    return spec
+def zoo_entry(name: str) -> ModelConfig:
+    """The ModelConfig of `conf/model/<name>.yaml`, for code that loads a second model by name."""
+    zoo = CONF_DIR / "model"
+    path = zoo / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"model {name!r} is not in the zoo; allowed: "
+                          f"{', '.join(sorted(p.stem for p in zoo.glob('*.yaml')))}")
+    return typed(f"model {name}", ModelConfig, OmegaConf.to_container(OmegaConf.load(path)))
 
 
 def _known_layer_count(model: ModelConfig) -> Optional[int]:
     """Number of prunable linears when the config states the depth (random models), else None."""
-    from bench.arch import ARCHS
-
     blocks = model.architecture.get("num_hidden_layers", model.architecture.get("n_layer"))
-    if blocks is None:
+    family = model.architecture.get("model_type")
+    if blocks is None or family not in ARCHS:
         return None
-    return int(blocks) * sum(len(group) for group in ARCHS[model.family].groups)
+    return int(blocks) * sum(len(group) for group in ARCHS[family].groups)
 
 
 def _zeroshot(zs: ZeroShotConfig) -> None:
     for task in zs.tasks:
-        _choice("eval.zeroshot.tasks", task, ZEROSHOT_TASKS)
+        check_choice("eval.zeroshot.tasks", task, ZEROSHOT_TASKS)
     for task, metric in zs.metric.items():
-        _choice("eval.zeroshot.metric", task, ZEROSHOT_TASKS)
-        _choice(f"eval.zeroshot.metric.{task}", metric, ("acc",) if task in ACC_ONLY_TASKS else ZEROSHOT_METRICS)
+        check_choice("eval.zeroshot.metric", task, ZEROSHOT_TASKS)
+        check_choice(f"eval.zeroshot.metric.{task}", metric, ("acc",) if task in ACC_ONLY_TASKS else ZEROSHOT_METRICS)
     for key, value, low in (("num_fewshot", zs.num_fewshot, 0), ("limit", zs.limit, 1), ("batch_size", zs.batch_size, 1)):
-        if value is not None and value < low:
-            raise ConfigError(f"eval.zeroshot.{key}={value} is out of range; allowed: >= {low}")
+        check_range(f"eval.zeroshot.{key}", value, value is None or value >= low, f">= {low}")
 
 
 def validate(cfg: DictConfig) -> RunConfig:
     """Turn the composed Hydra config into a RunConfig, or raise ConfigError naming the bad key."""
     raw = OmegaConf.to_container(cfg, resolve=True)
-    model = _structured("model", ModelConfig, raw["model"])
-    _choice("model.family", model.family, FAMILIES)
-    _choice("model.source", model.source, SOURCES)
-    _choice("model.dtype", model.dtype, DTYPES)
-    method = _method(raw["method"])
-    data = _structured("data", DataConfig, raw["data"])
-    _choice("data.calib.dataset", data.calib.dataset, DATASETS)
-    evaluation = _structured("eval", EvalConfig, raw["eval"])
-    logger = _structured("logger", LoggerConfig, raw.get("logger", {}))
-    _choice("logger.name", logger.name, LOGGERS)
-    _choice("logger.mode", logger.mode, WANDB_MODES)
+    model = typed("model", ModelConfig, raw["model"])
+    check_choice("model.source", model.source, SOURCES)
+    check_choice("model.dtype", model.dtype, DTYPES)
+    if model.source == "random":
+        if not model.architecture:
+            raise ConfigError(f"model.architecture is empty for random model {model.name}; "
+                              f"give the transformers config kwargs")
+        check_choice("model.architecture.model_type", model.architecture.get("model_type"), FAMILIES)
+    method = methods.parse(raw["method"])
+    data = typed("data", DataConfig, raw["data"])
+    check_choice("data.calib.dataset", data.calib.dataset, DATASETS)
+    evaluation = typed("eval", EvalConfig, raw["eval"])
+    logger = typed("logger", LoggerConfig, raw.get("logger", {}))
+    check_choice("logger.name", logger.name, LOGGERS)
+    check_choice("logger.mode", logger.mode, WANDB_MODES)
+    recovery = typed("recovery", RecoveryOptions, raw.get("recovery", {}))
     device = raw.get("device", "cpu")
-    _choice("device", device, DEVICES)
+    check_choice("device", device, DEVICES)
 
-    sparsity = float(raw["sparsity"])
-    if method.pruner == "none":
-        sparsity = 0.0  # the dense baseline ignores the sweep's sparsity axis
-    elif not 0.0 <= sparsity < 1.0:
-        raise ConfigError(f"sparsity={sparsity} is out of range; allowed: 0 <= sparsity < 1")
-    implied = method.pattern.implied_sparsity
-    if implied is not None and method.pruner != "none" and abs(implied - sparsity) > 1e-9:
-        raise ConfigError(f"sparsity={sparsity} conflicts with method.sparsity_type={method.pattern}, "
-                          f"which means sparsity={implied:g}; pass sparsity={implied:g}")
-
-    if method.pruner != "none":
-        from methods import ALLOCATORS
-
-        ALLOCATORS[method.allocator](method.allocator_options).check(sparsity, _known_layer_count(model))
+    sparsity = _sparsity(float(raw["sparsity"]), method)
+    built = methods.build(method)  # checks that need the components together or the pattern
+    if not method.dense:
+        built.allocator.check(sparsity, _known_layer_count(model))
+    if recovery.enabled and not built.pruner.structured:
+        raise ConfigError(f"recovery={recovery.name} merges LoRA updates into every weight, which would refill "
+                          f"the zeros of pruner {method.pruner}; allowed with it: recovery=none "
+                          f"(recovery is for structured pruners)")
 
     for key, seqlen in (("data.calib.seqlen", data.calib.seqlen),
                         ("eval.ppl.seqlen", evaluation.ppl.seqlen if evaluation.ppl else 1)):
-        if not 0 < seqlen <= model.seqlen:
-            raise ConfigError(f"{key}={seqlen} is out of range for model {model.name}; "
-                              f"allowed: 1..{model.seqlen} (the model's context length)")
+        check_range(key, seqlen, 0 < seqlen <= model.seqlen,
+                    f"1..{model.seqlen} (the context length of model {model.name})")
     if evaluation.speed:
         for key, value in vars(evaluation.speed).items():
-            if value < 1:
-                raise ConfigError(f"eval.speed.{key}={value} is out of range; allowed: >= 1")
-    if data.calib.nsamples < 1:
-        raise ConfigError(f"data.calib.nsamples={data.calib.nsamples} is out of range; allowed: >= 1")
+            check_range(f"eval.speed.{key}", value, value >= 1, ">= 1")
+    check_range("data.calib.nsamples", data.calib.nsamples, data.calib.nsamples >= 1, ">= 1")
     if evaluation.ppl:
         for name in evaluation.ppl.datasets:
-            _choice("eval.ppl.datasets", name, DATASETS)
+            check_choice("eval.ppl.datasets", name, DATASETS)
     if evaluation.zeroshot:
         _zeroshot(evaluation.zeroshot)
-    if model.path is not None:
-        from pathlib import Path
-
-        if not Path(model.path).expanduser().exists():
-            raise ConfigError(f"model.path={model.path!r} does not exist; pass a local checkpoint dir "
-                              f"or leave it null to load {model.id!r} from its source")
-    if model.source == "random" and not model.architecture:
-        raise ConfigError(f"model.architecture is empty for random model {model.name}; "
-                          f"give the transformers config kwargs")
+    if model.path is not None and not Path(model.path).expanduser().exists():
+        raise ConfigError(f"model.path={model.path!r} does not exist; pass a local checkpoint dir "
+                          f"or leave it null to load {model.id!r} from its source")
     return RunConfig(model=model, method=method, data=data, eval=evaluation, sparsity=sparsity,
                      seed=int(raw.get("seed", 0)), device=device, protocol=str(raw["protocol"]["name"]),
-                     save_dir=raw.get("save_dir"), logger=logger)
+                     save_dir=raw.get("save_dir"), logger=logger, recovery=recovery)
+
+
+def _sparsity(sparsity: float, method: MethodSpec) -> float:
+    if method.dense:
+        return 0.0  # the dense baseline ignores the sweep's sparsity axis
+    check_range("sparsity", sparsity, 0.0 <= sparsity < 1.0, "0 <= sparsity < 1")
+    implied = method.pattern.implied_sparsity
+    if implied is not None and abs(implied - sparsity) > 1e-9:
+        raise ConfigError(f"sparsity={sparsity} conflicts with method.sparsity_type={method.pattern}, "
+                          f"which means sparsity={implied:g}; pass sparsity={implied:g}")
+    return sparsity

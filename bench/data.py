@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from pydoc_data.topics import topics
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def _hub_reachable() -> bool:
 
 
 def _hub_rows(name: str, split: str) -> tuple[list[str], str]:
-    import datasets
+    import datasets  # seconds to import: only runs that read a corpus from the hub pay it
 
     if not _hub_reachable():
         raise ConnectionError("huggingface.co is unreachable")
@@ -143,8 +144,6 @@ def _join(name: str, rows: list[str], purpose: str) -> str:
 
 def _pydoc(split: str) -> Corpus:
     """CPython's documentation topics: first half of the topics is validation/train, second half test."""
-    from pydoc_data.topics import topics
-
     keys = sorted(topics)
     half = len(keys) // 2
     chosen = keys[half:] if split == "test" else keys[:half]

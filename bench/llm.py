@@ -16,29 +16,16 @@ import logging
 import os
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Protocol
 
 import torch
 
-from bench.config import ConfigError
+from bench import models
+from bench.config import zoo_entry
+from bench.core.vocab import ConfigError
+from methods.allocators.self_pruner import LLMConfig, LLMError
 
 log = logging.getLogger(__name__)
-
-BACKENDS = ("local", "http")
-
-
-@dataclass
-class LLMConfig:
-    backend: str = "local"  # local | http
-    model: Optional[str] = None  # local: a zoo entry (conf/model/<name>); http: the served model name
-    chat_template: Optional[str] = None  # local: Jinja template for a tokenizer that has none
-    base_url: Optional[str] = None  # http: e.g. http://127.0.0.1:8000/v1
-    api_key_env: str = "OPENAI_API_KEY"  # http: name of the env var holding the key
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_new_tokens: int = 256
-    timeout_s: float = 120.0  # http: per request
 
 
 class ChatLLM(Protocol):
@@ -47,13 +34,8 @@ class ChatLLM(Protocol):
     def chat(self, messages: list[dict], seed: int) -> str: ...
 
 
-class LLMError(RuntimeError):
-    """A request that produced no answer (network, HTTP status, malformed response)."""
-
-
 def make_backend(cfg: LLMConfig, key: str = "method.llm") -> ChatLLM:
-    if cfg.backend not in BACKENDS:
-        raise ConfigError(f"{key}.backend={cfg.backend!r} is not valid; allowed: {', '.join(BACKENDS)}")
+    """The backend `cfg` (self_pruner's `method.llm` keys) names, checked and ready to answer."""
     if not cfg.model:
         raise ConfigError(f"{key}.model is not set; name a zoo model (local) or the served model (http)")
     if cfg.max_new_tokens < 1 or cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
@@ -64,10 +46,8 @@ def make_backend(cfg: LLMConfig, key: str = "method.llm") -> ChatLLM:
 
 class LocalChat:
     def __init__(self, cfg: LLMConfig, key: str):
-        from bench import models
-
         self.cfg = cfg
-        self.model, self.tokenizer = models.load(models.zoo_entry(cfg.model))
+        self.model, self.tokenizer = models.load(zoo_entry(cfg.model))
         if cfg.chat_template is not None:
             self.tokenizer.chat_template = cfg.chat_template
         if not getattr(self.tokenizer, "chat_template", None):

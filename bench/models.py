@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 import transformers
 from torch import nn
+from tokenizers import Tokenizer, decoders, pre_tokenizers
+from tokenizers.models import BPE
 
-from bench import arch
 from bench.config import ModelConfig
+from bench.core import families
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +37,8 @@ def load(cfg: ModelConfig) -> tuple[nn.Module, "transformers.PreTrainedTokenizer
     if cfg.path is not None or cfg.source == "hub":
         where = str(Path(cfg.path).expanduser()) if cfg.path else cfg.id
         log.info("loading %s from %s", cfg.name, where)
-        if arch.FFN_SIZES_KEY in transformers.AutoConfig.from_pretrained(where).to_dict():
-            model = arch.load_shrunk(where, dtype)  # structurally pruned: per-block FFN widths
+        if families.FFN_SIZES_KEY in transformers.AutoConfig.from_pretrained(where).to_dict():
+            model = families.load_shrunk(where, dtype)  # structurally pruned: per-block FFN widths
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
         tokenizer = transformers.AutoTokenizer.from_pretrained(where)
@@ -100,16 +102,15 @@ def _wheel_glob(requirement: str) -> str:
     return f"{name.replace('-', '_')}-{version or '*'}-*.whl"
 
 
-CONFIG_CLASSES = {"opt": "OPTConfig", "bloom": "BloomConfig", "llama": "LlamaConfig"}
-
-
 def random_model(cfg: ModelConfig) -> tuple[nn.Module, "transformers.PreTrainedTokenizerBase"]:
-    """A seeded random-init model of the family, with a byte-level tokenizer (no download at all)."""
+    """A seeded random-init model of `architecture.model_type`, with a byte-level tokenizer (no
+    download at all)."""
     tokenizer = byte_tokenizer()
-    config_class = getattr(transformers, CONFIG_CLASSES[cfg.family])
-    config = config_class(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          **cfg.architecture)
+    kwargs = dict(cfg.architecture)
+    config = transformers.AutoConfig.for_model(kwargs.pop("model_type"), vocab_size=len(tokenizer),
+                                               pad_token_id=tokenizer.pad_token_id,
+                                               bos_token_id=tokenizer.bos_token_id,
+                                               eos_token_id=tokenizer.eos_token_id, **kwargs)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(0)  # the model's identity, independent of the run's seed
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, cfg.dtype))
@@ -119,12 +120,10 @@ def random_model(cfg: ModelConfig) -> tuple[nn.Module, "transformers.PreTrainedT
 
 def byte_tokenizer() -> "transformers.PreTrainedTokenizerFast":
     """GPT-2-style byte-level tokenizer without merges: 256 byte tokens plus <eos>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {char: index for index, char in enumerate(sorted(alphabet))}
     vocab["<eos>"] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend = Tokenizer(BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>",
@@ -133,8 +132,8 @@ def byte_tokenizer() -> "transformers.PreTrainedTokenizerFast":
 
 def save(model: nn.Module, tokenizer, directory: str | Path) -> Path:
     """Write a checkpoint `AutoModelForCausalLM.from_pretrained` reloads (`load` with `model.path`, i.e.
-    `bench.arch.load_shrunk`, for structurally pruned ones); atomic (staging + rename)."""
-    arch.annotate_ffn_sizes(model)
+    `bench.core.families.load_shrunk`, for structurally pruned ones); atomic (staging + rename)."""
+    families.annotate_ffn_sizes(model)
     directory = Path(directory).expanduser()
     staging = directory.with_name(directory.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -144,18 +143,3 @@ def save(model: nn.Module, tokenizer, directory: str | Path) -> Path:
         shutil.rmtree(directory)
     os.replace(staging, directory)
     return directory
-
-
-def zoo_entry(name: str) -> ModelConfig:
-    """The ModelConfig of `conf/model/<name>.yaml`, for code that loads a second model by name."""
-    from omegaconf import OmegaConf
-
-    from bench.config import ConfigError
-
-    zoo = Path(__file__).resolve().parent.parent / "conf" / "model"
-    path = zoo / f"{name}.yaml"
-    if not path.exists():
-        raise ConfigError(f"model {name!r} is not in the zoo; allowed: "
-                          f"{', '.join(sorted(p.stem for p in zoo.glob('*.yaml')))}")
-    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
-    return OmegaConf.to_object(merged)

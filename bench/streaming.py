@@ -12,21 +12,16 @@ The output is a normal sharded checkpoint (`model.safetensors.index.json` + shar
 loadable by `AutoModelForCausalLM.from_pretrained`. Safetensors files are opened per block and closed
 again, so mapped pages of other blocks never count against the process.
 
-    python -m bench.streaming synthetic <dir> --layers 12 --hidden 2048 --ffn 5504   # random LLaMA shards
-    python -m bench.streaming bench <dir>     # SparseGPT 50% streamed: peak RSS / checkpoint size
+    python scripts/streaming_bench.py synthetic <dir> --layers 12 --hidden 2048 --ffn 5504   # random LLaMA shards
+    python scripts/streaming_bench.py bench <dir> --out <dir>   # SparseGPT 50% streamed: peak RSS / checkpoint size
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
-import math
-import resource
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import transformers
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
@@ -34,8 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from bench import engine
-from bench.arch import arch_for
+from bench.core import engine, perplexity
+from bench.core.families import arch_for
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -165,109 +160,20 @@ def prune_streamed(checkpoint: Path, target: Path, method, samples: torch.Tensor
 @torch.no_grad()
 def streamed_perplexity(checkpoint: Path, windows: torch.Tensor, device: str = "cpu",
                         dtype: torch.dtype = torch.float32) -> float:
-    """`bench.evaluate.perplexity` of a checkpoint, computed block by block over all windows at once."""
+    """`bench.core.perplexity.perplexity` of a checkpoint, computed block by block over all windows at once."""
     model = load_meta(checkpoint, dtype)
     arch = arch_for(model)
     stream = BlockStream(model, checkpoint)
     hidden, kwargs = engine.capture_inputs(model, windows, device)
-    kwargs = engine._to_device(kwargs, device)
+    kwargs = engine.to_device(kwargs, device)
     for index, block in enumerate(arch.blocks(model)):
         stream.load(index, block)
         hidden = engine.run_block(block.to(device), hidden, kwargs, device)
         stream.release(index, block.to("cpu"), edited=False)
     head = model.get_output_embeddings().to(device)
-    norm = _final_norm(model, arch).to(device)
+    norm = arch.final_norm_of(model).to(device)
     nlls = torch.empty(windows.shape[0], dtype=torch.float64)
     for row in range(windows.shape[0]):
-        logits = head(norm(hidden[row:row + 1].to(device))).float()
         ids = windows[row:row + 1].to(device)
-        nlls[row] = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="mean").item()
-    return math.exp(nlls.mean().item())
-
-
-def _final_norm(model: nn.Module, arch) -> nn.Module:
-    base = model.get_submodule(arch.blocks_path.rsplit(".", 1)[0])
-    for name in ("norm", "final_layer_norm", "ln_f"):
-        if hasattr(base, name):
-            return getattr(base, name)
-    raise ValueError(f"no final norm found on {type(base).__name__}")
-
-
-def write_synthetic(directory: Path, layers: int, hidden: int, ffn: int, heads: int, kv_heads: int,
-                    vocab: int = 257, seed: int = 0) -> int:
-    """A random LLaMA checkpoint with one shard per block, written without ever holding the whole model.
-    Returns its size in bytes."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
-                                      num_hidden_layers=layers, num_attention_heads=heads,
-                                      num_key_value_heads=kv_heads, max_position_embeddings=4096,
-                                      tie_word_embeddings=False, bos_token_id=vocab - 1, eos_token_id=vocab - 1,
-                                      pad_token_id=vocab - 1)
-    with init_empty_weights():
-        skeleton = transformers.AutoModelForCausalLM.from_config(config)
-    generator = torch.Generator().manual_seed(seed)
-    groups: dict[str, list[tuple[str, torch.Size]]] = {}
-    for name, param in skeleton.named_parameters():
-        parts = name.split(".")
-        file = f"block-{int(parts[2]):05d}.safetensors" if parts[:2] == ["model", "layers"] else "rest.safetensors"
-        groups.setdefault(file, []).append((name, param.shape))
-    weight_map, size = {}, 0
-    for file, entries in groups.items():
-        tensors = {}
-        for name, shape in entries:
-            if name.endswith("norm.weight"):
-                tensors[name] = torch.ones(shape)
-            else:  # std 1/sqrt(fan_in) keeps activations O(1) through the random blocks
-                tensors[name] = torch.randn(shape, generator=generator) / math.sqrt(shape[-1])
-            weight_map[name] = file
-        save_file(tensors, str(directory / file), metadata={"format": "pt"})
-        size += (directory / file).stat().st_size
-    (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map}))
-    config.save_pretrained(directory)
-    return size
-
-
-def _bench(checkpoint: Path, target: Path, nsamples: int, seqlen: int) -> None:
-    import methods
-    from bench.config import SparsityPattern
-    from methods.pruners.sparsegpt import SparseGPT
-    from methods.allocators.uniform import Uniform
-
-    size = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
-    samples = torch.randint(0, 256, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
-    method = methods.Method("sparsegpt", Uniform(Uniform.Options()),
-                            SparseGPT(SparseGPT.Options(), SparsityPattern("unstructured")))
-    start = time.perf_counter()
-    stream = prune_streamed(checkpoint, target, method, samples, 0.5)
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(f"checkpoint {size / 2**30:.2f} GiB; SparseGPT 50% streamed in {seconds:.0f} s; measured sparsity "
-          f"{stream.sparsity:.4f}; peak RSS {peak / 2**30:.2f} GiB = {peak / size:.3f} of the checkpoint")
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.streaming")
-    commands = parser.add_subparsers(dest="command", required=True)
-    synthetic = commands.add_parser("synthetic", help="write a random sharded LLaMA checkpoint")
-    synthetic.add_argument("directory", type=Path)
-    synthetic.add_argument("--layers", type=int, default=12)
-    synthetic.add_argument("--hidden", type=int, default=2048)
-    synthetic.add_argument("--ffn", type=int, default=5504)
-    synthetic.add_argument("--heads", type=int, default=16)
-    synthetic.add_argument("--kv-heads", type=int, default=16)
-    bench = commands.add_parser("bench", help="SparseGPT 50% streamed: peak RSS / checkpoint size")
-    bench.add_argument("checkpoint", type=Path)
-    bench.add_argument("--out", type=Path, required=True)
-    bench.add_argument("--nsamples", type=int, default=8)
-    bench.add_argument("--seqlen", type=int, default=128)
-    args = parser.parse_args(argv)
-    if args.command == "synthetic":
-        size = write_synthetic(args.directory, args.layers, args.hidden, args.ffn, args.heads, args.kv_heads)
-        print(f"wrote {size / 2**30:.2f} GiB to {args.directory}")
-    else:
-        _bench(args.checkpoint, args.out, args.nsamples, args.seqlen)
-
-
-if __name__ == "__main__":
-    main()
+        nlls[row] = perplexity.window_nll(head(norm(hidden[row:row + 1].to(device))), ids)
+    return perplexity.from_nlls(nlls)

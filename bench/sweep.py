@@ -8,7 +8,7 @@
   largest request over the sweep's cells (one job array asks for one size);
 - checks the Slurm side before submitting: `sbatch` on PATH, a partition where the cluster has no default;
 - hands Submitit's local executor one cell at a time by default (it starts every job it gets at once);
-- writes `cells.json` in the sweep dir (overrides + config hash of every cell), which
+- writes `cells.json` in the sweep dir (`bench.core.records.write_manifest`) (overrides + config hash of every cell), which
   `python -m reports status` compares with the result files; and logs how many cells are already done.
 
 Resume: a cell whose config hash already has an `ok` result under the sweep dir is skipped
@@ -18,25 +18,29 @@ Resume: a cell whose config hash already has an `ok` result under the sweep dir 
 """
 from __future__ import annotations
 
-import json
 import logging
+import multiprocessing
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from bench import results
+from bench import provenance
 from bench.config import ConfigError, validate
+from bench.core import records
+from bench.core.records import CellKey, CorruptResult, Failure, Result
 
 log = logging.getLogger(__name__)
 
 RERUN_MODES = ("failed", "all")  # failed: skip cells with an ok result (the default); all: run every cell
-CELLS_FILE = "cells.json"
 # Launcher keys that may interpolate `model.resources.*`; each is set to the max over the sweep's cells.
 RESOURCE_KEYS = ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min")
 SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
@@ -60,8 +64,6 @@ def rerun_mode(cfg: DictConfig) -> str:
 
 def cell_overrides(task_overrides: list[str]) -> list[list[str]]:
     """The cross product of a multirun's task overrides, in the order Hydra's basic sweeper runs it."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
     parsed = OverridesParser.create().parse_overrides(task_overrides)
     return BasicSweeper.split_arguments(parsed, None)[0]
 
@@ -69,8 +71,6 @@ def cell_overrides(task_overrides: list[str]) -> list[list[str]]:
 def expand(task_overrides: list[str], compose: Callable[[list[str]], DictConfig]) -> list[Cell]:
     """Every cell of the sweep, each composed by `compose(overrides)` and validated (a ConfigError names
     the cell), with the config hash its run will have."""
-    from bench.cell import identity
-
     cells = []
     for overrides in cell_overrides(task_overrides):
         config = compose(overrides)
@@ -81,7 +81,7 @@ def expand(task_overrides: list[str], compose: Callable[[list[str]], DictConfig]
             rerun_mode(task)
         except ConfigError as exc:
             raise ConfigError(f"cell [{' '.join(overrides)}]: {exc}") from None
-        cells.append(Cell(overrides, config, resolved, results.config_hash(identity(run_cfg, resolved))))
+        cells.append(Cell(overrides, config, resolved, provenance.config_hash(run_cfg.identity(resolved))))
     return cells
 
 
@@ -93,8 +93,6 @@ def task_container(config: DictConfig) -> dict:
 
 class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from hydra.core.global_hydra import GlobalHydra
-
         loader = GlobalHydra.instance().config_loader()
         try:
             cells = expand(list(config.hydra.overrides.task), lambda o: loader.load_sweep_config(config, o))
@@ -105,9 +103,8 @@ class SweepCallback(Callback):
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        manifest = [{"overrides": c.overrides, "config_hash": c.config_hash} for c in cells]
-        results.write_json_atomic(sweep_dir / CELLS_FILE, {"cells": manifest})
-        done = {r["config_hash"] for r in results.read_results(sweep_dir) if r.get("status") == "ok"}
+        records.write_manifest(sweep_dir, [{"overrides": c.overrides, "config_hash": c.config_hash} for c in cells])
+        done = {r.config_hash for r in records.read_results(sweep_dir).records if r.ok}
         already = sum(c.config_hash in done for c in cells)
         if already and rerun_mode(config) != "all":
             log.info("%d of %d cells already have an ok result in %s; they will be skipped (+rerun=all "
@@ -161,22 +158,12 @@ def slurm_partitions() -> list[tuple[str, bool]] | None:
     return [(name.rstrip("*"), name.endswith("*")) for name in names]
 
 
-def read_manifest(sweep_dir: Path) -> list[dict] | None:
-    path = Path(sweep_dir) / CELLS_FILE
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())["cells"]
-
-
-def run_isolated(out_dir: Path, run: Callable[..., dict], *args: Any) -> dict:
+def run_isolated(out_dir: Path, run: Callable[..., Result], *args: Any) -> Result:
     """`run(*args)` (a cell) in a forked child, so that a cell killed by the kernel (OOM killer) or by a
     signal still leaves a result saying so, and the sweep's own process lives on to run the next cell.
 
     Fork, not spawn: the parent has imported torch but run no op (no thread pool yet), and a fork costs
     milliseconds where a spawn re-imports everything."""
-    import multiprocessing
-    import signal
-
     context = multiprocessing.get_context("fork")
     receive, send = context.Pipe(duplex=False)
     child = context.Process(target=_child, args=(send, run, args))
@@ -200,14 +187,17 @@ def run_isolated(out_dir: Path, run: Callable[..., dict], *args: Any) -> dict:
                                               f"(SIGKILL is usually the out-of-memory killer)")
 
 
-def _mark(out_dir: Path, status: str, error_type: str, message: str) -> dict:
-    path = Path(out_dir) / results.RESULT_FILE
-    result = json.loads(path.read_text()) if path.exists() else {}
-    result.update(status=status, error={"type": error_type, "message": message})
-    results.write_json_atomic(path, result)
+def _mark(out_dir: Path, status: str, error_type: str, message: str) -> Result:
+    """Record in the cell's own result that its process ended without finishing it."""
+    try:
+        result = records.read_result(Path(out_dir) / records.RESULT_FILE)
+    except CorruptResult:  # it died before writing anything readable: report, but write nothing
+        return Result(status=status, config_hash="", cell=CellKey("", "", 0.0), error=Failure(error_type, message))
+    result.status, result.error = status, Failure(error_type, message)
+    records.write_result(out_dir, result)
     return result
 
 
-def _child(send, run: Callable[..., dict], args: tuple) -> None:
+def _child(send, run: Callable[..., Result], args: tuple) -> None:
     send.send(run(*args))
     send.close()

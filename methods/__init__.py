@@ -1,55 +1,75 @@
-"""Pruning methods as the composition allocator x pruner.
+"""Pruning methods as the composition allocator x pruner (x recovery, its own config group).
 
-- An *allocator* decides the sparsity of every prunable linear: `allocate(sizes, target)` returns
-  {full linear name: sparsity}. One that needs global information about the dense model sets
-  `needs_dense_pass = True` and `stats_level`; the engine then calls `observe_block(view)` on every
-  block of the dense model first.
-  `check(target, n_layers)` raises ConfigError for a target it cannot reach (n_layers = number of
-  prunable linears, None when unknown before loading); run at config time and again before pruning.
-- A *pruner* removes weights inside one block given those rates: `prune_block(view, rates)`. Its
-  `stats_level` ("none", "diag", "full") says which input statistics the engine must collect.
-- A *structured* pruner (`methods.base.ChannelPruner`, `structured = True`) removes FFN channels
-  physically; the rate of a block's FFN linears is its fraction of channels removed. It may score
-  channels on the dense model (`needs_dense_pass`, `observe_level`): the engine then runs one
-  observe-only pass shared with the allocator. Its options carry the recovery keys
-  (`methods.recovery.RecoveryOptions`), which the cell applies after pruning.
-Each component has a nested `Options` dataclass: the schema of its keys under `method.` in the config.
+- An *allocator* (`methods.base.Allocator`) decides the sparsity of every prunable linear.
+- A *pruner* (`methods.base.Pruner`) removes weights inside one block given those rates; a structured
+  one (`ChannelPruner`) removes FFN channels physically.
+`methods.base` documents the lifecycle the engine drives. A component registers by one line in
+`methods/allocators/__init__.py` or `methods/pruners/__init__.py`; its `Options` dataclass is the schema of its keys under `method.` in the config.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from bench.core.vocab import ConfigError, SparsityPattern, check_choice, typed
+from methods.allocators import ALLOCATORS
+from methods.base import Method
+from methods.pruners import PRUNERS
 
-from methods.allocators.cfsp_coarse import CFSPCoarse
-from methods.allocators.loss_estimate import LossEstimate
-from methods.allocators.owl import OWL
-from methods.allocators.self_pruner import SelfPruner
-from methods.allocators.uniform import Uniform
-from methods.pruners.cfsp_fine import CFSPFine
-from methods.pruners.flap import FLAP
-from methods.pruners.magnitude import Magnitude
-from methods.pruners.magnitude_sp import MagnitudeSP
-from methods.pruners.none import NoPruning
-from methods.pruners.sparsegpt import SparseGPT
-from methods.pruners.wanda import Wanda
-from methods.pruners.wanda_sp import WandaSP
+__all__ = ["ALLOCATORS", "PRUNERS", "Method", "MethodSpec", "build", "parse"]
 
-ALLOCATORS = {"uniform": Uniform, "owl": OWL, "loss_estimate": LossEstimate, "cfsp_coarse": CFSPCoarse,
-              "self_pruner": SelfPruner}
-PRUNERS = {"none": NoPruning, "magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT,
-           "cfsp_fine": CFSPFine, "magnitude_sp": MagnitudeSP, "wanda_sp": WandaSP, "flap": FLAP}
+SPEC_KEYS = ("name", "allocator", "pruner", "sparsity_type")
 
 
 @dataclass
-class Method:
+class MethodSpec:
+    """A validated method config: allocator x pruner, each with its own typed options."""
+
     name: str
-    allocator: Any
-    pruner: Any
+    allocator: str
+    pruner: str
+    pattern: SparsityPattern
+    allocator_options: Any
+    pruner_options: Any
+
+    @property
+    def dense(self) -> bool:
+        return not PRUNERS[self.pruner].prunes
 
 
-def build(spec) -> Method:
-    """Instantiate the components of a validated `bench.config.MethodSpec`."""
-    return Method(name=spec.name,
-                  allocator=ALLOCATORS[spec.allocator](spec.allocator_options),
-                  pruner=PRUNERS[spec.pruner](spec.pruner_options, spec.pattern))
+def parse(raw: dict) -> MethodSpec:
+    """The `method:` section of a config as a MethodSpec; every key checked by its component's Options."""
+    raw = dict(raw)
+    name = raw.pop("name", None)
+    allocator = raw.pop("allocator", "uniform")
+    pruner = raw.pop("pruner", None)
+    pattern = SparsityPattern.parse(str(raw.pop("sparsity_type", "unstructured")))
+    check_choice("method.allocator", allocator, ALLOCATORS)
+    check_choice("method.pruner", pruner, PRUNERS)
+    alloc_schema, prune_schema = ALLOCATORS[allocator].Options, PRUNERS[pruner].Options
+    alloc_keys = {f.name for f in dataclasses.fields(alloc_schema)}
+    prune_keys = {f.name for f in dataclasses.fields(prune_schema)}
+    unknown = sorted(set(raw) - alloc_keys - prune_keys)
+    if unknown:
+        allowed = [*SPEC_KEYS, *sorted(alloc_keys | prune_keys)]
+        raise ConfigError(f"method.{unknown[0]} is not an option of allocator={allocator}, pruner={pruner}; "
+                          f"allowed: {', '.join(allowed)}")
+    return MethodSpec(
+        name=name or pruner, allocator=allocator, pruner=pruner, pattern=pattern,
+        allocator_options=typed("method", alloc_schema, {k: raw[k] for k in alloc_keys & set(raw)}),
+        pruner_options=typed("method", prune_schema, {k: raw[k] for k in prune_keys & set(raw)}))
+
+
+def build(spec: MethodSpec) -> Method:
+    """The components of `spec`, with the checks that need both of them or the pattern."""
+    allocator = ALLOCATORS[spec.allocator](spec.allocator_options)
+    pruner = PRUNERS[spec.pruner](spec.pruner_options, spec.pattern)
+    pruner.check(spec.pattern)
+    if spec.pattern.kind == "nm" and spec.allocator != "uniform":
+        raise ConfigError(f"method.sparsity_type={spec.pattern} fixes every layer's sparsity; "
+                          f"allocator {spec.allocator} needs sparsity_type=unstructured")
+    if pruner.structured and pruner.selection == "global" and spec.allocator != "uniform":
+        raise ConfigError(f"method.selection=global picks every block's width itself and would ignore the "
+                          f"per-block rates of allocator={spec.allocator}; allowed with it: method.selection=per_block")
+    return Method(name=spec.name, allocator=allocator, pruner=pruner)

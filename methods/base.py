@@ -1,13 +1,117 @@
-"""Shared bases of pruners."""
+"""The method lifecycle: what the engine (`bench.core.engine.prune`) calls on an allocator and a pruner,
+and in which order.
+
+    Options(**keys)          each component's keys under `method.`; `__post_init__` checks each key
+    check(...)               config time: a target (allocator) or pattern (pruner) it cannot reach
+    observe_block(view)      only with `needs_dense_pass`: every block of the *dense* model, in order,
+                             with the input statistics of `observe_level`
+    dense_state() / load_dense_state(state)
+                             what observe_block gathered, so the harness can cache it across cells
+    bind(context)            only with `needs_search`: a `SearchContext` to score candidate rates
+    allocate(sizes, target)  allocator: {linear name: sparsity}, parameter-weighted mean = target
+    prune_block(view, rates) pruner: every block in order, with statistics of `stats_level` taken on
+                             the partly pruned model (the SparseGPT protocol)
+    finish()                 allocator: its record for the result (search history, ...)
+
+Capabilities are typed class attributes; the engine and the harness read nothing else.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from bench.core.vocab import ConfigError, SparsityPattern
 
-class LinearPruner:
-    """Base of pruners that decide each linear on its own, from its weight and input statistics."""
+
+@dataclass
+class NoOptions:
+    """The schema of a component without keys of its own."""
+
+
+class Component:
+    Options: type = NoOptions
+    needs_dense_pass: bool = False  # observe_block is called on every block of the dense model first
+    observe_level: str = "none"  # input statistics observe_block reads: none | diag | full
+
+    def __init__(self, options):
+        self.options = options
+
+    def observe_block(self, view) -> None:
+        raise NotImplementedError(f"{type(self).__name__} sets needs_dense_pass but has no observe_block")
+
+    def dense_state(self) -> dict:
+        """What observe_block gathered (tensors, numbers, strings), restorable by `load_dense_state`."""
+        raise NotImplementedError(f"{type(self).__name__} sets needs_dense_pass but has no dense_state")
+
+    def load_dense_state(self, state: dict) -> None:
+        raise NotImplementedError(f"{type(self).__name__} sets needs_dense_pass but has no load_dense_state")
+
+
+class Allocator(Component):
+    """Decides the sparsity of every prunable linear."""
+
+    needs_search: bool = False  # bind(SearchContext) is called before allocate
+    # Per-block importance (higher = more important) after allocate, when the allocator computes one;
+    # importance-guided recovery uses it instead of computing its own.
+    block_weights: Optional[list[float]] = None
+
+    def check(self, target: float, n_layers: Optional[int]) -> None:
+        """Raise ConfigError for a target this allocator cannot reach (n_layers = prunable linears, None
+        when unknown before the model loads)."""
+
+    def bind(self, context) -> None:
+        raise NotImplementedError(f"{type(self).__name__} sets needs_search but has no bind")
+
+    def allocate(self, sizes: dict[str, int], target: float) -> dict[str, float]:
+        raise NotImplementedError
+
+    def finish(self) -> dict:
+        """The allocator's own record for the result (empty when it has nothing to add)."""
+        return {}
+
+
+class Pruner(Component):
+    """Removes weights inside one block, given the rates of its linears."""
+
+    stats_level: str = "none"  # input statistics prune_block reads: none (data-free) | diag | full
+    supports_nm: bool = False
+    structured: bool = False  # removes FFN channels physically (the model shrinks)
+    prunes: bool = True  # False only for the dense baseline
+
+    def __init__(self, options, pattern: SparsityPattern):
+        super().__init__(options)
+        self.pattern = pattern
+
+    @property
+    def bits(self) -> Optional[int]:
+        """Bits the kept weights are quantized to, None when they are not."""
+        return None
+
+    @property
+    def quantizes(self) -> bool:
+        return self.bits is not None
+
+    def check(self, pattern: SparsityPattern) -> None:
+        """Raise ConfigError for a sparsity pattern this pruner cannot produce with its options."""
+        if pattern.kind == "nm" and not self.supports_nm:
+            raise ConfigError(f"method.sparsity_type={pattern}: pruner {type(self).__name__} supports only "
+                              f"unstructured")
+
+    def prune_block(self, view, rates: dict[str, float]) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class Method:
+    name: str
+    allocator: Allocator
+    pruner: Pruner
+
+
+class LinearPruner(Pruner):
+    """A pruner that decides each linear on its own, from its weight and input statistics."""
 
     def prune_block(self, view, rates: dict[str, float]) -> None:
         for name, linear in view.linears.items():
@@ -17,7 +121,7 @@ class LinearPruner:
         raise NotImplementedError
 
 
-class ChannelPruner:
+class ChannelPruner(Pruner):
     """Base of structured pruners: score every FFN channel of a block, then remove the lowest-scored
     channels physically (`Arch.shrink_ffn`), so the model gets smaller and faster.
 
@@ -30,19 +134,14 @@ class ChannelPruner:
     """
 
     structured = True
-    supports_nm = False
     needs_dense_pass = True
     observe_level = "diag"  # channel scores read the FFN output linear's input norms/means
-    stats_level = "none"  # removal itself needs no statistics of the partly pruned model
+    selection = "per_block"
 
-    def __init__(self, options, pattern):
-        self.options = options
+    def __init__(self, options, pattern: SparsityPattern):
+        super().__init__(options, pattern)
         self.scores: dict[int, torch.Tensor] = {}  # block index -> channel scores (dense model)
         self.global_removed: Optional[dict[int, torch.Tensor]] = None
-
-    @property
-    def selection(self) -> str:
-        return getattr(self.options, "selection", "per_block")
 
     def channel_scores(self, view) -> torch.Tensor:
         """(width,) importance of each FFN channel of the block; lower is removed first."""
@@ -51,7 +150,7 @@ class ChannelPruner:
     def compensate(self, view, removed: torch.Tensor) -> None:
         """Called before removal with the removed channel indices (FLAP's bias compensation)."""
 
-    def dense_state(self) -> dict:  # what observe_block gathered, for bench/cache.py
+    def dense_state(self) -> dict:
         return self.scores
 
     def load_dense_state(self, state: dict) -> None:

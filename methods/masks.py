@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.config import SparsityPattern
+from bench.core.vocab import SparsityPattern
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -12,13 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-SUPPORTED_BITS = (2, 3, 4, 8)
-
-
-def check_bits(bits: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"method.wbits={bits} is not supported; allowed: null (no quantization), "
-                         f"{', '.join(map(str, SUPPORTED_BITS))}")
+SUPPORTED_BITS = (2, 3, 4, 8)  # method.wbits; null = no quantization
 
 
 @dataclass

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 from reports.collect import FORMATS, collect
+from reports.status import render, status
+from reports.wandb_report import build_report
 
 
 def _formats(text: str) -> tuple:
@@ -43,10 +45,8 @@ def main(argv=None) -> int:
         print(f"reports: {args.sweep_dir} is not a directory", file=sys.stderr)
         return 2
     if args.command == "status":
-        from reports.status import render, status
-
         try:
-            print(render(status(args.sweep_dir)))
+            print(render(*status(args.sweep_dir)))
         except FileNotFoundError as exc:
             print(f"reports: {exc}", file=sys.stderr)
             return 2
@@ -58,8 +58,6 @@ def main(argv=None) -> int:
             print(f"\nwrote {', '.join(str(p.relative_to(args.sweep_dir)) for p in report.written)} "
                   f"into {args.sweep_dir}")
         else:
-            from reports.wandb_report import build_report
-
             print(build_report(args.sweep_dir, args.project, args.entity, args.online))
     except FileNotFoundError as exc:
         print(f"reports: {exc}", file=sys.stderr)

@@ -7,13 +7,13 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from reports.collect import collect
+
 log = logging.getLogger(__name__)
 
 
 class CollectTable(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from reports.collect import collect
-
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             table = collect(sweep_dir)

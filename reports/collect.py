@@ -9,7 +9,9 @@
   ours, the paper's number, the difference and a verdict.
 
 A cell that failed shows "failed", one never run shows "-": a number only ever comes from a result file.
-Footnotes give each protocol and every fallback warning and failure.
+Footnotes give each protocol and every fallback warning and failure, and every file under the sweep that
+is not a readable record. Records come from `bench.core.records` (the one reader); what a metric means
+(direction, unit, label) from its registry.
 """
 from __future__ import annotations
 
@@ -21,7 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from bench.results import read_results
+from bench.core.records import Result, metric, read_results
+from reports.html import render
+from reports.plots import write_plots
+from reports.select import method_label, unique_results
 
 FORMATS = ("md", "csv", "tex", "html")
 
@@ -88,7 +93,7 @@ class Report:
     results: Table
     details: Optional[Table]
     targets: Optional[Table]
-    records: list[dict]  # the deduplicated result dicts, for plots and W&B
+    records: list[Result]  # the deduplicated results, for plots and W&B
     written: list[Path] = field(default_factory=list)
 
     @property
@@ -100,70 +105,28 @@ class Report:
         return "\n\n".join((f"## {t.title}\n\n" if t is not self.results else "") + t.markdown for t in self.tables)
 
 
-# --- reading results -----------------------------------------------------------------------------
-
-def unique_results(results: list[dict]) -> list[dict]:
-    """One result per distinct config; a finished run wins over a failed or running one."""
-    by_hash = {}
-    for result in results:
-        key = result.get("config_hash")
-        if key not in by_hash or result.get("status") == "ok":
-            by_hash[key] = result
-    return list(by_hash.values())
-
-
-def method_label(cell: dict) -> str:
-    kind = cell.get("sparsity_type", "unstructured")
-    label = cell["method"] if kind == "unstructured" or cell["method"] == "dense" else f"{cell['method']} ({kind})"
-    return label if cell.get("wbits") is None else f"{label} + {cell['wbits']}-bit"  # quantized: its own row
-
-
-def metric_value(result: dict, metric: str) -> Optional[float]:
-    """A result's value of a target-style metric name: ppl/<dataset>, acc/<task> (the task's configured
-    acc or acc_norm), acc_norm/<task>, acc_avg, speedup[/prefill|/decode] (structured methods measure
-    both, pruned vs dense in the same run; plain `speedup` means prefill). Accuracies in %."""
-    metrics = result.get("metrics", {})
-    kind, _, name = metric.partition("/")
-    if kind == "ppl":
-        return metrics.get("ppl", {}).get(name)
-    zeroshot = metrics.get("zeroshot", {})
-    if kind == "acc_avg":
-        return None if "average" not in zeroshot else 100 * zeroshot["average"]
-    if kind in ("acc", "acc_norm"):
-        task = zeroshot.get("tasks", {}).get(name)
-        value = None if task is None else task["value" if kind == "acc" else "acc_norm"]
-        return None if value is None else 100 * value
-    if kind == "speedup":
-        return metrics.get("speed", {}).get(f"{name or 'prefill'}_speedup")
-    return None
-
-
-def lower_is_better(metric: str) -> bool:
-    return metric.startswith("ppl")
-
-
-def _metric_columns(unique: list[dict]) -> list[tuple[str, str]]:
-    """(metric key, column label) in paper order: ppl per dataset, then tasks, then the average."""
-    ok = [r for r in unique if r.get("status") == "ok"]
-    datasets = sorted({name for r in ok for name in r["metrics"].get("ppl", {})})
-    columns = [(f"ppl/{d}", f"{d} ppl") for d in datasets]
+def _metric_columns(unique: list[Result]) -> list[tuple[str, str]]:
+    """(metric name, column label) in paper order: ppl per dataset, then tasks, then the average."""
+    ok = [r for r in unique if r.ok]
+    datasets = sorted({name for r in ok for name in r.metrics.get("ppl", {})})
+    columns = [(f"ppl/{d}", metric("ppl").label.format(arg=d)) for d in datasets]
     tasks: dict[str, str] = {}
     for r in ok:
-        for task, scores in r["metrics"].get("zeroshot", {}).get("tasks", {}).items():
+        for task, scores in r.metrics.get("zeroshot", {}).get("tasks", {}).items():
             tasks.setdefault(task, scores["metric"])
     columns += [(f"acc/{t}", f"{t} {m}") for t, m in tasks.items()]
     if tasks:
-        columns.append(("acc_avg", "avg acc"))
+        columns.append(("acc_avg", metric("acc_avg").label))
     return columns
 
 
-def _fmt(value: float, metric: str) -> str:
-    return f"{value:.2f}" if metric.startswith(("ppl", "speedup")) else f"{value:.1f}"
+def _fmt(value: float, name: str) -> str:
+    return f"{value:.{metric(name).decimals}f}"
 
 
-def results_table(unique: list[dict]) -> Table:
+def results_table(unique: list[Result]) -> Table:
     metric_cols = _metric_columns(unique)
-    sparsities = sorted({r["cell"]["sparsity"] for r in unique if r["cell"]["method"] != "dense"}) or [0.0]
+    sparsities = sorted({r.cell.sparsity for r in unique if r.cell.method != "dense"}) or [0.0]
     columns = [(s, m) for s in sparsities for m, _ in metric_cols]
     labels = dict(metric_cols)
     header = ["model", "method"] + [f"{s:.0%} {labels[m]}" for s, m in columns]
@@ -171,19 +134,19 @@ def results_table(unique: list[dict]) -> Table:
     entries: dict[tuple, dict] = {}
     values: dict[tuple, dict] = {}
     for result in unique:
-        cell = result["cell"]
-        row_key = (cell["model"], method_label(cell))
+        cell = result.cell
+        row_key = (cell.model, method_label(cell))
         row, numbers = entries.setdefault(row_key, {}), values.setdefault(row_key, {})
         for col in columns:
-            sparsity, metric = col
-            if cell["method"] != "dense" and cell["sparsity"] != sparsity:
+            sparsity, name = col
+            if cell.method != "dense" and cell.sparsity != sparsity:
                 continue
-            if result.get("status") == "ok":
-                value = metric_value(result, metric)
+            if result.ok:
+                value = result.value(name)
                 if value is not None:
-                    row[col], numbers[col] = _fmt(value, metric), value
+                    row[col], numbers[col] = _fmt(value, name), value
             else:
-                row.setdefault(col, "failed" if result.get("status") == "failed" else "running")
+                row.setdefault(col, "failed" if result.status == "failed" else "running")
 
     keys = sorted(entries, key=lambda k: (k[0], k[1] != "dense", k[1]))
     rows = [[model, label] + [entries[(model, label)].get(col, "-") for col in columns] for model, label in keys]
@@ -193,20 +156,20 @@ def results_table(unique: list[dict]) -> Table:
             candidates = [(values[k][col], r) for r, k in enumerate(keys)
                           if k[0] == model and k[1] != "dense" and col in values[k]]
             if len(candidates) > 1:
-                best = (min if lower_is_better(col[1]) else max)(v for v, _ in candidates)
+                best = (min if metric(col[1]).lower_is_better else max)(v for v, _ in candidates)
                 bold |= {(r, c + 2) for v, r in candidates if v == best}
-    return Table("Results", header, rows, _footnotes(unique), bold)
+    return Table("Results", header, rows, bold=bold)
 
 
-def _protocol_note(result: dict) -> str:
-    calib = result.get("data", {}).get("calib", {})
-    evals = result.get("data", {}).get("eval", {})
-    parts = [f"protocol `{result['cell']['protocol']}`"]
-    if calib and result["cell"]["method"] != "dense":
+def _protocol_note(result: Result) -> str:
+    calib = result.data.get("calib", {})
+    evals = result.data.get("eval", {})
+    parts = [f"protocol `{result.cell.protocol}`"]
+    if calib and result.cell.method != "dense":
         parts.append(f"calibration {calib['dataset']}/{calib['split']} {calib['nsamples']} x {calib['seqlen']} tokens")
     for name, info in evals.items():
         parts.append(f"{name}: {info['dataset']}/{info['split']}, {info['windows']} windows x {info['seqlen']} tokens")
-    zeroshot = result.get("metrics", {}).get("zeroshot")
+    zeroshot = result.metrics.get("zeroshot")
     if zeroshot:
         limit = "all" if zeroshot["limit"] is None else zeroshot["limit"]
         parts.append(f"zero-shot: lm-eval {zeroshot['lm_eval']}, {zeroshot['num_fewshot']}-shot, {limit} examples "
@@ -214,28 +177,28 @@ def _protocol_note(result: dict) -> str:
     return "; ".join(parts)
 
 
-def _footnotes(unique: list[dict]) -> list[str]:
-    notes = sorted({_protocol_note(r) for r in unique if r.get("status") == "ok"})
+def _footnotes(unique: list[Result], corrupt: list[tuple[str, str]]) -> list[str]:
+    notes = sorted({_protocol_note(r) for r in unique if r.ok})
     for result in unique:
-        for warning in result.get("warnings", []):
-            notes.append(f"WARNING ({result['cell']['method']}): {warning}")
-        if result.get("status") == "failed":
-            error = result["error"]
-            message = (error["message"] or "").splitlines()[:1]  # one line keeps the footnote list intact
-            notes.append(f"failed: {result['cell']['model']} {result['cell']['method']} "
-                         f"{result['cell']['sparsity']:.0%}: {error['type']}: {''.join(message)} ({result['path']})")
+        for warning in result.warnings:
+            notes.append(f"WARNING ({result.cell.method}): {warning}")
+        if result.status == "failed":
+            message = (result.error.message or "").splitlines()[:1]  # one line keeps the footnote list intact
+            notes.append(f"failed: {result.cell.model} {result.cell.method} {result.cell.sparsity:.0%}: "
+                         f"{result.error.type}: {''.join(message)} ({result.path})")
+    notes += [f"not a result, left alone: {path}: {why}" for path, why in corrupt]
     return list(dict.fromkeys(notes))
 
 
 # --- per-cell details ----------------------------------------------------------------------------
 
 DETAILS = (  # column label, how to read it from a result (None = not present)
-    ("measured sparsity", lambda r: _pct(r.get("sparsity", {}).get("measured"))),
-    ("params removed", lambda r: _pct(r.get("sparsity", {}).get("params_removed"))),
-    ("pruning time (s)", lambda r: _num(r.get("timings", {}).get("prune"), "{:.1f}")),
-    ("peak memory (MB)", lambda r: _num(r.get("peak_memory", {}).get("cuda_mb", r.get("peak_memory", {}).get("rss_mb")), "{:.0f}")),
-    ("prefill speed-up", lambda r: _num(r.get("metrics", {}).get("speed", {}).get("prefill_speedup"), "{:.2f}x")),
-    ("decode speed-up", lambda r: _num(r.get("metrics", {}).get("speed", {}).get("decode_speedup"), "{:.2f}x")),
+    ("measured sparsity", lambda r: _pct(r.sparsity.get("measured"))),
+    ("params removed", lambda r: _pct(r.sparsity.get("params_removed"))),
+    ("pruning time (s)", lambda r: _num(r.timings.get("prune"), "{:.1f}")),
+    ("peak memory (MB)", lambda r: _num(r.peak_memory.get("cuda_mb", r.peak_memory.get("rss_mb")), "{:.0f}")),
+    ("prefill speed-up", lambda r: _speedup(r, "speedup/prefill")),
+    ("decode speed-up", lambda r: _speedup(r, "speedup/decode")),
 )
 
 
@@ -247,14 +210,18 @@ def _num(value, pattern: str) -> Optional[str]:
     return None if value is None else pattern.format(value)
 
 
-def details_table(unique: list[dict]) -> Optional[Table]:
-    ok = sorted((r for r in unique if r.get("status") == "ok"),
-                key=lambda r: (r["cell"]["model"], r["cell"]["method"] != "dense", method_label(r["cell"]),
-                               r["cell"]["sparsity"]))
+def _speedup(result: Result, name: str) -> Optional[str]:
+    value = result.value(name)
+    return None if value is None else metric(name).format(value)
+
+
+def details_table(unique: list[Result]) -> Optional[Table]:
+    ok = sorted((r for r in unique if r.ok),
+                key=lambda r: (r.cell.model, r.cell.method != "dense", method_label(r.cell), r.cell.sparsity))
     present = [(label, read) for label, read in DETAILS if any(read(r) is not None for r in ok)]
     if not present:
         return None
-    rows = [[r["cell"]["model"], method_label(r["cell"]), f"{r['cell']['sparsity']:.0%}"]
+    rows = [[r.cell.model, method_label(r.cell), f"{r.cell.sparsity:.0%}"]
             + [read(r) or "-" for _, read in present] for r in ok]
     notes = ["peak memory: CUDA max allocated when on a GPU, else the process's max RSS"]
     return Table("Details per cell", ["model", "method", "sparsity"] + [label for label, _ in present], rows, notes)
@@ -262,56 +229,56 @@ def details_table(unique: list[dict]) -> Optional[Table]:
 
 # --- reported vs reproduced ----------------------------------------------------------------------
 
-def _target_result(target: dict, unique: list[dict]) -> Optional[dict]:
-    matches = [r for r in unique if r["cell"]["model"] == target["model"] and r["cell"]["method"] == target["method"]
-               and (r["cell"]["method"] == "dense" or math.isclose(r["cell"]["sparsity"], float(target["sparsity"])))]
-    matches.sort(key=lambda r: r.get("status") != "ok")
+def _target_result(target: dict, unique: list[Result]) -> Optional[Result]:
+    matches = [r for r in unique if r.cell.model == target["model"] and r.cell.method == target["method"]
+               and (r.cell.method == "dense" or math.isclose(r.cell.sparsity, float(target["sparsity"])))]
+    matches.sort(key=lambda r: not r.ok)
     return matches[0] if matches else None
 
 
-def verdict(ours: float, reported: float, tolerance: float, metric: str) -> str:
+def verdict(ours: float, reported: float, tolerance: float, name: str) -> str:
     relative = (ours - reported) / abs(reported)
     if abs(relative) <= tolerance:
         return "within tolerance"
-    improved = relative < 0 if lower_is_better(metric) else relative > 0
+    improved = relative < 0 if metric(name).lower_is_better else relative > 0
     return "better" if improved else "worse"
 
 
-def _not_run(result: Optional[dict]) -> str:
+def _not_run(result: Optional[Result]) -> str:
     if result is None:
         return "not run: no result in this sweep"
-    if result.get("status") == "failed":
-        if "load" not in result.get("timings", {}):  # the model never loaded
+    if result.status == "failed":
+        if "load" not in result.timings:  # the model never loaded
             return "not run: weights unavailable"
-        return f"not run: failed ({result['error']['type']})"
-    return f"not run: {result.get('status')}"
+        return f"not run: failed ({result.error.type})"
+    return f"not run: {result.status}"
 
 
-def targets_table(unique: list[dict]) -> Optional[Table]:
+def targets_table(unique: list[Result]) -> Optional[Table]:
     targets = []
     for result in unique:
-        for target in result.get("config", {}).get("targets") or []:
+        for target in result.config.get("targets") or []:
             if target not in targets:
                 targets.append(target)
     if not targets:
         return None
     rows = []
     for target in targets:
-        metric, reported, tolerance = target["metric"], float(target["reported"]), float(target["tolerance"])
-        if metric.split("/")[0] in ("acc", "acc_norm", "acc_avg") and reported <= 1.0:
+        name, reported, tolerance = target["metric"], float(target["reported"]), float(target["tolerance"])
+        if metric(name).unit == "%" and reported <= 1.0:
             reported *= 100  # accuracies are compared in %
         result = _target_result(target, unique)
-        ours = metric_value(result, metric) if result and result.get("status") == "ok" else None
-        if result is None or result.get("status") != "ok":
+        ours = result.value(name) if result is not None and result.ok else None
+        if result is None or not result.ok:
             text, diff, judged = "-", "-", _not_run(result)
         elif ours is None:
-            text, diff, judged = "-", "-", f"not run: {metric} not evaluated"
+            text, diff, judged = "-", "-", f"not run: {name} not evaluated"
         else:
-            text = _fmt(ours, metric)
+            text = _fmt(ours, name)
             diff = f"{ours - reported:+.2f} ({(ours - reported) / abs(reported):+.1%})"
-            judged = verdict(ours, reported, tolerance, metric)
-        rows.append([target["model"], target["method"], f"{float(target['sparsity']):.0%}", metric, text,
-                     _fmt(reported, metric), diff, f"±{tolerance:.0%}", judged, str(target.get("source", ""))])
+            judged = verdict(ours, reported, tolerance, name)
+        rows.append([target["model"], target["method"], f"{float(target['sparsity']):.0%}", name, text,
+                     _fmt(reported, name), diff, f"±{tolerance:.0%}", judged, str(target.get("source", ""))])
     notes = sorted({f"{t['model']} {t['method']} {t['metric']}: {t['note']}" for t in targets if t.get("note")})
     return Table("Reported vs reproduced", ["model", "method", "sparsity", "metric", "ours", "paper", "difference",
                                             "tolerance", "verdict", "source"], rows, notes)
@@ -319,27 +286,24 @@ def targets_table(unique: list[dict]) -> Optional[Table]:
 
 # --- entry point ---------------------------------------------------------------------------------
 
-def build_report(results: list[dict]) -> Report:
+def build_report(results: list[Result], corrupt: list[tuple[str, str]] = ()) -> Report:
     unique = unique_results(results)
-    return Report(results_table(unique), details_table(unique), targets_table(unique), unique)
-
-
-def build_table(results: list[dict]) -> Table:
-    return results_table(unique_results(results))
+    table = results_table(unique)
+    table.footnotes = _footnotes(unique, list(corrupt))
+    return Report(table, details_table(unique), targets_table(unique), unique)
 
 
 def collect(sweep_dir: Path, write: bool = True, formats: tuple = ("md", "csv"), plots: bool = False) -> Report:
     """Read every result.json under `sweep_dir`; write table.<fmt>, report.html and plots/ there."""
     sweep_dir = Path(sweep_dir)
-    results = read_results(sweep_dir)
-    if not results:
-        raise FileNotFoundError(f"no result.json under {sweep_dir}")
-    report = build_report(results)
+    found = read_results(sweep_dir)
+    if not found.records:
+        raise FileNotFoundError(f"no result.json under {sweep_dir}"
+                                + (f" ({len(found.corrupt)} unreadable)" if found.corrupt else ""))
+    report = build_report(found.records, found.corrupt)
     if write:
         images = []
         if plots:
-            from reports.plots import write_plots
-
             images = write_plots(report.records, sweep_dir / "plots")
         for fmt in formats:
             report.written += _write(report, sweep_dir, fmt, [p for p in images if p.suffix == ".png"])
@@ -356,8 +320,6 @@ def _write(report: Report, sweep_dir: Path, fmt: str, images: list[Path]) -> lis
     elif fmt == "tex":
         paths = {sweep_dir / "table.tex": "\n\n".join(t.latex for t in report.tables) + "\n"}
     else:
-        from reports.html import render
-
         paths = {sweep_dir / "report.html": render(report, f"prunebench report: {sweep_dir.name}", images)}
     for path, text in paths.items():
         path.write_text(text)

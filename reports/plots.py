@@ -1,6 +1,6 @@
 """Plots of a sweep's results (matplotlib, each figure written as PNG and SVG).
 
-Every function takes the deduplicated result dicts (`reports.collect.unique_results`) and an output
+Every function takes the deduplicated results (`reports.select.unique_results`) and an output
 dir, writes its figures and returns their paths; a function with nothing to plot writes nothing.
 The dense baseline is drawn as a dashed horizontal line, since it has no sparsity axis.
 """
@@ -15,7 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from reports.collect import method_label, metric_value  # noqa: E402
+from bench.core.records import Result  # noqa: E402
+from reports.select import method_label  # noqa: E402
 
 # Reproducible SVGs: no timestamp, fixed element ids
 matplotlib.rcParams["svg.hashsalt"] = "prunebench"
@@ -30,29 +31,29 @@ def _save(fig, out_dir: Path, stem: str) -> list[Path]:
     return paths
 
 
-def _ok(records: list[dict]) -> list[dict]:
-    return [r for r in records if r.get("status") == "ok"]
+def _ok(records: list[Result]) -> list[Result]:
+    return [r for r in records if r.ok]
 
 
-def _series(records: list[dict], model: str, metric: str) -> tuple[dict, dict]:
+def _series(records: list[Result], model: str, metric: str) -> tuple[dict, dict]:
     """({method: [(sparsity %, value)]}, {method: dense value}) of one model's metric."""
     lines, dense = defaultdict(list), {}
     for r in records:
-        value = metric_value(r, metric)
-        if r["cell"]["model"] != model or value is None:
+        value = r.value(metric)
+        if r.cell.model != model or value is None:
             continue
-        if r["cell"]["method"] == "dense":
+        if r.cell.method == "dense":
             dense["dense"] = value
         else:
-            lines[method_label(r["cell"])].append((100 * r["cell"]["sparsity"], value))
+            lines[method_label(r.cell)].append((100 * r.cell.sparsity, value))
     return {m: sorted(points) for m, points in sorted(lines.items())}, dense
 
 
-def _metric_panels(records: list[dict], out_dir: Path, metrics: list[str], stem: str, ylabel, log_y: bool) -> list[Path]:
+def _metric_panels(records: list[Result], out_dir: Path, metrics: list[str], stem: str, ylabel,
+                   log_y: bool) -> list[Path]:
     paths = []
-    for model in sorted({r["cell"]["model"] for r in records}):
-        panels = [m for m in metrics if any(metric_value(r, m) is not None for r in records
-                                             if r["cell"]["model"] == model)]
+    for model in sorted({r.cell.model for r in records}):
+        panels = [m for m in metrics if any(r.value(m) is not None for r in records if r.cell.model == model)]
         if not panels:
             continue
         fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.6), squeeze=False,
@@ -80,29 +81,29 @@ def _metric_panels(records: list[dict], out_dir: Path, metrics: list[str], stem:
     return paths
 
 
-def plot_ppl_vs_sparsity(records: list[dict], out_dir: Path) -> list[Path]:
+def plot_ppl_vs_sparsity(records: list[Result], out_dir: Path) -> list[Path]:
     """Perplexity vs sparsity per method (log y), one panel per evaluation dataset, one figure per model."""
     records = _ok(records)
-    datasets = sorted({d for r in records for d in r["metrics"].get("ppl", {})})
+    datasets = sorted({d for r in records for d in r.metrics.get("ppl", {})})
     return _metric_panels(records, Path(out_dir), [f"ppl/{d}" for d in datasets], "ppl_vs_sparsity",
                           lambda m: f"perplexity ({m.split('/')[1]}, log)", log_y=True)
 
 
-def plot_accuracy_vs_sparsity(records: list[dict], out_dir: Path) -> list[Path]:
+def plot_accuracy_vs_sparsity(records: list[Result], out_dir: Path) -> list[Path]:
     """Mean zero-shot accuracy vs sparsity per method, one figure per model."""
     return _metric_panels(_ok(records), Path(out_dir), ["acc_avg"], "accuracy_vs_sparsity",
                           lambda m: "mean zero-shot accuracy (%)", log_y=False)
 
 
-def plot_speedup_vs_params(records: list[dict], out_dir: Path) -> list[Path]:
+def plot_speedup_vs_params(records: list[Result], out_dir: Path) -> list[Path]:
     """Prefill and decode speed-up vs fraction of parameters removed, per method (structured cells)."""
     points = defaultdict(list)
     for r in _ok(records):
-        speed, removed = r["metrics"].get("speed", {}), r.get("sparsity", {}).get("params_removed")
+        removed = r.sparsity.get("params_removed")
         for stage in ("prefill", "decode"):
-            if f"{stage}_speedup" in speed and removed is not None:
-                points[(r["cell"]["model"], f"{method_label(r['cell'])} {stage}")].append(
-                    (100 * removed, speed[f"{stage}_speedup"]))
+            speedup = r.value(f"speedup/{stage}")
+            if speedup is not None and removed is not None:
+                points[(r.cell.model, f"{method_label(r.cell)} {stage}")].append((100 * removed, speedup))
     if not points:
         return []
     fig, ax = plt.subplots(figsize=(5, 3.6))
@@ -116,45 +117,44 @@ def plot_speedup_vs_params(records: list[dict], out_dir: Path) -> list[Path]:
     return _save(fig, Path(out_dir), "speedup_vs_params")
 
 
-def plot_layer_schedules(results: list[dict], path) -> list[Path]:
+def plot_layer_schedules(results: list[Result], path) -> list[Path]:
     """Allocated sparsity of every prunable linear (block order), one panel per finished run, side by
     side with a shared y axis; written as `path` with suffixes .png and .svg. Returns the two paths."""
-    runs = [r for r in results if r.get("status") == "ok" and r.get("sparsity", {}).get("allocated")]
+    runs = [r for r in results if r.ok and r.sparsity.get("allocated")]
     if not runs:
         raise ValueError("no finished result with an allocated schedule to plot")
     fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 3.2), sharey=True, squeeze=False)
     for ax, result in zip(axes[0], runs):
-        allocated = result["sparsity"]["allocated"]  # insertion order = block order
+        allocated = result.sparsity["allocated"]  # insertion order = block order
         names = list(allocated)
         blocks = [next((int(part) for part in name.split(".") if part.isdigit()), None) for name in names]
         ax.plot(range(len(names)), list(allocated.values()), ".", markersize=3)
-        ax.axhline(result["sparsity"]["target"], color="grey", linewidth=0.8, linestyle="--")
+        ax.axhline(result.sparsity["target"], color="grey", linewidth=0.8, linestyle="--")
         starts = [i for i, b in enumerate(blocks) if b is not None and (i == 0 or blocks[i - 1] != b)]
         step = max(1, len(starts) // 6)
         ax.set_xticks(starts[::step], [str(blocks[i]) for i in starts[::step]])
-        cell = result["cell"]
-        ax.set_title(f"{method_label(cell)}, {cell['sparsity']:.0%}\n"
-                     f"measured {result['sparsity']['measured']:.2%}", fontsize=9)
+        ax.set_title(f"{method_label(result.cell)}, {result.cell.sparsity:.0%}\n"
+                     f"measured {result.sparsity['measured']:.2%}", fontsize=9)
         ax.set_xlabel("decoder block (linears in block order)")
     axes[0][0].set_ylabel("sparsity")
-    fig.suptitle(f"{runs[0]['cell']['model']}: per-layer sparsity", fontsize=10)
+    fig.suptitle(f"{runs[0].cell.model}: per-layer sparsity", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     return _save(fig, path.parent, path.name)
 
 
-def plot_all_layer_schedules(records: list[dict], out_dir: Path) -> list[Path]:
+def plot_all_layer_schedules(records: list[Result], out_dir: Path) -> list[Path]:
     """One schedule figure per model and sparsity where some allocator was not uniform."""
-    scheduled = [r for r in _ok(records) if r["cell"]["method"] != "dense" and r.get("sparsity", {}).get("allocated")]
+    scheduled = [r for r in _ok(records) if r.cell.method != "dense" and r.sparsity.get("allocated")]
     written = []
-    for model, sparsity in sorted({(r["cell"]["model"], r["cell"]["sparsity"]) for r in scheduled}):
-        runs = [r for r in scheduled if (r["cell"]["model"], r["cell"]["sparsity"]) == (model, sparsity)]
-        if any(len(set(r["sparsity"]["allocated"].values())) > 1 for r in runs):
+    for model, sparsity in sorted({(r.cell.model, r.cell.sparsity) for r in scheduled}):
+        runs = [r for r in scheduled if (r.cell.model, r.cell.sparsity) == (model, sparsity)]
+        if any(len(set(r.sparsity["allocated"].values())) > 1 for r in runs):
             written += plot_layer_schedules(runs, Path(out_dir) / f"layer_schedules_{model}_{round(100 * sparsity)}")
     return written
 
 
-def write_plots(records: list[dict], out_dir: Path) -> list[Path]:
+def write_plots(records: list[Result], out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     return (plot_ppl_vs_sparsity(records, out_dir) + plot_accuracy_vs_sparsity(records, out_dir)
             + plot_speedup_vs_params(records, out_dir) + plot_all_layer_schedules(records, out_dir))

@@ -8,23 +8,24 @@ as a dotted reference line.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
+
+from bench.core.records import read_result
+
+matplotlib.use("Agg")
+
 
 def plot_search(results: list, out_stem) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
     fig, ax = plt.subplots(figsize=(6, 4))
     for index, path in enumerate(results):
-        result = json.loads(Path(path).read_text())
-        search = result["allocator"]["search"]
-        label = f"{result['cell']['method']} ({search['operators']}) {result['cell']['sparsity']:g}"
+        result = read_result(Path(path))
+        search = result.allocator["search"]
+        label = f"{result.cell.method} ({search['operators']}) {result.cell.sparsity:g}"
         color = f"C{index}"
         generations = [h["generation"] for h in search["history"]]
         ax.plot(generations, [h["best"] for h in search["history"]], "-o", color=color, label=f"{label} best")

@@ -1,8 +1,8 @@
 """python -m reports status <sweep dir>: which cells of a sweep are done, running, failed or missing.
 
-The sweep's cells are its cross product: `cells.json` (written by bench/sweep.py when the sweep starts),
-else recomposed from the `multirun.yaml` Hydra writes in the sweep dir. A cell's result is found by its
-config hash, as on resume. A result still marked "running" whose process is gone (same host and dead
+The sweep's cells are its cross product, listed in `cells.json` (written when the sweep starts). A cell's
+result is found by its config hash, as on resume; a file that is not a readable result is listed as
+such and left alone. A result still marked "running" whose process is gone (same host and dead
 pid, or a Slurm job squeue no longer knows) was killed (OOM killer, node failure, hard timeout): it is
 reported as failed, like an interrupted one.
 """
@@ -16,10 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import OmegaConf
-
-from bench import sweep
-from bench.results import read_results
+from bench.core.records import CELLS_FILE, Result, read_manifest, read_results
 
 STATES = ("done", "running", "failed", "missing")
 
@@ -35,50 +32,36 @@ class CellStatus:
 
 def sweep_cells(sweep_dir: Path) -> list[dict]:
     """[{overrides, config_hash}] for every cell of the sweep in `sweep_dir`."""
-    manifest = sweep.read_manifest(sweep_dir)
-    if manifest is not None:
-        return manifest
-    multirun = Path(sweep_dir) / "multirun.yaml"
-    if not multirun.exists():
-        raise FileNotFoundError(f"{sweep_dir} has neither {sweep.CELLS_FILE} nor multirun.yaml: not a sweep dir")
-    primary = OmegaConf.load(multirun)
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=_config_dir(primary), version_base="1.3"):
-        cells = sweep.expand(list(primary.hydra.overrides.task),
-                             lambda overrides: compose(primary.hydra.job.config_name, overrides=overrides))
-    return [{"overrides": cell.overrides, "config_hash": cell.config_hash} for cell in cells]
+    manifest = read_manifest(sweep_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"{sweep_dir} has no {CELLS_FILE}: not a sweep dir (prunebench writes it when "
+                                f"a sweep starts)")
+    return manifest
 
 
-def _config_dir(primary) -> str:
-    for source in primary.hydra.runtime.config_sources:
-        if source.provider == "main" and source.schema == "file":
-            return source.path
-    return str(Path(__file__).resolve().parent.parent / "conf")
-
-
-def status(sweep_dir: Path) -> list[CellStatus]:
-    by_hash: dict[str, list[dict]] = {}
-    for result in read_results(sweep_dir):
-        by_hash.setdefault(result.get("config_hash"), []).append(result)
+def status(sweep_dir: Path) -> tuple[list[CellStatus], list[tuple[str, str]]]:
+    """The state of every cell, and the files under the sweep that are not readable results."""
+    found = read_results(sweep_dir)
+    by_hash: dict[str, list[Result]] = {}
+    for result in found.records:
+        by_hash.setdefault(result.config_hash, []).append(result)
     rows = []
     for cell in sweep_cells(sweep_dir):
-        found = by_hash.get(cell["config_hash"], [])
-        ranked = sorted((_state(result) + (result["path"],) for result in found), key=lambda s: STATES.index(s[0]))
+        ranked = sorted((_state(result) + (result.path,) for result in by_hash.get(cell["config_hash"], [])),
+                        key=lambda s: STATES.index(s[0]))
         state, detail, path = ranked[0] if ranked else ("missing", "", None)
         rows.append(CellStatus(cell["overrides"], cell["config_hash"], state, detail, path))
-    return rows
+    return rows, found.corrupt
 
 
-def _state(result: dict) -> tuple[str, str]:
-    status = result.get("status")
-    if status == "ok":
+def _state(result: Result) -> tuple[str, str]:
+    if result.ok:
         return "done", ""
-    if status == "running":
-        dead = _dead(result.get("process") or {})
+    if result.status == "running":
+        dead = _dead(result.process)
         return ("failed", dead) if dead else ("running", "")
-    error = result.get("error") or {}
-    return "failed", f"{status}: {error.get('type')}: {error.get('message', '')}".strip()
+    error = result.error
+    return "failed", f"{result.status}: {error.type if error else None}: {error.message if error else ''}".strip()
 
 
 def _dead(process: dict) -> str:
@@ -99,7 +82,7 @@ def _dead(process: dict) -> str:
     return ""
 
 
-def render(rows: list[CellStatus]) -> str:
+def render(rows: list[CellStatus], corrupt: list[tuple[str, str]] = ()) -> str:
     counts = {state: sum(row.state == state for row in rows) for state in STATES}
     lines = [f"{len(rows)} cells: " + ", ".join(f"{counts[s]} {s}" for s in STATES), ""]
     for row in rows:
@@ -107,4 +90,5 @@ def render(rows: list[CellStatus]) -> str:
         if row.detail:
             line += f"  ({row.detail.splitlines()[0][:160]})"
         lines.append(line)
+    lines += [f"corrupt  {path}  ({why}; left alone)" for path, why in corrupt]
     return "\n".join(lines)

@@ -15,23 +15,21 @@ from pathlib import Path
 from typing import Optional
 
 from reports.collect import collect
-from reports.wandb_log import flat_metrics
 
 SPEC_FILE = "wandb_report.json"
 
 
 def report_object(sweep_dir: Path, project: str, entity: str, online: bool):
-    import wandb_workspaces.reports.v2 as wr
+    import wandb_workspaces.reports.v2 as wr  # seconds to import: only this command pays it
 
     sweep_dir = Path(sweep_dir)
     report = collect(sweep_dir, write=False)
     group = sweep_dir.name
-    metrics = sorted({name for r in report.records for name in flat_metrics(r)
-                      if name.split("/")[0] in ("ppl", "acc", "acc_avg", "speedup")})
+    metrics = sorted({name for r in report.records for name in r.metric_values()})
     panels = [wr.ScatterPlot(title=f"{m} vs sparsity", x=wr.Config("sparsity"), y=wr.SummaryMetric(m),
                              log_y=m.startswith("ppl")) for m in metrics]
     panels.append(wr.LinePlot(title="per-layer sparsity", x="layer", y=["layer_sparsity"]))
-    panels += [wr.WeavePanelSummaryTable(table_name=t.title.lower().replace(" ", "_")) for t in report.tables]
+    panels += [wr.WeavePanelSummaryTable(table_name=name) for name in ("metrics", "per_layer_sparsity")]
     # Offline a runset cannot name its project: wandb-workspaces looks the project's id up on the server
     runset = wr.Runset(entity=entity if online else "", project=project if online else "", name=group,
                        filters=f"Group = '{group}'")

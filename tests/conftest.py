@@ -1,14 +1,14 @@
 """Shared fixtures: compose real configs from conf/ (the same path run.py takes) for tiny models."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from bench.config import validate
+from bench.config import compose, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -27,8 +27,15 @@ def _isolated_env(tmp_path, monkeypatch):
 
 def compose_config(*overrides: str):
     """The composed DictConfig for these overrides (Hydra's compose API, conf/ as in run.py)."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+    return compose(list(overrides))
+
+
+def load_script(name: str):
+    """A module of scripts/ (run by hand, outside the packages), imported from its file."""
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from bench.cell import run_cell
-from bench.config import ConfigError, SparsityPattern
-from bench.engine import InputStats
+from bench.core.vocab import ConfigError, SparsityPattern
+from bench.core.engine import InputStats
+from bench.core.records import CellKey, Result
+from reports.plots import plot_layer_schedules
 from methods.allocators.loss_estimate import LossEstimate, kmeans_1d
 from methods.allocators.owl import OWL
 from methods.pruners.sparsegpt import sparsegpt
@@ -135,20 +137,17 @@ def test_schedules_run_end_to_end_and_hit_target(model, method, make_config, tmp
 
 
 def test_schedule_plot_writes_png_and_svg(tmp_path):
-    from reports.plots import plot_layer_schedules
-
-    def result(method, rates):
+    def result(method, rates, status="ok"):
         allocated = {f"model.layers.{i // 2}.{'q' if i % 2 else 'fc'}": r for i, r in enumerate(rates)}
-        return {"status": "ok", "cell": {"model": "m", "method": method, "sparsity": 0.7},
-                "config": {"method": {"wbits": None}},
-                "sparsity": {"target": 0.7, "measured": 0.7, "allocated": allocated}}
+        return Result(status, method, CellKey("m", method, 0.7),
+                      sparsity={"target": 0.7, "measured": 0.7, "allocated": allocated} if status == "ok" else {})
 
     written = plot_layer_schedules([result("uniform", [0.7] * 4), result("loss_estimate", [0.6, 0.8, 0.65, 0.75]),
-                                    {"status": "failed", "cell": {}}], tmp_path / "schedules")
+                                    result("wanda", [], "failed")], tmp_path / "schedules")
     assert [p.suffix for p in written] == [".png", ".svg"]
     assert all(p.stat().st_size > 1000 for p in written)
     with pytest.raises(ValueError, match="no finished result"):
-        plot_layer_schedules([{"status": "failed"}], tmp_path / "none")
+        plot_layer_schedules([result("wanda", [], "failed")], tmp_path / "none")
 
 
 def test_relative_loss_ignores_the_scale_of_a_layer():

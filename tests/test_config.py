@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from bench.config import ConfigError
+from bench.core.vocab import ConfigError
 from tests.conftest import ROOT
 
 

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from bench import data, evaluate, models
+from bench import data, models
+from bench.core import perplexity
 from bench.config import ModelConfig
 from bench.data import DataUnavailable
 
@@ -40,14 +41,14 @@ def test_calibration_sampling_is_seeded_and_slices_the_text():
 
 def test_perplexity_is_exp_of_mean_window_nll():
     model, tokenizer = models.random_model(ModelConfig(
-        name="t", family="llama", source="random",
-        architecture={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+        name="t", source="random",
+        architecture={"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                       "num_attention_heads": 2, "num_key_value_heads": 1}))
     model.eval()
     windows = data.eval_windows(data.tokenize(tokenizer, "some text to score, " * 40), 32, 5, "pydoc")
     with torch.no_grad():  # independent reference: transformers' own shifted LM loss per window
         losses = [model(w.unsqueeze(0), labels=w.unsqueeze(0)).loss.item() for w in windows]
-    assert evaluate.perplexity(model, windows, "cpu") == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-5)
+    assert perplexity.perplexity(model, windows, "cpu") == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-5)
 
 
 def test_missing_corpus_fails_loudly_unless_fallback_is_allowed(tmp_path):

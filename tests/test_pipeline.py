@@ -16,7 +16,7 @@ def test_full_pipeline_writes_complete_result(model, method, make_config, tmp_pa
     result = run_cell(cfg, resolved, tmp_path)
     saved = json.loads((tmp_path / "result.json").read_text())
     assert saved["status"] == "ok", saved["error"]
-    assert saved["config_hash"] == result["config_hash"]
+    assert saved["config_hash"] == result.config_hash
     assert abs(saved["sparsity"]["measured"] - 0.5) < 0.01
     ppl = saved["metrics"]["ppl"]["pydoc"]
     assert 1 < ppl < 1e4
@@ -28,14 +28,14 @@ def test_nm_pruned_checkpoint_reloads_identically(make_config, tmp_path):
     import torch
     import transformers
 
-    from bench.arch import prunable_linears
+    from bench.core.families import prunable_linears
 
     save_dir = tmp_path / "pruned"
     cfg, resolved = make_config("model=llama-tiny", "method=sparsegpt", "method.sparsity_type=2:4",
                                 f"save_dir={save_dir}", *TINY)
     result = run_cell(cfg, resolved, tmp_path / "cell")
-    assert result["status"] == "ok", result["error"]
-    assert result["sparsity"]["measured"] == 0.5
+    assert result.status == "ok", result.error
+    assert result.sparsity["measured"] == 0.5
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(save_dir).eval()
     for name, linear in prunable_linears(reloaded).items():
         nonzeros = (linear.weight != 0).reshape(linear.weight.shape[0], -1, 4).sum(-1)
@@ -43,7 +43,8 @@ def test_nm_pruned_checkpoint_reloads_identically(make_config, tmp_path):
     # the reloaded model is the pruned one: re-running the cell's pruning gives the same weights
     from bench import models
     import methods
-    from bench import data, engine
+    from bench import data
+    from bench.core import engine
 
     model, tokenizer = models.load(cfg.model)
     corpus = data.load_corpus("pydoc", "validation", None, "calib")
@@ -59,5 +60,5 @@ def test_dense_cells_of_a_sweep_run_once(make_config, tmp_path):
     second_cfg, second = make_config("model=opt-tiny", "method=dense", "sparsity=0.7", *TINY)
     done = run_cell(first_cfg, first, tmp_path / "0", sweep_dir=tmp_path)
     again = run_cell(second_cfg, second, tmp_path / "1", sweep_dir=tmp_path)
-    assert again["config_hash"] == done["config_hash"]
+    assert again.config_hash == done.config_hash
     assert not (tmp_path / "1" / "result.json").exists()

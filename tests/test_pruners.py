@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.config import SparsityPattern
-from bench.engine import InputStats
+from bench.core.vocab import ConfigError, SparsityPattern
+from bench.core.engine import InputStats
 from methods.pruners.magnitude import Magnitude
 from methods.pruners.sparsegpt import SparseGPT
 from methods.pruners.wanda import Wanda
@@ -75,5 +75,6 @@ def test_sparsegpt_updates_kept_weights_and_zeroes_dead_inputs():
 
 
 def test_sparsegpt_rejects_blocksize_not_multiple_of_m():
-    with pytest.raises(ValueError, match="blocksize"):
-        SparseGPT(SparseGPT.Options(blocksize=6), SparsityPattern.parse("2:4"))
+    pattern = SparsityPattern.parse("2:4")
+    with pytest.raises(ConfigError, match="method.blocksize=6 must be a multiple of M=4"):
+        SparseGPT(SparseGPT.Options(blocksize=6), pattern).check(pattern)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bench.cell import run_cell
-from bench.config import ConfigError, SparsityPattern
+from bench.core.vocab import ConfigError, SparsityPattern
 from methods import quant
 from methods.pruners.sparsegpt import sparsegpt
 from reports.collect import collect

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import results
+from bench.core import records
 from bench.cell import run_cell
 from reports.__main__ import main as reports_main
 from reports.collect import build_report, collect
@@ -53,7 +53,7 @@ def fake(root: Path, model: str, method: str, sparsity: float, ppl=None, accs=No
                                              "source": "local task YAMLs: mirrors"}
     else:
         result["error"] = {"type": "OSError", "message": "no weights", "traceback": ""}
-    results.write_json_atomic(root / f"{model}_{method}_{sparsity}" / results.RESULT_FILE, result)
+    records.write_json_atomic(root / f"{model}_{method}_{sparsity}" / records.RESULT_FILE, result)
 
 
 @pytest.fixture
@@ -146,13 +146,14 @@ def test_wandb_offline_logs_the_cell_and_its_table(make_config, tmp_path):
     cfg, resolved = make_config("model=llama-tiny", "method=magnitude", *TINY, "logger=wandb")
     assert cfg.logger.mode == "offline"
     result = run_cell(cfg, resolved, tmp_path)
-    assert result["status"] == "ok"
+    assert result.status == "ok"
     run_dirs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1
-    tables = list(run_dirs[0].rglob("results_*.table.json"))
+    tables = list(run_dirs[0].rglob("metrics_*.table.json"))
     assert tables, sorted(p.name for p in run_dirs[0].rglob("*"))
-    logged = json.loads(tables[0].read_text())
-    assert logged["columns"][:2] == ["model", "method"] and logged["data"][0][:2] == ["llama-tiny", "magnitude"]
+    logged = dict(json.loads(tables[0].read_text())["data"])
+    assert logged["ppl/pydoc"] == result.metrics["ppl"]["pydoc"]  # numbers as numbers, under registry names
+    assert logged["sparsity/measured"] == result.sparsity["measured"]
     assert list(run_dirs[0].rglob("per_layer_sparsity_*.table.json"))
 
 
@@ -164,15 +165,15 @@ def test_wandb_failure_never_fails_a_cell(make_config, tmp_path, monkeypatch):
 
     monkeypatch.setattr(wandb, "init", broken)
     cfg, resolved = make_config("model=llama-tiny", "method=magnitude", *TINY, "logger=wandb")
-    assert run_cell(cfg, resolved, tmp_path)["status"] == "ok"
+    assert run_cell(cfg, resolved, tmp_path).status == "ok"
     assert json.loads((tmp_path / "result.json").read_text())["status"] == "ok"
 
 
 def test_build_report_without_zeroshot_keeps_ppl_only_layout(sweep):
-    plain = results.read_results(sweep)
+    plain = records.read_results(sweep).records
     for result in plain:
-        result.get("metrics", {}).pop("zeroshot", None)
-        result["config"] = {}
+        result.metrics.pop("zeroshot", None)
+        result.config = {}
     report = build_report(plain)
     assert report.targets is None
     assert report.results.header == ["model", "method", "50% pydoc ppl", "70% pydoc ppl"]

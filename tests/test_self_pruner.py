@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 
 import methods
-from bench import data, engine, models
-from bench.arch import prunable_linears
-from bench.config import ConfigError
-from bench.llm import HttpChat, LLMConfig, LLMError, make_backend
+from bench import data, models
+from bench.core import engine
+from bench.core.families import prunable_linears
+from bench.core.vocab import ConfigError
+from bench.llm import HttpChat, make_backend
+from methods.allocators.self_pruner import LLMConfig, LLMError
 from methods.allocators.self_pruner import parse_rates, repair
 from tests.conftest import TINY
 
@@ -74,14 +76,14 @@ def test_parse_finds_the_vector_inside_prose_and_converts_percentages():
 # ----------------------------------------------------------------------------- the search loop
 
 
-def _search(make_config, *overrides, target=0.5):
+def _search(make_config, *overrides, target=0.5, make_llm=make_backend):
     """Prune llama-tiny through engine.prune -> (rates, search details, {linear: numel})."""
     cfg, _ = make_config("model=llama-tiny", *FAST, *overrides)
     model, tokenizer = models.load(cfg.model)
     corpus = data.load_corpus("pydoc", "validation", None, "calib")
     samples = data.calibration_samples(data.tokenize(tokenizer, corpus.text), 6, 64, 0)
     sizes = {name: linear.weight.numel() for name, linear in prunable_linears(model).items()}
-    report = engine.prune(model, methods.build(cfg.method), samples, target, "cpu")
+    report = engine.prune(model, methods.build(cfg.method), samples, target, "cpu", make_llm=make_llm)
     return report.rates, report.details["search"], sizes
 
 
@@ -141,9 +143,8 @@ def test_malformed_answers_are_handled_and_counted(make_config, monkeypatch):
               "[90, 40]",  # percent -> clipped -> mean adjusted
               '{"rates": [0.9, 0.9]}']  # clipped + mean adjusted
     fake = ScriptedLLM(script)
-    monkeypatch.setattr("methods.allocators.self_pruner.make_backend", lambda cfg: fake)
     _, search, _ = _search(make_config, "method=self_pruner", "method.retries=0", "method.max_deviation=0.2",
-                            "method.mutation_prob=1.0")
+                            "method.mutation_prob=1.0", make_llm=lambda cfg: fake)
     answers = search["answers"]
     calls = answers["calls"]
     assert calls == fake.calls
@@ -174,7 +175,7 @@ def test_result_json_carries_the_search_and_plots(make_config, tmp_path):
 
     cfg, resolved = make_config("model=llama-tiny", *FAST, "method=self_pruner_ga", "method.generations=1")
     result = run_cell(cfg, resolved, tmp_path)
-    assert result["status"] == "ok", result["error"]
+    assert result.status == "ok", result.error
     saved = json.loads((tmp_path / "result.json").read_text())
     search = saved["allocator"]["search"]
     assert search["operators"] == "ga" and len(search["candidates"]) == search["candidates_total"]
@@ -190,12 +191,12 @@ def test_structured_search_removes_ffn_channels_at_the_searched_block_rates(make
     cfg, resolved = make_config("model=llama-tiny", *FAST, "method=self_pruner_ga", "method.pruner=wanda_sp",
                                 "+method.selection=per_block", "method.generations=1", "sparsity=0.25")
     result = run_cell(cfg, resolved, tmp_path)
-    assert result["status"] == "ok", result["error"]
-    widths, allocated = result["sparsity"]["ffn_sizes"], result["sparsity"]["allocated"]
+    assert result.status == "ok", result.error
+    widths, allocated = result.sparsity["ffn_sizes"], result.sparsity["allocated"]
     down = {int(name.split(".")[2]): rate for name, rate in allocated.items() if name.endswith("down_proj")}
     assert [round(192 * (1 - down[block])) for block in sorted(down)] == widths
-    assert abs(result["sparsity"]["measured"] - 0.25) < 1 / 192 + 1e-9
-    assert result["sparsity"]["params_removed"] > 0
+    assert abs(result.sparsity["measured"] - 0.25) < 1 / 192 + 1e-9
+    assert result.sparsity["params_removed"] > 0
 
 
 def test_global_channel_selection_cannot_silently_ignore_a_schedule(make_config):
@@ -210,7 +211,7 @@ def test_model_without_chat_template_fails_before_pruning(make_config):
     cfg, _ = make_config("model=llama-tiny", *TINY, "method=self_pruner")
     allocator = methods.build(cfg.method).allocator
     with pytest.raises(ConfigError, match="no chat template"):
-        allocator.bind(context=None)
+        allocator.bind(engine.SearchContext(None, None, None, "cpu", make_backend))
 
 
 @pytest.mark.parametrize("override, match", [

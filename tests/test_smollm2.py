@@ -6,8 +6,9 @@ import copy
 import pytest
 
 import methods
-from bench import data, engine, evaluate, models
-from bench.arch import measured_sparsity
+from bench import data, models
+from bench.core import engine, perplexity
+from bench.core.families import measured_sparsity
 
 pytestmark = pytest.mark.slow
 
@@ -28,11 +29,11 @@ def smollm2(shared_data):
 
 def test_sparsegpt_beats_wanda_beats_magnitude_at_50_percent(smollm2, make_config):
     _, dense, samples, windows = smollm2
-    ppl = {"dense": evaluate.perplexity(dense, windows, "cpu")}
+    ppl = {"dense": perplexity.perplexity(dense, windows, "cpu")}
     for name in ("sparsegpt", "wanda", "magnitude"):
         cfg, _ = make_config("model=smollm2-135m", f"method={name}", "sparsity=0.5")
         model = copy.deepcopy(dense)
         engine.prune(model, methods.build(cfg.method), samples, 0.5, "cpu")
         assert measured_sparsity(model)[0] == pytest.approx(0.5, abs=1e-3)
-        ppl[name] = evaluate.perplexity(model, windows, "cpu")
+        ppl[name] = perplexity.perplexity(model, windows, "cpu")
     assert ppl["dense"] < ppl["sparsegpt"] < ppl["wanda"] < ppl["magnitude"], ppl

@@ -6,7 +6,8 @@ import torch
 import transformers
 
 import methods
-from bench import data, engine, evaluate, models, streaming
+from bench import data, models, streaming
+from bench.core import engine, perplexity
 from tests.conftest import TINY
 
 
@@ -21,7 +22,7 @@ def test_streamed_pruning_matches_in_memory_pruning(make_config, tmp_path, monke
                                 64, 4, "pydoc")
 
     engine.prune(model, methods.build(cfg.method), samples, 0.5, "cpu")
-    expected_ppl = evaluate.perplexity(model, windows, "cpu")
+    expected_ppl = perplexity.perplexity(model, windows, "cpu")
 
     loaded = []
     original_load = streaming.BlockStream.load

@@ -9,9 +9,12 @@ import torch
 from safetensors import safe_open
 
 import methods
-from bench import arch, engine, models
+from bench import models
+from bench.core import engine
+from bench.core import families as arch
 from bench.cell import run_cell
-from bench.config import ConfigError, ModelConfig
+from bench.config import ModelConfig
+from bench.core.vocab import ConfigError
 from methods.allocators.cfsp_coarse import round_channels
 from methods.recovery import lora_ranks
 from tests.conftest import TINY
@@ -66,7 +69,7 @@ def test_structured_pipeline_records_channels_params_and_speed(model, method, ma
     result = run_cell(cfg, resolved, tmp_path)
     saved = json.loads((tmp_path / "result.json").read_text())
     assert saved["status"] == "ok", saved["error"]
-    sparsity = result["sparsity"]
+    sparsity = result.sparsity
     assert abs(sparsity["ffn_channels_removed"] - 0.4) < 0.02
     assert 0 < sparsity["params_removed"] < sparsity["ffn_channels_removed"]  # attention/embeddings stay
     assert sparsity["params"]["pruned"] < sparsity["params"]["dense"]
@@ -86,8 +89,7 @@ def test_save_and_reload_give_identical_logits(model, method, make_config, tmp_p
     cfg, pruned, tokenizer, _ = _pruned(make_config, f"model={model}", f"method={method}", "sparsity=0.4",
                                         *(["method.round_to=16"] if method == "cfsp" else []))
     models.save(pruned, tokenizer, tmp_path / "ckpt")
-    reloaded, _ = models.load(ModelConfig(name="reloaded", family=cfg.model.family, source="hub",
-                                          path=str(tmp_path / "ckpt")))
+    reloaded, _ = models.load(ModelConfig(name="reloaded", source="hub", path=str(tmp_path / "ckpt")))
     assert arch.ffn_sizes(reloaded) == arch.ffn_sizes(pruned)
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -138,15 +140,15 @@ def test_paper_and_released_fine_scores_rank_channels_differently(make_config):
 
 def test_lora_recovery_merges_back_into_a_plain_smaller_model(make_config, tmp_path):
     cfg, resolved = make_config("model=llama-tiny", "method=cfsp", "method.round_to=16", "sparsity=0.4",
-                                "method.recovery=ig_lora", "method.recovery_steps=4", "method.recovery_seqlen=32",
-                                "method.recovery_lr=1e-2", "eval.speed=null", f"save_dir={tmp_path / 'ckpt'}", *TINY)
+                                "recovery=ig_lora", "recovery.steps=4", "recovery.seqlen=32",
+                                "recovery.lr=1e-2", "eval.speed=null", f"save_dir={tmp_path / 'ckpt'}", *TINY)
     result = run_cell(cfg, resolved, tmp_path)
-    assert result["status"] == "ok", result["error"]
-    recovery = result["recovery"]
+    assert result.status == "ok", result.error
+    recovery = result.recovery
     assert recovery["steps"] == 4 and recovery["trainable_params"] > 0
     assert len(recovery["ranks_per_block"]) == 2
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    assert config[arch.FFN_SIZES_KEY] == result["sparsity"]["ffn_sizes"]
+    assert config[arch.FFN_SIZES_KEY] == result.sparsity["ffn_sizes"]
     with safe_open(tmp_path / "ckpt" / "model.safetensors", "pt") as checkpoint:
         assert not any("lora" in key for key in checkpoint.keys())
 
@@ -162,13 +164,18 @@ def test_ig_lora_ranks_follow_block_importance(make_config):
 @pytest.mark.parametrize("override,message", [
     ("method.fine_score=best", "method.fine_score='best' is not valid; allowed: paper, released"),
     ("method.round_to=0", "method.round_to=0 is out of range"),
-    ("method.recovery=qlora", "method.recovery='qlora' is not valid; allowed: none, lora, ig_lora"),
-    ("method.recovery_steps=0", "method.recovery_steps=0 is out of range"),
+    ("recovery.name=qlora", "recovery.name='qlora' is not valid; allowed: none, lora, ig_lora"),
+    ("recovery=lora recovery.steps=0", "recovery.steps=0 is out of range"),
     ("eval.speed.batch=0", "eval.speed.batch=0 is out of range"),
 ])
 def test_bad_options_fail_at_config_time(override, message, make_config):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        make_config("model=llama-tiny", "method=cfsp", override, *TINY)
+        make_config("model=llama-tiny", "method=cfsp", *override.split(), *TINY)
+
+
+def test_lora_recovery_of_an_unstructured_pruner_is_refused(make_config):
+    with pytest.raises(ConfigError, match="recovery=lora merges LoRA updates into every weight.*sparsegpt"):
+        make_config("model=llama-tiny", "method=sparsegpt", "recovery=lora", *TINY)
 
 
 def test_wanda_sp_rejects_unknown_selection(make_config):
@@ -183,7 +190,7 @@ def test_unknown_family_has_a_clear_error():
     class Model(torch.nn.Module):
         config = Config()
 
-    with pytest.raises(ValueError, match="model_type='gpt2' has no adapter; supported: opt, bloom, llama"):
+    with pytest.raises(ConfigError, match="model_type='gpt2' .* has no family adapter; allowed: opt, bloom, llama"):
         arch.ffn_sizes(Model())
 
 

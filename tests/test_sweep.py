@@ -13,14 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 import submitit
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
 
-from bench import results, sweep
+import methods
+from bench import cache as caching
+from bench import models, sweep
 from bench.cell import run_cell
-from bench.config import ConfigError
+from bench.config import compose
+from bench.core import engine, records
+from bench.core.vocab import ConfigError
+from methods.base import Allocator
 from reports.status import status
 from tests.conftest import ROOT, TINY
 
@@ -29,8 +33,7 @@ GOLDEN = Path(__file__).parent / "golden" / "slurm_opt-66b.sbatch"
 
 def _primary(*overrides: str):
     """The sweep's primary config, `hydra` node included, as the callback receives it."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    cfg = compose(list(overrides), with_hydra=True)
     HydraConfig.instance().set_config(cfg)  # resolves ${hydra.job.name}; makes cfg.hydra read-only
     OmegaConf.set_readonly(cfg.hydra, False)  # as the callback gets it in a real multirun
     return cfg
@@ -38,8 +41,7 @@ def _primary(*overrides: str):
 
 def _cells(hydra_overrides: list[str], *task_overrides: str):
     def compose_cell(overrides):
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            return compose("config", overrides=hydra_overrides + overrides, return_hydra_config=True)
+        return compose(hydra_overrides + overrides, with_hydra=True)
 
     return sweep.expand(list(task_overrides), compose_cell)
 
@@ -118,7 +120,7 @@ def test_bad_cell_or_missing_sbatch_stops_the_sweep_before_any_cell_runs(tmp_pat
     no_sbatch = _run("hydra/launcher=slurm", "model=llama-tiny", *TINY, f"hydra.sweep.dir={tmp_path}/b",
                      env={"PATH": str(tmp_path)})
     assert no_sbatch.returncode != 0 and "`sbatch` is not on PATH" in no_sbatch.stderr
-    assert not list(tmp_path.rglob(results.RESULT_FILE))
+    assert not list(tmp_path.rglob(records.RESULT_FILE))
 
 
 def test_resume_runs_only_failed_cells_then_completes(tmp_path):
@@ -130,13 +132,13 @@ def test_resume_runs_only_failed_cells_then_completes(tmp_path):
                "data.allow_fallback=false", *TINY[1:], f"hydra.sweep.dir={sweep_dir}"]
 
     def by_data():
-        return {r["config"]["data"]["calib"]["dataset"]: r for r in results.read_results(sweep_dir)}
+        return {r.config["data"]["calib"]["dataset"]: r for r in records.read_results(sweep_dir).records}
 
     assert _run(*command).returncode == 0  # a failed cell does not fail the sweep
     first = by_data()
-    assert first["pydoc"]["status"] == "ok" and first["c4"]["status"] == "failed"
-    assert first["c4"]["error"]["type"] == "DataUnavailable"
-    assert [row.state for row in status(sweep_dir)] == ["done", "failed"]
+    assert first["pydoc"].status == "ok" and first["c4"].status == "failed"
+    assert first["c4"].error.type == "DataUnavailable"
+    assert [row.state for row in status(sweep_dir)[0]] == ["done", "failed"]
 
     from pydoc_data.topics import topics
 
@@ -145,19 +147,19 @@ def test_resume_runs_only_failed_cells_then_completes(tmp_path):
         out.writelines(json.dumps({"text": text}) + "\n" for text in topics.values())
     assert _run(*command).returncode == 0
     second = by_data()
-    assert second["pydoc"]["process"] == first["pydoc"]["process"]  # skipped
-    assert second["c4"]["status"] == "ok" and second["c4"]["process"] != first["c4"]["process"]
-    assert [row.state for row in status(sweep_dir)] == ["done", "done"]
+    assert second["pydoc"].process == first["pydoc"].process  # skipped
+    assert second["c4"].status == "ok" and second["c4"].process != first["c4"].process
+    assert [row.state for row in status(sweep_dir)[0]] == ["done", "done"]
 
 
 def test_rerun_all_runs_a_done_cell_again(make_config, tmp_path):
     cfg, resolved = make_config("model=llama-tiny", "method=magnitude", *TINY)
     first = run_cell(cfg, resolved, tmp_path / "0", sweep_dir=tmp_path)
     again = run_cell(cfg, resolved, tmp_path / "1", sweep_dir=tmp_path)
-    assert again["path"] == str(tmp_path / "0" / results.RESULT_FILE)
-    assert not (tmp_path / "1" / results.RESULT_FILE).exists()
+    assert again.path == str(tmp_path / "0" / records.RESULT_FILE)
+    assert not (tmp_path / "1" / records.RESULT_FILE).exists()
     forced = run_cell(cfg, resolved, tmp_path / "1", sweep_dir=tmp_path, rerun="all")
-    assert forced["status"] == "ok" and forced["process"]["started"] > first["process"]["started"]
+    assert forced.status == "ok" and forced.process["started"] > first.process["started"]
     with pytest.raises(ConfigError, match="rerun='some' is not valid; allowed: failed, all"):
         sweep.rerun_mode(OmegaConf.create({"rerun": "some"}))
 
@@ -166,13 +168,17 @@ def test_status_tells_killed_and_missing_cells(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     cells = [{"overrides": [f"sparsity={s}"], "config_hash": f"h{s}"} for s in (0.5, 0.6, 0.7)]
-    results.write_json_atomic(tmp_path / sweep.CELLS_FILE, {"cells": cells})
+    records.write_json_atomic(tmp_path / records.CELLS_FILE, {"cells": cells})
     import socket
 
-    results.write_json_atomic(tmp_path / "0" / results.RESULT_FILE, {"config_hash": "h0.5", "status": "ok"})
-    results.write_json_atomic(tmp_path / "1" / results.RESULT_FILE, {
-        "config_hash": "h0.6", "status": "running", "process": {"host": socket.gethostname(), "pid": dead.pid}})
-    rows = status(tmp_path)
+    cell = {"model": "m", "method": "x", "sparsity": 0.5}
+    records.write_json_atomic(tmp_path / "0" / records.RESULT_FILE,
+                              {"schema": 2, "config_hash": "h0.5", "status": "ok", "cell": cell, "metrics": {}})
+    records.write_json_atomic(tmp_path / "1" / records.RESULT_FILE, {
+        "schema": 2, "config_hash": "h0.6", "status": "running", "cell": cell, "metrics": {},
+        "process": {"host": socket.gethostname(), "pid": dead.pid}})
+    rows, corrupt = status(tmp_path)
+    assert not corrupt
     assert [row.state for row in rows] == ["done", "failed", "missing"]
     assert "killed" in rows[1].detail
 
@@ -183,29 +189,23 @@ def test_cache_reuses_invariant_work_and_changes_no_number(make_config, tmp_path
     first = run_cell(*cells[0.5], tmp_path / "a", cache=True)
     second = run_cell(*cells[0.7], tmp_path / "b", cache=True)
     uncached = run_cell(*cells[0.7], tmp_path / "c")
-    assert first["cache"] == {"hits": [], "misses": ["block0", "tokens", "tokens"]}
-    assert second["cache"] == {"hits": ["block0", "tokens", "tokens"], "misses": []}
-    assert second["metrics"] == uncached["metrics"] and second["sparsity"] == uncached["sparsity"]
+    assert first.cache == {"hits": [], "misses": ["block0", "tokens", "tokens"]}
+    assert second.cache == {"hits": ["block0", "tokens", "tokens"], "misses": []}
+    assert second.metrics == uncached.metrics and second.sparsity == uncached.sparsity
 
     dense = make_config("model=llama-tiny", "method=dense", *TINY)
-    assert "dense_ppl" in run_cell(*dense, tmp_path / "d", cache=True)["cache"]["misses"]
+    assert "dense_ppl" in run_cell(*dense, tmp_path / "d", cache=True).cache["misses"]
     again = run_cell(*dense, tmp_path / "e", cache=True)
-    assert "dense_ppl" in again["cache"]["hits"]
+    assert "dense_ppl" in again.cache["hits"]
 
 
 def test_allocator_dense_observations_come_from_the_cache(make_config, tmp_path):
-    import methods
-    from bench import cache as caching
-    from bench import engine, models
-
-    class Observing:  # the opt-in protocol of bench/cache.py
-        needs_dense_pass, stats_level = True, "diag"
+    class Observing(Allocator):  # the dense-pass lifecycle of methods/base.py
+        needs_dense_pass, observe_level = True, "diag"
 
         def __init__(self):
+            super().__init__(None)
             self.norms, self.loaded = {}, None
-
-        def check(self, target, n_layers):
-            pass
 
         def observe_block(self, view):
             self.norms.update({name: stats.col_norms().sum().item() for name, stats in view.stats.items()})
@@ -234,23 +234,19 @@ def test_allocator_dense_observations_come_from_the_cache(make_config, tmp_path)
 
 
 def _killed_midway(out_dir: Path) -> dict:
-    results.write_json_atomic(out_dir / results.RESULT_FILE, {"status": "running", "config_hash": "h"})
+    records.write_result(out_dir, records.Result("running", "h", records.CellKey("m", "x", 0.5)))
     os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's OOM killer does
 
 
 def test_a_killed_cell_is_recorded_and_the_sweep_process_lives_on(tmp_path):
     result = sweep.run_isolated(tmp_path, _killed_midway, tmp_path)
-    assert result["status"] == "failed" and "killed by SIGKILL" in result["error"]["message"]
-    assert json.loads((tmp_path / results.RESULT_FILE).read_text())["status"] == "failed"
+    assert result.status == "failed" and "killed by SIGKILL" in result.error.message
+    assert json.loads((tmp_path / records.RESULT_FILE).read_text())["status"] == "failed"
     assert sweep.run_isolated(tmp_path, lambda: {"status": "ok"}) == {"status": "ok"}
 
 
 @pytest.mark.parametrize("method_name", ["owl_wanda", "loss_estimate", "cfsp"])
 def test_dense_statistics_of_real_methods_are_cached_and_give_the_same_pruning(method_name, make_config, tmp_path):
-    import methods
-    from bench import cache as caching
-    from bench import engine, models
-
     extra = ["method.round_to=1"] if method_name == "cfsp" else []  # the tiny FFN is narrower than 128
     cfg, _ = make_config("model=llama-tiny", f"method={method_name}", "sparsity=0.5", *extra, *TINY)
     samples = torch.randint(0, 256, (2, 32))
@@ -260,7 +256,7 @@ def test_dense_statistics_of_real_methods_are_cached_and_give_the_same_pruning(m
         method = methods.build(cfg.method)
         observed = []
         for component in (method.allocator, method.pruner):
-            if getattr(component, "needs_dense_pass", False):
+            if component.needs_dense_pass:
                 original = component.observe_block
                 component.observe_block = lambda view, original=original: (observed.append(view.index), original(view))
         report = engine.prune(model, method, samples, 0.5, "cpu",

@@ -6,16 +6,15 @@ import json
 import pytest
 
 from bench.cell import run_cell
-from bench.config import ConfigError
-from bench.zeroshot import write_mirrors
-from tests.conftest import TINY
+from bench.core.vocab import ConfigError
+from tests.conftest import TINY, load_script
 
 TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "rte"]
 
 
 @pytest.fixture(scope="module")
 def mirrors(tmp_path_factory):
-    return write_mirrors(tmp_path_factory.mktemp("mirrors"), n=6)
+    return load_script("zeroshot_mirrors").write_mirrors(tmp_path_factory.mktemp("mirrors"), n=6)
 
 
 def test_mirrors_are_in_each_tasks_schema(mirrors):
@@ -33,9 +32,9 @@ def test_cell_scores_every_task_on_local_mirrors(mirrors, make_config, tmp_path)
                                 "eval=[ppl,zeroshot]", f"eval.zeroshot.tasks=[{','.join(TASKS)}]",
                                 "eval.zeroshot.limit=4", f"eval.zeroshot.include_path={mirrors}")
     result = run_cell(cfg, resolved, tmp_path)
-    assert result["status"] == "ok", result["error"]
-    assert "pydoc" in result["metrics"]["ppl"]  # ppl and zeroshot compose
-    zs = result["metrics"]["zeroshot"]
+    assert result.status == "ok", result.error
+    assert "pydoc" in result.metrics["ppl"]  # ppl and zeroshot compose
+    zs = result.metrics["zeroshot"]
     assert set(zs["tasks"]) == set(TASKS)
     for task, scores in zs["tasks"].items():
         assert scores["samples"] == 4

@@ -34,7 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.config import ConfigError
+from bench.core.engine import traverse
+from bench.core.vocab import check_range
+from methods.base import Allocator
 
 PAPER_TOKENS = 128 * 1024  # the released code's calibration tokens, to which its 1e4 scale is tied
 SPREAD_MARGIN = 1.05  # released code: the most important block keeps 1/1.05 of its width after shrinking
@@ -54,9 +56,9 @@ def sigmoid_scores(mean_distances: list[float], a: float) -> list[float]:
     return [1 / (1 + math.exp(-a * (d - mean) * PAPER_TOKENS / 1e4)) for d in mean_distances]
 
 
-class CFSPCoarse:
+class CFSPCoarse(Allocator):
     needs_dense_pass = True
-    stats_level = "none"  # only the block inputs/outputs are read
+    observe_level = "none"  # only the block inputs/outputs are read
 
     @dataclass
     class Options:
@@ -64,22 +66,16 @@ class CFSPCoarse:
         round_to: int = 128  # kept FFN channels per block are a multiple of this (1 = no rounding)
 
         def __post_init__(self):
-            if not self.a >= 0:
-                raise ConfigError(f"method.a={self.a} is out of range; allowed: a >= 0")
-            if self.round_to < 1:
-                raise ConfigError(f"method.round_to={self.round_to} is out of range; allowed: >= 1")
+            check_range("method.a", self.a, self.a >= 0, "a >= 0")
+            check_range("method.round_to", self.round_to, self.round_to >= 1, ">= 1")
 
     def __init__(self, options: Options):
-        self.options = options
+        super().__init__(options)
         self.distances: dict[int, float] = {}  # block index -> per-token mean angular distance
         self.widths: dict[int, int] = {}  # block index -> FFN channels
         self.ffn_linears: dict[int, list[str]] = {}  # block index -> full names of its FFN linears
-        self.block_weights: list[float] = []  # final z_l (after spread shrinking), for IG-LoRA
 
-    def check(self, target: float, n_layers) -> None:
-        pass  # any target in [0, 1) is reachable: the spread shrinks until every block fits
-
-    def dense_state(self) -> dict:  # what observe_block gathered, for bench/cache.py
+    def dense_state(self) -> dict:
         return {"distances": self.distances, "widths": self.widths, "ffn_linears": self.ffn_linears}
 
     def load_dense_state(self, state: dict) -> None:
@@ -98,7 +94,7 @@ class CFSPCoarse:
         if max(z) / mean * (1 - target) >= 1:
             factor = mean * (1 / (1 - target) - 1) / (max(z) - mean) / SPREAD_MARGIN
             z = [mean + (v - mean) * factor for v in z]
-        self.block_weights = z
+        self.block_weights = z  # final z_l (after spread shrinking), for IG-LoRA
         keep = [(1 - target) * v / mean for v in z]
         kept = round_channels([self.widths[b] for b in blocks], keep, self.options.round_to, target)
         rates = {name: 0.0 for name in sizes}
@@ -136,8 +132,6 @@ def round_channels(widths: list[int], keep: list[float], unit: int, target: floa
 def block_distances(model, samples: torch.Tensor, device: str) -> list[float]:
     """Per-token mean angular distance of every block of `model` (one observe-only pass), for IG-LoRA
     after an allocator that kept no coarse scores."""
-    from bench.engine import traverse
-
     distances = []
     traverse(model, samples, device, "none",
              lambda view: distances.append(angular_distance(view.inputs, view.outputs).mean().item()),

@@ -33,15 +33,16 @@ of the losses (`loss`), the level spacing `step`, and the loss taken at the near
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 import torch
 
-from bench.config import ConfigError, SparsityPattern
+from bench.core.vocab import UNSTRUCTURED, ConfigError, check_choice, check_range
+from methods.base import Allocator
 from methods.pruners.sparsegpt import inverse_hessian_factor, sparsegpt
+from methods.rates import shift_to_mean
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,9 @@ ERRORS = ("obs", "exact")
 LOSSES = ("absolute", "relative")
 
 
-class LossEstimate:
+class LossEstimate(Allocator):
     needs_dense_pass = True
-    stats_level = "full"
+    observe_level = "full"
 
     @dataclass
     class Options:
@@ -63,22 +64,20 @@ class LossEstimate:
         percdamp: float = 0.01  # dampening of H, as in SparseGPT
         blocksize: int = 128  # SparseGPT block size (error=exact only)
 
+        def __post_init__(self):
+            levels = [float(v) for v in self.levels]
+            check_range("method.levels", self.levels,
+                        bool(levels) and levels == sorted(set(levels)) and all(0 <= v < 1 for v in levels),
+                        "strictly increasing sparsities in [0, 1)")
+            check_range("method.k", self.k, self.k >= 1, ">= 1")
+            check_range("method.step", self.step, self.step >= 0, ">= 0")
+            check_choice("method.error", self.error, ERRORS)
+            check_choice("method.loss", self.loss, LOSSES)
+            check_range("method.percdamp", self.percdamp, 0 <= self.percdamp < 1, "0 <= percdamp < 1")
+
     def __init__(self, options: Options):
-        levels = [float(v) for v in options.levels]
-        if not levels or levels != sorted(set(levels)) or not all(0 <= v < 1 for v in levels):
-            raise ValueError(f"method.levels={options.levels}; allowed: strictly increasing sparsities in [0, 1)")
-        if options.k < 1:
-            raise ValueError(f"method.k={options.k}; allowed: >= 1")
-        if options.step < 0:
-            raise ValueError(f"method.step={options.step}; allowed: >= 0")
-        if options.error not in ERRORS:
-            raise ValueError(f"method.error={options.error!r}; allowed: {', '.join(ERRORS)}")
-        if options.loss not in LOSSES:
-            raise ValueError(f"method.loss={options.loss!r}; allowed: {', '.join(LOSSES)}")
-        if not 0 <= options.percdamp < 1:
-            raise ValueError(f"method.percdamp={options.percdamp}; allowed: 0 <= percdamp < 1")
-        self.options = options
-        self.levels = levels
+        super().__init__(options)
+        self.levels = [float(v) for v in options.levels]
         self.losses: dict[str, np.ndarray] = {}  # layer -> estimated loss at each candidate level
 
     def check(self, target: float, n_layers: Optional[int]) -> None:
@@ -90,7 +89,7 @@ class LossEstimate:
             raise ConfigError(f"method.k={self.options.k} is larger than the number of prunable layers "
                               f"({n_layers}); allowed: 1..{n_layers}")
 
-    def dense_state(self) -> dict:  # what observe_block gathered, for bench/cache.py
+    def dense_state(self) -> dict:
         return self.losses
 
     def load_dense_state(self, state: dict) -> None:
@@ -114,7 +113,7 @@ class LossEstimate:
             else:
                 losses = []
                 for s in self.levels:
-                    delta = W - sparsegpt(W, hessian, s, SparsityPattern("unstructured"),
+                    delta = W - sparsegpt(W, hessian, s, UNSTRUCTURED,
                                           self.options.blocksize, self.options.percdamp)
                     losses.append(float(((delta @ hessian) * delta).sum() / 2))
             if self.options.loss == "relative":
@@ -127,13 +126,12 @@ class LossEstimate:
         missing = [name for name in names if name not in self.losses]
         if missing:
             raise RuntimeError(f"no loss estimate for {missing[0]}: observe_block must see every block first")
-        self.check(target, len(names))
         nearest = int(np.argmin([abs(level - target) for level in self.levels]))
         log_loss = np.log(np.array([self.losses[name][nearest] for name in names]) + 1e-30)
         rank = cluster_ranks(log_loss, self.options.k)
         offsets = self.options.step * (rank - (rank.max()) / 2)
         weights = np.array([sizes[name] for name in names], dtype=np.float64)
-        rates = solve_shift(offsets, weights, target, self.levels[0], self.levels[-1])
+        rates = shift_to_mean(offsets, weights, target, self.levels[0], self.levels[-1])
         for r in range(int(rank.max()) + 1):
             members = rank == r
             log.info("loss_estimate cluster %d (loss high->low): %d layers, log-loss %.2f..%.2f, sparsity %.4f",
@@ -160,20 +158,3 @@ def cluster_ranks(log_loss: np.ndarray, k: int) -> np.ndarray:
     """Rank of each layer's cluster: 0 = the highest-loss cluster (it will get the lowest sparsity)."""
     labels = kmeans_1d(log_loss, k)
     return labels.max() - labels
-
-
-def solve_shift(offsets: np.ndarray, weights: np.ndarray, target: float, low: float, high: float) -> np.ndarray:
-    """clip(b + offsets, low, high) with b chosen so that the weighted mean equals target."""
-    def mean(b: float) -> float:
-        return float((np.clip(b + offsets, low, high) * weights).sum() / weights.sum())
-
-    lo, hi = low - offsets.max(), high - offsets.min()  # mean(lo) = low, mean(hi) = high
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if mean(mid) < target:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-15:
-            break
-    return np.clip((lo + hi) / 2 + offsets, low, high)

@@ -18,24 +18,25 @@ from typing import Optional
 import numpy as np
 import torch
 
-from bench.config import ConfigError
+from bench.core.vocab import ConfigError, check_range
+from methods.base import Allocator
 
 
-class OWL:
+class OWL(Allocator):
     needs_dense_pass = True
-    stats_level = "diag"
+    observe_level = "diag"
 
     @dataclass
     class Options:
         m: float = 5.0  # outlier threshold, in multiples of the block's mean score
         lam: float = 0.08  # half-width of the scaled outlier ratios (rates stay within target +- 2 lam)
 
+        def __post_init__(self):
+            check_range("method.m", self.m, self.m > 0, "> 0")
+            check_range("method.lam", self.lam, 0 <= self.lam < 0.5, "0 <= lam < 0.5")
+
     def __init__(self, options: Options):
-        if options.m <= 0:
-            raise ValueError(f"method.m={options.m}; allowed: > 0")
-        if not 0 <= options.lam < 0.5:
-            raise ValueError(f"method.lam={options.lam}; allowed: 0 <= lam < 0.5")
-        self.options = options
+        super().__init__(options)
         self.ratios: dict[int, float] = {}  # block index -> outlier ratio
         self.block_of: dict[str, int] = {}  # linear -> block index
 
@@ -45,7 +46,7 @@ class OWL:
             raise ConfigError(f"sparsity={target} with method.lam={self.options.lam} could give rates outside "
                               f"[0, 1); allowed: {spread:g} <= sparsity < {1 - spread:g} (or lower method.lam)")
 
-    def dense_state(self) -> dict:  # what observe_block gathered, for bench/cache.py
+    def dense_state(self) -> dict:
         return {"ratios": self.ratios, "block_of": self.block_of}
 
     def load_dense_state(self, state: dict) -> None:
@@ -60,7 +61,6 @@ class OWL:
             self.block_of[name] = view.index
 
     def allocate(self, sizes: dict[str, int], target: float) -> dict[str, float]:
-        self.check(target, len(sizes))
         names = list(sizes)
         ratios = np.array([self.ratios[self.block_of[name]] for name in names])
         weights = np.array([sizes[name] for name in names], dtype=np.float64)

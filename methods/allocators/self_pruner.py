@@ -55,8 +55,12 @@ import numpy as np
 from omegaconf import MISSING
 from tqdm import tqdm
 
-from bench.config import ConfigError, SparsityPattern
-from bench.llm import BACKENDS, LLMConfig, LLMError, make_backend
+from bench.core import engine, perplexity
+from bench.core.families import arch_for
+from bench.core.vocab import ConfigError, check_choice, check_range
+from methods.base import Allocator, Method
+from methods.pruners import PRUNERS
+from methods.rates import shift_to_mean
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,29 @@ RATE_CEILING = 0.99
 MEAN_TOLERANCE = 1e-9
 
 TEMPLATE_FIELDS = ("n_layers", "target", "min_rate", "max_rate", "population", "candidate")
+BACKENDS = ("local", "http")
+
+
+@dataclass
+class LLMConfig:
+    """The `method.llm` keys; the harness builds the backend from them (`bench.llm.make_backend`)."""
+
+    backend: str = "local"  # local | http
+    model: Optional[str] = None  # local: a zoo entry (conf/model/<name>); http: the served model name
+    chat_template: Optional[str] = None  # local: Jinja template for a tokenizer that has none
+    base_url: Optional[str] = None  # http: e.g. http://127.0.0.1:8000/v1
+    api_key_env: str = "OPENAI_API_KEY"  # http: name of the env var holding the key
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    timeout_s: float = 120.0  # http: per request
+
+    def __post_init__(self):
+        check_choice("method.llm.backend", self.backend, BACKENDS)
+
+
+class LLMError(RuntimeError):
+    """A request to the LLM that produced no answer (network, HTTP status, malformed response)."""
 
 
 @dataclass
@@ -116,47 +143,28 @@ def repair(rates, weights, target: float, low: float, high: float) -> tuple[np.n
     Returns (rates, clipped, mean_adjusted). Needs low <= target <= high.
     """
     rates = np.asarray(rates, dtype=np.float64)
-    w = np.asarray(weights, dtype=np.float64) / np.sum(weights)
     clipped = bool(np.any(rates < low) or np.any(rates > high))
     rates = np.clip(rates, low, high)
-    if abs(w @ rates - target) <= MEAN_TOLERANCE:
+    if abs(np.dot(weights, rates) / np.sum(weights) - target) <= MEAN_TOLERANCE:
         return rates, clipped, False
-    # mean(clip(rates + s)) is continuous and non-decreasing in s, from `low` to `high`: bisect for s
-    lo, hi = low - rates.max(), high - rates.min()
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if w @ np.clip(rates + mid, low, high) < target:
-            lo = mid
-        else:
-            hi = mid
-    shifted = np.clip(rates + (lo + hi) / 2, low, high)
-    free = (shifted > low) & (shifted < high)
-    if free.any():  # exact finish: the unclipped rates absorb the residual
-        shifted[free] += (target - w @ shifted) / w[free].sum()
-        shifted = np.clip(shifted, low, high)
-    return shifted, clipped, True
+    return shift_to_mean(rates, weights, target, low, high), clipped, True
 
 
 # ----------------------------------------------------------------------------- the allocator
 
 
-class _Fixed:
+class _Fixed(Allocator):
     """An allocator returning given rates: lets the fitness reuse `engine.prune` unchanged."""
 
-    needs_dense_pass = False
-
     def __init__(self, rates: dict[str, float]):
+        super().__init__(None)
         self.rates = rates
-
-    def check(self, target: float, n_layers) -> None:
-        pass  # the rates were repaired to the target already
 
     def allocate(self, sizes, target):
         return self.rates
 
 
-class SelfPruner:
-    needs_dense_pass = False
+class SelfPruner(Allocator):
     needs_search = True  # the engine calls bind(SearchContext) before allocate
 
     @dataclass
@@ -179,61 +187,55 @@ class SelfPruner:
         llm: LLMConfig = field(default_factory=LLMConfig)
         prompts: Prompts = field(default_factory=Prompts)
 
-    def __init__(self, options: Options):
-        from methods import PRUNERS
+        def __post_init__(self):
+            check_choice("method.operators", self.operators, OPERATORS)
+            for key, ok, allowed in (
+                    ("population", self.population >= 2, ">= 2"), ("generations", self.generations >= 0, ">= 0"),
+                    ("elites", 0 <= self.elites < self.population, "0..population-1"),
+                    ("mutation_prob", 0 <= self.mutation_prob <= 1, "0..1"),
+                    ("mutation_sigma", self.mutation_sigma > 0, "> 0"),
+                    ("max_deviation", 0 < self.max_deviation < 1, "in (0, 1)"),
+                    ("cache_decimals", 1 <= self.cache_decimals <= 6, "1..6"),
+                    ("retries", self.retries >= 0, ">= 0"),
+                    ("fitness_nsamples", self.fitness_nsamples >= 1, ">= 1"),
+                    ("fitness_windows", self.fitness_windows >= 1, ">= 1"),
+                    ("fitness_seqlen", self.fitness_seqlen >= 2, ">= 2")):
+                check_range(f"method.{key}", getattr(self, key), ok, allowed)
+            if self.fitness_pruner is not None:
+                check_choice("method.fitness_pruner", self.fitness_pruner, PRUNERS)
+            dummy = {name: "0" for name in TEMPLATE_FIELDS}
+            for key in ("system", "init", "crossover", "mutation"):
+                try:
+                    string.Template(getattr(self.prompts, key)).substitute(dummy)
+                except (KeyError, ValueError) as exc:
+                    raise ConfigError(f"method.prompts.{key}: bad placeholder {exc}; allowed: "
+                                      f"{', '.join('$' + f for f in TEMPLATE_FIELDS)} ($$ for a literal $)") from None
 
-        o = self.options = options
-        if o.llm.backend not in BACKENDS:
-            raise ConfigError(f"method.llm.backend={o.llm.backend!r} is not valid; allowed: {', '.join(BACKENDS)}")
-        if o.operators not in OPERATORS:
-            raise ConfigError(f"method.operators={o.operators!r} is not valid; allowed: {', '.join(OPERATORS)}")
-        checks = [("population", o.population >= 2, ">= 2"), ("generations", o.generations >= 0, ">= 0"),
-                  ("elites", 0 <= o.elites < o.population, "0..population-1"),
-                  ("mutation_prob", 0 <= o.mutation_prob <= 1, "0..1"),
-                  ("mutation_sigma", o.mutation_sigma > 0, "> 0"),
-                  ("max_deviation", 0 < o.max_deviation < 1, "in (0, 1)"),
-                  ("cache_decimals", 1 <= o.cache_decimals <= 6, "1..6"), ("retries", o.retries >= 0, ">= 0"),
-                  ("fitness_nsamples", o.fitness_nsamples >= 1, ">= 1"),
-                  ("fitness_windows", o.fitness_windows >= 1, ">= 1"),
-                  ("fitness_seqlen", o.fitness_seqlen >= 2, ">= 2")]
-        for key, ok, allowed in checks:
-            if not ok:
-                raise ConfigError(f"method.{key}={getattr(o, key)!r} is out of range; allowed: {allowed}")
-        if o.fitness_pruner is not None and o.fitness_pruner not in PRUNERS:
-            raise ConfigError(f"method.fitness_pruner={o.fitness_pruner!r} is not valid; allowed: "
-                              f"{', '.join(PRUNERS)}")
-        dummy = {name: "0" for name in TEMPLATE_FIELDS}
-        for key in ("system", "init", "crossover", "mutation"):
-            try:
-                string.Template(getattr(o.prompts, key)).substitute(dummy)
-            except (KeyError, ValueError) as exc:
-                raise ConfigError(f"method.prompts.{key}: bad placeholder {exc}; allowed: "
-                                  f"{', '.join('$' + f for f in TEMPLATE_FIELDS)} ($$ for a literal $)") from None
+    def __init__(self, options: Options):
+        super().__init__(options)
         self.llm = None  # built in bind(): loading an LLM or probing an endpoint is not config-time work
         self.context = None
         self.details: dict = {}
-
-    def check(self, target: float, n_layers) -> None:
-        pass  # any target in [0, 1): candidates are clipped to [target - d, target + d] within [0, 1)
 
     def bind(self, context) -> None:
         """Called by the engine before any pruning: a missing key or chat template fails here, early."""
         self.context = context
         if self.options.operators == "llm" and self.llm is None:
-            self.llm = make_backend(self.options.llm)
+            self.llm = context.make_llm(self.options.llm)
 
     def allocate(self, sizes: dict[str, int], target: float) -> dict[str, float]:
         if self.context is None:
-            raise RuntimeError("self_pruner needs the engine's SearchContext (bench.engine.prune binds it)")
+            raise RuntimeError("self_pruner needs the engine's SearchContext (engine.prune binds it)")
         return _Search(self, sizes, target).run()
+
+    def finish(self) -> dict:
+        return self.details
 
 
 class _Search:
     """One evolutionary search; fills `allocator.details` and returns the best rates per linear."""
 
     def __init__(self, allocator: SelfPruner, sizes: dict[str, int], target: float):
-        from bench.arch import arch_for
-
         self.o = o = allocator.options
         self.allocator, self.llm, self.ctx, self.target = allocator, allocator.llm, allocator.context, target
         arch = arch_for(self.ctx.model)
@@ -259,14 +261,11 @@ class _Search:
                               f"(raise data.calib.nsamples or lower them)")
         self.calib = samples[:o.fitness_nsamples, :o.fitness_seqlen]
         self.heldout = samples[o.fitness_nsamples:need, :o.fitness_seqlen]
-        from methods import PRUNERS
-
         if o.fitness_pruner is None:
             self.pruner = self.ctx.pruner
         else:
             cls = PRUNERS[o.fitness_pruner]
-            pattern = getattr(self.ctx.pruner, "pattern", None) or SparsityPattern("unstructured")
-            self.pruner = cls(cls.Options(), pattern)
+            self.pruner = cls(cls.Options(), self.ctx.pruner.pattern)
 
     # ------------------------------------------------------------------ fitness
 
@@ -275,16 +274,13 @@ class _Search:
         if key in self.cache:
             self.hits += 1
             return self.cache[key], True
-        from bench import engine, evaluate
-        from methods import Method
-
         start = time.perf_counter()
         trial = copy.deepcopy(self.ctx.model)
         per_linear = {name: float(rates[b]) for name, b in self.block_of.items()}
         # a copy of the pruner too: one that observes the dense model keeps per-model state
         engine.prune(trial, Method("fitness", _Fixed(per_linear), copy.deepcopy(self.pruner)), self.calib,
                      self.target, self.ctx.device)
-        value = evaluate.perplexity(trial, self.heldout, self.ctx.device, desc="fitness ppl")
+        value = perplexity.perplexity(trial, self.heldout, self.ctx.device, desc="fitness ppl")
         del trial
         value = value if math.isfinite(value) else math.inf
         self.seconds["fitness"] += time.perf_counter() - start

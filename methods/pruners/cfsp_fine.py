@@ -29,23 +29,19 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.config import ConfigError
+from bench.core.vocab import check_choice
 from methods.base import ChannelPruner
-from methods.recovery import RecoveryOptions
 
 FINE_SCORES = ("paper", "released")
 
 
 class CFSPFine(ChannelPruner):
     @dataclass
-    class Options(RecoveryOptions):
+    class Options:
         fine_score: str = "paper"  # paper | released
 
         def __post_init__(self):
-            super().__post_init__()
-            if self.fine_score not in FINE_SCORES:
-                raise ConfigError(f"method.fine_score={self.fine_score!r} is not valid; "
-                                  f"allowed: {', '.join(FINE_SCORES)}")
+            check_choice("method.fine_score", self.fine_score, FINE_SCORES)
 
     def channel_scores(self, view) -> torch.Tensor:
         arch = view.arch

@@ -11,27 +11,20 @@ The removed channels' mean contribution is folded into the output bias (bias com
 
     b_out += W_out[:, removed] @ mean_t(x_t[removed])
 
-so LLaMA blocks gain a down_proj bias (saved and reloaded by bench.arch). Choices: the population
+so LLaMA blocks gain a down_proj bias (saved and reloaded by bench.core.families). Choices: the population
 variance over all calibration tokens (the reference keeps a running, sample-weighted estimate);
 attention heads are not pruned (FLAP prunes them too; CFSP's baseline does not).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from bench.config import SparsityPattern
-from methods.base import ChannelPruner
-from methods.pruners.wanda_sp import GlobalSelectionOptions
+from bench.core.vocab import SparsityPattern
+from methods.pruners.wanda_sp import GlobalSelectionPruner
 
 
-class FLAP(ChannelPruner):
-    @dataclass
-    class Options(GlobalSelectionOptions):
-        pass
-
-    def __init__(self, options: Options, pattern: SparsityPattern):
+class FLAP(GlobalSelectionPruner):
+    def __init__(self, options, pattern: SparsityPattern):
         super().__init__(options, pattern)
         self.means: dict[int, torch.Tensor] = {}  # block index -> mean FFN activation per channel
 

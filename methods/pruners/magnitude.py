@@ -4,25 +4,14 @@ The classic baseline; no calibration data, no weight update.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from bench.config import SparsityPattern
 from methods import masks
 from methods.base import LinearPruner
 
 
 class Magnitude(LinearPruner):
-    stats_level = "none"
     supports_nm = True
-
-    @dataclass
-    class Options(LinearPruner):
-        pass
-
-    def __init__(self, options: Options, pattern: SparsityPattern):
-        self.pattern = pattern
 
     @torch.no_grad()
     def prune_linear(self, weight: torch.Tensor, stats, sparsity: float) -> None:

@@ -5,20 +5,13 @@ lowest-scored channels. No calibration data.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from methods.base import ChannelPruner
-from methods.recovery import RecoveryOptions
 
 
 class MagnitudeSP(ChannelPruner):
     needs_dense_pass = False
-
-    @dataclass
-    class Options(RecoveryOptions):
-        pass
 
     def channel_scores(self, view) -> torch.Tensor:
         return view.block.get_submodule(view.arch.ffn_out).weight.float().norm(dim=0)

@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from bench.config import SparsityPattern
+from bench.core.vocab import ConfigError, SparsityPattern, check_choice, check_range
 from methods import masks, quant
 from methods.base import LinearPruner
 
@@ -46,28 +46,27 @@ class SparseGPT(LinearPruner):
         wbits: Optional[int] = None  # quantize the kept weights to this many bits (None: no quantization)
         groupsize: Optional[int] = None  # quantization grid per this many input columns (None: per row)
 
-    def __init__(self, options: Options, pattern: SparsityPattern):
-        if options.blocksize < 1:
-            raise ValueError(f"method.blocksize={options.blocksize}; allowed: >= 1")
-        if not 0 <= options.percdamp < 1:
-            raise ValueError(f"method.percdamp={options.percdamp}; allowed: 0 <= percdamp < 1")
-        if pattern.kind == "nm" and options.blocksize % pattern.m:
-            raise ValueError(f"method.blocksize={options.blocksize} must be a multiple of M={pattern.m} "
-                             f"for sparsity_type={pattern}")
-        if options.wbits is not None:
-            quant.check_bits(options.wbits)
-        if options.groupsize is not None:
-            if options.wbits is None:
-                raise ValueError(f"method.groupsize={options.groupsize} needs method.wbits (quantization)")
-            if options.groupsize < 1 or options.blocksize % options.groupsize:
-                raise ValueError(f"method.groupsize={options.groupsize}; allowed: a divisor of "
-                                 f"method.blocksize={options.blocksize}")
-        self.options = options
-        self.pattern = pattern
+        def __post_init__(self):
+            check_range("method.blocksize", self.blocksize, self.blocksize >= 1, ">= 1")
+            check_range("method.percdamp", self.percdamp, 0 <= self.percdamp < 1, "0 <= percdamp < 1")
+            if self.wbits is not None:
+                check_choice("method.wbits", self.wbits, quant.SUPPORTED_BITS)
+            if self.groupsize is not None:
+                if self.wbits is None:
+                    raise ConfigError(f"method.groupsize={self.groupsize} needs method.wbits (quantization)")
+                check_range("method.groupsize", self.groupsize,
+                            self.groupsize >= 1 and self.blocksize % self.groupsize == 0,
+                            f"a divisor of method.blocksize={self.blocksize}")
 
     @property
-    def quantizes(self) -> bool:
-        return self.options.wbits is not None
+    def bits(self) -> Optional[int]:
+        return self.options.wbits
+
+    def check(self, pattern: SparsityPattern) -> None:
+        super().check(pattern)
+        if pattern.kind == "nm" and self.options.blocksize % pattern.m:
+            raise ConfigError(f"method.blocksize={self.options.blocksize} must be a multiple of M={pattern.m} "
+                              f"for sparsity_type={pattern}")
 
     @torch.no_grad()
     def prune_linear(self, weight: torch.Tensor, stats, sparsity: float) -> None:

@@ -5,11 +5,8 @@ tokens; the lowest scores are removed *per output row* (the paper's comparison g
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from bench.config import SparsityPattern
 from methods import masks
 from methods.base import LinearPruner
 
@@ -17,13 +14,6 @@ from methods.base import LinearPruner
 class Wanda(LinearPruner):
     stats_level = "diag"
     supports_nm = True
-
-    @dataclass
-    class Options(LinearPruner):
-        pass
-
-    def __init__(self, options: Options, pattern: SparsityPattern):
-        self.pattern = pattern
 
     @torch.no_grad()
     def prune_linear(self, weight: torch.Tensor, stats, sparsity: float) -> None:

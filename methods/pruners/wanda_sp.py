@@ -11,27 +11,31 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.config import ConfigError
+from bench.core.vocab import check_choice
 from methods.base import ChannelPruner
-from methods.recovery import RecoveryOptions
 
 SELECTIONS = ("global", "per_block")
 
 
 @dataclass
-class GlobalSelectionOptions(RecoveryOptions):
+class GlobalSelectionOptions:
     selection: str = "global"  # global | per_block
 
     def __post_init__(self):
-        super().__post_init__()
-        if self.selection not in SELECTIONS:
-            raise ConfigError(f"method.selection={self.selection!r} is not valid; allowed: {', '.join(SELECTIONS)}")
+        check_choice("method.selection", self.selection, SELECTIONS)
 
 
-class WandaSP(ChannelPruner):
-    @dataclass
-    class Options(GlobalSelectionOptions):
-        pass
+class GlobalSelectionPruner(ChannelPruner):
+    """A channel pruner whose `selection` is an option (global by default, as the references run)."""
+
+    Options = GlobalSelectionOptions
+
+    @property
+    def selection(self) -> str:
+        return self.options.selection
+
+
+class WandaSP(GlobalSelectionPruner):
 
     def channel_scores(self, view) -> torch.Tensor:
         arch = view.arch

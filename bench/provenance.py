@@ -1,23 +1,19 @@
-"""One JSON per cell: what was run (resolved config + hash), with what (versions, commit), and what came
-out (metrics, sparsity, timings, memory, or the error). Written atomically, so a reader never sees a
-half-written file and a killed job leaves either the previous state or nothing.
+"""What a result carries besides its numbers: the identity of a cell (its config hash), the versions,
+commit and platform that produced it, and its peak memory. The record itself is `bench.core.records`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import resource
 import subprocess
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
-RESULT_FILE = "result.json"
-SCHEMA_VERSION = 1
+import torch
+
 # Keys that do not change the numbers a cell produces, so they stay out of its identity.
 NON_IDENTITY_KEYS = ("save_dir", "device", "targets", "logger", "rerun", "cache")
 PACKAGES = ("torch", "transformers", "hydra-core", "omegaconf", "lm-eval", "submitit", "wandb", "gguf")
@@ -59,39 +55,6 @@ def _git_state() -> dict:
 
 def peak_memory() -> dict:
     memory = {"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            memory["cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    except ImportError:
-        pass
+    if torch.cuda.is_available():
+        memory["cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return memory
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as out:
-            json.dump(payload, out, indent=2, sort_keys=False, default=str)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
-
-
-def read_results(root: Path) -> list[dict]:
-    """Every readable result under `root` (recursively), each with its `path`."""
-    out = []
-    for path in sorted(Path(root).rglob(RESULT_FILE)):
-        try:
-            payload = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        payload["path"] = str(path)
-        out.append(payload)
-    return out

@@ -1,6 +1,7 @@
-"""Architecture adapters: where a family keeps its decoder blocks and prunable linears.
+"""Family adapters: where a model family keeps its decoder blocks, prunable linears and final norm.
 
-Each adapter lists the block's linears in *input groups*: linears that read the same tensor (q/k/v,
+A family is keyed by the checkpoint's `config.model_type`, the one name that cannot disagree with the
+weights. Each adapter lists the block's linears in *input groups*: linears that read the same tensor (q/k/v,
 gate/up) share one input statistic, so the engine computes X^T X once per group. Everything else in
 the harness is family-agnostic.
 
@@ -16,7 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
+from safetensors.torch import load_file
 from torch import nn
+from transformers.initialization import no_init_weights
+
+from bench.core.vocab import ConfigError
 
 FFN_SIZES_KEY = "prunebench_ffn_sizes"
 
@@ -28,6 +34,7 @@ class Arch:
     groups: tuple  # tuples of linear names (relative to a block) that read the same input
     ffn_in: tuple  # linears whose output rows are FFN channels (fc1 / gate+up)
     ffn_out: str  # linear whose input columns are FFN channels (fc2 / down)
+    final_norm: str  # attribute path from the CausalLM to the norm applied before the LM head
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         module = model
@@ -37,6 +44,9 @@ class Arch:
 
     def linears(self, block: nn.Module) -> dict[str, nn.Linear]:
         return {name: block.get_submodule(name) for group in self.groups for name in group}
+
+    def final_norm_of(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.final_norm)
 
     def block_name(self, index: int) -> str:
         return f"{self.blocks_path}.{index}"
@@ -76,6 +86,7 @@ ARCHS = {
                 ("fc1",), ("fc2",)),
         ffn_in=("fc1",),
         ffn_out="fc2",
+        final_norm="model.decoder.final_layer_norm",
     ),
     "bloom": Arch(
         family="bloom",
@@ -84,6 +95,7 @@ ARCHS = {
                 ("mlp.dense_4h_to_h",)),
         ffn_in=("mlp.dense_h_to_4h",),
         ffn_out="mlp.dense_4h_to_h",
+        final_norm="transformer.ln_f",
     ),
     "llama": Arch(
         family="llama",
@@ -92,14 +104,19 @@ ARCHS = {
                 ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
         ffn_in=("mlp.gate_proj", "mlp.up_proj"),
         ffn_out="mlp.down_proj",
+        final_norm="model.norm",
     ),
 }
+
+
+FAMILIES = tuple(ARCHS)
 
 
 def arch_for(model: nn.Module) -> Arch:
     model_type = model.config.model_type
     if model_type not in ARCHS:
-        raise ValueError(f"model_type={model_type!r} has no adapter; supported: {', '.join(ARCHS)}")
+        raise ConfigError(f"model_type={model_type!r} (from the checkpoint's config) has no family adapter; "
+                          f"allowed: {', '.join(FAMILIES)}")
     return ARCHS[model_type]
 
 
@@ -145,10 +162,6 @@ def annotate_ffn_sizes(model: nn.Module) -> None:
 def load_shrunk(path: str | Path, dtype: torch.dtype) -> nn.Module:
     """Rebuild a checkpoint written from a physically shrunk model: the model is built from its config,
     every block's FFN cut to the recorded width, and the saved tensors loaded into it."""
-    import transformers
-    from safetensors.torch import load_file
-    from transformers.initialization import no_init_weights
-
     config = transformers.AutoConfig.from_pretrained(path)
     with no_init_weights():  # every tensor is overwritten below
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)

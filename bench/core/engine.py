@@ -11,6 +11,7 @@ gate/up), since their X^T X is identical.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -18,11 +19,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from bench.arch import Arch, arch_for, prunable_linears
+from bench.core.families import Arch, arch_for, prunable_linears
+from bench.core.vocab import STATS_LEVELS
 
 log = logging.getLogger(__name__)
-
-STATS_LEVELS = ("none", "diag", "full")
 
 
 @dataclass
@@ -107,13 +107,14 @@ class _InputCatcher(nn.Module):
             return getattr(self._modules["block"], name)
 
 
-def _to_device(value, device):
+def to_device(value, device):
+    """`value` (a tensor, or tuples, lists and dicts of them) moved to `device`."""
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device) for v in value)
+        return type(value)(to_device(v, device) for v in value)
     if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
+        return {k: to_device(v, device) for k, v in value.items()}
     return value
 
 
@@ -154,7 +155,7 @@ def capture_inputs(model: nn.Module, samples: torch.Tensor, device: str) -> tupl
     hidden = torch.cat(catcher.hidden).to("cpu")
     kwargs = {k: v for k, v in catcher.kwargs.items() if k not in ("past_key_values", "layer_past")}
     kwargs["use_cache"] = False
-    return hidden, _to_device(kwargs, "cpu")
+    return hidden, to_device(kwargs, "cpu")
 
 
 @torch.no_grad()
@@ -177,8 +178,10 @@ def traverse(model: nn.Module, samples: torch.Tensor, device: str, stats_level: 
     the next block. `edits=False`: an observe-only pass over the dense model; the statistics forward
     already gives the outputs (exposed to `visit` as `view.outputs`).
     `share_stats=False` hooks every linear separately (only for measuring what sharing saves).
-    `cache` (a `bench.cache.CellCache`) serves block 0's inputs, which do not depend on any pruning.
-    `stream` (a `bench.streaming.BlockStream`) loads each block's weights when the walk reaches it and
+    `cache` (any object with `block0(samples, device, compute)`, e.g. the harness's cell cache) serves
+    block 0's inputs, which do not depend on any pruning.
+    `stream` (any object with `load(index, block)` / `release(index, block, edited)`, e.g. the
+    harness's streamed checkpoint) loads each block's weights when the walk reaches it and
     takes it back (writing it out when `edits`) when the walk leaves it.
     """
     if stats_level not in STATS_LEVELS:
@@ -188,7 +191,7 @@ def traverse(model: nn.Module, samples: torch.Tensor, device: str, stats_level: 
         hidden, kwargs = capture_inputs(model, samples, device)
     else:
         hidden, kwargs = cache.block0(samples, device, lambda: capture_inputs(model, samples, device))
-    kwargs = _to_device(kwargs, device)
+    kwargs = to_device(kwargs, device)
     for index, block in enumerate(tqdm(arch.blocks(model), desc=desc, unit="block")):
         if stream is not None:
             stream.load(index, block)
@@ -224,31 +227,35 @@ def traverse(model: nn.Module, samples: torch.Tensor, device: str, stats_level: 
 
 @dataclass
 class SearchContext:
-    """Given to an allocator with `needs_search = True` (via `bind`) before `allocate`: it scores candidate
-    allocations by pruning copies of the still-dense `model` with `pruner` on `samples`."""
+    """Given to an allocator with `needs_search` (via `bind`) before `allocate`: it scores candidate
+    allocations by pruning copies of the still-dense `model` with `pruner` on `samples`. `make_llm`
+    (given by the harness, which knows how to load models and reach endpoints) builds the chat LLM of
+    an LLM-driven search from its options."""
 
     model: nn.Module
     samples: torch.Tensor
     pruner: Any
     device: str
+    make_llm: Optional[Callable[[Any], Any]] = None
 
 
 @dataclass
 class PruneReport:
     rates: dict[str, float]  # the allocated sparsity of every prunable linear
     seconds: dict[str, float]  # wall time per stage
-    details: dict = field(default_factory=dict)  # the allocator's own record (`allocator.details`), if any
+    details: dict = field(default_factory=dict)  # the allocator's own record (`Allocator.finish`)
 
 
 def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, device: str,
-          cache=None, stream=None) -> PruneReport:
-    """Apply `method` (a `methods.Method`) to `model` in place at mean target `sparsity`.
+          cache=None, stream=None, make_llm=None) -> PruneReport:
+    """Apply `method` (a `methods.Method`: allocator x pruner, see `methods.base` for the lifecycle) to
+    `model` in place at mean target `sparsity`.
 
-    With a `cache` (`bench.cache.CellCache`), block-0 inputs come from it, and so do the dense-pass
-    observations when every observing component defines `dense_state()` / `load_dense_state(state)`.
-    With a `stream`, blocks live on the meta device until the engine reaches them (see `traverse`)."""
-    import time
-
+    Lifecycle: `allocator.check` with the real layer count; one observe-only pass over the dense model
+    for every component with `needs_dense_pass` (`observe_block`; with a `cache` its `dense_state` may
+    come from disk instead); `allocator.bind` for searches; `allocator.allocate`; `pruner.prune_block`
+    on every block; `allocator.finish` for the record. With a `stream`, blocks live on the meta device
+    until the engine reaches them (see `traverse`)."""
     arch = arch_for(model)
     sizes = {name: linear.weight.numel() for name, linear in prunable_linears(model).items()}
     seconds = {}
@@ -256,31 +263,29 @@ def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, devi
     allocator.check(sparsity, len(sizes))  # before the (long) dense pass
     # One observe-only pass over the dense model serves every component that needs one (CFSP's single
     # forward pass: block scores for the allocator and channel scores for a structured pruner).
-    observers = [(c, c.stats_level if c is allocator else c.observe_level)
-                 for c in (allocator, pruner) if getattr(c, "needs_dense_pass", False)]
+    observers = [c for c in (allocator, pruner) if c.needs_dense_pass]
     if observers:
         start = time.perf_counter()
-        level = max((lvl for _, lvl in observers), key=STATS_LEVELS.index)
-        cacheable = cache is not None and all(hasattr(c, "dense_state") for c, _ in observers)
+        level = max((c.observe_level for c in observers), key=STATS_LEVELS.index)
 
         def observe():
-            traverse(model, samples, device, level, lambda view: [c.observe_block(view) for c, _ in observers],
+            traverse(model, samples, device, level, lambda view: [c.observe_block(view) for c in observers],
                      edits=False, desc=f"{method.name}: dense statistics", cache=cache, stream=stream)
-            return [c.dense_state() for c, _ in observers] if cacheable else None
+            return [c.dense_state() for c in observers]
 
-        if cacheable:
-            for (component, _), state in zip(observers, cache.dense_state(samples, level, observe)):
-                component.load_dense_state(state)
-        else:
+        if cache is None:
             observe()
+        else:
+            for component, state in zip(observers, cache.dense_state(samples, level, observe)):
+                component.load_dense_state(state)
         seconds["allocate_observe"] = time.perf_counter() - start
-    if getattr(allocator, "needs_search", False):
-        allocator.bind(SearchContext(model, samples, pruner, device))
+    if allocator.needs_search:
+        allocator.bind(SearchContext(model, samples, pruner, device, make_llm))
     start = time.perf_counter()
     rates = allocator.allocate(sizes, sparsity)
     seconds["allocate"] = time.perf_counter() - start
     start = time.perf_counter()
-    if sparsity == 0 and not getattr(pruner, "quantizes", False):
+    if sparsity == 0 and not pruner.quantizes:
         pass  # nothing to remove (a quantizing pruner still has work at sparsity 0)
     elif pruner.stats_level == "none":  # data-free: no traversal needed
         for index, block in enumerate(tqdm(arch.blocks(model), desc=f"{method.name}: pruning", unit="block")):
@@ -295,4 +300,4 @@ def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, devi
         traverse(model, samples, device, pruner.stats_level, lambda view: pruner.prune_block(view, rates),
                  edits=True, desc=f"{method.name}: pruning", cache=cache, stream=stream)
     seconds["prune"] = time.perf_counter() - start
-    return PruneReport(rates=rates, seconds=seconds, details=getattr(allocator, "details", {}))
+    return PruneReport(rates=rates, seconds=seconds, details=allocator.finish())

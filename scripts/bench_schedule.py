@@ -1,6 +1,6 @@
 """Benchmark: the loss-estimate scheduler's extra cost over uniform SparseGPT, in one process.
 
-    PRUNEBENCH_DATA=../shared/data python -m bench.perf_schedule --sparsity 0.7 --out runs/perf
+    PRUNEBENCH_DATA=../shared/data python scripts/bench_schedule.py --sparsity 0.7 --out runs/perf
 
 Runs two full cells (uniform SparseGPT, then loss_estimate + SparseGPT) on the same model and data,
 writing their result JSONs under --out (so `python -m reports collect` tables them), and prints the
@@ -15,17 +15,15 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from bench.cell import run_cell
-from bench.config import validate
+from bench.config import compose, validate
+from bench.core.records import Result
 
 
-def _cell(overrides: list[str], out: Path) -> dict:
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+def _cell(overrides: list[str], out: Path) -> Result:
+    cfg = compose(overrides)
     result = run_cell(validate(cfg), OmegaConf.to_container(cfg, resolve=True), out)
-    if result["status"] != "ok":
-        raise RuntimeError(f"{overrides}: {result['error']['message']}")
+    if not result.ok:
+        raise RuntimeError(f"{overrides}: {result.error.message}")
     return result
 
 
@@ -39,10 +37,10 @@ def main() -> None:
     for method in ("sparsegpt", "loss_estimate"):
         result = _cell([f"method={method}", f"sparsity={args.sparsity}", *args.overrides],
                        args.out / f"{method}_{args.sparsity}")
-        t = result["timings"]
+        t = result.timings
         seconds[method] = t.get("allocate_observe", 0) + t.get("allocate", 0) + t["prune"]
         print(f"{method}: prune {seconds[method]:.1f} s ({t.get('allocate_observe', 0):.1f} s dense statistics), "
-              f"ppl {result['metrics'].get('ppl')}")
+              f"ppl {result.metrics.get('ppl')}")
     print(f"loss_estimate / uniform SparseGPT pruning time: {seconds['loss_estimate'] / seconds['sparsegpt']:.2f}x")
 
 

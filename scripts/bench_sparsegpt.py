@@ -1,6 +1,6 @@
 """Benchmark (not a test): where SparseGPT's time goes, and what sharing input statistics saves.
 
-    python -m bench.perf [--model smollm2-135m] [--nsamples 32] [--seqlen 512] [--sparsity 0.5]
+    python scripts/bench_sparsegpt.py [--model smollm2-135m] [--nsamples 32] [--seqlen 512] [--sparsity 0.5]
 
 1. One SparseGPT run at the given sparsity, with wall time per stage (block-0 capture, block forwards
    with hooks, Hessian accumulation, OBS solves, re-running pruned blocks) and peak RSS.
@@ -14,13 +14,13 @@ import argparse
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
 import methods
-from bench import data, engine, models, results
-from bench.config import validate
+from bench import data, models, provenance
+from bench.config import compose, validate
+from bench.core import engine
 from methods.pruners.sparsegpt import SparseGPT
 
 
@@ -43,14 +43,6 @@ def timed(target, attribute: str, totals: dict, key: str):
         setattr(target, attribute, original)
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    conf = Path(__file__).resolve().parent.parent / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        return validate(hydra_compose(config_name="config", overrides=overrides))
-
-
 def stats_pass_seconds(model, samples, share: bool) -> tuple[float, float]:
     """(total seconds, seconds inside the statistics hooks) of one observe-only pass."""
     totals = defaultdict(float)
@@ -62,15 +54,15 @@ def stats_pass_seconds(model, samples, share: bool) -> tuple[float, float]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python scripts/bench_sparsegpt.py", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--sparsity", type=float, default=0.5)
     args = parser.parse_args(argv)
 
-    cfg = compose([f"model={args.model}", "method=sparsegpt", f"sparsity={args.sparsity}",
-                   f"data.calib.nsamples={args.nsamples}", f"data.calib.seqlen={args.seqlen}"])
+    cfg = validate(compose([f"model={args.model}", "method=sparsegpt", f"sparsity={args.sparsity}",
+                   f"data.calib.nsamples={args.nsamples}", f"data.calib.seqlen={args.seqlen}"]))
     model, tokenizer = models.load(cfg.model)
     corpus = data.load_corpus(cfg.data.calib.dataset, cfg.data.calib.split, cfg.data.dir, "calib",
                               cfg.data.allow_fallback)
@@ -93,7 +85,7 @@ def main(argv=None) -> None:
     print(f"\nSparseGPT {args.sparsity:.0%}: {total:.1f} s total")
     for stage, seconds in totals.items():
         print(f"  {stage:45s} {seconds:8.1f} s  ({seconds / total:5.1%})")
-    print(f"  peak RSS {results.peak_memory()['rss_mb']:.0f} MB")
+    print(f"  peak RSS {provenance.peak_memory()['rss_mb']:.0f} MB")
     print("\nInput statistics, one dense pass each (same process):")
     print(f"  shared per input group : {shared_total:7.1f} s total, {shared_hooks:7.1f} s in hooks")
     print(f"  per linear             : {separate_total:7.1f} s total, {separate_hooks:7.1f} s in hooks")

@@ -1,0 +1,247 @@
+"""The result record: one `result.json` per cell, its schema, its one writer and its one reader, and the
+registry that says what every metric means.
+
+The harness writes records (`write_result`); tables, plots, W&B, status and verdicts read them
+(`read_results`) and look metrics up in `METRICS` instead of guessing from names. Files are written
+atomically (staging file + rename), so a reader never sees half a record. A file that is not a record
+(truncated, foreign JSON, a newer schema) is reported by the reader as corrupt, never dropped silently
+and never mistaken for a result.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+SCHEMA_VERSION = 2  # 2: typed record; 1 (first build) had the same fields and is read as 2
+READABLE_SCHEMAS = (1, 2)
+RESULT_FILE = "result.json"
+CELLS_FILE = "cells.json"
+STATUSES = ("running", "ok", "failed", "interrupted")
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric family: `name` or `name/<argument>` (a dataset, a task, a stage) in targets and tables."""
+
+    name: str
+    direction: str  # "lower" or "higher" is better
+    unit: str  # "" (a plain number), "%" or "x" (a ratio)
+    label: str  # column label; {arg} is the argument after the slash
+    decimals: int
+    read: Callable[[dict, str], Optional[float]]  # (record metrics, argument) -> value in display units
+    default_arg: str = ""
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.direction == "lower"
+
+    def format(self, value: float) -> str:
+        return f"{value:.{self.decimals}f}" + ("x" if self.unit == "x" else "")
+
+
+def _ppl(metrics: dict, dataset: str) -> Optional[float]:
+    return metrics.get("ppl", {}).get(dataset)
+
+
+def _accuracy(kind: str) -> Callable[[dict, str], Optional[float]]:
+    def read(metrics: dict, task: str) -> Optional[float]:
+        scores = metrics.get("zeroshot", {}).get("tasks", {}).get(task)
+        value = None if scores is None else scores["value" if kind == "acc" else "acc_norm"]
+        return None if value is None else 100 * value
+    return read
+
+
+def _acc_avg(metrics: dict, _: str) -> Optional[float]:
+    zeroshot = metrics.get("zeroshot", {})
+    return None if "average" not in zeroshot else 100 * zeroshot["average"]
+
+
+def _speedup(metrics: dict, stage: str) -> Optional[float]:
+    return metrics.get("speed", {}).get(f"{stage}_speedup")
+
+
+METRICS = {m.name: m for m in (
+    Metric("ppl", "lower", "", "{arg} ppl", 2, _ppl),
+    Metric("acc", "higher", "%", "{arg} acc", 1, _accuracy("acc")),  # the task's configured acc or acc_norm
+    Metric("acc_norm", "higher", "%", "{arg} acc_norm", 1, _accuracy("acc_norm")),
+    Metric("acc_avg", "higher", "%", "avg acc", 1, _acc_avg),
+    Metric("speedup", "higher", "x", "{arg} speed-up", 2, _speedup, default_arg="prefill"),
+)}
+
+
+def metric(name: str) -> Metric:
+    """The registry entry of `ppl/wikitext2`, `acc/boolq`, `acc_avg`, `speedup/decode`, ..."""
+    family = name.partition("/")[0]
+    if family not in METRICS:
+        raise KeyError(f"metric {name!r} is not known; allowed: "
+                       f"{', '.join(m.name + ('' if m.name == 'acc_avg' else '/<arg>') for m in METRICS.values())}")
+    return METRICS[family]
+
+
+# --- the record ----------------------------------------------------------------------------------
+
+@dataclass
+class CellKey:
+    """What a table row and column are made of."""
+
+    model: str
+    method: str
+    sparsity: float
+    sparsity_type: str = "unstructured"
+    protocol: str = ""
+    seed: int = 0
+    wbits: Optional[int] = None
+
+
+@dataclass
+class Failure:
+    type: str
+    message: str
+    traceback: Optional[str] = None
+
+
+@dataclass
+class Result:
+    status: str  # one of STATUSES
+    config_hash: str
+    cell: CellKey
+    config: dict = field(default_factory=dict)  # the resolved config the cell ran
+    provenance: dict = field(default_factory=dict)  # versions, git, platform, argv
+    timings: dict = field(default_factory=dict)  # stage -> seconds
+    warnings: list = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)  # {"ppl": {dataset: v}, "zeroshot": {...}, "speed": {...}}
+    error: Optional[Failure] = None
+    process: dict = field(default_factory=dict)  # host, pid, Slurm job, start time
+    data: dict = field(default_factory=dict)  # the corpora actually used
+    sparsity: dict = field(default_factory=dict)  # target, measured, allocated, per layer / per block
+    allocator: dict = field(default_factory=dict)  # the allocator's own record (searches)
+    recovery: Optional[dict] = None
+    saved_to: Optional[str] = None
+    cache: dict = field(default_factory=dict)  # cross-cell cache hits and misses
+    peak_memory: dict = field(default_factory=dict)
+    schema: int = SCHEMA_VERSION
+    path: Optional[str] = None  # where it was read from; not written
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def value(self, name: str) -> Optional[float]:
+        """The value of metric `name` (see `METRICS`) in display units, or None when not measured."""
+        entry = metric(name)
+        arg = name.partition("/")[2] or entry.default_arg
+        return entry.read(self.metrics, arg)
+
+    def metric_values(self) -> dict[str, float]:
+        """Every measured metric under its registry name (`ppl/wikitext2`, `acc/boolq`, `acc_avg`,
+        `speedup/prefill`, ...), in display units."""
+        zeroshot = self.metrics.get("zeroshot", {})
+        names = [f"ppl/{dataset}" for dataset in self.metrics.get("ppl", {})]
+        names += [f"acc/{task}" for task in zeroshot.get("tasks", {})] + (["acc_avg"] if "average" in zeroshot else [])
+        names += [f"speedup/{stage}" for stage in ("prefill", "decode")
+                  if f"{stage}_speedup" in self.metrics.get("speed", {})]
+        return {name: self.value(name) for name in names}
+
+    def to_dict(self) -> dict:
+        payload = dataclasses.asdict(self)
+        payload.pop("path")
+        return payload
+
+    @staticmethod
+    def from_dict(payload: Any) -> "Result":
+        """The record in `payload`, or CorruptResult saying what is wrong with it."""
+        if not isinstance(payload, dict):
+            raise CorruptResult(f"not a JSON object but {type(payload).__name__}")
+        if payload.get("schema") not in READABLE_SCHEMAS:
+            raise CorruptResult(f"schema {payload.get('schema')!r}; this version reads {READABLE_SCHEMAS}")
+        missing = [k for k in ("status", "config_hash", "cell", "metrics") if k not in payload]
+        if missing:
+            raise CorruptResult(f"no {', '.join(missing)}")
+        if payload["status"] not in STATUSES:
+            raise CorruptResult(f"status {payload['status']!r}; allowed: {', '.join(STATUSES)}")
+        if not isinstance(payload["cell"], dict) or not isinstance(payload["metrics"], dict):
+            raise CorruptResult("cell and metrics must be objects")
+        known = {f.name for f in dataclasses.fields(Result)} - {"path"}
+        try:
+            values = {k: v for k, v in payload.items() if k in known}
+            values["cell"] = CellKey(**payload["cell"])
+            values["error"] = None if payload.get("error") is None else Failure(**payload["error"])
+            values["schema"] = SCHEMA_VERSION
+            return Result(**values)
+        except TypeError as exc:
+            raise CorruptResult(str(exc)) from None
+
+
+class CorruptResult(ValueError):
+    """A result file that cannot be read as a record."""
+
+
+# --- writing and reading -------------------------------------------------------------------------
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as out:
+            json.dump(payload, out, indent=2, sort_keys=False, default=str)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+
+
+def write_result(directory: Path, result: Result) -> Path:
+    path = Path(directory) / RESULT_FILE
+    write_json_atomic(path, result.to_dict())
+    return path
+
+
+def read_result(path: Path) -> Result:
+    """The record in `path`; CorruptResult when it is unreadable or not a record."""
+    try:
+        payload = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptResult(f"{type(exc).__name__}: {exc}") from None
+    result = Result.from_dict(payload)
+    result.path = str(path)
+    return result
+
+
+@dataclass
+class Results:
+    """Every record under a dir, and the files that looked like records but were not."""
+
+    records: list[Result]
+    corrupt: list[tuple[str, str]]  # (path, why)
+
+
+def read_results(root: Path) -> Results:
+    records, corrupt = [], []
+    for path in sorted(Path(root).rglob(RESULT_FILE)):
+        try:
+            records.append(read_result(path))
+        except CorruptResult as exc:
+            corrupt.append((str(path), str(exc)))
+    return Results(records, corrupt)
+
+
+def write_manifest(sweep_dir: Path, cells: list[dict]) -> None:
+    """`cells.json`: the overrides and config hash of every cell of a sweep, written when it starts."""
+    write_json_atomic(Path(sweep_dir) / CELLS_FILE, {"cells": cells})
+
+
+def read_manifest(sweep_dir: Path) -> Optional[list[dict]]:
+    path = Path(sweep_dir) / CELLS_FILE
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())["cells"]

@@ -1,0 +1,65 @@
+"""Log one finished cell as a W&B run (`logger=wandb`): its resolved config, its metrics as summary
+values under their registry names (`bench.core.records.METRICS`), the per-layer sparsity (history, one
+step per pruned linear, plus a table) and a table of its metrics. Runs of one sweep share a group (the
+sweep dir's name), which the W&B Report of `python -m reports wandb-report` filters on.
+
+W&B is an observer: any exception in here is logged as a warning and swallowed, so a missing account,
+a network outage or a wandb bug never fails a cell whose result.json is already written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Optional
+
+from bench.config import LoggerConfig
+from bench.core.records import Result
+
+log = logging.getLogger(__name__)
+
+
+def summary(result: Result) -> dict:
+    """The cell's numbers under the metric names the report panels and targets use."""
+    flat = dict(result.metric_values())
+    if "measured" in result.sparsity:
+        flat["sparsity/measured"] = result.sparsity["measured"]
+    flat.update({f"time/{stage}": seconds for stage, seconds in result.timings.items()})
+    return flat
+
+
+def log_cell(cfg: LoggerConfig, result: Result, out_dir: Path, sweep_dir: Optional[Path]) -> Optional[Path]:
+    """Log the cell; returns the W&B run dir, or None when logging is off or failed."""
+    if cfg.name != "wandb":
+        return None
+    try:
+        return _log(cfg, result, Path(out_dir), sweep_dir)
+    except Exception as exc:  # noqa: BLE001 - W&B must never fail a cell
+        log.warning("W&B logging failed; the cell's result.json is unaffected: %s: %s", type(exc).__name__, exc)
+        return None
+
+
+def _log(cfg: LoggerConfig, result: Result, out_dir: Path, sweep_dir: Optional[Path]) -> Path:
+    import wandb  # seconds to import: only cells that log to W&B pay it
+
+    cell = result.cell
+    run = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, dir=str(out_dir),
+                     group=cfg.group or (sweep_dir or out_dir).name, job_type="cell",
+                     name=f"{cell.model}_{cell.method}_{cell.sparsity}", config=result.config,
+                     tags=[cell.model, cell.method, cell.protocol], reinit="finish_previous",
+                     # the result already records provenance; W&B's own system/git probes cost ~1 min on a busy CPU
+                     settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, x_disable_meta=True,
+                                             x_disable_machine_info=True))
+    try:
+        per_layer = result.sparsity.get("per_layer", {})
+        for index, (name, value) in enumerate(per_layer.items()):
+            run.log({"layer": index, "layer_sparsity": value})
+        values = summary(result)
+        run.summary.update({"status": result.status, "config_hash": result.config_hash,
+                            **dataclasses.asdict(cell), **values})
+        run.log({"per_layer_sparsity": wandb.Table(columns=["index", "linear", "sparsity"],
+                                                   data=[[i, n, v] for i, (n, v) in enumerate(per_layer.items())]),
+                 "metrics": wandb.Table(columns=["metric", "value"], data=[[k, v] for k, v in values.items()])})
+        return Path(run.dir).parent
+    finally:
+        run.finish()

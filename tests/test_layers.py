@@ -1,0 +1,43 @@
+"""The layering is a contract (pyproject.toml, import-linter): the core imports nothing else of ours,
+methods stand on the core alone, the harness and reports never import each other. A new upward import,
+a harness module left out of the contract, or an import hidden inside a function fails here."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+PACKAGES = ("bench", "methods", "reports")
+
+
+def test_import_contracts_hold():
+    lint = Path(sys.executable).parent / "lint-imports"
+    proc = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "broken" in proc.stdout and "0 broken" in proc.stdout
+
+
+def test_every_harness_module_is_in_the_contract():
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    harness = next(c for c in contracts if c["id"] == "harness")["layers"][0]
+    listed = {name.strip() for name in harness.split(":")}
+    modules = {f"bench.{p.stem}" for p in (ROOT / "bench").glob("*.py") if p.stem != "__init__"}
+    assert modules == listed, f"add to the harness layer: {sorted(modules - listed)}; stale: {sorted(listed - modules)}"
+
+
+def test_no_import_of_ours_hides_inside_a_function():
+    hidden = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            tree = ast.parse(path.read_text())
+            for function in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+                for node in ast.walk(function):
+                    names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                        [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                    hidden += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names
+                               if n.split(".")[0] in PACKAGES]
+    assert not hidden, hidden
