@@ -120,6 +120,7 @@ class Result:
     error: Optional[Failure] = None
     process: dict = field(default_factory=dict)  # host, pid, Slurm job, start time
     data: dict = field(default_factory=dict)  # the corpora actually used
+    protocol: dict = field(default_factory=dict)  # {"id": short hash, "fields": what papers disagree on}
     sparsity: dict = field(default_factory=dict)  # target, measured, allocated, per layer / per block
     allocator: dict = field(default_factory=dict)  # the allocator's own record (searches)
     recovery: Optional[dict] = None
