@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import random
 import socket
@@ -25,12 +26,16 @@ import torch
 import methods
 from bench import cache as caching
 from bench import data, llm, models, provenance, speed, tracking, zeroshot
-from bench.config import RunConfig
+from bench.config import ConfigError, RunConfig
 from bench.core import engine, families, perplexity, records
 from bench.core.records import CellKey, Failure, Result
 from methods import recovery
 
 log = logging.getLogger(__name__)
+
+# A structured method whose channel rounding moves the achieved sparsity further than this from the
+# target gets a warning in its result (and so in the table's footnotes).
+STRUCTURED_TOLERANCE = 0.05
 
 
 def find_completed(root: Optional[Path], config_hash: str) -> Optional[Result]:
@@ -50,10 +55,16 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
     out_dir = Path(out_dir)
     resolved = cfg.identity(resolved)
     config_hash = provenance.config_hash(resolved)
+    save_to = _save_target(cfg, out_dir, sweep_dir)
     previous = None if rerun == "all" else find_completed(sweep_dir or out_dir, config_hash)
+    if previous is not None and save_to is not None and previous.saved_to != str(save_to):
+        log.info("cell %s already done (%s) but not saved to %s; running it again", config_hash, previous.path,
+                 save_to)
+        previous = None
     if previous is not None:
         log.info("cell %s already done (%s); skipping", config_hash, previous.path)
         return previous
+    out_dir = _own_dir(out_dir, config_hash, rerun)
 
     result = Result(
         status="running", config_hash=config_hash,
@@ -66,7 +77,8 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
     records.write_result(out_dir, result)
     started = time.perf_counter()
     try:
-        _run(cfg, result, cache)
+        _run(cfg, result, cache, save_to)
+        _check_metrics(result.metrics)
         result.status = "ok"
     except Exception as exc:  # recorded, not raised: the sweep goes on
         log.exception("cell failed")
@@ -84,6 +96,65 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
     return result
 
 
+def _save_target(cfg: RunConfig, out_dir: Path, sweep_dir: Optional[Path]) -> Optional[Path]:
+    """Where the pruned checkpoint goes: `save_dir`, or in a sweep its subfolder named like the cell's dir."""
+    if not cfg.save_dir:
+        return None
+    root = Path(cfg.save_dir).expanduser().absolute()
+    return root if sweep_dir is None else root / out_dir.name
+
+
+def _own_dir(out_dir: Path, config_hash: str, rerun: str) -> Path:
+    """`out_dir`, unless its result.json must not be overwritten: an ok result (except this cell's own,
+    re-run on purpose with +rerun=all), or a file that is not a readable result. Then the first free
+    sibling `<out_dir>.1`, `.2`, ... (an earlier sweep into the same dir, a stray file)."""
+    candidate, number = out_dir, 0
+    while (candidate / records.RESULT_FILE).exists():
+        try:
+            existing = records.read_result(candidate / records.RESULT_FILE)
+        except records.CorruptResult as exc:
+            log.warning("%s is not a readable result (%s); leaving it alone", candidate / records.RESULT_FILE, exc)
+        else:
+            if not existing.ok or (rerun == "all" and existing.config_hash == config_hash):
+                return candidate
+        number += 1
+        candidate = out_dir.with_name(f"{out_dir.name}.{number}")
+    return candidate
+
+
+def _check_metrics(metrics: dict, key: str = "metrics") -> None:
+    """A NaN or infinite metric fails the cell: it is a broken model or evaluation, not a number."""
+    for name, value in metrics.items():
+        if isinstance(value, dict):
+            _check_metrics(value, f"{key}.{name}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise FloatingPointError(f"{key}.{name} is {value}: the model's outputs are not finite")
+
+
+def _check_finite(model, when: str) -> None:
+    bad = [name for name, tensor in model.state_dict().items()
+           if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all()]
+    if bad:
+        raise FloatingPointError(f"{len(bad)} tensors hold NaN or inf {when}: {', '.join(bad[:5])}"
+                                 + (" ..." if len(bad) > 5 else ""))
+
+
+def _check_positions(model, cfg: RunConfig) -> None:
+    """model.seqlen and the windows cut from it must fit the checkpoint's position table."""
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit is not None and cfg.model.seqlen > limit:
+        raise ConfigError(f"model.seqlen={cfg.model.seqlen} is out of range; allowed: 1..{limit} (the "
+                          f"max_position_embeddings of the loaded checkpoint of model {cfg.model.name})")
+
+
+def _check_structured(result: Result, target: float) -> None:
+    achieved = result.sparsity["measured"]
+    if abs(achieved - target) > STRUCTURED_TOLERANCE:
+        result.warnings.append(f"structured pruning removed {achieved:.1%} of FFN channels for a target of "
+                               f"{target:.1%} (channel rounding, e.g. method.round_to; tolerance "
+                               f"{STRUCTURED_TOLERANCE:.0%})")
+
+
 class _Stage:
     """`with _Stage(result, "load"):` records the wall time of the block under result.timings["load"]."""
 
@@ -97,11 +168,15 @@ class _Stage:
         self.result.timings[self.name] = time.perf_counter() - self.start
 
 
-def _run(cfg: RunConfig, result: Result, use_cache: bool) -> None:
+def _run(cfg: RunConfig, result: Result, use_cache: bool, save_to: Optional[Path]) -> None:
+    if save_to is not None:
+        models.check_save_dir(save_to)  # before any work, not after an hour of pruning
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     with _Stage(result, "load"):
         model, tokenizer = models.load(cfg.model)
+    _check_positions(model, cfg)
+    _check_finite(model, "after loading")
     shared = caching.for_cell(use_cache, cfg.model, cfg.method)
 
     def tokens(text: str) -> torch.Tensor:
@@ -126,9 +201,11 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool) -> None:
     report = engine.prune(model, method, samples, cfg.sparsity, cfg.device, cache=shared,
                           make_llm=llm.make_backend)
     result.timings.update(report.seconds)
+    _check_finite(model, f"after pruning with {cfg.method.name}")
     if structured:
         result.sparsity = {"target": cfg.sparsity, **families.structured_sparsity(model, dense_sizes, dense_params),
                            "allocated": report.rates}
+        _check_structured(result, cfg.sparsity)
     else:
         overall, per_layer = families.measured_sparsity(model)
         result.sparsity = {"target": cfg.sparsity, "measured": overall, "allocated": report.rates,
@@ -140,10 +217,9 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool) -> None:
                                                   method.allocator.block_weights, cfg.seed, cfg.device)
         result.timings["recovery"] = result.recovery["seconds"]
 
-    if cfg.save_dir:
+    if save_to is not None:
         with _Stage(result, "save"):
-            models.save(model, tokenizer, cfg.save_dir)
-            result.saved_to = str(Path(cfg.save_dir).expanduser().resolve())
+            result.saved_to = str(models.save(model, tokenizer, save_to))
 
     if cfg.eval.ppl is not None:
         _perplexities(cfg, result, model, tokens, shared)
@@ -154,6 +230,7 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool) -> None:
         with _Stage(result, "speed"):
             result.metrics["speed"] = speed.measure(reference, model, cfg.eval.speed, cfg.device, cfg.seed)
     result.cache = shared.report
+    result.warnings += shared.warnings
 
 
 def _perplexities(cfg: RunConfig, result: Result, model, tokens, shared: caching.CellCache) -> None:

@@ -7,12 +7,15 @@ sweep fails at start instead of an hour into a job. Method keys are the componen
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 import methods
@@ -148,9 +151,35 @@ class RunConfig:
 
 def compose(overrides: list[str] = (), with_hydra: bool = False) -> DictConfig:
     """The config `python run.py <overrides>` would run, composed from conf/ (for tests and scripts);
-    `with_hydra` keeps the `hydra` node (launcher, sweep dirs)."""
+    `with_hydra` keeps the `hydra` node (launcher, sweep dirs). An override Hydra cannot apply (an
+    unknown preset, bad syntax) is a one-line ConfigError."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=with_hydra)
+        try:
+            return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=with_hydra)
+        except HydraException as exc:
+            raise ConfigError(" ".join(str(exc).split())) from None
+
+
+# Top-level keys besides RunConfig's fields: read by run.py, the sweep, the cache and the reports.
+EXTRA_KEYS = ("cache", "rerun", "targets", "hydra")
+# A name that becomes a folder or file name: no separators, no "..", no leading "-" or ".", no control
+# characters (a name like "a/../../x" would write results outside the sweep dir).
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_+=@,][A-Za-z0-9_.+=@,-]*")
+
+
+def check_name(key: str, value: object) -> None:
+    if not isinstance(value, str) or not _SAFE_NAME.fullmatch(value) or ".." in value:
+        raise ConfigError(f"{key}={value!r} is not a valid name; allowed: letters, digits and _ . + = @ , - "
+                          f"(no path separators, no '..', not starting with '-' or '.')")
+
+
+def _number(key: str, value: object, kind: type) -> float | int:
+    """`float(value)` / `int(value)` of a top-level scalar, as a one-line error when it is not one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise ConfigError(f"{key}={value!r} is not valid; allowed: a{'n integer' if kind is int else ' number'}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r} is out of range; allowed: a finite number")
+    return kind(value)
 
 
 def zoo_entry(name: str) -> ModelConfig:
@@ -185,7 +214,19 @@ def _zeroshot(zs: ZeroShotConfig) -> None:
 def validate(cfg: DictConfig) -> RunConfig:
     """Turn the composed Hydra config into a RunConfig, or raise ConfigError naming the bad key."""
     raw = OmegaConf.to_container(cfg, resolve=True)
+    known = [f.name for f in fields(RunConfig)] + list(EXTRA_KEYS)
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{key} is not a known key; allowed: {', '.join(known)}")
     model = typed("model", ModelConfig, raw["model"])
+    check_name("model.name", model.name)
+    if model.id is not None and model.id.startswith("-"):
+        raise ConfigError(f"model.id={model.id!r} is not valid; allowed: a hub id or package==version "
+                          f"(not starting with '-')")
+    if model.file is not None:
+        check_range("model.file", model.file, not model.file.startswith(("/", "-")) and ".." not in model.file,
+                    "a relative path inside the wheel, without '..'")
+    check_range("model.seqlen", model.seqlen, model.seqlen >= 1, ">= 1")
     check_choice("model.source", model.source, SOURCES)
     check_choice("model.dtype", model.dtype, DTYPES)
     if model.source == "random":
@@ -194,6 +235,7 @@ def validate(cfg: DictConfig) -> RunConfig:
                               f"give the transformers config kwargs")
         check_choice("model.architecture.model_type", model.architecture.get("model_type"), FAMILIES)
     method = methods.parse(raw["method"])
+    check_name("method.name", method.name)
     data = typed("data", DataConfig, raw["data"])
     check_choice("data.calib.dataset", data.calib.dataset, DATASETS)
     evaluation = typed("eval", EvalConfig, raw["eval"])
@@ -204,7 +246,8 @@ def validate(cfg: DictConfig) -> RunConfig:
     device = raw.get("device", "cpu")
     check_choice("device", device, DEVICES)
 
-    sparsity = _sparsity(float(raw["sparsity"]), method)
+    sparsity = _sparsity(_number("sparsity", raw["sparsity"], float), method)
+    seed = _number("seed", raw.get("seed", 0), int)
     built = methods.build(method)  # checks that need the components together or the pattern
     if not method.dense:
         built.allocator.check(sparsity, _known_layer_count(model))
@@ -224,14 +267,16 @@ def validate(cfg: DictConfig) -> RunConfig:
     if evaluation.ppl:
         for name in evaluation.ppl.datasets:
             check_choice("eval.ppl.datasets", name, DATASETS)
+        windows = evaluation.ppl.max_windows
+        check_range("eval.ppl.max_windows", windows, windows is None or windows >= 1, ">= 1, or null for all")
     if evaluation.zeroshot:
         _zeroshot(evaluation.zeroshot)
     if model.path is not None and not Path(model.path).expanduser().exists():
         raise ConfigError(f"model.path={model.path!r} does not exist; pass a local checkpoint dir "
                           f"or leave it null to load {model.id!r} from its source")
     return RunConfig(model=model, method=method, data=data, eval=evaluation, sparsity=sparsity,
-                     seed=int(raw.get("seed", 0)), device=device, protocol=str(raw["protocol"]["name"]),
-                     save_dir=raw.get("save_dir"), logger=logger, recovery=recovery)
+                     seed=seed, device=device, protocol=str(raw["protocol"]["name"]),
+                     save_dir=_save_dir(raw.get("save_dir")), logger=logger, recovery=recovery)
 
 
 def _sparsity(sparsity: float, method: MethodSpec) -> float:
@@ -243,3 +288,11 @@ def _sparsity(sparsity: float, method: MethodSpec) -> float:
         raise ConfigError(f"sparsity={sparsity} conflicts with method.sparsity_type={method.pattern}, "
                           f"which means sparsity={implied:g}; pass sparsity={implied:g}")
     return sparsity
+
+
+def _save_dir(value: object) -> Optional[str]:
+    if value is None:
+        return None
+    check_range("save_dir", value, isinstance(value, str) and value.strip() != "" and value.isprintable(),
+                "a folder path (printable, not empty), or null")
+    return value

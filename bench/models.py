@@ -6,12 +6,14 @@ The GGUF route exists so a real pretrained model works with no hub access: the w
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import BPE
 
 from bench.config import ModelConfig
+from bench.core.vocab import ConfigError
 from bench.core import families
 
 log = logging.getLogger(__name__)
@@ -130,16 +133,49 @@ def byte_tokenizer() -> "transformers.PreTrainedTokenizerFast":
                                                 bos_token="<eos>", pad_token="<eos>")
 
 
+MARKER = "prunebench.json"  # written into every checkpoint `save` makes: what it may replace
+
+
 def save(model: nn.Module, tokenizer, directory: str | Path) -> Path:
     """Write a checkpoint `AutoModelForCausalLM.from_pretrained` reloads (`load` with `model.path`, i.e.
-    `bench.core.families.load_shrunk`, for structurally pruned ones); atomic (staging + rename)."""
+    `bench.core.families.load_shrunk`, for structurally pruned ones); atomic (a staging dir of our own
+    beside the target, then a rename).
+
+    Deletes nothing it did not make: the target must be missing, empty, or a checkpoint of ours (it holds
+    `MARKER`); anything else is refused before any work (ConfigError)."""
     families.annotate_ffn_sizes(model)
-    directory = Path(directory).expanduser()
-    staging = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(staging, directory)
+    directory = Path(directory).expanduser().absolute()
+    check_save_dir(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".partial"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / MARKER).write_text(json.dumps({"written_by": "prunebench", "time": time.time()}))
+        old = None
+        if directory.exists():
+            if any(directory.iterdir()):
+                check_save_dir(directory)  # still ours (nothing swapped it in meanwhile)
+                old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".old"))
+                os.replace(directory, old / "checkpoint")
+            else:
+                directory.rmdir()
+        os.replace(staging, directory)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def check_save_dir(directory: Path) -> None:
+    """A save target may be missing, an empty folder, or a checkpoint `save` wrote; nothing else."""
+    directory = Path(directory).expanduser()
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise ConfigError(f"save_dir={str(directory)!r} is a file; allowed: a new or empty folder, or a "
+                          f"checkpoint prunebench wrote")
+    if any(directory.iterdir()) and not (directory / MARKER).is_file():
+        raise ConfigError(f"save_dir={str(directory)!r} is a non-empty folder that is not a prunebench checkpoint "
+                          f"(no {MARKER}); allowed: a new or empty folder, or a checkpoint prunebench wrote")

@@ -8,8 +8,12 @@
   largest request over the sweep's cells (one job array asks for one size);
 - checks the Slurm side before submitting: `sbatch` on PATH, a partition where the cluster has no default;
 - hands Submitit's local executor one cell at a time by default (it starts every job it gets at once);
-- writes `cells.json` in the sweep dir (`bench.core.records.write_manifest`) (overrides + config hash of every cell), which
-  `python -m reports status` compares with the result files; and logs how many cells are already done.
+- locks the sweep dir (`.prunebench.lock`, held until the sweep ends or its process dies), so a second
+  sweep into the same dir stops instead of interleaving with it;
+- writes `cells.json` in the sweep dir (`bench.core.records.write_manifest`) (overrides + config hash of every
+  cell), which `python -m reports status` compares with the result files; an earlier sweep's cells
+  already listed there are kept (merged), so a different sweep into an old dir loses none of them; and
+  logs how many cells are already done.
 
 Resume: a cell whose config hash already has an `ok` result under the sweep dir is skipped
 (`bench.cell.find_completed`); failed, missing and interrupted ("running" but dead) cells run again.
@@ -18,11 +22,15 @@ Resume: a cell whose config hash already has an `ok` result under the sweep dir 
 """
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import logging
 import multiprocessing
+import os
 import shutil
 import signal
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -45,6 +53,8 @@ RERUN_MODES = ("failed", "all")  # failed: skip cells with an ok result (the def
 RESOURCE_KEYS = ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min")
 SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
 LOCAL_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
+LOCK_FILE = ".prunebench.lock"
+_PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
 @dataclass
@@ -92,24 +102,62 @@ def task_container(config: DictConfig) -> dict:
 
 
 class SweepCallback(Callback):
+    def __init__(self) -> None:
+        self.lock: int | None = None  # the open lock file of the sweep dir, while the sweep runs
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         loader = GlobalHydra.instance().config_loader()
+        sweep_dir = Path(str(config.hydra.sweep.dir))
         try:
             cells = expand(list(config.hydra.overrides.task), lambda o: loader.load_sweep_config(config, o))
             _size_launcher(config, [cell.config.hydra.launcher for cell in cells])
             _check_launcher(config)
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            self.lock = lock_sweep_dir(sweep_dir)
+            merge_manifest(sweep_dir, [{"overrides": c.overrides, "config_hash": c.config_hash} for c in cells])
         except ConfigError as exc:
             raise SystemExit(f"prunebench: sweep not started: {exc}") from None
 
-        sweep_dir = Path(str(config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        records.write_manifest(sweep_dir, [{"overrides": c.overrides, "config_hash": c.config_hash} for c in cells])
         done = {r.config_hash for r in records.read_results(sweep_dir).records if r.ok}
         already = sum(c.config_hash in done for c in cells)
         if already and rerun_mode(config) != "all":
             log.info("%d of %d cells already have an ok result in %s; they will be skipped (+rerun=all "
                      "runs them again)", already, len(cells), sweep_dir)
         log.info("sweep of %d cells validated", len(cells))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.lock is not None:
+            os.close(self.lock)  # releases the flock
+            self.lock = None
+
+
+def lock_sweep_dir(sweep_dir: Path) -> int:
+    """An exclusive lock on the sweep dir, held while the returned descriptor is open (the kernel drops
+    it when the process dies, so a killed sweep leaves no stale lock)."""
+    handle = os.open(sweep_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(handle, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(handle)
+        raise ConfigError(f"hydra.sweep.dir={str(sweep_dir)!r} is in use by another sweep ({holder}); "
+                          f"allowed: a dir no running sweep uses") from None
+    os.ftruncate(handle, 0)
+    os.pwrite(handle, f"pid {os.getpid()}".encode(), 0)
+    return handle
+
+
+def merge_manifest(sweep_dir: Path, cells: list[dict]) -> None:
+    """cells.json with this sweep's cells first, then those of earlier sweeps into the same dir; an
+    unreadable cells.json is kept aside (`cells.json.corrupt`), not overwritten."""
+    try:
+        earlier = records.read_manifest(sweep_dir) or []
+    except CorruptResult as exc:
+        log.warning("%s; keeping it as %s.corrupt and writing a new one", exc, records.CELLS_FILE)
+        os.replace(sweep_dir / records.CELLS_FILE, sweep_dir / f"{records.CELLS_FILE}.corrupt")
+        earlier = []
+    hashes = {cell["config_hash"] for cell in cells}
+    records.write_manifest(sweep_dir, cells + [cell for cell in earlier if cell["config_hash"] not in hashes])
 
 
 def _size_launcher(config: DictConfig, launchers: list[DictConfig]) -> None:
@@ -133,6 +181,7 @@ def _size_launcher(config: DictConfig, launchers: list[DictConfig]) -> None:
 
 def _check_launcher(config: DictConfig) -> None:
     launcher = config.hydra.launcher
+    _printable("hydra.launcher", OmegaConf.to_container(launcher, resolve=True))
     if launcher.get("_target_") != SLURM_LAUNCHER:
         return
     if shutil.which("sbatch") is None:
@@ -144,6 +193,19 @@ def _check_launcher(config: DictConfig) -> None:
             names = ", ".join(name for name, _ in partitions) or "(none listed)"
             raise ConfigError(f"hydra.launcher.partition=null but this cluster has no default partition; "
                               f"allowed: {names}")
+
+
+def _printable(key: str, value: Any) -> None:
+    """No control character (a newline ends an #SBATCH line and starts a shell line) in any launcher value."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _printable(f"{key}.{name}", str(name))
+            _printable(f"{key}.{name}", item)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _printable(f"{key}[{index}]", item)
+    elif isinstance(value, str) and not value.isprintable():
+        raise ConfigError(f"{key}={value!r} holds a control character (newline, tab, ...); allowed: printable text")
 
 
 def slurm_partitions() -> list[tuple[str, bool]] | None:
@@ -163,21 +225,31 @@ def run_isolated(out_dir: Path, run: Callable[..., Result], *args: Any) -> Resul
     signal still leaves a result saying so, and the sweep's own process lives on to run the next cell.
 
     Fork, not spawn: the parent has imported torch but run no op (no thread pool yet), and a fork costs
-    milliseconds where a spawn re-imports everything."""
+    milliseconds where a spawn re-imports everything.
+
+    SIGTERM to this process (where nobody else handles it, e.g. Submitit) stops the child, marks the cell
+    "interrupted" and exits 143; the child also gets SIGTERM when this process dies any other way
+    (Linux), so no cell outlives its sweep."""
     context = multiprocessing.get_context("fork")
     receive, send = context.Pipe(duplex=False)
     child = context.Process(target=_child, args=(send, run, args))
+    previous = _take_sigterm()
     child.start()
     send.close()
     try:
         result = receive.recv()
     except EOFError:  # the child died without sending its result
         result = None
-    except BaseException as exc:  # Ctrl-C, or Submitit's preemption/timeout handler in this process
+    except BaseException as exc:  # Ctrl-C, SIGTERM, or Submitit's preemption/timeout handler in this process
+        child.terminate()
+        child.join(10)
         child.kill()
         child.join()
         _mark(out_dir, "interrupted", type(exc).__name__, f"the sweep process was interrupted: {exc}")
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     child.join()
     if result is not None:
         return result
@@ -193,11 +265,38 @@ def _mark(out_dir: Path, status: str, error_type: str, message: str) -> Result:
         result = records.read_result(Path(out_dir) / records.RESULT_FILE)
     except CorruptResult:  # it died before writing anything readable: report, but write nothing
         return Result(status=status, config_hash="", cell=CellKey("", "", 0.0), error=Failure(error_type, message))
+    if result.ok:  # a finished result (this cell's, or one it skipped to) is never overwritten
+        return result
     result.status, result.error = status, Failure(error_type, message)
     records.write_result(out_dir, result)
     return result
 
 
+class Terminated(SystemExit):
+    """SIGTERM reached the sweep process while a cell ran: it exits 143 (128 + SIGTERM), as if killed."""
+
+    def __str__(self) -> str:
+        return "received SIGTERM"
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(128 + signum)
+
+
+def _take_sigterm():
+    """Install the SIGTERM handler of `run_isolated` where SIGTERM has its default action (not under
+    Submitit, which has its own, nor off the main thread); the previous handler, or None."""
+    try:
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return None
+        return signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread
+        return None
+
+
 def _child(send, run: Callable[..., Result], args: tuple) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform == "linux":  # die with the sweep process, even when it is SIGKILLed
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     send.send(run(*args))
     send.close()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from bench.core.records import CELLS_FILE, Result, read_manifest, read_results
+from bench.core.records import CELLS_FILE, CorruptResult, Result, read_manifest, read_results
 
 STATES = ("done", "running", "failed", "missing")
 
@@ -40,13 +40,18 @@ def sweep_cells(sweep_dir: Path) -> list[dict]:
 
 
 def status(sweep_dir: Path) -> tuple[list[CellStatus], list[tuple[str, str]]]:
-    """The state of every cell, and the files under the sweep that are not readable results."""
+    """The state of every cell, and the files under the sweep that are not readable results (an
+    unreadable cells.json among them: then no cell is listed)."""
     found = read_results(sweep_dir)
+    try:
+        cells = sweep_cells(sweep_dir)
+    except CorruptResult as exc:
+        return [], [(str(Path(sweep_dir) / CELLS_FILE), str(exc))] + found.corrupt
     by_hash: dict[str, list[Result]] = {}
     for result in found.records:
         by_hash.setdefault(result.config_hash, []).append(result)
     rows = []
-    for cell in sweep_cells(sweep_dir):
+    for cell in cells:
         ranked = sorted((_state(result) + (result.path,) for result in by_hash.get(cell["config_hash"], [])),
                         key=lambda s: STATES.index(s[0]))
         state, detail, path = ranked[0] if ranked else ("missing", "", None)

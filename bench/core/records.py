@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -169,6 +170,8 @@ class Result:
             raise CorruptResult(f"status {payload['status']!r}; allowed: {', '.join(STATUSES)}")
         if not isinstance(payload["cell"], dict) or not isinstance(payload["metrics"], dict):
             raise CorruptResult("cell and metrics must be objects")
+        if not all(isinstance(v, dict) for v in payload["metrics"].values()):
+            raise CorruptResult("every metric family (ppl, zeroshot, speed) must be an object")
         known = {f.name for f in dataclasses.fields(Result)} - {"path"}
         try:
             values = {k: v for k, v in payload.items() if k in known}
@@ -186,13 +189,26 @@ class CorruptResult(ValueError):
 
 # --- writing and reading -------------------------------------------------------------------------
 
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by None: strict JSON has no NaN, and a reader
+    must not mistake one for a number (the cell fails on a non-finite metric before writing it)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
+    """Strict JSON (no NaN/Infinity: see `finite`), written to a staging file and renamed into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w") as out:
-            json.dump(payload, out, indent=2, sort_keys=False, default=str)
+            json.dump(finite(payload), out, indent=2, sort_keys=False, default=str, allow_nan=False)
             out.flush()
             os.fsync(out.fileno())
         os.replace(staging, path)
@@ -210,12 +226,16 @@ def write_result(directory: Path, result: Result) -> Path:
 def read_result(path: Path) -> Result:
     """The record in `path`; CorruptResult when it is unreadable or not a record."""
     try:
-        payload = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        payload = json.loads(Path(path).read_text(), parse_constant=_reject_constant)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CorruptResult(f"{type(exc).__name__}: {exc}") from None
     result = Result.from_dict(payload)
     result.path = str(path)
     return result
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not strict JSON")
 
 
 @dataclass
@@ -242,7 +262,15 @@ def write_manifest(sweep_dir: Path, cells: list[dict]) -> None:
 
 
 def read_manifest(sweep_dir: Path) -> Optional[list[dict]]:
+    """The cells of `cells.json`, None when there is none; CorruptResult when it is not a manifest."""
     path = Path(sweep_dir) / CELLS_FILE
     if not path.exists():
         return None
-    return json.loads(path.read_text())["cells"]
+    try:
+        cells = json.loads(path.read_text())["cells"]
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError) as exc:
+        raise CorruptResult(f"{path}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(cells, list) or not all(isinstance(c, dict) and isinstance(c.get("config_hash"), str)
+                                              and isinstance(c.get("overrides"), list) for c in cells):
+        raise CorruptResult(f"{path}: not a list of cells with overrides and config_hash")
+    return cells
