@@ -14,9 +14,15 @@ Code: every key carries a fingerprint of the modules that compute that kind of v
 plus the observing components' own modules), the prunebench version, and the torch and transformers
 versions, so after a fix an old value is never served: it is simply not found, and recomputed.
 Model identity is the resolved model config without `resources`, plus the size and mtime of a local
-checkpoint's files. Entries live under `$PRUNEBENCH_CACHE/cells/<kind>/<key>.pt` (default
+checkpoint's files. Entries live under `$PRUNEBENCH_CACHE/cells/<kind>/<key>.safetensors` (default
 ~/.cache/prunebench), written atomically, so concurrent cells at worst compute the same entry twice.
 Disable with `cache=false`.
+
+Files, not programs: an entry is a safetensors file (tensors, numpy arrays stored as tensors) whose
+metadata holds the rest of the value as JSON (numbers, strings, lists, tuples, dicts) and the key it was
+written for. Reading one runs no code (nothing is unpickled); an entry that does not parse, or was
+written for another key, is recomputed and overwritten. A cache that cannot be written (full disk, no
+permission) costs the cell its reuse, not its result: a warning goes into the result.
 
     python -m bench.cache list [--kind K]     # entries, sizes and ages per kind
     python -m bench.cache clear [--kind K]    # delete them
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import hashlib
 import importlib
 import json
@@ -38,8 +45,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
+import numpy as np
 import torch
 import transformers
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from bench.config import ModelConfig
 from bench.models import cache_dir
@@ -89,6 +99,76 @@ def model_identity(cfg: ModelConfig) -> dict:
     return identity
 
 
+SUFFIX = ".safetensors"
+
+
+class Uncacheable(TypeError):
+    """A value holding something other than tensors, arrays, numbers, strings and containers of them."""
+
+
+def encode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """`value` as JSON, its tensors and arrays moved into `tensors` (named by position) and referenced."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        kind = "tensor" if isinstance(value, torch.Tensor) else "ndarray"
+        tensor = value.detach().cpu() if kind == "tensor" else torch.from_numpy(np.ascontiguousarray(value))
+        name = str(len(tensors))
+        tensors[name] = tensor.contiguous().clone()  # safetensors refuses views sharing storage
+        return {kind: name}
+    if isinstance(value, np.generic):
+        return encode(value.item(), tensors)
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if np.isfinite(value) else {"float": repr(value)}
+    if isinstance(value, (list, tuple)):
+        return {"list" if isinstance(value, list) else "tuple": [encode(item, tensors) for item in value]}
+    if isinstance(value, dict):
+        return {"dict": [[encode(k, tensors), encode(v, tensors)] for k, v in value.items()]}
+    raise Uncacheable(f"cannot cache a {type(value).__name__}")
+
+
+def decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of `encode`; a node of any other shape is a foreign file (ValueError/KeyError)."""
+    if node is None or isinstance(node, (bool, int, float, str)):
+        return node
+    (kind, body), = node.items()
+    if kind == "tensor":
+        return tensors[body]
+    if kind == "ndarray":
+        return tensors[body].numpy()
+    if kind == "float":
+        return float(body)
+    if kind in ("list", "tuple"):
+        items = [decode(item, tensors) for item in body]
+        return items if kind == "list" else tuple(items)
+    if kind == "dict":
+        return {decode(k, tensors): decode(v, tensors) for k, v in body}
+    raise ValueError(f"unknown node {kind!r}")
+
+
+def read_entry(path: Path, key_digest: str) -> Any:
+    """The value stored in `path` for `key_digest`; any exception means: not a valid entry for it."""
+    with safe_open(str(path), framework="pt") as entry:
+        metadata = entry.metadata() or {}
+        if metadata.get("key") != key_digest:
+            raise ValueError(f"written for key {metadata.get('key')!r}, not {key_digest!r}")
+        tensors = {name: entry.get_tensor(name) for name in entry.keys()}
+    return decode(json.loads(metadata["value"]), tensors)
+
+
+def write_entry(path: Path, key_digest: str, value: Any) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    structure = json.dumps(encode(value, tensors), allow_nan=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, staging, metadata={"key": key_digest, "value": structure})
+        os.replace(staging, path)
+    finally:
+        Path(staging).unlink(missing_ok=True)
+
+
 class DiskCache:
     """`root=None`: caching off, every value is computed."""
 
@@ -96,28 +176,29 @@ class DiskCache:
         self.root = None if root is None else Path(root)
         self.hits: list[str] = []
         self.misses: list[str] = []
+        self.warnings: list[str] = []
 
     def get_or_compute(self, kind: str, key: Any, code: Iterable[str], compute: Callable[[], Any]) -> Any:
         """The value of `key`, computed by the code in the modules `code`."""
         if self.root is None:
             return compute()
-        path = self.root / kind / f"{_digest([key, code_fingerprint(code)])}.pt"
+        digest = _digest([key, code_fingerprint(code)])
+        path = self.root / kind / f"{digest}{SUFFIX}"
         if path.exists():
             try:
-                value = torch.load(path, weights_only=False)
+                value = read_entry(path, digest)
                 self.hits.append(kind)
                 return value
-            except Exception as exc:  # a truncated or foreign file: recompute and overwrite it
-                log.warning("cache entry %s unreadable (%s); recomputing", path, exc)
+            except Exception as exc:  # truncated, tampered or foreign: never trusted, recomputed
+                log.warning("cache entry %s is not valid (%s: %s); recomputing", path, type(exc).__name__, exc)
         value = compute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(handle)
         try:
-            torch.save(value, staging)
-            os.replace(staging, path)
-        finally:
-            Path(staging).unlink(missing_ok=True)
+            write_entry(path, digest, value)
+        except (OSError, Uncacheable) as exc:
+            why = errno.errorcode.get(getattr(exc, "errno", None) or 0, type(exc).__name__)
+            message = f"cache: {kind} not stored ({why}: {exc}); computed without the cache"
+            log.warning(message)
+            self.warnings.append(message)
         self.misses.append(kind)
         return value
 
@@ -155,6 +236,10 @@ class CellCache:
     def report(self) -> dict:
         return {"hits": sorted(self.disk.hits), "misses": sorted(self.disk.misses)}
 
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.disk.warnings)
+
 
 def _asdict(options: Any) -> Any:
     return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else repr(options)
@@ -177,7 +262,7 @@ def main(argv=None) -> int:
     root = cells_dir()
     kinds = [args.kind] if args.kind else list(KINDS)
     for kind in kinds:
-        entries = sorted((root / kind).glob("*.pt")) if (root / kind).is_dir() else []
+        entries = sorted((root / kind).glob(f"*{SUFFIX}")) if (root / kind).is_dir() else []
         size = sum(p.stat().st_size for p in entries)
         if args.command == "clear":
             shutil.rmtree(root / kind, ignore_errors=True)

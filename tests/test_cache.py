@@ -45,7 +45,7 @@ def test_the_fingerprint_follows_the_source_file(tmp_path, monkeypatch):
 def test_cache_command_lists_and_clears(tmp_path):
     env = {"PRUNEBENCH_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
     (tmp_path / "cells" / "tokens").mkdir(parents=True)
-    (tmp_path / "cells" / "tokens" / "a.pt").write_bytes(b"x" * 2048)
+    (tmp_path / "cells" / "tokens" / "a.safetensors").write_bytes(b"x" * 2048)
 
     def run(*args):
         proc = subprocess.run([sys.executable, "-m", "bench.cache", *args], env=env, capture_output=True, text=True)
