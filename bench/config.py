@@ -157,7 +157,8 @@ def compose(overrides: list[str] = (), with_hydra: bool = False) -> DictConfig:
         try:
             return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=with_hydra)
         except HydraException as exc:
-            raise ConfigError(" ".join(str(exc).split())) from None
+            message = str(exc).split("\nConfig search path")[0]  # the rest lists Hydra's own search path
+            raise ConfigError(" ".join(message.split())) from None
 
 
 # Top-level keys besides RunConfig's fields: read by run.py, the sweep, the cache and the reports.
@@ -227,6 +228,9 @@ def validate(cfg: DictConfig) -> RunConfig:
         check_range("model.file", model.file, not model.file.startswith(("/", "-")) and ".." not in model.file,
                     "a relative path inside the wheel, without '..'")
     check_range("model.seqlen", model.seqlen, model.seqlen >= 1, ">= 1")
+    for key, value in vars(model.resources).items():  # interpolated into the launcher's job script
+        low = 0 if key == "gpus" else 1
+        check_range(f"model.resources.{key}", value, value >= low, f">= {low}")
     check_choice("model.source", model.source, SOURCES)
     check_choice("model.dtype", model.dtype, DTYPES)
     if model.source == "random":

@@ -44,8 +44,9 @@ def typed(key: str, schema: type, values: dict) -> Any:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
     except ConfigError:
         raise
-    except Exception as exc:  # omegaconf's errors (bad type, missing value) carry the full key in their msg
-        raise ConfigError(f"{key}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # omegaconf's errors (bad type, missing value) carry the key in `full_key`
+        where = f"{key}.{exc.full_key}" if getattr(exc, "full_key", None) else key
+        raise ConfigError(f"{where}: {str(exc).splitlines()[0]}") from None
 
 
 @dataclass(frozen=True)
