@@ -461,13 +461,14 @@ def test_a_real_full_disk_keeps_every_finished_result(make_config, tmp_path):
         pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
     try:
         good = _ok_result(disk / "sweep" / "0_done")
-        with open(disk / "filler", "wb") as out:  # fill the disk
-            try:
-                while True:
-                    out.write(b"\0" * 4096)
-                    out.flush()
-            except OSError:
-                pass
+        filler = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)  # fill the disk
+        try:
+            while True:
+                os.write(filler, b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+        finally:
+            os.close(filler)
         cfg, resolved = _tiny(make_config)
         os.environ["PRUNEBENCH_CACHE"] = str(disk / "cache")
         try:
