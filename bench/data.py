@@ -92,9 +92,9 @@ def load_custom(path: Union[str, list, dict, None], split: str, fmt: str = "text
 
     `path`: a file, a glob (`**` recurses) or a list of them, used for every split; or a mapping
     {split: file | glob | list} to keep calibration and evaluation text apart (`split` picks one).
-    `fmt="text"`: every line is a row and the rows are joined with "\n" (the files' own text);
+    `fmt="text"`: every line is a row and the rows are joined with "\\n" (the files' own text);
     `fmt="json"`: JSON or JSON Lines (optionally .gz), one document per record, the string column `field`,
-    documents joined with "\n\n". The same join serves calibration and evaluation. `label` is the name
+    documents joined with "\\n\\n". The same join serves calibration and evaluation. `label` is the name
     the corpus carries in results (config key `data.name`).
     """
     if fmt not in CUSTOM_FORMATS:
