@@ -109,10 +109,10 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool) -> None:
 
     with _Stage(result, "calib_data"):
         calib = cfg.data.calib
-        corpus = data.load_corpus(calib.dataset, calib.split, cfg.data.dir, "calib", cfg.data.allow_fallback)
+        corpus = _corpus(cfg, calib.dataset, calib.split, "calib")
         _note_fallback(result, corpus, "calibration")
         calib_ids = tokens(corpus.text)
-        samples = data.calibration_samples(calib_ids, calib.nsamples, calib.seqlen, cfg.seed)
+        samples = data.calibration_samples(calib_ids, calib.nsamples, calib.seqlen, cfg.seed, key=corpus.key)
         result.data = {"calib": {"dataset": corpus.name, "split": corpus.split, "source": corpus.source,
                                  "fallback_for": corpus.fallback_for, "nsamples": calib.nsamples,
                                  "seqlen": calib.seqlen}}
@@ -162,9 +162,10 @@ def _perplexities(cfg: RunConfig, result: Result, model, tokens, shared: caching
     result.data["eval"] = {}
     for name in ppl_cfg.datasets:
         with _Stage(result, f"eval_ppl_{name}"):
-            corpus = data.load_corpus(name, ppl_cfg.split, cfg.data.dir, "eval", cfg.data.allow_fallback)
+            corpus = _corpus(cfg, name, ppl_cfg.split, "eval")
             _note_fallback(result, corpus, "evaluation")
-            windows = data.eval_windows(tokens(corpus.text), ppl_cfg.seqlen, ppl_cfg.max_windows, corpus.name)
+            windows = data.eval_windows(tokens(corpus.text), ppl_cfg.seqlen, ppl_cfg.max_windows, corpus.name,
+                                        key=corpus.key)
             desc = f"ppl {corpus.name}"
 
             def evaluate() -> float:
@@ -177,6 +178,11 @@ def _perplexities(cfg: RunConfig, result: Result, model, tokens, shared: caching
             result.data["eval"][key] = {"dataset": corpus.name, "split": corpus.split, "source": corpus.source,
                                         "seqlen": ppl_cfg.seqlen, "windows": int(windows.shape[0])}
         log.info("%s %s %.0f%%: %s ppl = %.3f", cfg.model.name, cfg.method.name, 100 * cfg.sparsity, key, ppl)
+
+
+def _corpus(cfg: RunConfig, name: str, split: str, purpose: str) -> data.Corpus:
+    return data.load_corpus(name, split, cfg.data.dir, purpose, cfg.data.allow_fallback, path=cfg.data.path,
+                            fmt=cfg.data.format, field=cfg.data.field, label=cfg.data.name)
 
 
 def _note_fallback(result: Result, corpus: data.Corpus, purpose: str) -> None:

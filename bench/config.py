@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 import methods
+from bench.data import CUSTOM, CUSTOM_FORMATS, resolve_files
 from bench.core.families import ARCHS, FAMILIES
 from bench.core.vocab import ConfigError, check_choice, check_range, typed
 from methods import MethodSpec
@@ -24,7 +25,7 @@ from methods.recovery import RecoveryOptions
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SOURCES = ("hub", "pypi_gguf", "random")
 DTYPES = ("float32", "float16", "bfloat16")
-DATASETS = ("wikitext2", "ptb", "c4", "pydoc")
+DATASETS = ("wikitext2", "ptb", "c4", "pydoc", "custom")  # custom: the files in data.path
 DEVICES = ("cpu", "cuda")
 
 
@@ -67,6 +68,10 @@ class DataConfig:
     calib: CalibConfig = field(default_factory=CalibConfig)
     dir: Optional[str] = None  # local corpora dir; None -> $PRUNEBENCH_DATA, then the hub
     allow_fallback: bool = True  # use the pydoc corpus when a default corpus is missing
+    path: Optional[Any] = None  # the `custom` corpus: a file, a glob, a list of them, or {split: files}
+    format: str = "text"  # of the custom files: text | json
+    field: str = "text"  # the JSON column holding the text
+    name: str = "custom"  # the custom corpus' label in results
 
 
 @dataclass
@@ -196,6 +201,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     method = methods.parse(raw["method"])
     data = typed("data", DataConfig, raw["data"])
     check_choice("data.calib.dataset", data.calib.dataset, DATASETS)
+    check_choice("data.format", data.format, CUSTOM_FORMATS)
     evaluation = typed("eval", EvalConfig, raw["eval"])
     logger = typed("logger", LoggerConfig, raw.get("logger", {}))
     check_choice("logger.name", logger.name, LOGGERS)
@@ -226,6 +232,14 @@ def validate(cfg: DictConfig) -> RunConfig:
             check_choice("eval.ppl.datasets", name, DATASETS)
     if evaluation.zeroshot:
         _zeroshot(evaluation.zeroshot)
+    if CUSTOM in [data.calib.dataset, *(evaluation.ppl.datasets if evaluation.ppl else ())]:
+        paths = {f"data.path.{k}": v for k, v in data.path.items()} if isinstance(data.path, dict) else \
+            {"data.path": data.path}
+        for key, path in paths.items():
+            try:
+                resolve_files(path, key)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
     if model.path is not None and not Path(model.path).expanduser().exists():
         raise ConfigError(f"model.path={model.path!r} does not exist; pass a local checkpoint dir "
                           f"or leave it null to load {model.id!r} from its source")
