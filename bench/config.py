@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+import transformers
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 import methods
 from bench.data import CUSTOM, CUSTOM_FORMATS, resolve_files
-from bench.core.families import ARCHS, FAMILIES
+from bench.core.families import prunable_linears
 from bench.core.vocab import ConfigError, check_choice, check_range, typed
 from methods import MethodSpec
 from methods.recovery import RecoveryOptions
@@ -169,12 +171,20 @@ def zoo_entry(name: str) -> ModelConfig:
 
 
 def _known_layer_count(model: ModelConfig) -> Optional[int]:
-    """Number of prunable linears when the config states the depth (random models), else None."""
-    blocks = model.architecture.get("num_hidden_layers", model.architecture.get("n_layer"))
-    family = model.architecture.get("model_type")
-    if blocks is None or family not in ARCHS:
+    """Number of prunable linears when the config states the architecture (random models), else None.
+    The model is built on the meta device (no memory), which also checks that its family adapter can be
+    inferred before any work starts."""
+    if model.source != "random":
         return None
-    return int(blocks) * sum(len(group) for group in ARCHS[family].groups)
+    kwargs = dict(model.architecture)
+    try:
+        config = transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+        with torch.device("meta"):
+            skeleton = transformers.AutoModelForCausalLM.from_config(config)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"model.architecture={model.architecture} does not build a causal LM: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    return len(prunable_linears(skeleton))
 
 
 def _zeroshot(zs: ZeroShotConfig) -> None:
@@ -197,7 +207,9 @@ def validate(cfg: DictConfig) -> RunConfig:
         if not model.architecture:
             raise ConfigError(f"model.architecture is empty for random model {model.name}; "
                               f"give the transformers config kwargs")
-        check_choice("model.architecture.model_type", model.architecture.get("model_type"), FAMILIES)
+        check_choice("model.architecture.model_type", model.architecture.get("model_type"),
+                     tuple(transformers.CONFIG_MAPPING.keys()))
+    linears = _known_layer_count(model)
     method = methods.parse(raw["method"])
     data = typed("data", DataConfig, raw["data"])
     check_choice("data.calib.dataset", data.calib.dataset, DATASETS)
@@ -213,7 +225,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     sparsity = _sparsity(float(raw["sparsity"]), method)
     built = methods.build(method)  # checks that need the components together or the pattern
     if not method.dense:
-        built.allocator.check(sparsity, _known_layer_count(model))
+        built.allocator.check(sparsity, linears)
     if recovery.enabled and not built.pruner.structured:
         raise ConfigError(f"recovery={recovery.name} merges LoRA updates into every weight, which would refill "
                           f"the zeros of pruner {method.pruner}; allowed with it: recovery=none "

@@ -157,23 +157,8 @@ def prune_streamed(checkpoint: Path, target: Path, method, samples: torch.Tensor
     return stream
 
 
-@torch.no_grad()
 def streamed_perplexity(checkpoint: Path, windows: torch.Tensor, device: str = "cpu",
                         dtype: torch.dtype = torch.float32) -> float:
-    """`bench.core.perplexity.perplexity` of a checkpoint, computed block by block over all windows at once."""
+    """`bench.core.perplexity.perplexity` of a checkpoint, computed layer-wise with its blocks read from disk."""
     model = load_meta(checkpoint, dtype)
-    arch = arch_for(model)
-    stream = BlockStream(model, checkpoint)
-    hidden, kwargs = engine.capture_inputs(model, windows, device)
-    kwargs = engine.to_device(kwargs, device)
-    for index, block in enumerate(arch.blocks(model)):
-        stream.load(index, block)
-        hidden = engine.run_block(block.to(device), hidden, kwargs, device)
-        stream.release(index, block.to("cpu"), edited=False)
-    head = model.get_output_embeddings().to(device)
-    norm = arch.final_norm_of(model).to(device)
-    nlls = torch.empty(windows.shape[0], dtype=torch.float64)
-    for row in range(windows.shape[0]):
-        ids = windows[row:row + 1].to(device)
-        nlls[row] = perplexity.window_nll(head(norm(hidden[row:row + 1].to(device))), ids)
-    return perplexity.from_nlls(nlls)
+    return perplexity.perplexity(model, windows, device, stream=BlockStream(model, checkpoint))

@@ -108,7 +108,7 @@ def test_flap_compensation_keeps_the_mean_ffn_output(make_config):
     def ffn_mean():
         captured = []
         handle = mlp.register_forward_hook(lambda m, i, o: captured.append(o.reshape(-1, o.shape[-1])))
-        engine.run_block(model.model.layers[0], hidden, kwargs, "cpu")
+        engine.run_block(model.model.layers[0], hidden, kwargs[0], "cpu")
         handle.remove()
         return torch.cat(captured).mean(0)
 
