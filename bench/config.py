@@ -29,6 +29,7 @@ SOURCES = ("hub", "pypi_gguf", "random")
 DTYPES = ("float32", "float16", "bfloat16")
 DATASETS = ("wikitext2", "ptb", "c4", "pydoc", "custom")  # custom: the files in data.path
 DEVICES = ("cpu", "cuda")
+STREAM_CHOICES = ("auto", True, False)
 
 
 @dataclass
@@ -54,6 +55,8 @@ class ModelConfig:
     dtype: str = "float32"
     seqlen: int = 2048  # the model's context length
     architecture: dict = field(default_factory=dict)  # transformers config kwargs (with model_type) for random
+    stream: Any = "auto"  # true: blocks streamed from model.path's shards; auto: when bigger than the budget
+    host_memory_gb: Optional[float] = None  # the budget of stream=auto; None = half the host's RAM
     resources: Resources = field(default_factory=Resources)
 
 
@@ -82,6 +85,7 @@ class PplConfig:
     split: str = "test"
     seqlen: int = 512
     max_windows: Optional[int] = None  # None = the whole split (paper protocol)
+    layerwise: Any = "auto"  # true: block by block (SparseGPT's way for big models); auto: when it does not fit
 
 
 ZEROSHOT_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "rte")
@@ -203,6 +207,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     model = typed("model", ModelConfig, raw["model"])
     check_choice("model.source", model.source, SOURCES)
     check_choice("model.dtype", model.dtype, DTYPES)
+    check_choice("model.stream", model.stream, STREAM_CHOICES)
     if model.source == "random":
         if not model.architecture:
             raise ConfigError(f"model.architecture is empty for random model {model.name}; "
@@ -226,6 +231,8 @@ def validate(cfg: DictConfig) -> RunConfig:
     built = methods.build(method)  # checks that need the components together or the pattern
     if not method.dense:
         built.allocator.check(sparsity, linears)
+    if model.stream is True:
+        _check_streamable(model, method, built, recovery, evaluation, raw.get("save_dir"))
     if recovery.enabled and not built.pruner.structured:
         raise ConfigError(f"recovery={recovery.name} merges LoRA updates into every weight, which would refill "
                           f"the zeros of pruner {method.pruner}; allowed with it: recovery=none "
@@ -242,6 +249,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     if evaluation.ppl:
         for name in evaluation.ppl.datasets:
             check_choice("eval.ppl.datasets", name, DATASETS)
+        check_choice("eval.ppl.layerwise", evaluation.ppl.layerwise, STREAM_CHOICES)
     if evaluation.zeroshot:
         _zeroshot(evaluation.zeroshot)
     if CUSTOM in [data.calib.dataset, *(evaluation.ppl.datasets if evaluation.ppl else ())]:
@@ -258,6 +266,25 @@ def validate(cfg: DictConfig) -> RunConfig:
     return RunConfig(model=model, method=method, data=data, eval=evaluation, sparsity=sparsity,
                      seed=int(raw.get("seed", 0)), device=device, protocol=str(raw["protocol"]["name"]),
                      save_dir=raw.get("save_dir"), logger=logger, recovery=recovery)
+
+
+def _check_streamable(model: ModelConfig, method: MethodSpec, built, recovery: RecoveryOptions,
+                      evaluation: EvalConfig, save_dir: Optional[str]) -> None:
+    """A streamed cell never holds the whole model: what needs it is refused up front."""
+    if model.path is None:
+        raise ConfigError(f"model.stream=true needs model.path (a local safetensors checkpoint); model {model.name} "
+                          f"has none")
+    if not save_dir:
+        raise ConfigError("model.stream=true needs save_dir: the pruned checkpoint is written there block by block")
+    reason = ("its search prunes copies of the whole model" if built.allocator.needs_search else
+              "it changes FFN shapes, and the speed comparison needs the dense and pruned models whole"
+              if built.pruner.structured else None)
+    if reason:
+        raise ConfigError(f"model.stream=true cannot run method={method.name}: {reason}; allowed: methods that "
+                          f"work block by block (magnitude, wanda, sparsegpt, owl_*, loss_estimate)")
+    if recovery.enabled or evaluation.zeroshot is not None:
+        raise ConfigError("model.stream=true cannot run recovery or eval.zeroshot (both need the whole model); "
+                          "allowed: recovery=none, eval=ppl")
 
 
 def _sparsity(sparsity: float, method: MethodSpec) -> float:

@@ -67,7 +67,7 @@ def _bench(checkpoint: Path, target: Path, nsamples: int, seqlen: int) -> None:
     samples = torch.randint(0, 256, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
     method = Method("sparsegpt", Uniform(Uniform.Options()), SparseGPT(SparseGPT.Options(), UNSTRUCTURED))
     start = time.perf_counter()
-    stream = streaming.prune_streamed(checkpoint, target, method, samples, 0.5)
+    stream, _ = streaming.prune_streamed(checkpoint, target, method, samples, 0.5)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(f"checkpoint {size / 2**30:.2f} GiB; SparseGPT 50% streamed in {seconds:.0f} s; measured sparsity "

@@ -113,3 +113,11 @@ def test_every_claimed_family_runs_a_whole_cell(preset, make_config, tmp_path):
     else:
         assert result.status == "failed" and result.error.type == "ConfigError"
         assert "structured (FFN channel) pruning is not supported" in result.error.message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_device_cuda_without_a_gpu_fails_the_cell_naming_the_key(make_config, tmp_path):
+    cfg, resolved = make_config("model=llama-tiny", "method=magnitude", "device=cuda", *TINY)  # validates: sweeps
+    result = run_cell(cfg, resolved, tmp_path, rerun="all")  # are checked on a submit host without GPUs
+    assert result.status == "failed" and result.error.type == "ConfigError"
+    assert result.error.message == "device='cuda' but no CUDA GPU is visible on this host; allowed here: cpu"
