@@ -178,7 +178,7 @@ def _known_layer_count(model: ModelConfig) -> Optional[int]:
     """Number of prunable linears when the config states the architecture (random models), else None.
     The model is built on the meta device (no memory), which also checks that its family adapter can be
     inferred before any work starts."""
-    if model.source != "random":
+    if model.source != "random" or model.path is not None:
         return None
     kwargs = dict(model.architecture)
     try:
