@@ -121,3 +121,13 @@ def test_device_cuda_without_a_gpu_fails_the_cell_naming_the_key(make_config, tm
     result = run_cell(cfg, resolved, tmp_path, rerun="all")  # are checked on a submit host without GPUs
     assert result.status == "failed" and result.error.type == "ConfigError"
     assert result.error.message == "device='cuda' but no CUDA GPU is visible on this host; allowed here: cpu"
+
+
+def test_a_post_layer_norm_opt_has_no_final_norm_and_still_scores_layer_wise():
+    cfg = zoo_entry("opt-tiny")
+    cfg.architecture = {**cfg.architecture, "do_layer_norm_before": False}  # as OPT-350m
+    model = models.random_model(cfg)[0].eval()
+    assert families.arch_for(model).final_norm is None
+    windows = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(2))
+    assert perplexity.perplexity(model, windows, "cpu", layerwise=True) == \
+        pytest.approx(perplexity.perplexity(model, windows, "cpu", layerwise=False), rel=1e-6)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import transformers
@@ -34,7 +35,9 @@ class Arch:
     groups: tuple  # tuples of linear names (relative to a block) that read the same input
     ffn_in: tuple  # linears whose output rows are FFN channels (fc1 / gate+up)
     ffn_out: str  # linear whose input columns are FFN channels (fc2 / down)
-    final_norm: str  # attribute path from the CausalLM to the norm applied before the LM head
+    # the norm applied before the LM head (None: post-LN models such as OPT-350m have none); perplexity
+    # never applies it by hand: the model's own forward does (bench/core/perplexity.py)
+    final_norm: Optional[str]
     fused_ffn_in: tuple = ()  # ffn_in linears stacking several projections (gate_up): structured refused
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
@@ -45,9 +48,6 @@ class Arch:
 
     def linears(self, block: nn.Module) -> dict[str, nn.Linear]:
         return {name: block.get_submodule(name) for group in self.groups for name in group}
-
-    def final_norm_of(self, model: nn.Module) -> nn.Module:
-        return model.get_submodule(self.final_norm)
 
     def block_name(self, index: int) -> str:
         return f"{self.blocks_path}.{index}"
@@ -113,7 +113,7 @@ def infer_arch(model: nn.Module) -> Arch:
     """The adapter read off the model: the decoder blocks are the ModuleList with
     `config.num_hidden_layers` entries nearest the root; the linears of block 0 get their roles from
     their leaf names (ATTN_IN, ATTN_OUT, FFN_IN, FFN_OUT); the final norm is the module named one of
-    FINAL_NORMS outside the blocks. Anything it cannot place is a ConfigError naming model_type."""
+    FINAL_NORMS outside the blocks, if any. A block it cannot place is a ConfigError naming model_type."""
     model_type = model.config.model_type
     depth = getattr(model.config, "num_hidden_layers", None)
     lists = [name for name, module in model.named_modules()
@@ -147,15 +147,12 @@ def infer_arch(model: nn.Module) -> Arch:
                           f"({'; '.join(problems)}); known names: {', '.join(ATTN_IN + ATTN_OUT + FFN_IN + FFN_OUT)}")
     norms = [name for name, _ in model.named_modules()
              if name.rpartition(".")[2] in FINAL_NORMS and not name.startswith(blocks_path + ".")]
-    if not norms:
-        raise ConfigError(f"model_type={model_type!r}: found no final norm (a module named one of "
-                          f"{', '.join(FINAL_NORMS)} outside {blocks_path})")
     for role in roles:
         roles[role].sort(key=lambda name: role.index(name.rpartition(".")[2]))
     fused = [name for name in roles[FFN_IN] if name.rpartition(".")[2] in FUSED_FFN_IN]
     return Arch(family=model_type, blocks_path=blocks_path,
                 groups=tuple(tuple(roles[role]) for role in roles), ffn_in=tuple(roles[FFN_IN]),
-                ffn_out=roles[FFN_OUT][0], final_norm=norms[0], fused_ffn_in=tuple(fused))
+                ffn_out=roles[FFN_OUT][0], final_norm=norms[0] if norms else None, fused_ffn_in=tuple(fused))
 
 
 def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
