@@ -22,13 +22,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import transformers
 
 import methods
 from bench import cache as caching
-from bench import data, llm, models, provenance, speed, tracking, zeroshot
-from bench.config import ConfigError, RunConfig
+from bench import data, llm, models, provenance, speed, streaming, tracking, zeroshot
+from bench.config import RunConfig
 from bench.core import engine, families, perplexity, records
 from bench.core.records import CellKey, Failure, Result
+from bench.core.vocab import ConfigError
 from methods import recovery
 
 log = logging.getLogger(__name__)
@@ -173,6 +175,10 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool, save_to: Optional[Path
         models.check_save_dir(save_to)  # before any work, not after an hour of pruning
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    _check_devices(cfg)
+    if streaming.should_stream(cfg.model):
+        _run_streamed(cfg, result, use_cache, save_to)
+        return
     with _Stage(result, "load"):
         model, tokenizer = models.load(cfg.model)
     _check_positions(model, cfg)
@@ -184,10 +190,10 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool, save_to: Optional[Path
 
     with _Stage(result, "calib_data"):
         calib = cfg.data.calib
-        corpus = data.load_corpus(calib.dataset, calib.split, cfg.data.dir, "calib", cfg.data.allow_fallback)
+        corpus = _corpus(cfg, calib.dataset, calib.split, "calib")
         _note_fallback(result, corpus, "calibration")
         calib_ids = tokens(corpus.text)
-        samples = data.calibration_samples(calib_ids, calib.nsamples, calib.seqlen, cfg.seed)
+        samples = data.calibration_samples(calib_ids, calib.nsamples, calib.seqlen, cfg.seed, key=corpus.key)
         result.data = {"calib": {"dataset": corpus.name, "split": corpus.split, "source": corpus.source,
                                  "fallback_for": corpus.fallback_for, "nsamples": calib.nsamples,
                                  "seqlen": calib.seqlen}}
@@ -239,13 +245,14 @@ def _perplexities(cfg: RunConfig, result: Result, model, tokens, shared: caching
     result.data["eval"] = {}
     for name in ppl_cfg.datasets:
         with _Stage(result, f"eval_ppl_{name}"):
-            corpus = data.load_corpus(name, ppl_cfg.split, cfg.data.dir, "eval", cfg.data.allow_fallback)
+            corpus = _corpus(cfg, name, ppl_cfg.split, "eval")
             _note_fallback(result, corpus, "evaluation")
-            windows = data.eval_windows(tokens(corpus.text), ppl_cfg.seqlen, ppl_cfg.max_windows, corpus.name)
+            windows = data.eval_windows(tokens(corpus.text), ppl_cfg.seqlen, ppl_cfg.max_windows, corpus.name,
+                                        key=corpus.key)
             desc = f"ppl {corpus.name}"
 
             def evaluate() -> float:
-                return perplexity.perplexity(model, windows, cfg.device, desc=desc)
+                return perplexity.perplexity(model, windows, cfg.device, desc=desc, layerwise=ppl_cfg.layerwise)
 
             # the dense model's ppl is the same in every cell
             ppl = shared.dense_ppl(windows, cfg.device, evaluate) if cfg.method.dense else evaluate()
@@ -254,6 +261,77 @@ def _perplexities(cfg: RunConfig, result: Result, model, tokens, shared: caching
             result.data["eval"][key] = {"dataset": corpus.name, "split": corpus.split, "source": corpus.source,
                                         "seqlen": ppl_cfg.seqlen, "windows": int(windows.shape[0])}
         log.info("%s %s %.0f%%: %s ppl = %.3f", cfg.model.name, cfg.method.name, 100 * cfg.sparsity, key, ppl)
+
+
+def _check_devices(cfg: RunConfig) -> None:
+    """At run time, not validation: a sweep is validated on the submitting host, which may have no GPU."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but no CUDA GPU is visible on this host; allowed here: cpu")
+    gpus = cfg.model.resources.gpus
+    if cfg.device == "cuda" and gpus > torch.cuda.device_count():
+        raise ConfigError(f"model.resources.gpus={gpus} but this host has {torch.cuda.device_count()} GPU(s); "
+                          f"allowed: 0..{torch.cuda.device_count()}")
+
+
+def _run_streamed(cfg: RunConfig, result: Result, use_cache: bool, save_to: Optional[Path]) -> None:
+    """The cell with the model never whole in memory (bench/streaming.py): blocks are read from
+    model.path's shards when the engine reaches them, pruned, written to the cell's save folder and
+    dropped; perplexity is computed layer-wise from the written shards. config.validate refuses what
+    cannot stream."""
+    if save_to is None:
+        raise ConfigError("model.stream=auto chose streaming (the checkpoint exceeds model.host_memory_gb) and "
+                          "needs save_dir for the pruned checkpoint; set save_dir or model.stream=false")
+    source = Path(cfg.model.path).expanduser()
+    target = Path(save_to).expanduser()
+    dtype = getattr(torch, cfg.model.dtype)
+    result.warnings.append(f"streamed from {source} ({streaming.checkpoint_bytes(source) / 2**30:.2f} GiB)")
+    with _Stage(result, "load"):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    shared = caching.for_cell(use_cache, cfg.model, cfg.method)
+
+    def tokens(text: str) -> torch.Tensor:
+        return shared.tokens(text, lambda: data.tokenize(tokenizer, text))
+
+    with _Stage(result, "calib_data"):
+        calib = cfg.data.calib
+        corpus = _corpus(cfg, calib.dataset, calib.split, "calib")
+        _note_fallback(result, corpus, "calibration")
+        samples = data.calibration_samples(tokens(corpus.text), calib.nsamples, calib.seqlen, cfg.seed, key=corpus.key)
+        result.data = {"calib": {"dataset": corpus.name, "split": corpus.split, "source": corpus.source,
+                                 "fallback_for": corpus.fallback_for, "nsamples": calib.nsamples,
+                                 "seqlen": calib.seqlen}}
+    method = methods.build(cfg.method)
+    result.cell.wbits = method.pruner.bits
+    evaluated = source
+    if not cfg.method.dense:
+        stream, report = streaming.prune_streamed(source, target, method, samples, cfg.sparsity, cfg.device, dtype,
+                                                  cache=shared)
+        tokenizer.save_pretrained(target)
+        models.mark_checkpoint(target)
+        result.timings.update(report.seconds)
+        result.sparsity = {"target": cfg.sparsity, "measured": stream.sparsity, "allocated": report.rates}
+        result.allocator = report.details
+        result.saved_to = str(target.resolve())
+        evaluated = target
+    if cfg.eval.ppl is not None:
+        ppl_cfg = cfg.eval.ppl
+        result.metrics["ppl"], result.data["eval"] = {}, {}
+        for name in ppl_cfg.datasets:
+            with _Stage(result, f"eval_ppl_{name}"):
+                corpus = _corpus(cfg, name, ppl_cfg.split, "eval")
+                _note_fallback(result, corpus, "evaluation")
+                windows = data.eval_windows(tokens(corpus.text), ppl_cfg.seqlen, ppl_cfg.max_windows, corpus.name,
+                                            key=corpus.key)
+                key = name if corpus.fallback_for is None else f"{name}(pydoc fallback)"
+                result.metrics["ppl"][key] = streaming.streamed_perplexity(evaluated, windows, cfg.device, dtype)
+                result.data["eval"][key] = {"dataset": corpus.name, "split": corpus.split, "source": corpus.source,
+                                            "seqlen": ppl_cfg.seqlen, "windows": int(windows.shape[0])}
+    result.cache = shared.report
+
+
+def _corpus(cfg: RunConfig, name: str, split: str, purpose: str) -> data.Corpus:
+    return data.load_corpus(name, split, cfg.data.dir, purpose, cfg.data.allow_fallback, path=cfg.data.path,
+                            fmt=cfg.data.format, field=cfg.data.field, label=cfg.data.name)
 
 
 def _note_fallback(result: Result, corpus: data.Corpus, purpose: str) -> None:

@@ -11,15 +11,18 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
+import torch
+import transformers
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 import methods
-from bench.core.families import ARCHS, FAMILIES
+from bench.data import CUSTOM, CUSTOM_FORMATS, resolve_files
+from bench.core.families import prunable_linears
 from bench.core.vocab import ConfigError, check_choice, check_range, typed
 from methods import MethodSpec
 from methods.recovery import RecoveryOptions
@@ -27,8 +30,9 @@ from methods.recovery import RecoveryOptions
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SOURCES = ("hub", "pypi_gguf", "random")
 DTYPES = ("float32", "float16", "bfloat16")
-DATASETS = ("wikitext2", "ptb", "c4", "pydoc")
+DATASETS = ("wikitext2", "ptb", "c4", "pydoc", "custom")  # custom: the files in data.path
 DEVICES = ("cpu", "cuda")
+STREAM_CHOICES = ("auto", True, False)
 
 
 @dataclass
@@ -54,6 +58,8 @@ class ModelConfig:
     dtype: str = "float32"
     seqlen: int = 2048  # the model's context length
     architecture: dict = field(default_factory=dict)  # transformers config kwargs (with model_type) for random
+    stream: Any = "auto"  # true: blocks streamed from model.path's shards; auto: when bigger than the budget
+    host_memory_gb: Optional[float] = None  # the budget of stream=auto; None = half the host's RAM
     resources: Resources = field(default_factory=Resources)
 
 
@@ -70,6 +76,10 @@ class DataConfig:
     calib: CalibConfig = field(default_factory=CalibConfig)
     dir: Optional[str] = None  # local corpora dir; None -> $PRUNEBENCH_DATA, then the hub
     allow_fallback: bool = True  # use the pydoc corpus when a default corpus is missing
+    path: Optional[Any] = None  # the `custom` corpus: a file, a glob, a list of them, or {split: files}
+    format: str = "text"  # of the custom files: text | json
+    field: str = "text"  # the JSON column holding the text
+    name: str = "custom"  # the custom corpus' label in results
 
 
 @dataclass
@@ -78,6 +88,7 @@ class PplConfig:
     split: str = "test"
     seqlen: int = 512
     max_windows: Optional[int] = None  # None = the whole split (paper protocol)
+    layerwise: Any = "auto"  # true: block by block (SparseGPT's way for big models); auto: when it does not fit
 
 
 ZEROSHOT_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "rte")
@@ -194,12 +205,20 @@ def zoo_entry(name: str) -> ModelConfig:
 
 
 def _known_layer_count(model: ModelConfig) -> Optional[int]:
-    """Number of prunable linears when the config states the depth (random models), else None."""
-    blocks = model.architecture.get("num_hidden_layers", model.architecture.get("n_layer"))
-    family = model.architecture.get("model_type")
-    if blocks is None or family not in ARCHS:
+    """Number of prunable linears when the config states the architecture (random models), else None.
+    The model is built on the meta device (no memory), which also checks that its family adapter can be
+    inferred before any work starts."""
+    if model.source != "random" or model.path is not None:
         return None
-    return int(blocks) * sum(len(group) for group in ARCHS[family].groups)
+    kwargs = dict(model.architecture)
+    try:
+        config = transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+        with torch.device("meta"):
+            skeleton = transformers.AutoModelForCausalLM.from_config(config)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"model.architecture={model.architecture} does not build a causal LM: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    return len(prunable_linears(skeleton))
 
 
 def _zeroshot(zs: ZeroShotConfig) -> None:
@@ -233,15 +252,19 @@ def validate(cfg: DictConfig) -> RunConfig:
         check_range(f"model.resources.{key}", value, value >= low, f">= {low}")
     check_choice("model.source", model.source, SOURCES)
     check_choice("model.dtype", model.dtype, DTYPES)
+    check_choice("model.stream", model.stream, STREAM_CHOICES)
     if model.source == "random":
         if not model.architecture:
             raise ConfigError(f"model.architecture is empty for random model {model.name}; "
                               f"give the transformers config kwargs")
-        check_choice("model.architecture.model_type", model.architecture.get("model_type"), FAMILIES)
+        check_choice("model.architecture.model_type", model.architecture.get("model_type"),
+                     tuple(transformers.CONFIG_MAPPING.keys()))
+    linears = _known_layer_count(model)
     method = methods.parse(raw["method"])
     check_name("method.name", method.name)
     data = typed("data", DataConfig, raw["data"])
     check_choice("data.calib.dataset", data.calib.dataset, DATASETS)
+    check_choice("data.format", data.format, CUSTOM_FORMATS)
     evaluation = typed("eval", EvalConfig, raw["eval"])
     logger = typed("logger", LoggerConfig, raw.get("logger", {}))
     check_choice("logger.name", logger.name, LOGGERS)
@@ -254,7 +277,9 @@ def validate(cfg: DictConfig) -> RunConfig:
     seed = _number("seed", raw.get("seed", 0), int)
     built = methods.build(method)  # checks that need the components together or the pattern
     if not method.dense:
-        built.allocator.check(sparsity, _known_layer_count(model))
+        built.allocator.check(sparsity, linears)
+    if model.stream is True:
+        _check_streamable(model, method, built, recovery, evaluation, raw.get("save_dir"))
     if recovery.enabled and not built.pruner.structured:
         raise ConfigError(f"recovery={recovery.name} merges LoRA updates into every weight, which would refill "
                           f"the zeros of pruner {method.pruner}; allowed with it: recovery=none "
@@ -273,14 +298,42 @@ def validate(cfg: DictConfig) -> RunConfig:
             check_choice("eval.ppl.datasets", name, DATASETS)
         windows = evaluation.ppl.max_windows
         check_range("eval.ppl.max_windows", windows, windows is None or windows >= 1, ">= 1, or null for all")
+        check_choice("eval.ppl.layerwise", evaluation.ppl.layerwise, STREAM_CHOICES)
     if evaluation.zeroshot:
         _zeroshot(evaluation.zeroshot)
+    if CUSTOM in [data.calib.dataset, *(evaluation.ppl.datasets if evaluation.ppl else ())]:
+        paths = {f"data.path.{k}": v for k, v in data.path.items()} if isinstance(data.path, dict) else \
+            {"data.path": data.path}
+        for key, path in paths.items():
+            try:
+                resolve_files(path, key)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
     if model.path is not None and not Path(model.path).expanduser().exists():
         raise ConfigError(f"model.path={model.path!r} does not exist; pass a local checkpoint dir "
                           f"or leave it null to load {model.id!r} from its source")
     return RunConfig(model=model, method=method, data=data, eval=evaluation, sparsity=sparsity,
                      seed=seed, device=device, protocol=str(raw["protocol"]["name"]),
                      save_dir=_save_dir(raw.get("save_dir")), logger=logger, recovery=recovery)
+
+
+def _check_streamable(model: ModelConfig, method: MethodSpec, built, recovery: RecoveryOptions,
+                      evaluation: EvalConfig, save_dir: Optional[str]) -> None:
+    """A streamed cell never holds the whole model: what needs it is refused up front."""
+    if model.path is None:
+        raise ConfigError(f"model.stream=true needs model.path (a local safetensors checkpoint); model {model.name} "
+                          f"has none")
+    if not save_dir:
+        raise ConfigError("model.stream=true needs save_dir: the pruned checkpoint is written there block by block")
+    reason = ("its search prunes copies of the whole model" if built.allocator.needs_search else
+              "it changes FFN shapes, and the speed comparison needs the dense and pruned models whole"
+              if built.pruner.structured else None)
+    if reason:
+        raise ConfigError(f"model.stream=true cannot run method={method.name}: {reason}; allowed: methods that "
+                          f"work block by block (magnitude, wanda, sparsegpt, owl_*, loss_estimate)")
+    if recovery.enabled or evaluation.zeroshot is not None:
+        raise ConfigError("model.stream=true cannot run recovery or eval.zeroshot (both need the whole model); "
+                          "allowed: recovery=none, eval=ppl")
 
 
 def _sparsity(sparsity: float, method: MethodSpec) -> float:

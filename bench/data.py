@@ -1,4 +1,6 @@
-"""Calibration and evaluation text: WikiText-2 (raw), PTB, C4, and the always-present pydoc corpus.
+"""Calibration and evaluation text: WikiText-2 (raw), PTB, C4, the always-present pydoc corpus, and your
+own files (the corpus `custom`: plain text or JSON/JSON Lines, read by the `datasets` library's own
+`text` / `json` loaders; see `load_custom`).
 
 Lookup order for a corpus: the local dir (`data.dir`, else `$PRUNEBENCH_DATA`), then the Hugging Face
 hub through `datasets`. The joins follow the SparseGPT/Wanda protocol so perplexities are comparable
@@ -8,6 +10,7 @@ with the papers: WikiText-2 eval is "\\n\\n".join(rows), calibration " ".join(ro
 from __future__ import annotations
 
 import functools
+import glob
 import gzip
 import json
 import logging
@@ -15,7 +18,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from pydoc_data.topics import topics
@@ -33,6 +36,8 @@ LOCAL_FILES = {
     ("c4", "validation"): "c4/c4-validation.00000-of-00008.json.gz",
     ("c4", "train"): "c4/c4-train.00000-of-01024.json.gz",
 }
+CUSTOM = "custom"  # the dataset name (data.calib.dataset, eval.ppl.datasets) of the files in data.path
+CUSTOM_FORMATS = ("text", "json")
 C4_EVAL_DOCS = 1100
 C4_EVAL_WINDOWS = 256
 
@@ -48,6 +53,7 @@ class Corpus:
     text: str
     source: str  # local path, "hub:<id>" or "pydoc_data"
     fallback_for: Optional[str] = None  # the corpus that was asked for, when we fell back
+    key: Optional[str] = None  # custom corpora: the config key that names the files, for error messages
 
 
 def data_dir(configured: Optional[str]) -> Optional[Path]:
@@ -56,10 +62,14 @@ def data_dir(configured: Optional[str]) -> Optional[Path]:
 
 
 def load_corpus(name: str, split: str, directory: Optional[str], purpose: str,
-                allow_fallback: bool = False) -> Corpus:
-    """The text of `name`/`split` joined for `purpose` ("calib" or "eval")."""
+                allow_fallback: bool = False, path: Union[str, list, dict, None] = None, fmt: str = "text",
+                field: str = "text", label: str = CUSTOM) -> Corpus:
+    """The text of `name`/`split` joined for `purpose` ("calib" or "eval"). `name="custom"` reads the
+    files `path` (see `load_custom`; `fmt`, `field`, `label` apply to it only) and never falls back."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not valid; allowed: {', '.join(SPLITS)}")
+    if name == CUSTOM:
+        return load_custom(path, split, fmt, field, label)
     if name == "pydoc":
         return _pydoc(split)
     try:
@@ -75,6 +85,69 @@ def load_corpus(name: str, split: str, directory: Optional[str], purpose: str,
         corpus = _pydoc(split)
         corpus.fallback_for = name
         return corpus
+
+
+def load_custom(path: Union[str, list, dict, None], split: str, fmt: str = "text", field: str = "text",
+                label: str = CUSTOM) -> Corpus:
+    """Your own corpus, read with `datasets.load_dataset(fmt, data_files=<files>)`.
+
+    `path`: a file, a glob (`**` recurses) or a list of them, used for every split; or a mapping
+    {split: file | glob | list} to keep calibration and evaluation text apart (`split` picks one).
+    `fmt="text"`: every line is a row and the rows are joined with "\\n" (the files' own text);
+    `fmt="json"`: JSON or JSON Lines (optionally .gz), one document per record, the string column `field`,
+    documents joined with "\\n\\n". The same join serves calibration and evaluation. `label` is the name
+    the corpus carries in results (config key `data.name`).
+    """
+    if fmt not in CUSTOM_FORMATS:
+        raise ValueError(f"data.format={fmt!r} is not valid; allowed: {', '.join(CUSTOM_FORMATS)}")
+    key = "data.path"
+    if isinstance(path, dict):
+        unknown = sorted(set(path) - set(SPLITS))
+        if unknown:
+            raise ValueError(f"data.path has split keys {unknown}; allowed: {', '.join(SPLITS)}")
+        if split not in path:
+            raise ValueError(f"data.path.{split} is not set: the custom corpus has files for split(s) "
+                             f"{', '.join(path)} only")
+        key, path = f"data.path.{split}", path[split]
+    files = resolve_files(path, key)
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(fmt, data_files=files, split="train")
+    except Exception as exc:  # datasets' own parse errors (bad JSON, mixed columns, ...)
+        raise ValueError(f"{key}={path!r}: the `datasets` {fmt} loader failed: "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if fmt == "json":
+        if field not in rows.column_names:
+            raise ValueError(f"data.field={field!r} is not a column of {key}={path!r}; "
+                             f"columns: {', '.join(rows.column_names) or 'none'}")
+        values = rows[field]
+        bad = next((v for v in values if not isinstance(v, str)), None)
+        if bad is not None:
+            raise ValueError(f"data.field={field!r} of {key}={path!r} holds a {type(bad).__name__}, not text")
+        text = "\n\n".join(values)
+    else:
+        text = "\n".join(rows["text"])
+    if not text.strip():
+        raise ValueError(f"{key}={path!r}: the {len(files)} file(s) hold no text")
+    return Corpus(label, split, text, ",".join(files) if len(files) <= 3 else f"{files[0]},... ({len(files)} files)",
+                  key=f"{key}={path!r}")
+
+
+def resolve_files(path: Union[str, list, None], key: str = "data.path") -> list[str]:
+    """The files named by a path, a glob or a list of them (sorted, de-duplicated); a one-line error
+    naming `key` when none is given or an entry matches nothing."""
+    if path is None or path == "" or path == []:
+        raise ValueError(f"{key} is not set; give a file, a glob or a list of them for the custom corpus")
+    entries = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    files = []
+    for entry in entries:
+        pattern = os.path.expanduser(str(entry))
+        matched = [m for m in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(m)]
+        if not matched:
+            raise ValueError(f"{key}={str(entry)!r} matches no file")
+        files.extend(os.path.abspath(m) for m in matched if os.path.abspath(m) not in files)
+    return files
 
 
 def _local_or_hub(name: str, split: str, directory: Optional[Path], purpose: str) -> Corpus:
@@ -156,9 +229,15 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long).unsqueeze(0)
 
 
-def calibration_samples(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """`nsamples` windows of `seqlen` tokens at seeded random offsets (the SparseGPT sampler), (n, seqlen)."""
+def calibration_samples(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int,
+                        key: Optional[str] = None) -> torch.Tensor:
+    """`nsamples` windows of `seqlen` tokens at seeded random offsets (the SparseGPT sampler), (n, seqlen).
+    With `key` (a custom corpus: `Corpus.key`, naming its files) the text must hold nsamples x seqlen tokens,
+    so that the windows can be distinct."""
     total = ids.shape[1]
+    if key is not None and total < max(nsamples * seqlen, seqlen + 1):
+        raise ValueError(f"{key}: {total} tokens, fewer than data.calib.nsamples x data.calib.seqlen = "
+                         f"{nsamples} x {seqlen} = {nsamples * seqlen}; add text or lower them")
     if total <= seqlen:
         raise ValueError(f"calibration text has {total} tokens, fewer than data.calib.seqlen={seqlen}")
     generator = torch.Generator().manual_seed(seed)
@@ -166,7 +245,8 @@ def calibration_samples(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int
     return torch.stack([ids[0, s:s + seqlen] for s in starts.tolist()])
 
 
-def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: Optional[int], dataset: str) -> torch.Tensor:
+def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: Optional[int], dataset: str,
+                 key: Optional[str] = None) -> torch.Tensor:
     """Non-overlapping windows (n, seqlen) covering the text from its start; a trailing partial window is
     dropped, as in the SparseGPT protocol. C4 is capped at 256 windows by that protocol."""
     count = ids.shape[1] // seqlen
@@ -175,5 +255,6 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: Optional[int], dat
     if max_windows is not None:
         count = min(count, max_windows)
     if count == 0:
-        raise ValueError(f"{dataset}: {ids.shape[1]} tokens is less than one window of eval.ppl.seqlen={seqlen}")
+        raise ValueError(f"{key or dataset}: {ids.shape[1]} tokens is less than one window of "
+                         f"eval.ppl.seqlen={seqlen}")
     return ids[0, :count * seqlen].view(count, seqlen)

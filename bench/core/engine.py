@@ -84,21 +84,28 @@ class _StopForward(Exception):
 
 
 class _InputCatcher(nn.Module):
-    """Stands in for block 0: records its call and aborts the forward (nothing after it is needed)."""
+    """Stands in for a block during capture: records the keyword arguments the model passes it (the
+    first call only: every sample has the same shape) and, for block 0, its hidden states. Blocks after
+    0 are called with the hidden states unchanged (only their kwargs matter); the last one aborts the
+    forward, so neither the final norm nor the LM head runs."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, first: bool, last: bool):
         super().__init__()
         self.block = block
+        self.first, self.last = first, last
         self.hidden: list[torch.Tensor] = []
         self.kwargs: Optional[dict] = None
 
     def forward(self, hidden_states, *args, **kwargs):
         if args:
             raise RuntimeError("decoder blocks are expected to take only hidden_states positionally")
-        self.hidden.append(hidden_states.detach())
+        if self.first:
+            self.hidden.append(hidden_states.detach())
         if self.kwargs is None:
             self.kwargs = kwargs
-        raise _StopForward
+        if self.last:
+            raise _StopForward
+        return hidden_states
 
     def __getattr__(self, name):  # some models read attributes of their layers (e.g. attention_type)
         try:
@@ -107,18 +114,24 @@ class _InputCatcher(nn.Module):
             return getattr(self._modules["block"], name)
 
 
-def to_device(value, device):
-    """`value` (a tensor, or tuples, lists and dicts of them) moved to `device`."""
+def to_device(value, device, memo: Optional[dict] = None):
+    """`value` (a tensor, or tuples, lists and dicts of them) moved to `device`; with a `memo` a tensor
+    shared by several values (one mask for many blocks) is moved once."""
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        if memo is None:
+            return value.to(device)
+        if id(value) not in memo:
+            memo[id(value)] = (value, value.to(device))  # keep `value` alive so its id stays unique
+        return memo[id(value)][1]
     if isinstance(value, (tuple, list)):
-        return type(value)(to_device(v, device) for v in value)
+        return type(value)(to_device(v, device, memo) for v in value)
     if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
+        return {k: to_device(v, device, memo) for k, v in value.items()}
     return value
 
 
-def _non_block_modules_to(model: nn.Module, arch: Arch, device) -> None:
+def non_block_modules_to(model: nn.Module, arch: Arch, device) -> None:
+    """Embeddings, final norm, head (everything but the blocks) to `device`; the blocks stay put."""
     blocks = arch.blocks(model)
     for block in blocks:
         if not _on_meta(block):  # a streamed block is not loaded yet
@@ -136,13 +149,18 @@ def _on_meta(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, samples: torch.Tensor, device: str) -> tuple[torch.Tensor, dict]:
-    """Inputs of block 0 for each sample (n, seqlen, hidden), on CPU, and the kwargs every block gets."""
+def capture_inputs(model: nn.Module, samples: torch.Tensor, device: str) -> tuple[torch.Tensor, list[dict]]:
+    """Inputs of block 0 for each sample (n, seqlen, hidden), on CPU, and the kwargs of each block.
+
+    Each block keeps its own kwargs because models with alternating attention (Gemma 2/3, Qwen's
+    sliding layers) give sliding and full-attention blocks different masks and rotary tables: replaying
+    block 0's kwargs everywhere made Gemma-3's blocks 5, 11, 17 drift by 6-27%. No block runs here."""
     arch = arch_for(model)
     blocks = arch.blocks(model)
-    _non_block_modules_to(model, arch, device)
-    catcher = _InputCatcher(blocks[0])
-    blocks[0] = catcher
+    non_block_modules_to(model, arch, device)
+    catchers = [_InputCatcher(block, index == 0, index == len(blocks) - 1) for index, block in enumerate(blocks)]
+    for index, catcher in enumerate(catchers):
+        blocks[index] = catcher
     try:
         for row in samples:
             try:
@@ -150,22 +168,35 @@ def capture_inputs(model: nn.Module, samples: torch.Tensor, device: str) -> tupl
             except _StopForward:
                 pass
     finally:
-        blocks[0] = catcher.block
-        _non_block_modules_to(model, arch, "cpu")
-    hidden = torch.cat(catcher.hidden).to("cpu")
-    kwargs = {k: v for k, v in catcher.kwargs.items() if k not in ("past_key_values", "layer_past")}
-    kwargs["use_cache"] = False
-    return hidden, to_device(kwargs, "cpu")
+        for index, catcher in enumerate(catchers):
+            blocks[index] = catcher.block
+        non_block_modules_to(model, arch, "cpu")
+    hidden = torch.cat(catchers[0].hidden).to("cpu")
+    memo: dict = {}
+    per_block = []
+    for catcher in catchers:
+        kwargs = {k: v for k, v in catcher.kwargs.items() if k not in ("past_key_values", "layer_past")}
+        kwargs["use_cache"] = False
+        per_block.append(to_device(kwargs, "cpu", memo))
+    return hidden, per_block
 
 
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, device: str) -> torch.Tensor:
-    """Forward every sample (batch 1, as captured) through one block; returns outputs on CPU."""
+    """Forward every sample (batch 1, as captured) through one block with its kwargs; outputs on CPU."""
+    return run_block_form(block, inputs, kwargs, device)[0]
+
+
+@torch.no_grad()
+def run_block_form(block: nn.Module, inputs: torch.Tensor, kwargs: dict, device: str) -> tuple[torch.Tensor, bool]:
+    """`run_block`, and whether the block returns a tuple (BLOOM, Falcon) rather than a tensor."""
     outputs = torch.empty_like(inputs)
+    as_tuple = False
     for index in range(inputs.shape[0]):
         out = block(inputs[index:index + 1].to(device), **kwargs)
-        outputs[index] = (out[0] if isinstance(out, tuple) else out)[0].to("cpu")
-    return outputs
+        as_tuple = isinstance(out, tuple)
+        outputs[index] = (out[0] if as_tuple else out)[0].to("cpu")
+    return outputs, as_tuple
 
 
 @torch.no_grad()
@@ -191,7 +222,7 @@ def traverse(model: nn.Module, samples: torch.Tensor, device: str, stats_level: 
         hidden, kwargs = capture_inputs(model, samples, device)
     else:
         hidden, kwargs = cache.block0(samples, device, lambda: capture_inputs(model, samples, device))
-    kwargs = to_device(kwargs, device)
+    kwargs = to_device(kwargs, device, {})  # one list of per-block kwargs
     for index, block in enumerate(tqdm(arch.blocks(model), desc=desc, unit="block")):
         if stream is not None:
             stream.load(index, block)
@@ -208,7 +239,7 @@ def traverse(model: nn.Module, samples: torch.Tensor, device: str, stats_level: 
                 handles.append(first.register_forward_hook(hook))
                 owners.append((group, hook))
             try:
-                outputs = run_block(block, hidden, kwargs, device)
+                outputs = run_block(block, hidden, kwargs[index], device)
             finally:
                 for handle in handles:
                     handle.remove()
@@ -218,7 +249,7 @@ def traverse(model: nn.Module, samples: torch.Tensor, device: str, stats_level: 
         linears = {prefix + name: module for name, module in arch.linears(block).items()}
         visit(BlockView(index, block, arch, linears, stats, hidden, None if edits else outputs))
         if edits:
-            outputs = run_block(block, hidden, kwargs, device)
+            outputs = run_block(block, hidden, kwargs[index], device)
         block.to("cpu")
         if stream is not None:
             stream.release(index, block, edited=edits)

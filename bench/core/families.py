@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import transformers
@@ -34,7 +35,10 @@ class Arch:
     groups: tuple  # tuples of linear names (relative to a block) that read the same input
     ffn_in: tuple  # linears whose output rows are FFN channels (fc1 / gate+up)
     ffn_out: str  # linear whose input columns are FFN channels (fc2 / down)
-    final_norm: str  # attribute path from the CausalLM to the norm applied before the LM head
+    # the norm applied before the LM head (None: post-LN models such as OPT-350m have none); perplexity
+    # never applies it by hand: the model's own forward does (bench/core/perplexity.py)
+    final_norm: Optional[str]
+    fused_ffn_in: tuple = ()  # ffn_in linears stacking several projections (gate_up): structured refused
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         module = model
@@ -45,13 +49,19 @@ class Arch:
     def linears(self, block: nn.Module) -> dict[str, nn.Linear]:
         return {name: block.get_submodule(name) for group in self.groups for name in group}
 
-    def final_norm_of(self, model: nn.Module) -> nn.Module:
-        return model.get_submodule(self.final_norm)
-
     def block_name(self, index: int) -> str:
         return f"{self.blocks_path}.{index}"
 
+    def check_structured(self) -> None:
+        """Structured pruning removes FFN channels as rows of ffn_in; a fused gate_up linear holds each
+        channel twice (rows c and c + width), a shape the pruners do not know."""
+        if self.fused_ffn_in:
+            raise ConfigError(f"model_type={self.family!r} fuses its FFN input projections in "
+                              f"{', '.join(self.fused_ffn_in)}: structured (FFN channel) pruning is not supported; "
+                              f"allowed with it: unstructured and N:M methods (e.g. method=wanda, sparsegpt)")
+
     def ffn_width(self, block: nn.Module) -> int:
+        self.check_structured()
         return block.get_submodule(self.ffn_out).in_features
 
     @torch.no_grad()
@@ -78,46 +88,71 @@ class Arch:
             out.bias += delta.to(out.bias.dtype)
 
 
-ARCHS = {
-    "opt": Arch(
-        family="opt",
-        blocks_path="model.decoder.layers",
-        groups=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",),
-                ("fc1",), ("fc2",)),
-        ffn_in=("fc1",),
-        ffn_out="fc2",
-        final_norm="model.decoder.final_layer_norm",
-    ),
-    "bloom": Arch(
-        family="bloom",
-        blocks_path="transformer.h",
-        groups=(("self_attention.query_key_value",), ("self_attention.dense",), ("mlp.dense_h_to_4h",),
-                ("mlp.dense_4h_to_h",)),
-        ffn_in=("mlp.dense_h_to_4h",),
-        ffn_out="mlp.dense_4h_to_h",
-        final_norm="transformer.ln_f",
-    ),
-    "llama": Arch(
-        family="llama",
-        blocks_path="model.layers",
-        groups=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-                ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
-        ffn_in=("mlp.gate_proj", "mlp.up_proj"),
-        ffn_out="mlp.down_proj",
-        final_norm="model.norm",
-    ),
-}
+# Linear roles by leaf name, in the order a group lists them (q before k before v, gate before up).
+ATTN_IN = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value")
+ATTN_OUT = ("o_proj", "out_proj", "dense")  # `dense` only under an attention module (FFNs use *_4h*)
+FFN_IN = ("gate_proj", "up_proj", "fc1", "dense_h_to_4h", "gate_up_proj")
+FFN_OUT = ("down_proj", "fc2", "dense_4h_to_h")
+FUSED_FFN_IN = ("gate_up_proj",)  # gate and up stacked in one linear (Phi-3): no per-channel row set
+FINAL_NORMS = ("norm", "final_layer_norm", "ln_f", "final_layernorm")
 
-
-FAMILIES = tuple(ARCHS)
+# Families whose adapter cannot be inferred from names. None today: OPT, BLOOM, LLaMA, Mistral,
+# Qwen2/3, Gemma 2/3, Phi-3, GPT-NeoX and Falcon are all inferred (tests/test_families.py). GPT-2-style
+# models (Conv1D `c_attn`/`c_proj`/`c_fc`, not nn.Linear) and MoE blocks (expert weights fused into
+# 3-D parameters) are refused by inference and would need an entry here.
+ARCHS: dict[str, Arch] = {}
 
 
 def arch_for(model: nn.Module) -> Arch:
+    """The explicit adapter of the model's `model_type`, else the one inferred from its modules."""
     model_type = model.config.model_type
-    if model_type not in ARCHS:
-        raise ConfigError(f"model_type={model_type!r} (from the checkpoint's config) has no family adapter; "
-                          f"allowed: {', '.join(FAMILIES)}")
-    return ARCHS[model_type]
+    return ARCHS[model_type] if model_type in ARCHS else infer_arch(model)
+
+
+def infer_arch(model: nn.Module) -> Arch:
+    """The adapter read off the model: the decoder blocks are the ModuleList with
+    `config.num_hidden_layers` entries nearest the root; the linears of block 0 get their roles from
+    their leaf names (ATTN_IN, ATTN_OUT, FFN_IN, FFN_OUT); the final norm is the module named one of
+    FINAL_NORMS outside the blocks, if any. A block it cannot place is a ConfigError naming model_type."""
+    model_type = model.config.model_type
+    depth = getattr(model.config, "num_hidden_layers", None)
+    lists = [name for name, module in model.named_modules()
+             if isinstance(module, nn.ModuleList) and depth is not None and len(module) == depth]
+    if not lists:
+        raise ConfigError(f"model_type={model_type!r}: found no list of decoder blocks (an nn.ModuleList of "
+                          f"config.num_hidden_layers={depth} modules); this family needs an explicit adapter "
+                          f"in ARCHS of bench/core/families.py")
+    blocks_path = min(lists, key=lambda name: name.count("."))
+    block = model.get_submodule(blocks_path)[0]
+    roles: dict[tuple, list[str]] = {ATTN_IN: [], ATTN_OUT: [], FFN_IN: [], FFN_OUT: []}
+    unknown = []
+    for name, module in block.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        parent, _, leaf = name.rpartition(".")
+        role = next((r for r in roles if leaf in r), None)
+        if leaf == "dense" and "att" not in parent:
+            role = None
+        if role is None:
+            unknown.append(name)
+        else:
+            roles[role].append(name)
+    missing = [label for label, role in (("attention input", ATTN_IN), ("attention output", ATTN_OUT),
+                                         ("FFN input", FFN_IN), ("FFN output", FFN_OUT)) if not roles[role]]
+    problems = ([f"unrecognised linears {unknown}"] if unknown else []) + \
+        ([f"no {', '.join(missing)} linear"] if missing else []) + \
+        ([f"several FFN outputs {roles[FFN_OUT]}"] if len(roles[FFN_OUT]) > 1 else [])
+    if problems:
+        raise ConfigError(f"model_type={model_type!r}: cannot infer the linear roles of {blocks_path}.0 "
+                          f"({'; '.join(problems)}); known names: {', '.join(ATTN_IN + ATTN_OUT + FFN_IN + FFN_OUT)}")
+    norms = [name for name, _ in model.named_modules()
+             if name.rpartition(".")[2] in FINAL_NORMS and not name.startswith(blocks_path + ".")]
+    for role in roles:
+        roles[role].sort(key=lambda name: role.index(name.rpartition(".")[2]))
+    fused = [name for name in roles[FFN_IN] if name.rpartition(".")[2] in FUSED_FFN_IN]
+    return Arch(family=model_type, blocks_path=blocks_path,
+                groups=tuple(tuple(roles[role]) for role in roles), ffn_in=tuple(roles[FFN_IN]),
+                ffn_out=roles[FFN_OUT][0], final_norm=norms[0] if norms else None, fused_ffn_in=tuple(fused))
 
 
 def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -154,6 +189,8 @@ def structured_sparsity(model: nn.Module, dense_sizes: list[int], dense_params: 
 
 def annotate_ffn_sizes(model: nn.Module) -> None:
     """Record per-block FFN widths in the config when they differ from what the config implies."""
+    if arch_for(model).fused_ffn_in:
+        return  # never shrunk (check_structured)
     sizes = ffn_sizes(model)
     if any(size != _config_ffn_width(model.config) for size in sizes):
         setattr(model.config, FFN_SIZES_KEY, sizes)
@@ -188,7 +225,7 @@ def load_shrunk(path: str | Path, dtype: torch.dtype) -> nn.Module:
 
 
 def _config_ffn_width(config) -> int:
-    for key in ("intermediate_size", "ffn_dim"):
+    for key in ("intermediate_size", "ffn_dim", "ffn_hidden_size"):
         if getattr(config, key, None):
             return getattr(config, key)
     return 4 * config.hidden_size  # BLOOM

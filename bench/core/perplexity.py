@@ -3,15 +3,28 @@
 The split's text is tokenized as one sequence and cut into non-overlapping windows of an explicit
 `seqlen` (no sliding context, trailing partial window dropped); each window is scored independently
 and ppl = exp(mean token NLL over all windows), every window contributing seqlen - 1 predictions.
+
+Two ways to run the model, giving the same numbers: whole (`window_nlls`: the model on the device, one
+window at a time) or layer-wise (`layerwise_window_nlls`, the SparseGPT reference's way for big models:
+all windows through block 0, then block 1, ..., one block on the device at a time, blocks optionally
+streamed from disk). `perplexity(..., layerwise="auto")` picks layer-wise when the model does not fit
+the device's free memory.
 """
 from __future__ import annotations
 
 import math
+from typing import Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
+
+from bench.core import engine
+from bench.core.families import arch_for
+
+LAYERWISE = ("auto", True, False)
+FIT_MARGIN = 1.2  # the whole model needs its weights plus room for one window's activations and logits
 
 
 def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
@@ -31,9 +44,81 @@ def window_nlls(model: nn.Module, windows: torch.Tensor, device: str, desc: str 
     return nlls
 
 
+class _Replay(nn.Module):
+    """Stands in for a block when scoring: the last one returns the final hidden state the layer-wise
+    pass computed for the current window, so the model's own code (final norm, OPT's project_out,
+    Gemma's logit soft-capping, the head) turns it into logits exactly as in a whole-model forward."""
+
+    def __init__(self, block: nn.Module, last: bool, as_tuple: bool):
+        super().__init__()
+        self.block, self.last, self.as_tuple = block, last, as_tuple
+        self.hidden = None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if not self.last:
+            return hidden_states
+        return (self.hidden,) if self.as_tuple else self.hidden
+
+    def __getattr__(self, name):  # some models read attributes of their layers (e.g. attention_type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)
+
+
+@torch.no_grad()
+def layerwise_window_nlls(model: nn.Module, windows: torch.Tensor, device: str, stream=None,
+                          desc: str = "perplexity (layer-wise)") -> torch.Tensor:
+    """`window_nlls`, computed block by block over all windows: only one block is on `device` at a time
+    (plus embeddings and head), and the (n, seqlen, hidden) activations stay on the CPU. `stream` (see
+    `engine.traverse`) loads each block from disk when it is reached and drops it after."""
+    arch = arch_for(model)
+    hidden, kwargs = engine.capture_inputs(model, windows, device)
+    kwargs = engine.to_device(kwargs, device, {})
+    blocks = arch.blocks(model)
+    as_tuple = False
+    for index, block in enumerate(tqdm(blocks, desc=desc, unit="block")):
+        if stream is not None:
+            stream.load(index, block)
+        hidden, as_tuple = engine.run_block_form(block.to(device), hidden, kwargs[index], device)
+        block.to("cpu")
+        if stream is not None:
+            stream.release(index, block, edited=False)
+    replays = [_Replay(block, index == len(blocks) - 1, as_tuple) for index, block in enumerate(blocks)]
+    for index, replay in enumerate(replays):
+        blocks[index] = replay
+    engine.non_block_modules_to(model, arch, device)
+    nlls = torch.empty(windows.shape[0], dtype=torch.float64)
+    try:
+        for row in range(windows.shape[0]):
+            ids = windows[row:row + 1].to(device)
+            replays[-1].hidden = hidden[row:row + 1].to(device)
+            nlls[row] = window_nll(model(ids, use_cache=False).logits, ids)
+    finally:
+        for index, replay in enumerate(replays):
+            blocks[index] = replay.block
+        engine.non_block_modules_to(model, arch, "cpu")
+    return nlls
+
+
+def fits(model: nn.Module, device: str) -> bool:
+    """Whether the whole model fits the device's free memory (the CPU holds it already)."""
+    if any(p.is_meta for p in model.parameters()):
+        return False  # streamed: the blocks are on disk
+    if not device.startswith("cuda"):
+        return True
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return size * FIT_MARGIN < free
+
+
 def from_nlls(nlls: torch.Tensor) -> float:
     return math.exp(nlls.mean().item())
 
 
-def perplexity(model: nn.Module, windows: torch.Tensor, device: str, desc: str = "perplexity") -> float:
+def perplexity(model: nn.Module, windows: torch.Tensor, device: str, desc: str = "perplexity",
+               layerwise: Union[str, bool] = "auto", stream=None) -> float:
+    """`layerwise`: True, False, or "auto" (layer-wise when the model does not `fit` the device)."""
+    if layerwise is True or stream is not None or (layerwise == "auto" and not fits(model, device)):
+        return from_nlls(layerwise_window_nlls(model, windows, device, stream, desc=f"{desc} (layer-wise)"))
     return from_nlls(window_nlls(model, windows, device, desc))
