@@ -24,6 +24,7 @@ import torch
 
 import methods
 from bench import cache as caching
+from bench import checkpoint
 from bench import data, llm, models, provenance, speed, tracking, zeroshot
 from bench.config import RunConfig
 from bench.core import engine, families, perplexity, records
@@ -80,6 +81,8 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
         result.timings["total"] = time.perf_counter() - started
         result.peak_memory = provenance.peak_memory()
         records.write_result(out_dir, result)
+        if result.saved_to:  # the checkpoint's record gets the evaluation too
+            checkpoint.write_recipe(Path(result.saved_to), result, result.config)
     tracking.log_cell(cfg.logger, result, out_dir, sweep_dir)
     return result
 
@@ -142,7 +145,7 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool) -> None:
 
     if cfg.save_dir:
         with _Stage(result, "save"):
-            models.save(model, tokenizer, cfg.save_dir)
+            models.save(model, tokenizer, cfg.save_dir, result, result.config, result.config.get("save_format", "dense"))
             result.saved_to = str(Path(cfg.save_dir).expanduser().resolve())
 
     if cfg.eval.ppl is not None:

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 import transformers
@@ -21,6 +22,7 @@ from torch import nn
 from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import BPE
 
+from bench import checkpoint
 from bench.config import ModelConfig
 from bench.core import families
 
@@ -130,15 +132,14 @@ def byte_tokenizer() -> "transformers.PreTrainedTokenizerFast":
                                                 bos_token="<eos>", pad_token="<eos>")
 
 
-def save(model: nn.Module, tokenizer, directory: str | Path) -> Path:
-    """Write a checkpoint `AutoModelForCausalLM.from_pretrained` reloads (`load` with `model.path`, i.e.
-    `bench.core.families.load_shrunk`, for structurally pruned ones); atomic (staging + rename)."""
-    families.annotate_ffn_sizes(model)
+def save(model: nn.Module, tokenizer, directory: str | Path, result=None, resolved: Optional[dict] = None,
+         save_format: str = "dense") -> Path:
+    """Write a checkpoint any tool loads (`bench.checkpoint`: plain `from_pretrained`, or with the shipped
+    model code for per-block widths and bitmask weights) with its recipe; atomic (staging + rename)."""
     directory = Path(directory).expanduser()
     staging = directory.with_name(directory.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
+    checkpoint.write_checkpoint(model, tokenizer, staging, result, resolved or {}, save_format)
     if directory.exists():
         shutil.rmtree(directory)
     os.replace(staging, directory)
