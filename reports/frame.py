@@ -18,7 +18,7 @@ from typing import Optional
 
 import pandas as pd
 
-from bench.core.records import Result, read_manifest
+from bench.core.records import CELLS_FILE, Result, read_manifest
 from reports.select import method_label
 
 # Not part of a row's identity: the replicate axis, the sweep's column / section axes, and the keys that
@@ -73,10 +73,13 @@ def row_labels(results: list[Result]) -> dict[int, str]:
 
 
 def sweep_order(results: list[Result], sweep_dir: Optional[Path]) -> dict[int, int]:
-    """{id(result): position}: the order the sweep listed its cells in (`cells.json`, i.e. the preset's
-    method order), else the job number of the cell's dir, else the path."""
-    manifest = read_manifest(sweep_dir) if sweep_dir is not None else None
-    position = {c["config_hash"]: i for i, c in enumerate(manifest or [])}
+    """{id(result): position}: the order the sweeps under `sweep_dir` listed their cells in (`cells.json`,
+    i.e. the preset's method order), else the job number of the cell's dir, else the path."""
+    manifests = sorted(Path(sweep_dir).rglob(CELLS_FILE)) if sweep_dir is not None else []
+    position: dict[str, int] = {}
+    for path in manifests:
+        for cell in read_manifest(path.parent) or []:
+            position.setdefault(cell["config_hash"], len(position))
 
     def job_number(result: Result) -> int:
         match = re.match(r"(\d+)_", Path(result.path or "").parent.name)

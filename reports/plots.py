@@ -61,16 +61,22 @@ def _metric_panels(agg: pd.DataFrame, long: pd.DataFrame, out_dir: Path, metrics
                                  gridspec_kw={"wspace": 0.3})
         for ax, name in zip(axes[0], panels):
             points = mine[mine["metric"] == name]
-            for row, line in points.groupby("row", sort=False):
+            xs = sorted({100 * s for s in points["sparsity"] if s > 0})
+            step = min((b - a for a, b in zip(xs, xs[1:])), default=10)
+            lines = list(points.groupby("row", sort=False))
+            for index, (row, line) in enumerate(lines):
                 if (model, row) in dense_rows:
                     ax.axhline(line["mean"].iloc[0], color="black", linestyle="--", linewidth=1, label=row)
                     continue
                 line = line.sort_values("sparsity")
-                ax.errorbar(100 * line["sparsity"], line["mean"], yerr=line["std"].fillna(0), marker="o",
+                dodge = step * 0.03 * (index - (len(lines) - 1) / 2)  # overlapping error bars stay apart
+                ax.errorbar(100 * line["sparsity"] + dodge, line["mean"], yerr=line["std"].fillna(0), marker="o",
                             capsize=3, label=row + (f" (n={line['n'].max()})" if line["n"].max() > 1 else ""))
             if log_y:
                 _plain_log_axis(ax)
-            ax.set_xticks(sorted({100 * s for s in points["sparsity"] if s > 0}))
+            ax.set_xticks(xs)
+            if xs:
+                ax.set_xlim(xs[0] - step / 3, xs[-1] + step / 3)
             ax.set_xlabel("sparsity (%)")
             arg = name.partition("/")[2]
             ax.set_ylabel(metric(name).label.format(arg=arg) + (" (log)" if log_y else "")
@@ -150,7 +156,7 @@ def plot_layer_schedules(results: list[Result], path, labels: Optional[dict[int,
         ax.set_xticks(list(blocks))
     low = min(min(_block_means(r.sparsity["allocated"]).values()) for r in first.values())
     axes[0, 0].set_ylim(max(0.0, 100 * low - 10), 100)
-    axes[0, 0].legend(fontsize=8, loc="lower right")
+    axes[0, 0].legend(fontsize=8, loc="upper right")
     axes[-1, 0].set_xlabel("decoder block")
     fig.suptitle(f"{runs[0].cell.model}: per-block sparsity at {runs[0].cell.sparsity:.0%}", fontsize=10)
     fig.tight_layout()
