@@ -25,7 +25,7 @@ import torch
 import methods
 from bench import cache as caching
 from bench import checkpoint
-from bench import data, llm, models, provenance, speed, tracking, zeroshot
+from bench import data, llm, models, progress, provenance, speed, tracking, zeroshot
 from bench.config import RunConfig
 from bench.core import engine, families, perplexity, records
 from bench.core.records import CellKey, Failure, Result
@@ -65,6 +65,7 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
         process={"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                  "started": time.time()})
     records.write_result(out_dir, result)
+    progress.start(out_dir)
     started = time.perf_counter()
     try:
         _run(cfg, result, cache)
@@ -81,6 +82,7 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
         result.timings["total"] = time.perf_counter() - started
         result.peak_memory = provenance.peak_memory()
         records.write_result(out_dir, result)
+        progress.finish()
         if result.saved_to:  # the checkpoint's record gets the evaluation too
             checkpoint.write_recipe(Path(result.saved_to), result, result.config)
     tracking.log_cell(cfg.logger, result, out_dir, sweep_dir)
@@ -94,6 +96,7 @@ class _Stage:
         self.result, self.name = result, name
 
     def __enter__(self):
+        progress.stage(self.name)
         self.start = time.perf_counter()
 
     def __exit__(self, *exc):
@@ -126,6 +129,7 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool) -> None:
     if structured:
         dense_sizes, dense_params = families.ffn_sizes(model), families.parameter_count(model)
         reference = copy.deepcopy(model) if cfg.eval.speed else None
+    progress.stage("prune")
     report = engine.prune(model, method, samples, cfg.sparsity, cfg.device, cache=shared,
                           make_llm=llm.make_backend)
     result.timings.update(report.seconds)
