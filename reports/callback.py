@@ -37,6 +37,12 @@ class SweepProgress(Callback):
         self.stop = threading.Event()
         self.thread: Optional[threading.Thread] = None
 
+    def __getstate__(self) -> dict:  # Submitit pickles the launcher with Hydra's callbacks: no thread state
+        return {"interval": self.interval, "heartbeat": self.heartbeat}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         if "submitit" not in str(config.hydra.launcher.get("_target_", "")):
             return

@@ -92,3 +92,14 @@ def test_a_cell_reports_its_stages_and_removes_its_progress_file(make_config, tm
     assert run_cell(cfg, resolved, tmp_path).status == "ok"
     assert seen == ["start", "load", "calib_data", "prune", "eval_ppl_pydoc"]
     assert not (tmp_path / records.PROGRESS_FILE).exists()
+
+
+def test_the_console_callback_survives_submitit_pickling_the_launcher():
+    import cloudpickle
+
+    from reports.callback import SweepProgress
+
+    watcher = SweepProgress(interval=2.0)
+    watcher.thread = threading.Thread(target=lambda: None)
+    copy = cloudpickle.loads(cloudpickle.dumps(watcher))  # before: cannot pickle '_thread.lock' object
+    assert copy.interval == 2.0 and copy.thread is None and not copy.stop.is_set()
