@@ -107,11 +107,11 @@ def test_targets_get_verdicts(sweep):
 
 def test_collect_cli_writes_every_format_and_plots(sweep, capsys):
     assert reports_main(["collect", str(sweep), "--format", "md,csv,tex,html"]) == 0
-    for name in ("table.md", "table.csv", "table_details.csv", "table_reported.csv", "table.tex", "report.html",
-                 "plots/ppl_vs_sparsity_llama-tiny.png", "plots/ppl_vs_sparsity_llama-tiny.svg",
-                 "plots/accuracy_vs_sparsity_llama-tiny.png"):
+    for name in ("table.md", "table.csv", "table_wide.csv", "table_details.csv", "table_reported.csv", "table.tex",
+                 "report.html", "plots/ppl_vs_sparsity_llama-tiny.png", "plots/ppl_vs_sparsity_llama-tiny.svg",
+                 "plots/ppl_vs_sparsity_llama-tiny.pdf", "plots/accuracy_vs_sparsity_llama-tiny.png"):
         assert (sweep / name).stat().st_size > 0, name
-    assert "\\textbf{20.50}" in (sweep / "table.tex").read_text()
+    assert "\\bfseries 20.50" in (sweep / "table.tex").read_text()
     assert "| llama-tiny | dense |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         reports_main(["collect", str(sweep), "--format", "md,pdf"])
@@ -127,8 +127,9 @@ def test_html_report_renders_in_headless_chromium(sweep, tmp_path):
              f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run(flags + ["--dump-dom", page], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
-    assert dom.stdout.count("<table>") == 3 and "not run: weights unavailable" in dom.stdout
+    assert dom.stdout.count("<table ") == 3 and "not run: weights unavailable" in dom.stdout
     assert dom.stdout.count('src="data:image/png;base64,') >= 2  # plots embedded, no external files
+    assert dom.stdout.count("<caption>") == 3 and "<footer>" in dom.stdout and "git commit:" in dom.stdout
     console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert not console, console
     shot = tmp_path / "shot.png"
