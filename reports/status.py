@@ -118,18 +118,21 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def summary(rows: list[CellStatus], elapsed: float, now: float) -> list[str]:
-    """A few lines: counts, elapsed and estimated time left, and each running cell's stage."""
+def summary(rows: list[CellStatus], elapsed: float, now: float, finished_here: int = 0) -> list[str]:
+    """A few lines: counts, elapsed and estimated time left, and each running cell's stage (named by the
+    overrides that differ between cells). Time left comes from the sweep's own pace (`elapsed` over the
+    `finished_here` cells that ended while watching, process start-up and queueing included), else from
+    the finished cells' run times."""
     counts = {state: sum(row.state == state for row in rows) for state in STATES}
-    durations = [row.seconds for row in rows if row.state == "done" and row.seconds]
     line = (f"[sweep {_clock(elapsed)}] {len(rows)} cells: {counts['done']} done, {counts['running']} running, "
             f"{counts['failed']} failed, {counts['missing']} waiting")
-    if durations and (counts["missing"] or counts["running"]):
-        per_cell = sum(durations) / len(durations)  # cells run one after another unless several are running
-        left = per_cell * (counts["missing"] + 0.5 * counts["running"]) / max(1, counts["running"])
-        line += f"; about {_clock(left)} left"
-    running = [f"  running {' '.join(row.overrides)}: {stage_of(row, now) or 'starting'}"
-               for row in rows if row.state == "running"]
+    durations = [row.seconds for row in rows if row.state == "done" and row.seconds]
+    pace = elapsed / finished_here if finished_here else (sum(durations) / len(durations) if durations else None)
+    if pace is not None and (counts["missing"] or counts["running"]):
+        line += f"; about {_clock(pace * (counts['missing'] + 0.5 * counts['running']))} left"
+    common = set.intersection(*(set(row.overrides) for row in rows)) if rows else set()
+    running = [f"  running {' '.join(o for o in row.overrides if o not in common) or 'the cell'}: "
+               f"{stage_of(row, now) or 'starting'}" for row in rows if row.state == "running"]
     return [line] + running
 
 
@@ -137,7 +140,7 @@ def watch(sweep_dir: Path, stop: threading.Event, interval: float = 5.0, heartbe
           out: Callable[[str], None] = print) -> list[CellStatus]:
     """Print the sweep's status whenever it changes (or every `heartbeat` s) until `stop` is set or every
     cell is done or failed; a failure's one-line reason is printed once, when it is first seen."""
-    started, last, last_time, reported, rows = time.time(), None, 0.0, set(), []
+    started, last, last_time, reported, rows, ended_before = time.time(), None, 0.0, set(), [], None
     while True:
         now = time.time()
         try:
@@ -148,7 +151,9 @@ def watch(sweep_dir: Path, stop: threading.Event, interval: float = 5.0, heartbe
             if row.state == "failed" and row.config_hash not in reported:
                 reported.add(row.config_hash)
                 out(f"FAILED {' '.join(row.overrides)}: {(row.detail.splitlines() or [''])[0][:200]}")
-        lines = summary(rows, now - started, now) if rows else []
+        ended = sum(row.state in ("done", "failed") for row in rows)
+        ended_before = ended if ended_before is None and rows else ended_before
+        lines = summary(rows, now - started, now, ended - (ended_before or 0)) if rows else []
         state = [(row.state, stage_of(row, now).split(" (")[0]) for row in rows]
         if lines and (state != last or now - last_time >= heartbeat):
             out("\n".join(lines))

@@ -45,7 +45,8 @@ def test_watch_prints_counts_eta_stages_and_each_failure_once(tmp_path):
     stop.set()  # one poll
     watch(root, stop, out=lines.append)
     text = "\n".join(lines)
-    assert "5 cells: 1 done, 1 running, 1 failed, 2 waiting; about 0:00:25 left" in text  # (2 + 0.5) x 10 s / 1
+    # no cell ended while watching: the pace is the finished cells' run time, (2 + 0.5) x 10 s
+    assert "5 cells: 1 done, 1 running, 1 failed, 2 waiting; about 0:00:25 left" in text
     assert "running method=wanda: prune (12s, cell 40s)" in text
     assert lines[0] == "FAILED method=magnitude: failed: OSError: no weights"  # one line, when seen
     lines.clear()
@@ -67,6 +68,15 @@ def test_watch_is_quiet_until_something_changes_and_ends_when_all_finished(tmp_p
     assert not thread.is_alive()  # every cell done or failed: the watcher ends by itself
     assert lines[-1].endswith("5 cells: 4 done, 0 running, 1 failed, 0 waiting")
     assert not stop.is_set()
+
+
+def test_time_left_follows_the_sweeps_own_pace():
+    from reports.status import CellStatus, summary
+
+    rows = [CellStatus([f"method={m}", "data=pydoc"], m, state, "", None, 2.0)
+            for m, state in (("a", "done"), ("b", "done"), ("c", "missing"), ("d", "missing"))]
+    # two cells ended in 60 s of watching (start-up included): 30 s each, though each ran 2 s
+    assert summary(rows, 60.0, 0.0, finished_here=2)[0].endswith("2 waiting; about 0:01:00 left")
 
 
 def test_status_watch_cli_on_a_finished_sweep(tmp_path, capsys):
