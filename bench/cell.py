@@ -66,6 +66,7 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
                  "started": time.time()})
     records.write_result(out_dir, result)
     progress.start(out_dir)
+    run = tracking.start(cfg.logger, result, out_dir, sweep_dir)
     started = time.perf_counter()
     try:
         _run(cfg, result, cache)
@@ -85,7 +86,7 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
         progress.finish()
         if result.saved_to:  # the checkpoint's record gets the evaluation too
             checkpoint.write_recipe(Path(result.saved_to), result, result.config)
-    tracking.log_cell(cfg.logger, result, out_dir, sweep_dir)
+    tracking.log_cell(run, result)
     return result
 
 

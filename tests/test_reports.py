@@ -266,3 +266,32 @@ def test_latex_is_booktabs_with_two_level_header_and_compiles(seeds_and_lams, tm
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:]
     assert (tmp_path / "tables.pdf").stat().st_size > 1000
+
+
+def test_wandb_run_starts_with_the_cell_named_per_cell_and_seed(make_config, tmp_path, monkeypatch):
+    import wandb
+
+    started = []
+
+    class Run:
+        dir = str(tmp_path / "wandb" / "run" / "files")
+        summary = {}
+
+        def log(self, values):
+            pass
+
+        def finish(self):
+            started.append("finished")
+
+    def init(**kwargs):
+        status = json.loads((Path(kwargs["dir"]) / "result.json").read_text())["status"]
+        started.append((kwargs["name"], kwargs["group"], status))
+        return Run()
+
+    monkeypatch.setattr(wandb, "init", init)
+    for seed in (0, 1):
+        cfg, resolved = make_config("model=llama-tiny", "method=magnitude", *TINY, "logger=wandb", f"seed={seed}")
+        run_cell(cfg, resolved, tmp_path / f"s{seed}", sweep_dir=tmp_path)
+    (name0, group, status), done, (name1, _, _), _ = started
+    assert status == "running" and done == "finished"  # before: the run was created after the cell ended
+    assert group == tmp_path.name and name0 != name1 and "seed0" in name0 and "seed1" in name1
