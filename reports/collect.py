@@ -1,17 +1,23 @@
-"""Collect the result JSONs under a sweep dir into paper-style tables (markdown, CSV, LaTeX, HTML).
+"""Collect the result records under a sweep dir into paper-style tables (markdown, CSV, LaTeX, HTML).
 
-- Results table (the papers' layout): rows = model x method, dense baseline first; columns = sparsity x
-  metric (perplexity per dataset, zero-shot accuracy per task in %, their average). The best pruned
-  value per column and model is bold (lower ppl, higher accuracy); the dense row is the reference.
-- Details table, one row per cell, with the columns that any result has: measured sparsity, parameters
-  removed, pruning time, peak memory, speed-up.
-- Targets table, for `experiment=` presets: each `targets:` entry of the cells' resolved configs with
-  ours, the paper's number, the difference and a verdict.
+Every table is built from one DataFrame of the records (`reports.frame`): every distinct resolved config
+is its own row, labelled by the keys that differ (`owl_wanda (lam=0.04)`); cells that differ only in
+`seed` are one row showing mean ± std (n).
+- Results table (the papers' layout): rows = model x config, dense first, then the sweep's (the preset's)
+  order; columns = sparsity (top header) x metric (perplexity per dataset, zero-shot accuracy per task
+  in % with lm-eval's stderr, their average). The best pruned mean per column and model is bold. Numbers
+  of different protocol ids get a protocol column.
+- Details table, one row per cell (and seed): measured sparsity, parameters removed, pruning time, peak
+  memory, speed-ups ("not measured" for N:M on CPU).
+- Targets table, for `experiment=` presets: ours (over seeds), the paper's number, the difference, a
+  verdict within the target's tolerance (`unit: relative` or `absolute` points), whether the paper's number
+  lies within our seed band (mean ± 2 std), and where the protocols differ.
 
-A cell that failed shows "failed", one never run shows "-": a number only ever comes from a result file.
-Footnotes give each protocol and every fallback warning and failure, and every file under the sweep that
-is not a readable record. Records come from `bench.core.records` (the one reader); what a metric means
-(direction, unit, label) from its registry.
+CSV: `table.csv` is long (one row per cell x metric, raw numbers, config hash, protocol id, seed),
+`table_wide.csv` the results table as numbers (mean, std, n). LaTeX and HTML come from pandas' Styler
+(booktabs, caption, label, notes). A cell that failed shows "failed", one never run "-": a number only
+ever comes from a result file. Footnotes give each protocol, every fallback warning and failure, and
+every file under the sweep that is not a readable record.
 """
 from __future__ import annotations
 
@@ -320,9 +326,10 @@ def _nm_speedup(result: Result) -> Optional[str]:
 DETAILS = DETAILS + (("N:M speed-up", _nm_speedup),)
 
 
-def details_table(unique: list[Result], labels: dict[int, str]) -> Optional[Table]:
+def details_table(unique: list[Result], labels: dict[int, str], rows_in_order: list[tuple[str, str]]) -> Optional[Table]:
+    rank = {key: i for i, key in enumerate(rows_in_order)}  # the results table's row order
     ok = sorted((r for r in unique if r.ok),
-                key=lambda r: (r.cell.model, r.cell.method != "dense", labels[id(r)], r.cell.sparsity, r.cell.seed))
+                key=lambda r: (rank[(r.cell.model, labels[id(r)])], r.cell.sparsity, r.cell.seed))
     present = [(label, read) for label, read in DETAILS if any(read(r) is not None for r in ok)]
     if not present:
         return None
@@ -427,7 +434,7 @@ def build_report(results: list[Result], corrupt: list[tuple[str, str]] = (), swe
     labels = row_labels(unique)
     table = results_table(unique, long)
     table.footnotes = _seed_note(long) + _footnotes(unique, list(corrupt))
-    return Report(table, details_table(unique, labels), targets_table(unique, labels), unique, long)
+    return Report(table, details_table(unique, labels, _row_keys(long)), targets_table(unique, labels), unique, long)
 
 
 def collect(sweep_dir: Path, write: bool = True, formats: tuple = ("md", "csv"), plots: bool = False) -> Report:
@@ -452,7 +459,9 @@ def _wide(report: Report) -> str:
     """The results table with raw numbers: mean, std and n of every (row, sparsity, metric)."""
     agg = aggregate(report.long)
     wide = agg.pivot_table(index=["model", "row"], columns=["sparsity", "metric"], values=["mean", "std", "n"],
-                           sort=False)
+                           sort=False).astype({("n",) + key: "Int64" for key in agg.groupby(["sparsity", "metric"]).groups})
+    stats = ["mean", "std", "n"]
+    wide = wide[sorted(wide.columns, key=lambda c: (c[1], list(agg["metric"].unique()).index(c[2]), stats.index(c[0])))]
     wide.columns = [f"{s:.0%} {m} {stat}" for stat, s, m in wide.columns]
     return wide.reset_index().to_csv(index=False)
 
