@@ -299,6 +299,7 @@ DETAILS = (  # column label, how to read it from a result (None = not present)
     ("peak memory (MB)", lambda r: _num(r.peak_memory.get("cuda_mb", r.peak_memory.get("rss_mb")), "{:.0f}")),
     ("prefill speed-up", lambda r: _speedup(r, "speedup/prefill")),
     ("decode speed-up", lambda r: _speedup(r, "speedup/decode")),
+    ("N:M speed-up", lambda r: _nm_speedup(r)),
 )
 
 
@@ -321,9 +322,6 @@ def _nm_speedup(result: Result) -> Optional[str]:
         return None
     value = result.metrics.get("speed", {}).get("nm_speedup")
     return "not measured (no GPU kernel on CPU)" if value is None else f"{value:.2f}x"
-
-
-DETAILS = DETAILS + (("N:M speed-up", _nm_speedup),)
 
 
 def details_table(unique: list[Result], labels: dict[int, str], rows_in_order: list[tuple[str, str]]) -> Optional[Table]:

@@ -35,8 +35,8 @@ TARGETS = [
 
 
 def fake(root: Path, model: str, method: str, sparsity: float, ppl=None, accs=None, status="ok", loaded=True,
-         seed=0, options=None, targets=TARGETS, protocol_id=None):
-    cell = {"model": model, "method": method, "sparsity": sparsity, "sparsity_type": "unstructured",
+         seed=0, options=None, targets=TARGETS, protocol_id=None, sparsity_type="unstructured"):
+    cell = {"model": model, "method": method, "sparsity": sparsity, "sparsity_type": sparsity_type,
             "protocol": "quick", "seed": seed}
     options = options or {}
     config = {"targets": targets, "seed": seed, "sparsity": sparsity, "model": {"name": model},
@@ -295,3 +295,13 @@ def test_wandb_run_starts_with_the_cell_named_per_cell_and_seed(make_config, tmp
     (name0, group, status), done, (name1, _, _), _ = started
     assert status == "running" and done == "finished"  # before: the run was created after the cell ended
     assert group == tmp_path.name and name0 != name1 and "seed0" in name0 and "seed1" in name1
+
+
+def test_two_four_speedup_says_not_measured_on_cpu(tmp_path):
+    root = tmp_path / "nm"
+    fake(root, "llama-tiny", "wanda", 0.5, 20.0, targets=[], sparsity_type="2:4")
+    fake(root, "llama-tiny", "magnitude", 0.5, 30.0, targets=[])
+    details = collect(root, write=False).details
+    column = details.header.index("N:M speed-up")
+    assert {row[1]: row[column] for row in details.rows} == {"wanda (2:4)": "not measured (no GPU kernel on CPU)",
+                                                             "magnitude": "-"}
