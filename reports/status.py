@@ -130,10 +130,15 @@ def summary(rows: list[CellStatus], elapsed: float, now: float, finished_here: i
     pace = elapsed / finished_here if finished_here else (sum(durations) / len(durations) if durations else None)
     if pace is not None and (counts["missing"] or counts["running"]):
         line += f"; about {_clock(pace * (counts['missing'] + 0.5 * counts['running']))} left"
-    common = set.intersection(*(set(row.overrides) for row in rows)) if rows else set()
-    running = [f"  running {' '.join(o for o in row.overrides if o not in common) or 'the cell'}: "
-               f"{stage_of(row, now) or 'starting'}" for row in rows if row.state == "running"]
+    running = [f"  running {short_name(row, rows)}: {stage_of(row, now) or 'starting'}"
+               for row in rows if row.state == "running"]
     return [line] + running
+
+
+def short_name(row: CellStatus, rows: list[CellStatus]) -> str:
+    """The cell's overrides that differ between the sweep's cells (`method=wanda seed=1`)."""
+    common = set.intersection(*(set(other.overrides) for other in rows))
+    return " ".join(o for o in row.overrides if o not in common) or " ".join(row.overrides)
 
 
 def watch(sweep_dir: Path, stop: threading.Event, interval: float = 5.0, heartbeat: float = 60.0,
@@ -150,7 +155,7 @@ def watch(sweep_dir: Path, stop: threading.Event, interval: float = 5.0, heartbe
         for row in rows:
             if row.state == "failed" and row.config_hash not in reported:
                 reported.add(row.config_hash)
-                out(f"FAILED {' '.join(row.overrides)}: {(row.detail.splitlines() or [''])[0][:200]}")
+                out(f"FAILED {short_name(row, rows)}: {(row.detail.splitlines() or [''])[0][:200]}")
         ended = sum(row.state in ("done", "failed") for row in rows)
         ended_before = ended if ended_before is None and rows else ended_before
         lines = summary(rows, now - started, now, ended - (ended_before or 0)) if rows else []

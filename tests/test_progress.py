@@ -74,9 +74,11 @@ def test_time_left_follows_the_sweeps_own_pace():
     from reports.status import CellStatus, summary
 
     rows = [CellStatus([f"method={m}", "data=pydoc"], m, state, "", None, 2.0)
-            for m, state in (("a", "done"), ("b", "done"), ("c", "missing"), ("d", "missing"))]
+            for m, state in (("a", "done"), ("b", "running"), ("c", "missing"), ("d", "missing"))]
+    lines = summary(rows, 60.0, 0.0, finished_here=2)
     # two cells ended in 60 s of watching (start-up included): 30 s each, though each ran 2 s
-    assert summary(rows, 60.0, 0.0, finished_here=2)[0].endswith("2 waiting; about 0:01:00 left")
+    assert lines[0].endswith("2 waiting; about 0:01:15 left")  # (2 + 0.5) x 30 s
+    assert lines[1] == "  running method=b: starting"  # named by what differs, not every override
 
 
 def test_status_watch_cli_on_a_finished_sweep(tmp_path, capsys):
