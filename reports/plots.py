@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from bench.core.records import Result, metric  # noqa: E402
 from reports.frame import aggregate, long_frame, row_labels  # noqa: E402
@@ -44,8 +44,13 @@ def _plain_log_axis(ax) -> None:
     plain = FuncFormatter(lambda v, _: f"{v:g}")  # 26.5, not 2.65x10^1, on narrow ranges
     ax.yaxis.set_major_formatter(plain)
     low, high = ax.get_ylim()
-    if high / low < 10:  # minor labels only when there is no decade label; else they overlap
+    if high / low < 10:  # no decade label or one: label every minor tick
         ax.yaxis.set_minor_formatter(plain)
+    elif high / low < 1000:  # a few decades: 2x and 5x between them, else one label per decade
+        ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+        ax.yaxis.set_minor_formatter(plain)
+    else:
+        ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _metric_panels(agg: pd.DataFrame, long: pd.DataFrame, out_dir: Path, metrics: list[str], stem: str,
