@@ -69,7 +69,7 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
     run = tracking.start(cfg.logger, result, out_dir, sweep_dir)
     started = time.perf_counter()
     try:
-        _run(cfg, result, cache)
+        _run(cfg, result, cache, out_dir)
         result.status = "ok"
     except Exception as exc:  # recorded, not raised: the sweep goes on
         log.exception("cell failed")
@@ -104,7 +104,7 @@ class _Stage:
         self.result.timings[self.name] = time.perf_counter() - self.start
 
 
-def _run(cfg: RunConfig, result: Result, use_cache: bool) -> None:
+def _run(cfg: RunConfig, result: Result, use_cache: bool, out_dir: Path) -> None:
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     with _Stage(result, "load"):
@@ -157,7 +157,8 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool) -> None:
         _perplexities(cfg, result, model, tokens, shared)
     if cfg.eval.zeroshot is not None:
         with _Stage(result, "eval_zeroshot"):
-            result.metrics["zeroshot"] = zeroshot.evaluate(model, tokenizer, cfg.eval.zeroshot, cfg.device, cfg.seed)
+            result.metrics["zeroshot"] = zeroshot.evaluate(model, tokenizer, cfg.eval.zeroshot, cfg.device, cfg.seed,
+                                                           out_dir)
     if structured and reference is not None:
         with _Stage(result, "speed"):
             result.metrics["speed"] = speed.measure(reference, model, cfg.eval.speed, cfg.device, cfg.seed)
