@@ -23,6 +23,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import transformers
 import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -50,7 +51,6 @@ def write_checkpoint(model: nn.Module, tokenizer, directory: Path, result: Optio
     config = model.config
     saved = {"use_cache": config.use_cache, families.FFN_SIZES_KEY: getattr(config, families.FFN_SIZES_KEY, None)}
     config.use_cache = True
-    remote = False
     if len(set(sizes)) == 1 and arch.family in WIDTH_KEYS:
         saved[WIDTH_KEYS[arch.family]] = getattr(config, WIDTH_KEYS[arch.family])
         setattr(config, WIDTH_KEYS[arch.family], sizes[0])  # the standard config describes the model
@@ -58,8 +58,7 @@ def write_checkpoint(model: nn.Module, tokenizer, directory: Path, result: Optio
             delattr(config, families.FFN_SIZES_KEY)
     else:
         families.annotate_ffn_sizes(model)
-        remote = hasattr(config, families.FFN_SIZES_KEY)
-    remote = remote or save_format == "bitmask"
+    remote = save_format == "bitmask" or not _standard_class_fits(model)
     if remote:
         module, base = BASES[arch.family]
         config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.PrunedForCausalLM"}
@@ -81,6 +80,16 @@ def write_checkpoint(model: nn.Module, tokenizer, directory: Path, result: Optio
         _compress(directory, set(families.prunable_linears(model)), result)
     write_recipe(directory, result, resolved)
     return directory
+
+
+def _standard_class_fits(model: nn.Module) -> bool:
+    """Whether the family's own class, built from the config as saved, has exactly the model's tensors
+    (names and shapes): per-block widths or a bias pruning added (FLAP's compensation on LLaMA) do not, and
+    plain `from_pretrained` would fail or, worse, silently drop the bias."""
+    with torch.device("meta"):
+        fresh = transformers.AutoModelForCausalLM.from_config(model.config)
+    ours, theirs = model.state_dict(), fresh.state_dict()
+    return set(ours) == set(theirs) and all(ours[k].shape == theirs[k].shape for k in ours)
 
 
 def write_recipe(directory: Path, result: Optional[Result], resolved: dict) -> None:

@@ -141,3 +141,16 @@ def test_unknown_save_format_names_the_key(make_config, tmp_path):
     model, tokenizer = tiny(make_config, "llama-tiny")
     with pytest.raises(ConfigError, match="save_format='zip' is not valid; allowed: dense, bitmask"):
         checkpoint.write_checkpoint(model, tokenizer, tmp_path / "x", None, {}, "zip")
+
+
+def test_a_bias_pruning_added_ships_the_model_code_instead_of_being_dropped(make_config, tmp_path):
+    model, tokenizer = tiny(make_config, "llama-tiny")
+    arch = families.arch_for(model)
+    for block in arch.blocks(model):  # FLAP's compensation: a down_proj bias LLaMA's class does not have
+        arch.add_ffn_out_bias(block, torch.full((64,), 0.5))
+    expected = logits(model)
+    target = models.save(model, tokenizer, tmp_path / "ckpt")
+    # before: a plain config, and from_pretrained silently dropped the biases (different logits)
+    assert "auto_map" in json.loads((target / "config.json").read_text())
+    reloaded, _ = reload_logits(target, tmp_path, remote_code=True)
+    assert torch.equal(reloaded, expected)
