@@ -26,7 +26,7 @@ import transformers
 
 import methods
 from bench import cache as caching
-from bench import data, llm, models, provenance, speed, streaming, tracking, zeroshot
+from bench import checkpoint, data, llm, models, progress, provenance, speed, streaming, tracking, zeroshot
 from bench.config import RunConfig
 from bench.core import engine, families, perplexity, records
 from bench.core.records import CellKey, Failure, Result
@@ -77,9 +77,11 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
         process={"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                  "started": time.time()})
     records.write_result(out_dir, result)
+    progress.start(out_dir)
+    run = tracking.start(cfg.logger, result, out_dir, sweep_dir)
     started = time.perf_counter()
     try:
-        _run(cfg, result, cache, save_to)
+        _run(cfg, result, cache, out_dir, save_to)
         _check_metrics(result.metrics)
         result.status = "ok"
     except Exception as exc:  # recorded, not raised: the sweep goes on
@@ -94,7 +96,10 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
         result.timings["total"] = time.perf_counter() - started
         result.peak_memory = provenance.peak_memory()
         records.write_result(out_dir, result)
-    tracking.log_cell(cfg.logger, result, out_dir, sweep_dir)
+        progress.finish()
+        if result.saved_to:  # the checkpoint's record gets the evaluation too
+            checkpoint.write_recipe(Path(result.saved_to), result, result.config)
+    tracking.log_cell(run, result)
     return result
 
 
@@ -164,13 +169,14 @@ class _Stage:
         self.result, self.name = result, name
 
     def __enter__(self):
+        progress.stage(self.name)
         self.start = time.perf_counter()
 
     def __exit__(self, *exc):
         self.result.timings[self.name] = time.perf_counter() - self.start
 
 
-def _run(cfg: RunConfig, result: Result, use_cache: bool, save_to: Optional[Path]) -> None:
+def _run(cfg: RunConfig, result: Result, use_cache: bool, out_dir: Path, save_to: Optional[Path]) -> None:
     if save_to is not None:
         models.check_save_dir(save_to)  # before any work, not after an hour of pruning
     random.seed(cfg.seed)
@@ -204,6 +210,7 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool, save_to: Optional[Path
     if structured:
         dense_sizes, dense_params = families.ffn_sizes(model), families.parameter_count(model)
         reference = copy.deepcopy(model) if cfg.eval.speed else None
+    progress.stage("prune")
     report = engine.prune(model, method, samples, cfg.sparsity, cfg.device, cache=shared,
                           make_llm=llm.make_backend)
     result.timings.update(report.seconds)
@@ -225,13 +232,14 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool, save_to: Optional[Path
 
     if save_to is not None:
         with _Stage(result, "save"):
-            result.saved_to = str(models.save(model, tokenizer, save_to))
+            result.saved_to = str(models.save(model, tokenizer, save_to, result, result.config, cfg.save_format))
 
     if cfg.eval.ppl is not None:
         _perplexities(cfg, result, model, tokens, shared)
     if cfg.eval.zeroshot is not None:
         with _Stage(result, "eval_zeroshot"):
-            result.metrics["zeroshot"] = zeroshot.evaluate(model, tokenizer, cfg.eval.zeroshot, cfg.device, cfg.seed)
+            result.metrics["zeroshot"] = zeroshot.evaluate(model, tokenizer, cfg.eval.zeroshot, cfg.device, cfg.seed,
+                                                           out_dir)
     if structured and reference is not None:
         with _Stage(result, "speed"):
             result.metrics["speed"] = speed.measure(reference, model, cfg.eval.speed, cfg.device, cfg.seed)
@@ -307,7 +315,7 @@ def _run_streamed(cfg: RunConfig, result: Result, use_cache: bool, save_to: Opti
         stream, report = streaming.prune_streamed(source, target, method, samples, cfg.sparsity, cfg.device, dtype,
                                                   cache=shared)
         tokenizer.save_pretrained(target)
-        models.mark_checkpoint(target)
+        checkpoint.write_recipe(target, result, result.config)
         result.timings.update(report.seconds)
         result.sparsity = {"target": cfg.sparsity, "measured": stream.sparsity, "allocated": report.rates}
         result.allocator = report.details

@@ -21,6 +21,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 import methods
+from bench.checkpoint import SAVE_FORMATS
 from bench.data import CUSTOM, CUSTOM_FORMATS, resolve_files
 from bench.core.families import prunable_linears
 from bench.core.vocab import ConfigError, check_choice, check_range, typed
@@ -151,6 +152,7 @@ class RunConfig:
     device: str
     protocol: str
     save_dir: Optional[str]
+    save_format: str = "dense"  # bench/checkpoint.py: dense | bitmask (non-zeros + bit mask)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     recovery: RecoveryOptions = field(default_factory=RecoveryOptions)
 
@@ -272,6 +274,8 @@ def validate(cfg: DictConfig) -> RunConfig:
     recovery = typed("recovery", RecoveryOptions, raw.get("recovery", {}))
     device = raw.get("device", "cpu")
     check_choice("device", device, DEVICES)
+    save_format = raw.get("save_format", "dense")
+    check_choice("save_format", save_format, SAVE_FORMATS)
 
     sparsity = _sparsity(_number("sparsity", raw["sparsity"], float), method)
     seed = _number("seed", raw.get("seed", 0), int)
@@ -314,7 +318,8 @@ def validate(cfg: DictConfig) -> RunConfig:
                           f"or leave it null to load {model.id!r} from its source")
     return RunConfig(model=model, method=method, data=data, eval=evaluation, sparsity=sparsity,
                      seed=seed, device=device, protocol=str(raw["protocol"]["name"]),
-                     save_dir=_save_dir(raw.get("save_dir")), logger=logger, recovery=recovery)
+                     save_dir=_save_dir(raw.get("save_dir")), logger=logger, recovery=recovery,
+                     save_format=save_format)
 
 
 def _check_streamable(model: ModelConfig, method: MethodSpec, built, recovery: RecoveryOptions,

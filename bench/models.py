@@ -10,7 +10,6 @@ package ships (`_gguf_from_wheel`).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -18,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 from typing import Optional
@@ -29,6 +27,7 @@ from torch import nn
 from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import BPE
 
+from bench import checkpoint
 from bench.config import ModelConfig
 from bench.core import families
 from bench.core.vocab import ConfigError
@@ -277,25 +276,23 @@ def byte_tokenizer() -> "transformers.PreTrainedTokenizerFast":
                                                 bos_token="<eos>", pad_token="<eos>")
 
 
-MARKER = "prunebench.json"  # written into every checkpoint `save` makes: what it may replace
+MARKER = checkpoint.RECORD_FILE  # every checkpoint carries its record; it also marks what `save` may replace
 
 
-def save(model: nn.Module, tokenizer, directory: str | Path) -> Path:
-    """Write a checkpoint `AutoModelForCausalLM.from_pretrained` reloads (`load` with `model.path`, i.e.
-    `bench.core.families.load_shrunk`, for structurally pruned ones); atomic (a staging dir of our own
+def save(model: nn.Module, tokenizer, directory: str | Path, result=None, resolved: Optional[dict] = None,
+         save_format: str = "dense") -> Path:
+    """Write a checkpoint any tool loads (`bench.checkpoint`: plain `from_pretrained`, or with the shipped
+    model code for per-block widths and bitmask weights) with its recipe; atomic (a staging dir of our own
     beside the target, then a rename).
 
     Deletes nothing it did not make: the target must be missing, empty, or a checkpoint of ours (it holds
     `MARKER`); anything else is refused before any work (ConfigError)."""
-    families.annotate_ffn_sizes(model)
     directory = Path(directory).expanduser().absolute()
     check_save_dir(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".partial"))
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        mark_checkpoint(staging)
+        checkpoint.write_checkpoint(model, tokenizer, staging, result, resolved or {}, save_format)
         old = None
         if directory.exists():
             if any(directory.iterdir()):
@@ -310,11 +307,6 @@ def save(model: nn.Module, tokenizer, directory: str | Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
-
-
-def mark_checkpoint(directory: Path) -> None:
-    """Claim `directory` as a checkpoint prunebench wrote (and may replace)."""
-    (Path(directory) / MARKER).write_text(json.dumps({"written_by": "prunebench", "time": time.time()}))
 
 
 def check_save_dir(directory: Path) -> None:

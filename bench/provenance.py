@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 # Keys that do not change the numbers a cell produces, so they stay out of its identity.
-NON_IDENTITY_KEYS = ("save_dir", "device", "targets", "logger", "rerun", "cache")
+NON_IDENTITY_KEYS = ("save_dir", "save_format", "device", "targets", "logger", "rerun", "cache")
 PACKAGES = ("torch", "transformers", "hydra-core", "omegaconf", "lm-eval", "submitit", "wandb", "gguf")
 
 

@@ -1,4 +1,5 @@
-"""Log one finished cell as a W&B run (`logger=wandb`): its resolved config, its metrics as summary
+"""Log a cell as a W&B run (`logger=wandb`), started with the cell (`start`, so W&B lists it while it
+runs) and filled when it ends (`log_cell`): its resolved config, its metrics as summary
 values under their registry names (`bench.core.records.METRICS`), the per-layer sparsity (history, one
 step per pruned linear, plus a table) and a table of its metrics. Runs of one sweep share a group (the
 sweep dir's name), which the W&B Report of `python -m reports wandb-report` filters on.
@@ -28,35 +29,56 @@ def summary(result: Result) -> dict:
     return flat
 
 
-def log_cell(cfg: LoggerConfig, result: Result, out_dir: Path, sweep_dir: Optional[Path]) -> Optional[Path]:
-    """Log the cell; returns the W&B run dir, or None when logging is off or failed."""
+def run_name(result: Result) -> str:
+    """Unique per cell and seed within a sweep: the config hash tells apart cells whose keys differ
+    elsewhere (method.lam=0.04 vs 0.08)."""
+    cell = result.cell
+    return f"{cell.model}_{cell.method}_{cell.sparsity}_seed{cell.seed}_{result.config_hash[:8]}"
+
+
+def start(cfg: LoggerConfig, result: Result, out_dir: Path, sweep_dir: Optional[Path]):
+    """Start the cell's W&B run when the cell starts, so W&B shows it running; None when logging is off
+    or W&B failed."""
     if cfg.name != "wandb":
         return None
     try:
-        return _log(cfg, result, Path(out_dir), sweep_dir)
+        import wandb  # seconds to import: only cells that log to W&B pay it
+
+        cell = result.cell
+        return wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, dir=str(out_dir),
+                          group=cfg.group or Path(sweep_dir or out_dir).name, job_type="cell", name=run_name(result),
+                          config=result.config, tags=[cell.model, cell.method, cell.protocol],
+                          reinit="finish_previous",
+                          # the result records provenance; W&B's own system/git probes cost ~1 min on a busy CPU
+                          settings=wandb.Settings(console="off", silent=True, x_disable_stats=True,
+                                                  x_disable_meta=True, x_disable_machine_info=True))
     except Exception as exc:  # noqa: BLE001 - W&B must never fail a cell
         log.warning("W&B logging failed; the cell's result.json is unaffected: %s: %s", type(exc).__name__, exc)
         return None
 
 
-def _log(cfg: LoggerConfig, result: Result, out_dir: Path, sweep_dir: Optional[Path]) -> Path:
-    import wandb  # seconds to import: only cells that log to W&B pay it
+def log_cell(run, result: Result) -> Optional[Path]:
+    """Log the finished cell into the run `start` opened and finish it; returns the W&B run dir, or None
+    when logging is off or failed."""
+    if run is None:
+        return None
+    try:
+        return _log(run, result)
+    except Exception as exc:  # noqa: BLE001 - W&B must never fail a cell
+        log.warning("W&B logging failed; the cell's result.json is unaffected: %s: %s", type(exc).__name__, exc)
+        return None
 
-    cell = result.cell
-    run = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, dir=str(out_dir),
-                     group=cfg.group or (sweep_dir or out_dir).name, job_type="cell",
-                     name=f"{cell.model}_{cell.method}_{cell.sparsity}", config=result.config,
-                     tags=[cell.model, cell.method, cell.protocol], reinit="finish_previous",
-                     # the result already records provenance; W&B's own system/git probes cost ~1 min on a busy CPU
-                     settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, x_disable_meta=True,
-                                             x_disable_machine_info=True))
+
+def _log(run, result: Result) -> Path:
+    import wandb
+
     try:
         per_layer = result.sparsity.get("per_layer", {})
         for index, (name, value) in enumerate(per_layer.items()):
             run.log({"layer": index, "layer_sparsity": value})
         values = summary(result)
         run.summary.update({"status": result.status, "config_hash": result.config_hash,
-                            **dataclasses.asdict(cell), **values})
+                            **dataclasses.asdict(result.cell), **values})
         run.log({"per_layer_sparsity": wandb.Table(columns=["index", "linear", "sparsity"],
                                                    data=[[i, n, v] for i, (n, v) in enumerate(per_layer.items())]),
                  "metrics": wandb.Table(columns=["metric", "value"], data=[[k, v] for k, v in values.items()])})

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from importlib import metadata
 from pathlib import Path
+from typing import Optional
 
 from torch import nn
 
@@ -23,11 +24,17 @@ from bench.config import ZeroShotConfig
 log = logging.getLogger(__name__)
 
 
-def evaluate(model: nn.Module, tokenizer, cfg: ZeroShotConfig, device: str, seed: int = 0) -> dict:
-    """Run the configured tasks; returns {"tasks": {task: scores}, "average": mean reported metric, ...}."""
+def evaluate(model: nn.Module, tokenizer, cfg: ZeroShotConfig, device: str, seed: int = 0,
+             out_dir: Optional[Path] = None) -> dict:
+    """Run the configured tasks; returns {"tasks": {task: scores}, "average": mean reported metric, ...}.
+    With `out_dir`, lm-eval's own results JSON and per-task samples go to `out_dir/lm_eval/` (its
+    EvaluationTracker), so the numbers can be checked with lm-eval's tools."""
     import lm_eval  # seconds to import: only cells that evaluate zero-shot pay it
+    from lm_eval.loggers import EvaluationTracker
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+
+    tracker = EvaluationTracker(output_path=str(Path(out_dir) / "lm_eval")) if out_dir is not None else None
 
     model.to(device)
     try:
@@ -39,11 +46,16 @@ def evaluate(model: nn.Module, tokenizer, cfg: ZeroShotConfig, device: str, seed
         else:
             manager = TaskManager()
         out = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot,
-                                      limit=cfg.limit, task_manager=manager, log_samples=False,
-                                      random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                      fewshot_random_seed=seed)
+                                      limit=cfg.limit, task_manager=manager, log_samples=tracker is not None,
+                                      evaluation_tracker=tracker, random_seed=seed, numpy_random_seed=seed,
+                                      torch_random_seed=seed, fewshot_random_seed=seed)
     finally:
         model.to("cpu")
+    if tracker is not None:
+        samples = out.pop("samples")
+        tracker.save_results_aggregated(results=out, samples=samples)
+        for task in out["configs"]:
+            tracker.save_results_samples(task_name=task, samples=samples[task])
     tasks = {}
     for task in cfg.tasks:
         scores = out["results"][task]

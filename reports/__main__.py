@@ -4,16 +4,18 @@ python -m reports wandb-report <sweep dir> [--project P] [--entity E] [--online]
 collect prints the markdown tables and writes table.md / table.csv / table.tex / report.html and
 plots/*.png|svg into the sweep dir; wandb-report builds a W&B Report of the sweep (offline: its spec
 JSON, wandb_report.json; online: saved to W&B, URL printed).
-python -m reports status <sweep dir>: done / running / failed / missing cells of a sweep.
+python -m reports status <sweep dir> [--watch]: done / running / failed / missing cells of a sweep; --watch
+prints the live status (stages, elapsed, estimated time left) until every cell has finished.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import threading
 from pathlib import Path
 
 from reports.collect import FORMATS, collect
-from reports.status import render, status
+from reports.status import render, status, watch
 from reports.wandb_report import build_report
 
 
@@ -40,16 +42,23 @@ def main(argv=None) -> int:
     report_cmd.add_argument("--online", action="store_true", help="save the report to W&B (needs wandb login)")
     status_cmd = commands.add_parser("status", help="done / running / failed / missing cells of a sweep")
     status_cmd.add_argument("sweep_dir", type=Path)
+    status_cmd.add_argument("--watch", action="store_true", help="live status until every cell has finished")
+    status_cmd.add_argument("--interval", type=float, default=5.0, help="seconds between polls (--watch)")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         print(f"reports: {args.sweep_dir} is not a directory", file=sys.stderr)
         return 2
     if args.command == "status":
         try:
+            status(args.sweep_dir)
+            if args.watch:
+                watch(args.sweep_dir, threading.Event(), args.interval, out=lambda text: print(text, flush=True))
             print(render(*status(args.sweep_dir)))
         except FileNotFoundError as exc:
             print(f"reports: {exc}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            return 130
         return 0
     try:
         if args.command == "collect":

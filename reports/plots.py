@@ -1,160 +1,189 @@
-"""Plots of a sweep's results (matplotlib, each figure written as PNG and SVG).
+"""Plots of a sweep's results (matplotlib; every figure written as PNG, SVG and PDF).
 
-Every function takes the deduplicated results (`reports.select.unique_results`) and an output
-dir, writes its figures and returns their paths; a function with nothing to plot writes nothing.
-The dense baseline is drawn as a dashed horizontal line, since it has no sparsity axis.
+The curves come from the same DataFrame as the tables (`reports.frame`): one line per table row, a
+point per sparsity at the mean over seeds, error bars of one sample std where a point has several seeds.
+The dense baseline is a dashed horizontal line, since it has no sparsity axis. A function with nothing
+to plot writes nothing.
 """
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-from bench.core.records import Result  # noqa: E402
+from bench.core.records import Result, metric  # noqa: E402
+from reports.frame import aggregate, long_frame, row_labels  # noqa: E402
 from reports.select import method_label  # noqa: E402
 
-# Reproducible SVGs: no timestamp, fixed element ids
+# Reproducible SVGs and PDFs: no timestamp, fixed element ids
 matplotlib.rcParams["svg.hashsalt"] = "prunebench"
+SUFFIXES = (".png", ".svg", ".pdf")
 
 
 def _save(fig, out_dir: Path, stem: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.svg"]
-    fig.savefig(paths[0], dpi=120, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight", metadata={"Date": None})
+    paths = [out_dir / f"{stem}{suffix}" for suffix in SUFFIXES]
+    for path in paths:
+        options = {"dpi": 120} if path.suffix == ".png" else {"metadata": {"CreationDate": None} if
+                                                                 path.suffix == ".pdf" else {"Date": None}}
+        fig.savefig(path, bbox_inches="tight", **options)
     plt.close(fig)
     return paths
 
 
-def _ok(records: list[Result]) -> list[Result]:
-    return [r for r in records if r.ok]
+def _plain_log_axis(ax) -> None:
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 26.5, not 2.65x10^1, on narrow ranges
+    ax.yaxis.set_major_formatter(plain)
+    low, high = ax.get_ylim()
+    if high / low < 10:  # no decade label or one: label every minor tick
+        ax.yaxis.set_minor_formatter(plain)
+    elif high / low < 1000:  # a few decades: 2x and 5x between them, else one label per decade
+        ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+        ax.yaxis.set_minor_formatter(plain)
+    else:
+        ax.yaxis.set_minor_formatter(NullFormatter())
 
 
-def _series(records: list[Result], model: str, metric: str) -> tuple[dict, dict]:
-    """({method: [(sparsity %, value)]}, {method: dense value}) of one model's metric."""
-    lines, dense = defaultdict(list), {}
-    for r in records:
-        value = r.value(metric)
-        if r.cell.model != model or value is None:
-            continue
-        if r.cell.method == "dense":
-            dense["dense"] = value
-        else:
-            lines[method_label(r.cell)].append((100 * r.cell.sparsity, value))
-    return {m: sorted(points) for m, points in sorted(lines.items())}, dense
-
-
-def _metric_panels(records: list[Result], out_dir: Path, metrics: list[str], stem: str, ylabel,
+def _metric_panels(agg: pd.DataFrame, long: pd.DataFrame, out_dir: Path, metrics: list[str], stem: str,
                    log_y: bool) -> list[Path]:
+    dense_rows = set(map(tuple, long.loc[long["method"] == "dense", ["model", "row"]].to_numpy()))
     paths = []
-    for model in sorted({r.cell.model for r in records}):
-        panels = [m for m in metrics if any(r.value(m) is not None for r in records if r.cell.model == model)]
+    for model in agg["model"].drop_duplicates():
+        mine = agg[agg["model"] == model]
+        panels = [m for m in metrics if (mine["metric"] == m).any()]
         if not panels:
             continue
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.6), squeeze=False,
-                                 gridspec_kw={"wspace": 0.35})
-        for ax, metric in zip(axes[0], panels):
-            lines, dense = _series(records, model, metric)
-            for method, points in lines.items():
-                ax.plot(*zip(*points), marker="o", label=method)
-            if dense:
-                ax.axhline(dense["dense"], color="black", linestyle="--", linewidth=1, label="dense")
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False,
+                                 gridspec_kw={"wspace": 0.3})
+        for ax, name in zip(axes[0], panels):
+            points = mine[mine["metric"] == name]
+            xs = sorted({100 * s for s in points["sparsity"] if s > 0})
+            step = min((b - a for a, b in zip(xs, xs[1:])), default=10)
+            lines = list(points.groupby("row", sort=False))
+            for index, (row, line) in enumerate(lines):
+                if (model, row) in dense_rows:
+                    ax.axhline(line["mean"].iloc[0], color="black", linestyle="--", linewidth=1, label=row)
+                    continue
+                line = line.sort_values("sparsity")
+                dodge = step * 0.03 * (index - (len(lines) - 1) / 2)  # overlapping error bars stay apart
+                ax.errorbar(100 * line["sparsity"] + dodge, line["mean"], yerr=line["std"].fillna(0), marker="o",
+                            capsize=3, label=row + (f" (n={line['n'].max()})" if line["n"].max() > 1 else ""))
             if log_y:
-                ax.set_yscale("log")
-                plain = FuncFormatter(lambda v, _: f"{v:g}")  # 26.5, not 2.65x10^1, on narrow ranges
-                ax.yaxis.set_major_formatter(plain)
-                low, high = ax.get_ylim()
-                if high / low < 10:  # minor labels only when there is no decade label; else they overlap
-                    ax.yaxis.set_minor_formatter(plain)
-            ax.set_xticks(sorted({x for points in lines.values() for x, _ in points}))
+                _plain_log_axis(ax)
+            ax.set_xticks(xs)
+            if xs:
+                ax.set_xlim(xs[0] - step / 3, xs[-1] + step / 3)
             ax.set_xlabel("sparsity (%)")
-            ax.set_ylabel(ylabel(metric))
-            ax.set_title(f"{model}: {metric}")
+            arg = name.partition("/")[2]
+            ax.set_ylabel(metric(name).label.format(arg=arg) + (" (log)" if log_y else "")
+                          + (" (%)" if metric(name).unit == "%" else ""))
+            ax.set_title(f"{model}: {metric(name).label.format(arg=arg)}")
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(labels)),
+                   fontsize=8, frameon=False)
         paths += _save(fig, out_dir, f"{stem}_{model}")
     return paths
 
 
-def plot_ppl_vs_sparsity(records: list[Result], out_dir: Path) -> list[Path]:
-    """Perplexity vs sparsity per method (log y), one panel per evaluation dataset, one figure per model."""
-    records = _ok(records)
-    datasets = sorted({d for r in records for d in r.metrics.get("ppl", {})})
-    return _metric_panels(records, Path(out_dir), [f"ppl/{d}" for d in datasets], "ppl_vs_sparsity",
-                          lambda m: f"perplexity ({m.split('/')[1]}, log)", log_y=True)
+def plot_ppl_vs_sparsity(agg: pd.DataFrame, long: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Perplexity vs sparsity per row (log y, error bars over seeds), a panel per dataset, a figure per model."""
+    names = [m for m in agg["metric"].drop_duplicates() if m.startswith("ppl/")]
+    return _metric_panels(agg, long, Path(out_dir), sorted(names), "ppl_vs_sparsity", log_y=True)
 
 
-def plot_accuracy_vs_sparsity(records: list[Result], out_dir: Path) -> list[Path]:
-    """Mean zero-shot accuracy vs sparsity per method, one figure per model."""
-    return _metric_panels(_ok(records), Path(out_dir), ["acc_avg"], "accuracy_vs_sparsity",
-                          lambda m: "mean zero-shot accuracy (%)", log_y=False)
+def plot_accuracy_vs_sparsity(agg: pd.DataFrame, long: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Mean zero-shot accuracy vs sparsity per row, a figure per model."""
+    return _metric_panels(agg, long, Path(out_dir), ["acc_avg"], "accuracy_vs_sparsity", log_y=False)
 
 
-def plot_speedup_vs_params(records: list[Result], out_dir: Path) -> list[Path]:
-    """Prefill and decode speed-up vs fraction of parameters removed, per method (structured cells)."""
+def plot_speedup_vs_params(records: list[Result], labels: dict[int, str], out_dir: Path) -> list[Path]:
+    """Prefill and decode speed-up vs parameters removed, per row; only with two or more points."""
     points = defaultdict(list)
-    for r in _ok(records):
-        removed = r.sparsity.get("params_removed")
+    for r in records:
+        removed = r.sparsity.get("params_removed") if r.ok else None
         for stage in ("prefill", "decode"):
-            speedup = r.value(f"speedup/{stage}")
+            speedup = r.value(f"speedup/{stage}") if r.ok else None
             if speedup is not None and removed is not None:
-                points[(r.cell.model, f"{method_label(r.cell)} {stage}")].append((100 * removed, speedup))
-    if not points:
+                points[(r.cell.model, labels[id(r)], stage)].append((100 * removed, speedup))
+    if sum(len(xy) for xy in points.values()) < 2:
         return []
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for (model, method), xy in sorted(points.items()):
-        ax.plot(*zip(*sorted(xy)), marker="o", label=f"{model} {method}")
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for (model, row, stage), xy in sorted(points.items()):
+        ax.plot(*zip(*sorted(xy)), marker="o" if stage == "prefill" else "s",
+                linestyle="-" if stage == "prefill" else ":", label=f"{model} {row} {stage}")
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
     ax.set_xlabel("parameters removed (%)")
-    ax.set_ylabel("speed-up (x)")
+    ax.set_ylabel("speed-up over dense (x)")
+    ax.set_title("measured speed-up vs parameters removed")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     return _save(fig, Path(out_dir), "speedup_vs_params")
 
 
-def plot_layer_schedules(results: list[Result], path) -> list[Path]:
-    """Allocated sparsity of every prunable linear (block order), one panel per finished run, side by
-    side with a shared y axis; written as `path` with suffixes .png and .svg. Returns the two paths."""
+def _block_means(allocated: dict[str, float]) -> dict[int, float]:
+    """Mean allocated sparsity of each decoder block (the first integer in a linear's name)."""
+    blocks = defaultdict(list)
+    for name, rate in allocated.items():
+        match = re.search(r"\.(\d+)\.", f".{name}.")
+        blocks[int(match.group(1)) if match else -1].append(rate)
+    return {block: sum(rates) / len(rates) for block, rates in sorted(blocks.items())}
+
+
+def plot_layer_schedules(results: list[Result], path, labels: Optional[dict[int, str]] = None) -> list[Path]:
+    """Per-block allocated sparsity, one row per method (its first seed), block index on the x axis and
+    the target as a line; written as `path` with suffixes .png, .svg and .pdf."""
     runs = [r for r in results if r.ok and r.sparsity.get("allocated")]
     if not runs:
         raise ValueError("no finished result with an allocated schedule to plot")
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 3.2), sharey=True, squeeze=False)
-    for ax, result in zip(axes[0], runs):
-        allocated = result.sparsity["allocated"]  # insertion order = block order
-        names = list(allocated)
-        blocks = [next((int(part) for part in name.split(".") if part.isdigit()), None) for name in names]
-        ax.plot(range(len(names)), list(allocated.values()), ".", markersize=3)
-        ax.axhline(result.sparsity["target"], color="grey", linewidth=0.8, linestyle="--")
-        starts = [i for i, b in enumerate(blocks) if b is not None and (i == 0 or blocks[i - 1] != b)]
-        step = max(1, len(starts) // 6)
-        ax.set_xticks(starts[::step], [str(blocks[i]) for i in starts[::step]])
-        ax.set_title(f"{method_label(result.cell)}, {result.cell.sparsity:.0%}\n"
-                     f"measured {result.sparsity['measured']:.2%}", fontsize=9)
-        ax.set_xlabel("decoder block (linears in block order)")
-    axes[0][0].set_ylabel("sparsity")
-    fig.suptitle(f"{runs[0].cell.model}: per-layer sparsity", fontsize=10)
+    name_of = (lambda r: labels[id(r)]) if labels else (lambda r: method_label(r.cell))
+    first = {}
+    for r in sorted(runs, key=lambda r: r.cell.seed):
+        first.setdefault(name_of(r), r)
+    fig, axes = plt.subplots(len(first), 1, figsize=(6.5, 0.4 + 1.5 * len(first)), sharex=True, sharey=True,
+                             squeeze=False)
+    for ax, (name, result) in zip(axes[:, 0], first.items()):
+        blocks = _block_means(result.sparsity["allocated"])
+        ax.bar(list(blocks), [100 * v for v in blocks.values()], color="tab:blue", width=0.7)
+        ax.axhline(100 * result.sparsity["target"], color="tab:red", linewidth=1.2, label="target")
+        ax.set_ylabel("sparsity (%)", fontsize=8)
+        ax.set_title(f"{name}: measured {result.sparsity['measured']:.1%}", fontsize=9, loc="left")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.set_xticks(list(blocks))
+    low = min(min(_block_means(r.sparsity["allocated"]).values()) for r in first.values())
+    axes[0, 0].set_ylim(max(0.0, 100 * low - 10), 100)
+    axes[0, 0].legend(fontsize=8, loc="upper right")
+    axes[-1, 0].set_xlabel("decoder block")
+    fig.suptitle(f"{runs[0].cell.model}: per-block sparsity at {runs[0].cell.sparsity:.0%}", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     return _save(fig, path.parent, path.name)
 
 
-def plot_all_layer_schedules(records: list[Result], out_dir: Path) -> list[Path]:
+def plot_all_layer_schedules(records: list[Result], labels: dict[int, str], out_dir: Path) -> list[Path]:
     """One schedule figure per model and sparsity where some allocator was not uniform."""
-    scheduled = [r for r in _ok(records) if r.cell.method != "dense" and r.sparsity.get("allocated")]
+    scheduled = [r for r in records if r.ok and r.cell.method != "dense" and r.sparsity.get("allocated")]
     written = []
     for model, sparsity in sorted({(r.cell.model, r.cell.sparsity) for r in scheduled}):
         runs = [r for r in scheduled if (r.cell.model, r.cell.sparsity) == (model, sparsity)]
         if any(len(set(r.sparsity["allocated"].values())) > 1 for r in runs):
-            written += plot_layer_schedules(runs, Path(out_dir) / f"layer_schedules_{model}_{round(100 * sparsity)}")
+            written += plot_layer_schedules(runs, Path(out_dir) / f"layer_schedules_{model}_{round(100 * sparsity)}",
+                                            labels)
     return written
 
 
-def write_plots(records: list[Result], out_dir: Path) -> list[Path]:
+def write_plots(records: list[Result], out_dir: Path, long: Optional[pd.DataFrame] = None) -> list[Path]:
     out_dir = Path(out_dir)
-    return (plot_ppl_vs_sparsity(records, out_dir) + plot_accuracy_vs_sparsity(records, out_dir)
-            + plot_speedup_vs_params(records, out_dir) + plot_all_layer_schedules(records, out_dir))
+    long = long_frame(records) if long is None else long
+    agg, labels = aggregate(long), row_labels(records)
+    return (plot_ppl_vs_sparsity(agg, long, out_dir) + plot_accuracy_vs_sparsity(agg, long, out_dir)
+            + plot_speedup_vs_params(records, labels, out_dir) + plot_all_layer_schedules(records, labels, out_dir))

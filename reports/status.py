@@ -5,18 +5,26 @@ result is found by its config hash, as on resume; a file that is not a readable 
 such and left alone. A result still marked "running" whose process is gone (same host and dead
 pid, or a Slurm job squeue no longer knows) was killed (OOM killer, node failure, hard timeout): it is
 reported as failed, like an interrupted one.
+
+`watch` is the live view of a sweep, the same under the local and Slurm launchers (started by
+`reports.callback.SweepProgress`) and from any shell (`status <dir> --watch`): a few lines whenever a
+cell changes state or stage, or every `heartbeat` seconds: counts, elapsed and estimated time left, the
+running cells' stage (their `progress.json`), and each failure's one-line reason as soon as it fails.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from bench.core.records import CELLS_FILE, CorruptResult, Result, read_manifest, read_results
+from bench.core.records import CELLS_FILE, PROGRESS_FILE, CorruptResult, Result, read_manifest, read_results
 
 STATES = ("done", "running", "failed", "missing")
 
@@ -28,6 +36,7 @@ class CellStatus:
     state: str  # one of STATES
     detail: str  # the error, or why a "running" result counts as failed
     path: Optional[str]
+    seconds: Optional[float] = None  # a finished cell's total time
 
 
 def sweep_cells(sweep_dir: Path) -> list[dict]:
@@ -55,7 +64,8 @@ def status(sweep_dir: Path) -> tuple[list[CellStatus], list[tuple[str, str]]]:
         ranked = sorted((_state(result) + (result.path,) for result in by_hash.get(cell["config_hash"], [])),
                         key=lambda s: STATES.index(s[0]))
         state, detail, path = ranked[0] if ranked else ("missing", "", None)
-        rows.append(CellStatus(cell["overrides"], cell["config_hash"], state, detail, path))
+        total = next((r.timings.get("total") for r in by_hash.get(cell["config_hash"], []) if r.path == path), None)
+        rows.append(CellStatus(cell["overrides"], cell["config_hash"], state, detail, path, total))
     return rows, found.corrupt
 
 
@@ -97,3 +107,67 @@ def render(rows: list[CellStatus], corrupt: list[tuple[str, str]] = ()) -> str:
         lines.append(line)
     lines += [f"corrupt  {path}  ({why}; left alone)" for path, why in corrupt]
     return "\n".join(lines)
+
+
+def stage_of(row: CellStatus, now: float) -> str:
+    """`prune (12s, cell 40s)` from a running cell's progress.json, or "" when it has none yet."""
+    try:
+        info = json.loads((Path(row.path).parent / PROGRESS_FILE).read_text())
+    except (OSError, TypeError, ValueError):
+        return ""
+    return f"{info['stage']} ({now - info['stage_started']:.0f}s, cell {now - info['cell_started']:.0f}s)"
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def summary(rows: list[CellStatus], elapsed: float, now: float, finished_here: int = 0) -> list[str]:
+    """A few lines: counts, elapsed and estimated time left, and each running cell's stage (named by the
+    overrides that differ between cells). Time left comes from the sweep's own pace (`elapsed` over the
+    `finished_here` cells that ended while watching, process start-up and queueing included), else from
+    the finished cells' run times."""
+    counts = {state: sum(row.state == state for row in rows) for state in STATES}
+    line = (f"[sweep {_clock(elapsed)}] {len(rows)} cells: {counts['done']} done, {counts['running']} running, "
+            f"{counts['failed']} failed, {counts['missing']} waiting")
+    durations = [row.seconds for row in rows if row.state == "done" and row.seconds]
+    pace = elapsed / finished_here if finished_here else (sum(durations) / len(durations) if durations else None)
+    if pace is not None and (counts["missing"] or counts["running"]):
+        line += f"; about {_clock(pace * (counts['missing'] + 0.5 * counts['running']))} left"
+    running = [f"  running {short_name(row, rows)}: {stage_of(row, now) or 'starting'}"
+               for row in rows if row.state == "running"]
+    return [line] + running
+
+
+def short_name(row: CellStatus, rows: list[CellStatus]) -> str:
+    """The cell's overrides that differ between the sweep's cells (`method=wanda seed=1`)."""
+    common = set.intersection(*(set(other.overrides) for other in rows))
+    return " ".join(o for o in row.overrides if o not in common) or " ".join(row.overrides)
+
+
+def watch(sweep_dir: Path, stop: threading.Event, interval: float = 5.0, heartbeat: float = 60.0,
+          out: Callable[[str], None] = print) -> list[CellStatus]:
+    """Print the sweep's status whenever it changes (or every `heartbeat` s) until `stop` is set or every
+    cell is done or failed; a failure's one-line reason is printed once, when it is first seen."""
+    started, last, last_time, reported, rows, ended_before = time.time(), None, 0.0, set(), [], None
+    while True:
+        now = time.time()
+        try:
+            rows, _ = status(sweep_dir)
+        except FileNotFoundError:  # cells.json not written yet
+            rows = []
+        for row in rows:
+            if row.state == "failed" and row.config_hash not in reported:
+                reported.add(row.config_hash)
+                out(f"FAILED {short_name(row, rows)}: {(row.detail.splitlines() or [''])[0][:200]}")
+        ended = sum(row.state in ("done", "failed") for row in rows)
+        ended_before = ended if ended_before is None and rows else ended_before
+        lines = summary(rows, now - started, now, ended - (ended_before or 0)) if rows else []
+        state = [(row.state, stage_of(row, now).split(" (")[0]) for row in rows]
+        if lines and (state != last or now - last_time >= heartbeat):
+            out("\n".join(lines))
+            last, last_time = state, now
+        finished = rows and all(row.state in ("done", "failed") for row in rows)
+        if finished or stop.wait(interval):
+            return rows

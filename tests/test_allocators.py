@@ -144,7 +144,7 @@ def test_schedule_plot_writes_png_and_svg(tmp_path):
 
     written = plot_layer_schedules([result("uniform", [0.7] * 4), result("loss_estimate", [0.6, 0.8, 0.65, 0.75]),
                                     result("wanda", [], "failed")], tmp_path / "schedules")
-    assert [p.suffix for p in written] == [".png", ".svg"]
+    assert [p.suffix for p in written] == [".png", ".svg", ".pdf"]
     assert all(p.stat().st_size > 1000 for p in written)
     with pytest.raises(ValueError, match="no finished result"):
         plot_layer_schedules([result("wanda", [], "failed")], tmp_path / "none")

@@ -34,11 +34,17 @@ TARGETS = [
 ]
 
 
-def fake(root: Path, model: str, method: str, sparsity: float, ppl=None, accs=None, status="ok", loaded=True):
-    cell = {"model": model, "method": method, "sparsity": sparsity, "sparsity_type": "unstructured",
-            "protocol": "quick", "seed": 0}
-    result = {"schema": 1, "status": status, "config_hash": f"{model}-{method}-{sparsity}", "cell": cell,
-              "config": {"targets": TARGETS}, "timings": {"load": 1.0, "prune": 2.5} if loaded else {},
+def fake(root: Path, model: str, method: str, sparsity: float, ppl=None, accs=None, status="ok", loaded=True,
+         seed=0, options=None, targets=TARGETS, protocol_id=None, sparsity_type="unstructured"):
+    cell = {"model": model, "method": method, "sparsity": sparsity, "sparsity_type": sparsity_type,
+            "protocol": "quick", "seed": seed}
+    options = options or {}
+    config = {"targets": targets, "seed": seed, "sparsity": sparsity, "model": {"name": model},
+              "method": {"name": method, **options}}
+    name = f"{model}_{method}_{sparsity}" + "".join(f"_{k}{v}" for k, v in options.items()) + (f"_s{seed}" if seed else "")
+    result = {"schema": 1, "status": status, "config_hash": name, "cell": cell,
+              "protocol": {"id": protocol_id} if protocol_id else {},
+              "config": config, "timings": {"load": 1.0, "prune": 2.5} if loaded else {},
               "warnings": [], "metrics": {}, "error": None, "peak_memory": {"rss_mb": 512.0},
               "data": {"calib": {"dataset": "pydoc", "split": "validation", "nsamples": 4, "seqlen": 64},
                        "eval": {"pydoc": {"dataset": "pydoc", "split": "test", "windows": 4, "seqlen": 64}}}}
@@ -46,14 +52,15 @@ def fake(root: Path, model: str, method: str, sparsity: float, ppl=None, accs=No
         result["sparsity"] = {"measured": sparsity, "per_layer": {"model.layers.0.mlp.up_proj": sparsity}}
         result["metrics"]["ppl"] = {"pydoc": ppl}
         if accs:
-            tasks = {t: {"metric": m, "value": v, "acc": v, "acc_norm": v, "version": 1.0, "samples": 20}
+            tasks = {t: {"metric": m, "value": v, "acc": v, "acc_norm": v, "stderr": 0.02, "version": 1.0,
+                         "samples": 20}
                      for t, (m, v) in accs.items()}
             result["metrics"]["zeroshot"] = {"tasks": tasks, "average": sum(v for _, v in accs.values()) / len(accs),
                                              "lm_eval": "0.4.13", "num_fewshot": 0, "limit": 20,
                                              "source": "local task YAMLs: mirrors"}
     else:
         result["error"] = {"type": "OSError", "message": "no weights", "traceback": ""}
-    records.write_json_atomic(root / f"{model}_{method}_{sparsity}" / records.RESULT_FILE, result)
+    records.write_json_atomic(root / name / records.RESULT_FILE, result)
 
 
 @pytest.fixture
@@ -100,11 +107,11 @@ def test_targets_get_verdicts(sweep):
 
 def test_collect_cli_writes_every_format_and_plots(sweep, capsys):
     assert reports_main(["collect", str(sweep), "--format", "md,csv,tex,html"]) == 0
-    for name in ("table.md", "table.csv", "table_details.csv", "table_reported.csv", "table.tex", "report.html",
-                 "plots/ppl_vs_sparsity_llama-tiny.png", "plots/ppl_vs_sparsity_llama-tiny.svg",
-                 "plots/accuracy_vs_sparsity_llama-tiny.png"):
+    for name in ("table.md", "table.csv", "table_wide.csv", "table_details.csv", "table_reported.csv", "table.tex",
+                 "report.html", "plots/ppl_vs_sparsity_llama-tiny.png", "plots/ppl_vs_sparsity_llama-tiny.svg",
+                 "plots/ppl_vs_sparsity_llama-tiny.pdf", "plots/accuracy_vs_sparsity_llama-tiny.png"):
         assert (sweep / name).stat().st_size > 0, name
-    assert "\\textbf{20.50}" in (sweep / "table.tex").read_text()
+    assert "\\bfseries 20.50" in (sweep / "table.tex").read_text()
     assert "| llama-tiny | dense |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         reports_main(["collect", str(sweep), "--format", "md,pdf"])
@@ -120,8 +127,9 @@ def test_html_report_renders_in_headless_chromium(sweep, tmp_path):
              f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run(flags + ["--dump-dom", page], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
-    assert dom.stdout.count("<table>") == 3 and "not run: weights unavailable" in dom.stdout
+    assert dom.stdout.count("<table ") == 3 and "not run: weights unavailable" in dom.stdout
     assert dom.stdout.count('src="data:image/png;base64,') >= 2  # plots embedded, no external files
+    assert dom.stdout.count("<caption>") == 3 and "<footer>" in dom.stdout and "git commit:" in dom.stdout
     console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert not console, console
     shot = tmp_path / "shot.png"
@@ -177,3 +185,123 @@ def test_build_report_without_zeroshot_keeps_ppl_only_layout(sweep):
     report = build_report(plain)
     assert report.targets is None
     assert report.results.header == ["model", "method", "50% pydoc ppl", "70% pydoc ppl"]
+
+
+@pytest.fixture
+def seeds_and_lams(tmp_path) -> Path:
+    """A seed sweep of wanda (the ppl of issue 12's measurement) and a method.lam sweep of owl_wanda."""
+    root = tmp_path / "seeds_and_lams"
+    accs = {"piqa": ("acc", 0.6), "hellaswag": ("acc_norm", 0.3)}
+    fake(root, "llama-tiny", "dense", 0.0, 12.0, accs, targets=[])
+    for seed, ppl in zip((0, 1, 2), (254.44, 250.09, 250.95)):
+        fake(root, "llama-tiny", "wanda", 0.5, ppl, accs, seed=seed, targets=[])
+    fake(root, "llama-tiny", "owl_wanda", 0.5, 240.0, accs, options={"lam": 0.04}, targets=[])
+    fake(root, "llama-tiny", "owl_wanda", 0.5, 230.0, accs, options={"lam": 0.08}, targets=[])
+    return root
+
+
+def test_every_config_is_a_row_and_seeds_fold_into_mean_std_n(seeds_and_lams):
+    report = collect(seeds_and_lams, write=False)
+    rows = {row[1]: row[2] for row in report.results.rows}
+    assert report.results.rows[1][3] == "60.0 ± 2.0"  # one seed: lm-eval's stderr
+    # before: rows keyed by (model, method) kept one owl_wanda row and the last seed (250.95)
+    assert rows == {"dense": "12.00", "wanda": "251.83 ± 2.30 (3)", "owl_wanda (lam=0.04)": "240.00",
+                    "owl_wanda (lam=0.08)": "230.00"}
+    assert ("owl_wanda (lam=0.08)", "50% pydoc ppl") in {(report.results.rows[r][1], report.results.header[c])
+                                                          for r, c in report.results.bold}
+    per_seed = report.long[(report.long["row"] == "wanda") & (report.long["metric"] == "ppl/pydoc")]
+    assert sorted(per_seed["value"]) == [250.09, 250.95, 254.44] and sorted(per_seed["seed"]) == [0, 1, 2]
+
+
+def test_csv_is_long_with_raw_numbers_and_a_wide_table(seeds_and_lams):
+    collect(seeds_and_lams, formats=("csv",))
+    import pandas as pd
+
+    long = pd.read_csv(seeds_and_lams / "table.csv")
+    assert {"config_hash", "protocol_id", "seed", "metric", "value"} <= set(long.columns)
+    assert len(long) == 6 * 4 and long["value"].dtype == float  # one row per cell x metric, numbers not strings
+    wide = pd.read_csv(seeds_and_lams / "table_wide.csv").set_index("row")
+    assert wide.loc["wanda", "50% ppl/pydoc n"] == 3
+    assert wide.loc["wanda", "50% ppl/pydoc mean"] == pytest.approx(251.8267, abs=1e-4)
+
+
+def test_different_protocol_ids_are_marked(tmp_path):
+    root = tmp_path / "protocols"
+    fake(root, "llama-tiny", "wanda", 0.5, 20.0, targets=[], protocol_id="p-aaaa")
+    fake(root, "llama-tiny", "magnitude", 0.5, 30.0, targets=[], protocol_id="p-bbbb")
+    table = collect(root, write=False).results
+    assert table.header[:3] == ["model", "method", "protocol"]
+    assert {row[1]: row[2] for row in table.rows} == {"wanda": "p-aaaa", "magnitude": "p-bbbb"}
+    assert any("protocol ids differ" in note for note in table.footnotes)
+
+
+def test_absolute_tolerance_is_points_and_seed_band(tmp_path):
+    targets = [{"model": "llama-tiny", "method": "wanda", "sparsity": 0.5, "metric": "ppl/pydoc", "reported": 251.0,
+                "tolerance": 0.5, "unit": "absolute", "source": "fixture"},
+               {"model": "llama-tiny", "method": "wanda", "sparsity": 0.5, "metric": "ppl/pydoc", "reported": 260.0,
+                "tolerance": 0.05, "source": "fixture"}]
+    root = tmp_path / "tolerances"
+    for seed, ppl in zip((0, 1, 2), (254.44, 250.09, 250.95)):
+        fake(root, "llama-tiny", "wanda", 0.5, ppl, seed=seed, targets=targets)
+    rows = collect(root, write=False).targets.rows
+    # 251.83 vs 251.0 is 0.83 points: outside ±0.5 points (before: 0.5 read as ±50%, "within tolerance")
+    assert rows[0][4:10] == ["251.83 ± 2.30 (3)", "251.00", "+0.83 (+0.3%)", "±0.5 pts", "worse",
+                             "within seed band"]
+    assert rows[1][7:10] == ["±5%", "within tolerance", "outside seed band"]  # 260 > 251.83 + 2 x 2.30
+
+
+def test_latex_is_booktabs_with_two_level_header_and_compiles(seeds_and_lams, tmp_path):
+    collect(seeds_and_lams, formats=("tex",))
+    tex = (seeds_and_lams / "table.tex").read_text()
+    assert "\\toprule" in tex and "\\caption{" in tex and "\\label{tab:prunebench-results}" in tex
+    assert "\\multicolumn{4}{c}{50\\%}" in tex  # sparsity spans its metrics
+    assert "251.83 $\\pm$ 2.30 (3)" in tex and "owl\\_wanda (lam=0.04)" in tex
+    pdflatex = shutil.which("pdflatex")
+    if pdflatex is None:
+        pytest.skip("pdflatex not installed (apt-get install texlive-latex-base texlive-latex-recommended)")
+    document = tmp_path / "tables.tex"
+    document.write_text("\\documentclass{article}\\usepackage{booktabs,graphicx}\\usepackage[T1]{fontenc}"
+                        "\\begin{document}\n" + tex + "\n\\end{document}\n")
+    run = subprocess.run([pdflatex, "-interaction=nonstopmode", "-halt-on-error", document.name], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert (tmp_path / "tables.pdf").stat().st_size > 1000
+
+
+def test_wandb_run_starts_with_the_cell_named_per_cell_and_seed(make_config, tmp_path, monkeypatch):
+    import wandb
+
+    started = []
+
+    class Run:
+        dir = str(tmp_path / "wandb" / "run" / "files")
+        summary = {}
+
+        def log(self, values):
+            pass
+
+        def finish(self):
+            started.append("finished")
+
+    def init(**kwargs):
+        status = json.loads((Path(kwargs["dir"]) / "result.json").read_text())["status"]
+        started.append((kwargs["name"], kwargs["group"], status))
+        return Run()
+
+    monkeypatch.setattr(wandb, "init", init)
+    for seed in (0, 1):
+        cfg, resolved = make_config("model=llama-tiny", "method=magnitude", *TINY, "logger=wandb", f"seed={seed}")
+        run_cell(cfg, resolved, tmp_path / f"s{seed}", sweep_dir=tmp_path)
+    (name0, group, status), done, (name1, _, _), _ = started
+    assert status == "running" and done == "finished"  # before: the run was created after the cell ended
+    assert group == tmp_path.name and name0 != name1 and "seed0" in name0 and "seed1" in name1
+
+
+def test_two_four_speedup_says_not_measured_on_cpu(tmp_path):
+    root = tmp_path / "nm"
+    fake(root, "llama-tiny", "wanda", 0.5, 20.0, targets=[], sparsity_type="2:4")
+    fake(root, "llama-tiny", "magnitude", 0.5, 30.0, targets=[])
+    details = collect(root, write=False).details
+    column = details.header.index("N:M speed-up")
+    assert {row[1]: row[column] for row in details.rows} == {"wanda (2:4)": "not measured (no GPU kernel on CPU)",
+                                                             "magnitude": "-"}

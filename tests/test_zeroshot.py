@@ -44,6 +44,10 @@ def test_cell_scores_every_task_on_local_mirrors(mirrors, make_config, tmp_path)
         assert scores["version"] is not None
     assert zs["average"] == pytest.approx(sum(t["value"] for t in zs["tasks"].values()) / len(TASKS))
     assert zs["lm_eval"].startswith("0.4.") and str(mirrors) in zs["source"]
+    # lm-eval's own results JSON and samples beside result.json, with the same numbers
+    own = json.loads(next((tmp_path / "lm_eval").rglob("results_*.json")).read_text())
+    assert own["results"]["piqa"]["acc,none"] == zs["tasks"]["piqa"]["acc"]
+    assert len(list((tmp_path / "lm_eval").rglob("samples_*.jsonl"))) == len(TASKS)
 
 
 @pytest.mark.parametrize("override, message", [

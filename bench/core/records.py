@@ -22,6 +22,7 @@ SCHEMA_VERSION = 2  # 2: typed record; 1 (first build) had the same fields and i
 READABLE_SCHEMAS = (1, 2)
 RESULT_FILE = "result.json"
 CELLS_FILE = "cells.json"
+PROGRESS_FILE = "progress.json"  # beside a running cell's result.json: its current stage (bench.progress)
 STATUSES = ("running", "ok", "failed", "interrupted")
 
 

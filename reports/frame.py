@@ -1,0 +1,129 @@
+"""One pandas DataFrame of the result records, the source of every table, plot and verdict.
+
+Row identity: every distinct resolved config (`Result.config`) is its own row, except that `seed` is a
+replicate (cells differing only in seed are aggregated into mean, std and n) and `sparsity` and `model`
+are the sweep's axes (columns and table sections). The row label is the method's display name followed
+by the config keys whose values differ between rows of the same method, e.g. `owl_wanda (lam=0.04)`, so
+a `method.lam=0.04,0.08` sweep shows two rows instead of silently keeping one.
+
+`long_frame` has one row per cell x metric with raw numbers (what the CSV holds); `aggregate` folds the
+seeds of one row, sparsity and metric into mean / std / n.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from bench.core.records import CELLS_FILE, Result, read_manifest
+from reports.select import method_label
+
+# Not part of a row's identity: the replicate axis, the sweep's column / section axes, and the keys that
+# do not change a number (bench.provenance.NON_IDENTITY_KEYS, which a report may not import).
+NOT_IDENTITY = ("seed", "sparsity", "model", "targets", "save_dir", "save_format", "device", "logger", "rerun",
+                "cache")
+# Keys already spelled out in the base label (`wanda (2:4) + 4-bit`).
+IN_BASE_LABEL = ("method.name", "method.sparsity_type", "method.wbits")
+LONG_COLUMNS = ["model", "row", "method", "sparsity", "sparsity_type", "seed", "config_hash", "protocol_id",
+                "status", "metric", "value", "stderr", "order"]
+
+
+def _flat(config: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = json.dumps(value, sort_keys=True) if isinstance(value, list) else str(value)
+    return out
+
+
+def _identity(result: Result) -> dict[str, str]:
+    config = {k: v for k, v in result.config.items() if k not in NOT_IDENTITY}
+    return _flat(config)
+
+
+def display_name(result: Result) -> str:
+    """The method's display name: `method.display` when its preset sets one, else its label."""
+    method = result.config.get("method")
+    display = method.get("display") if isinstance(method, dict) else None
+    label = method_label(result.cell)
+    return label.replace(result.cell.method, display, 1) if display else label
+
+
+def row_labels(results: list[Result]) -> dict[int, str]:
+    """{id(result): row label}: the display name plus the keys that differ between the configs of the
+    same model and method (ignoring seed and the sweep axes)."""
+    groups: dict[tuple, list[Result]] = {}
+    for result in results:
+        groups.setdefault((result.cell.model, display_name(result)), []).append(result)
+    labels = {}
+    for (_, base), members in groups.items():
+        flats = [_identity(r) for r in members]
+        keys = sorted({k for f in flats for k in f} - set(IN_BASE_LABEL))
+        differing = [k for k in keys if len({f.get(k, "-") for f in flats}) > 1]
+        for result, flat in zip(members, flats):
+            parts = [f"{k.removeprefix('method.')}={flat.get(k, '-')}" for k in differing]
+            labels[id(result)] = f"{base} ({', '.join(parts)})" if parts else base
+    return labels
+
+
+def sweep_order(results: list[Result], sweep_dir: Optional[Path]) -> dict[int, int]:
+    """{id(result): position}: the order the sweeps under `sweep_dir` listed their cells in (`cells.json`,
+    i.e. the preset's method order), else the job number of the cell's dir, else the path."""
+    manifests = sorted(Path(sweep_dir).rglob(CELLS_FILE)) if sweep_dir is not None else []
+    position: dict[str, int] = {}
+    for path in manifests:
+        for cell in read_manifest(path.parent) or []:
+            position.setdefault(cell["config_hash"], len(position))
+
+    def job_number(result: Result) -> int:
+        match = re.match(r"(\d+)_", Path(result.path or "").parent.name)
+        return int(match.group(1)) if match else 1 << 30
+
+    ranked = sorted(results, key=lambda r: (position.get(r.config_hash, 1 << 30), job_number(r), r.path or ""))
+    return {id(r): i for i, r in enumerate(ranked)}
+
+
+def long_frame(results: list[Result], sweep_dir: Optional[Path] = None) -> pd.DataFrame:
+    """One row per cell x metric (a failed or running cell: one row without a metric), raw numbers."""
+    labels, order = row_labels(results), sweep_order(results, sweep_dir)
+    rows = []
+    for result in results:
+        cell = result.cell
+        base = {"model": cell.model, "row": labels[id(result)], "method": cell.method,
+                "sparsity": 0.0 if cell.method == "dense" else cell.sparsity, "sparsity_type": cell.sparsity_type,
+                "seed": cell.seed, "config_hash": result.config_hash,
+                "protocol_id": result.protocol.get("id") or cell.protocol, "status": result.status,
+                "order": order[id(result)]}
+        values = result.metric_values() if result.ok else {}
+        for name, value in values.items():
+            rows.append({**base, "metric": name, "value": value, "stderr": _stderr(result, name)})
+        if not values:
+            rows.append({**base, "metric": None, "value": float("nan"), "stderr": float("nan")})
+    return pd.DataFrame(rows, columns=LONG_COLUMNS)
+
+
+def _stderr(result: Result, name: str) -> float:
+    family, _, task = name.partition("/")
+    if family != "acc":
+        return float("nan")
+    stderr = result.metrics.get("zeroshot", {}).get("tasks", {}).get(task, {}).get("stderr")
+    return float("nan") if stderr is None else 100 * stderr
+
+
+def aggregate(long: pd.DataFrame) -> pd.DataFrame:
+    """Mean, sample std (ddof=1), n and mean lm-eval stderr over the seeds of each (model, row, sparsity,
+    metric), with the row's first position in the sweep and its protocol ids."""
+    measured = long.dropna(subset=["metric"])
+    keys = ["model", "row", "sparsity", "metric"]
+    grouped = measured.groupby(keys, sort=False)
+    out = grouped["value"].agg(mean="mean", std="std", n="count").reset_index()
+    out["stderr"] = grouped["stderr"].mean().to_numpy()
+    out["seeds"] = grouped["seed"].agg(lambda s: ",".join(str(v) for v in sorted(s))).to_numpy()
+    out["protocol_id"] = grouped["protocol_id"].agg(lambda s: ",".join(sorted(set(s)))).to_numpy()
+    return out
