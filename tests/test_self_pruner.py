@@ -124,7 +124,7 @@ class ScriptedLLM:
     def __init__(self, answers):
         self.answers, self.calls = answers, 0
 
-    def chat(self, messages, seed):
+    def chat(self, messages, seed, schema=None):
         text = self.answers[self.calls % len(self.answers)]
         self.calls += 1
         if text is None:

@@ -56,7 +56,7 @@ from omegaconf import MISSING
 from tqdm import tqdm
 
 from bench.config import ConfigError, SparsityPattern
-from bench.llm import BACKENDS, LLMConfig, LLMError, make_backend
+from bench.llm import BACKENDS, LLMConfig, LLMError, RatesSchema, make_backend
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +316,8 @@ class _Search:
             self.answers["calls"] += 1
             start = time.perf_counter()
             try:
-                text = self.llm.chat(messages, seed=o.seed * 1_000_003 + call)
+                text = self.llm.chat(messages, seed=o.seed * 1_000_003 + call,
+                                     schema=RatesSchema(self.n, self.low, self.high))
                 rates, status = parse_rates(text, self.n)
             except LLMError as exc:
                 text, rates, status = str(exc), None, "backend_error"
