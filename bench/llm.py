@@ -423,8 +423,9 @@ class HttpChat:
 
 
 def _reason(exc: BaseException) -> str:
-    cause = exc.__cause__ or exc.__context__
+    """One line: the exception's message, plus its cause's unless it is an HTTP status error."""
     text = str(exc) or type(exc).__name__
-    if cause is not None and str(cause) and str(cause) not in text:
+    cause = exc.__cause__ or exc.__context__
+    if getattr(exc, "status_code", None) is None and cause is not None and str(cause) and str(cause) not in text:
         text += f" ({cause})"
-    return text[:300]
+    return " ".join(text.split())[:300]
