@@ -410,3 +410,18 @@ def test_smollm2_constrained_answers_parse():
         rates, status = parse_rates(llm.chat(messages, seed=seed, schema=schema), 30)
         assert status == "ok" and len(rates) == 30 and 0.3 <= min(rates) and max(rates) <= 0.7
 
+
+
+def test_the_search_gets_only_usable_answers_from_a_random_model(make_config):
+    """End to end through engine.prune: every LLM operator's answer is used, none falls back to the GA."""
+    from tests.test_self_pruner import _search
+
+    _, search, _ = _search(make_config, "method=self_pruner", "method.llm.model=llama-tiny",
+                           f"method.llm.chat_template={json.dumps(TEMPLATE)}", "method.retries=0",
+                           "method.mutation_prob=1.0")
+    answers = search["answers"]
+    assert answers["calls"] >= 3 and answers["usable"] == answers["calls"]
+    assert answers["unusable"] == {} and answers["fallbacks"] == 0
+    origins = {c["origin"] for c in search["candidates"]}
+    assert "llm_init" in origins and "llm_mutation" in origins
+    assert not any(origin.startswith("fallback") for origin in origins)
