@@ -197,6 +197,15 @@ def test_a_400_about_something_else_is_an_error(stub):
     assert len(stub.posts()) == 2  # with response_format, then once without: no retries on a 400
 
 
+def test_the_key_appears_in_no_log_even_at_debug_level(stub, caplog):
+    stub.script(("json", 500, {"error": "busy"}), ("json", 200, GOOD))
+    with caplog.at_level(logging.DEBUG):
+        llm = _http(stub.url)
+        llm.chat(ASK, seed=0, schema=RatesSchema(2, 0.3, 0.7))
+    assert caplog.records and KEY not in caplog.text
+    assert llm.client._client.follow_redirects is False  # the openai client's default would follow
+
+
 # ----------------------------------------------------------------------------- HTTP: faults
 
 
