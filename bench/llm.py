@@ -11,9 +11,11 @@ exactly n numbers, each in [low, high]. What each backend guarantees about it:
   only when no two-decimal value fits): the answer always parses to exactly n values within range,
   whatever the model's weights. `max_new_tokens` is raised to what the grammar needs when it is lower.
 - `HttpChat`: any OpenAI-compatible `/chat/completions` endpoint (vLLM, llama.cpp server, OpenAI)
-  through the `openai` client. With a schema it sends a JSON-schema `response_format` (the server may
-  or may not enforce it); a server that rejects `response_format` with HTTP 400 gets plain requests
-  from then on, and the answer is parsed as text by the caller either way. Hardening: only http(s)
+  through the `openai` client. With a schema it sends a JSON-schema `response_format`: OpenAI's
+  `{"type": "json_schema", ...}` (OpenAI, vLLM), else llama-cpp-python's `{"type": "json_object",
+  "schema": ...}`, else none: a form the server rejects (HTTP 400/422, or any error naming
+  `response_format`; llama-cpp-python answers 500) is dropped for the rest of the run. The server may
+  or may not enforce it; the caller parses the answer as text either way. Hardening: only http(s)
   URLs; the API key is read from the environment variable named by `api_key_env` and never stored in
   config or results; redirects are not followed (a redirect is an error, so the key never goes to
   another origin and a redirected answer is never accepted); every call has one overall deadline
@@ -293,6 +295,9 @@ class _CappedStream(httpx.SyncByteStream):
         self.stream.close()
 
 
+RESPONSE_FORMATS = ("json_schema", "json_object")  # tried in this order; then plain requests
+
+
 def _is_loopback(host: str) -> bool:
     if host.lower() == "localhost":
         return True
@@ -323,7 +328,7 @@ class HttpChat:
         self.cfg, self.key = cfg, key
         self.url = cfg.base_url.rstrip("/")
         self.description = f"http:{cfg.model}@{self.url}"
-        self.structured = True  # send response_format until the server rejects it
+        self.format_level = 0  # index into RESPONSE_FORMATS; len(RESPONSE_FORMATS): plain requests
         self._openai = openai
         self._transport = _GuardedTransport(cfg.max_response_bytes)
         # redirects are not followed: the openai client's own default client would follow them
@@ -360,20 +365,21 @@ class HttpChat:
     def chat(self, messages: list[dict], seed: int, schema: Optional[RatesSchema] = None) -> str:
         openai = self._openai
         deadline = time.monotonic() + self.cfg.timeout_s
-        attempt, plain = 0, False
+        attempt, level = 0, self.format_level
         while True:
-            structured = schema is not None and self.structured and not plain
+            structured = schema is not None and level < len(RESPONSE_FORMATS)
             try:
-                text = self._complete(messages, seed, schema if structured else None, deadline)
-                if plain and self.structured:
-                    self.structured = False
-                    log.warning("%s rejects response_format (HTTP 400); plain requests from now on",
-                                self.description)
+                text = self._complete(messages, seed, schema, RESPONSE_FORMATS[level] if structured else None,
+                                      deadline)
+                if schema is not None and level != self.format_level:
+                    self.format_level = level
+                    log.warning("%s rejects the other response_format forms; using %s from now on",
+                                self.description, RESPONSE_FORMATS[level] if structured else "plain requests")
                 return text
             except openai.APIStatusError as exc:
                 status = exc.status_code
-                if status == 400 and structured:  # does the server reject response_format? once without
-                    plain = True
+                if structured and (status in (400, 422) or "response_format" in str(exc)):
+                    level += 1  # this form of response_format is rejected: the next one, then none
                     continue
                 error, retry = f"HTTP {status}: {_reason(exc)}", status == 429 or status >= 500
             except openai.APITimeoutError:
@@ -396,12 +402,20 @@ class HttpChat:
             time.sleep(delay)
             attempt += 1
 
-    def _complete(self, messages, seed, schema: Optional[RatesSchema], deadline: float) -> str:
+    @property
+    def structured(self) -> bool:
+        """Whether calls with a schema still send a response_format."""
+        return self.format_level < len(RESPONSE_FORMATS)
+
+    def _complete(self, messages, seed, schema: Optional[RatesSchema], form: Optional[str],
+                  deadline: float) -> str:
         body = {"model": self.cfg.model, "messages": messages, "temperature": self.cfg.temperature,
                 "top_p": self.cfg.top_p, "max_tokens": self.cfg.max_new_tokens, "seed": seed}
-        if schema is not None:
+        if form == "json_schema":  # OpenAI, vLLM
             body["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": "rates", "strict": True, "schema": schema.json_schema()}}
+        elif form == "json_object":  # llama-cpp-python's server
+            body["response_format"] = {"type": "json_object", "schema": schema.json_schema()}
         left = deadline - time.monotonic()
         if left <= 0:
             raise _Refused(f"no answer within timeout_s={self.cfg.timeout_s}")

@@ -183,10 +183,27 @@ def test_a_server_rejecting_response_format_gets_plain_requests(stub, caplog):
     schema = RatesSchema(2, 0.3, 0.7)
     with caplog.at_level(logging.WARNING, logger="bench.llm"):
         assert parse_rates(llm.chat(ASK, seed=0, schema=schema), 2)[0] == [0.4, 0.6]
-    assert "rejects response_format" in caplog.text
-    assert ["response_format" in p["body"] for p in stub.posts()] == [True, False]
+    assert "using plain requests from now on" in caplog.text and not llm.structured
+    forms = lambda: [p["body"].get("response_format", {}).get("type") for p in stub.posts()]  # noqa: E731
+    assert forms() == ["json_schema", "json_object", None]
     llm.chat(ASK, seed=1, schema=schema)  # remembered: no second try with response_format
-    assert ["response_format" in p["body"] for p in stub.posts()] == [True, False, False]
+    assert forms() == ["json_schema", "json_object", None, None]
+
+
+def test_llama_cpp_style_response_format_is_tried_second(stub):
+    """llama-cpp-python's server answers HTTP 500 to json_schema and takes {"type": "json_object", "schema"}."""
+    def llama_cpp(body):
+        if body.get("response_format", {}).get("type") == "json_schema":
+            return "json", 500, {"error": {"message": "validation error: ('body', 'response_format', 'type')"}}
+        return "json", 200, GOOD
+    stub.script(llama_cpp)
+    llm = _http(stub.url)
+    schema = RatesSchema(2, 0.3, 0.7)
+    for seed in range(2):
+        assert parse_rates(llm.chat(ASK, seed=seed, schema=schema), 2)[0] == [0.4, 0.6]
+    sent = [p["body"]["response_format"] for p in stub.posts()]
+    assert [f["type"] for f in sent] == ["json_schema", "json_object", "json_object"]
+    assert sent[1]["schema"] == schema.json_schema() and llm.structured
 
 
 def test_a_400_about_something_else_is_an_error(stub):
@@ -194,7 +211,7 @@ def test_a_400_about_something_else_is_an_error(stub):
     llm = _http(stub.url)
     with pytest.raises(LLMError, match="HTTP 400"):
         llm.chat(ASK, seed=0, schema=RatesSchema(2, 0.3, 0.7))
-    assert len(stub.posts()) == 2  # with response_format, then once without: no retries on a 400
+    assert len(stub.posts()) == 3  # both response_format forms, then once without: no retries on a 400
 
 
 def test_the_key_appears_in_no_log_even_at_debug_level(stub, caplog):
