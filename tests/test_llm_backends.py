@@ -177,14 +177,14 @@ def test_answer_request_and_schema_are_sent(stub):
 
 def test_a_server_rejecting_response_format_gets_plain_requests(stub, caplog):
     reject = lambda body: ("json", 400, {"error": {"message": "unknown field response_format"}}) \
-        if "response_format" in body else ("json", 200, GOOD)  # noqa: E731
+        if "response_format" in body else ("json", 200, GOOD)
     stub.script(reject)
     llm = _http(stub.url)
     schema = RatesSchema(2, 0.3, 0.7)
     with caplog.at_level(logging.WARNING, logger="bench.llm"):
         assert parse_rates(llm.chat(ASK, seed=0, schema=schema), 2)[0] == [0.4, 0.6]
     assert "using plain requests from now on" in caplog.text and not llm.structured
-    forms = lambda: [p["body"].get("response_format", {}).get("type") for p in stub.posts()]  # noqa: E731
+    forms = lambda: [p["body"].get("response_format", {}).get("type") for p in stub.posts()]
     assert forms() == ["json_schema", "json_object", None]
     llm.chat(ASK, seed=1, schema=schema)  # remembered: no second try with response_format
     assert forms() == ["json_schema", "json_object", None, None]
@@ -466,7 +466,7 @@ LLAMA_PYTHON = os.environ.get("PRUNEBENCH_LLAMA_SERVER_PYTHON", sys.executable)
 
 def _has_llama_server() -> bool:
     try:
-        return subprocess.run([LLAMA_PYTHON, "-c", "import llama_cpp.server.app"], capture_output=True,
+        return subprocess.run([LLAMA_PYTHON, "-c", "import llama_cpp.server.app"], capture_output=True, check=False,
                               timeout=60).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
