@@ -327,8 +327,12 @@ def test_llama2_experiment_preset_validates_with_targets():
     cfg = compose_config("experiment=self_pruner_llama2")
     run = validate(cfg)
     assert run.method.allocator == "self_pruner" and run.model.name == "llama2-70b"
-    assert {(t.sparsity, t.metric) for t in cfg.targets} == {(0.3, "acc_avg_drop"), (0.3, "speedup"),
-                                                            (0.5, "acc_avg_drop"), (0.5, "speedup")}
+    assert run.method.pruner == "wanda_sp"  # structured: FFN channels removed physically
+    assert run.eval.zeroshot is not None and run.eval.speed is not None  # accuracy drop and speed-up
+    assert {(t.sparsity, t.metric, t.unit) for t in cfg.targets} == {
+        (0.37, "acc_avg_drop", "absolute"), (0.37, "speedup/prefill", "relative"),
+        (0.62, "acc_avg_drop", "absolute"), (0.62, "speedup/prefill", "relative")}
+    assert all("cannot run here" in t.note for t in cfg.targets)
 
 
 # ----------------------------------------------------------------------------- replay
