@@ -3,8 +3,8 @@ backends (local with a chat template; HTTP against a loopback server) and their 
 from __future__ import annotations
 
 import json
-import re
 import math
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -20,6 +20,7 @@ from bench.llm import HttpChat, make_backend
 from bench.core.records import CellKey, Result, write_result
 from methods.allocators.self_pruner import LLMConfig, LLMError, SearchFailed, _Search
 from methods.allocators.self_pruner import parse_rates, repair
+from reports.plots_search import block_schedule, plot_schedules, plot_search
 from tests.conftest import TINY
 
 # a minimal chat template for the byte-level tiny models, which ship none
@@ -196,7 +197,6 @@ def test_malformed_answers_are_handled_and_counted(make_config, monkeypatch):
 
 def test_result_json_carries_the_search_and_plots(make_config, tmp_path):
     from bench.cell import run_cell
-    from reports.plots_search import plot_search
 
     cfg, resolved = make_config("model=llama-tiny", *FAST, "method=self_pruner_ga", "method.generations=1")
     result = run_cell(cfg, resolved, tmp_path)
@@ -206,6 +206,16 @@ def test_result_json_carries_the_search_and_plots(make_config, tmp_path):
     assert search["operators"] == "ga" and len(search["candidates"]) == search["candidates_total"]
     files = plot_search([tmp_path / "result.json"], tmp_path / "search")
     assert sorted(p.suffix for p in files) == [".png", ".svg"] and all(p.stat().st_size > 0 for p in files)
+    files = plot_schedules([tmp_path], tmp_path / "schedules")
+    assert sorted(p.suffix for p in files) == [".png", ".svg"] and all(p.stat().st_size > 0 for p in files)
+    best = search["best"]["rates"]
+    assert block_schedule(result.sparsity["allocated"]) == pytest.approx(best)  # the searched block rates
+
+
+def test_block_schedule_averages_the_linears_of_each_block_in_block_order():
+    allocated = {"model.layers.10.mlp.up_proj": 0.8, "model.layers.2.self_attn.q_proj": 0.4,
+                 "model.layers.2.mlp.up_proj": 0.6, "lm_head": 0.0}
+    assert block_schedule(allocated) == pytest.approx([0.5, 0.8])
 
 
 
