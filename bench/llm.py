@@ -40,6 +40,7 @@ import time
 import urllib.parse
 from typing import Optional, Protocol
 
+import httpx2 as httpx  # the openai client's HTTP library from openai 3.x on
 import torch
 import xgrammar
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -48,8 +49,6 @@ from bench import models
 from bench.config import zoo_entry
 from bench.core.vocab import ConfigError
 from methods.allocators.self_pruner import LLMConfig, LLMError, RatesSchema
-
-import httpx2 as httpx  # the openai client's HTTP library from openai 3.x on
 
 log = logging.getLogger(__name__)
 

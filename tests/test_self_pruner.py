@@ -15,11 +15,10 @@ import methods
 from bench import data, models
 from bench.core import engine
 from bench.core.families import prunable_linears
+from bench.core.records import CellKey, Result, write_result
 from bench.core.vocab import ConfigError
 from bench.llm import HttpChat, make_backend
-from bench.core.records import CellKey, Result, write_result
-from methods.allocators.self_pruner import LLMConfig, LLMError, SearchFailed, _Search
-from methods.allocators.self_pruner import parse_rates, repair
+from methods.allocators.self_pruner import LLMConfig, LLMError, SearchFailed, _Search, parse_rates, repair
 from reports.plots_search import block_schedule, plot_schedules, plot_search
 from tests.conftest import TINY
 
@@ -111,10 +110,10 @@ def test_ga_search_respects_budget_mean_and_bounds(make_config):
                                                          "ga_crossover", "ga_mutation"}
 
 
-def test_local_llm_search_is_deterministic_and_counts_garbage(make_config):
+def test_local_llm_search_is_deterministic_and_every_constrained_answer_parses(make_config):
     # llama-tiny as the LLM: random weights; constrained decoding makes its answers parse anyway
-    overrides = ("method=self_pruner", "method.llm.model=llama-tiny", f"method.llm.chat_template={json.dumps(TEMPLATE)}",
-                 "method.llm.max_new_tokens=12", "method.retries=0")
+    overrides = ("method=self_pruner", "method.llm.model=llama-tiny",
+                 f"method.llm.chat_template={json.dumps(TEMPLATE)}", "method.llm.max_new_tokens=12", "method.retries=0")
     first = _search(make_config, *overrides)
     second = _search(make_config, *overrides)
     assert first[0] == second[0]
@@ -127,7 +126,8 @@ def test_local_llm_search_is_deterministic_and_counts_garbage(make_config):
     assert answers["repairs"].get("mean_adjusted", 0) == answers["repaired_answers"] == len(shifted)
     if shifted:
         assert math.isclose(answers["repair_mean_abs_change"], sum(c["change"] for c in shifted) / len(shifted))
-    assert all(c["parameters"]["schema"] == [2, 0.3, 0.7] and c["messages"][0]["role"] == "system" for c in calls)
+    assert all(c["parameters"]["schema"] == [2, 0.3, 0.7] for c in calls)
+    assert all(c["messages"][0]["role"] == "system" for c in calls)
 
 
 def _timeless(search: dict) -> dict:
@@ -169,7 +169,6 @@ def test_malformed_answers_are_handled_and_counted(make_config, monkeypatch):
     expected_unusable = {}
     expected_repairs = {}
     for index in range(calls):
-        text = script[index % len(script)]
         kind = {1: "no_json", 2: "wrong_length", 3: "non_finite", 4: "backend_error"}.get(index % len(script))
         if kind:
             expected_unusable[kind] = expected_unusable.get(kind, 0) + 1
@@ -375,7 +374,8 @@ def test_replay_refuses_other_options_and_stops_where_it_diverges(make_config, t
     script = ['{"rates": [0.45, 0.55]}', '{"rates": [0.62, 0.38]}']
     _, search, _ = _search(make_config, "method=self_pruner", make_llm=lambda cfg: ScriptedLLM(script))
     _record(search, tmp_path)
-    with pytest.raises(ConfigError, match=r"method.llm.replay=.* was searched with other options: population=3 \(now 4\)"):
+    other = r"method.llm.replay=.* was searched with other options: population=3 \(now 4\)"
+    with pytest.raises(ConfigError, match=other):
         _search(make_config, "method=self_pruner", "method.population=4", f"method.llm.replay={tmp_path}")
     search["calls"][1]["messages"][1]["content"] += " (edited)"
     _record(search, tmp_path)
