@@ -12,12 +12,20 @@ config (conf/method/self_pruner.yaml) and is ours:
   and what `sparsity` means everywhere else in prunebench. Rates live in [target - max_deviation,
   target + max_deviation], clipped to [0, 0.99] (a block is never removed whole).
 - Prompts (templates in config, `string.Template` fields `$n_layers $target $min_rate $max_rate
-  $population $candidate`) ask for `{"rates": [...]}`. Parsing takes the first JSON list of
-  numbers of the right length found anywhere in the answer (inside `{"rates": ...}` or bare); percentages
-  (all values in (1, 100]) are converted. Unusable answers (no JSON list of numbers, a list cut off by
-  max_new_tokens, wrong length,
-  NaN/inf, backend error) are retried `retries` times, then the classical operator stands in (origin
-  `fallback_*`); each unusable answer and each repair is counted in `details["answers"]`.
+  $population $candidate $fitness`) ask for `{"rates": [...]}`; every call also hands the backend the
+  answer's grammar (`RatesSchema`): the local backend decodes under it, so every answer parses, in
+  bounds; an HTTP server may or may not enforce it. Parsing takes the first JSON list of numbers of the
+  right length found anywhere in the answer (inside `{"rates": ...}` or bare); percentages (all values in
+  (1, 100]) are converted. Unusable answers (no JSON list of numbers, a list cut off by max_new_tokens,
+  wrong length, NaN/inf, backend error) are retried `retries` times, then the classical operator stands
+  in (origin `fallback_*`, and a warning in the result); each unusable answer and each repair is counted
+  in `details["search"]["answers"]`, with how far the repairs moved the answers (mean and max absolute
+  change per rate).
+- No usable answer in the whole initial population: the LLM is not driving the search, so it stops
+  (`SearchFailed`) unless `allow_fallback` lets the GA operators run on, with a warning in the result.
+- Replay: every call (operator, messages, seed and sampling parameters, schema, answer, status, repairs)
+  is recorded in `details["search"]["calls"]`; `llm.replay=<result dir or result.json>` answers from that
+  record instead of an LLM (`Replay`) and reproduces the schedule exactly, or stops where it diverges.
 - Repair: clip to the bounds, then shift all rates by one constant, re-clipping, until the weighted mean
   equals the target (bisection on the shift, then an exact closed-form step on the unclipped rates): the
   mean is exact to float precision and the bounds always hold.
@@ -29,15 +37,18 @@ config (conf/method/self_pruner.yaml) and is ours:
   (population - elites) candidates; a candidate whose rates, rounded to `cache_decimals`, were seen
   before costs no evaluation (the cache).
 - Fitness: deep-copy the dense model, prune it with `fitness_pruner` (default: the method's own pruner)
-  on the first `fitness_nsamples` calibration samples cut to `fitness_seqlen` tokens, and take the
-  perplexity of the next `fitness_windows` calibration samples (same length): a held-out slice of the
-  calibration text, never the evaluation split. The winner is then applied by the engine with the full
+  on the first `fitness_nsamples` calibration samples cut to `fitness_seqlen` tokens, and score it on
+  the next `fitness_windows` calibration samples (same length): a held-out slice of the calibration
+  text, never the evaluation split. `fitness: ppl` is their perplexity (the paper's); `fitness: kl` the
+  mean over tokens of KL(dense || pruned) of the next-token distributions (EvoPress's fitness), the dense
+  distributions computed once per search. The winner is then applied by the engine with the full
   calibration set. Deep copies (not weight snapshots) so structured pruners that remove channels
-  physically work unchanged once one is available.
+  physically work unchanged.
 - The LLM: by default the model being pruned (`llm.model: ${model.name}`), dense, loaded a second time:
   for an instruct model this is the paper's "self" setting. Local sampling is seeded per call.
 Structured (block-level FFN rates with channel removal, the paper's 70B->49B/35B setting) is the same
-search with a structured pruner as `pruner`/`fitness_pruner`; no such pruner exists in prunebench yet.
+search with a structured pruner as `pruner` (e.g. wanda_sp with selection per_block; see
+conf/experiment/self_pruner_llama2.yaml).
 """
 from __future__ import annotations
 
