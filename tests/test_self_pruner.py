@@ -194,6 +194,15 @@ def test_malformed_answers_are_handled_and_counted(make_config, monkeypatch):
         assert abs(sum(candidate["rates"]) / 2 - 0.5) < 1e-9  # llama-tiny's two blocks have equal size
 
 
+def test_an_answer_at_the_bounds_needs_no_repair(make_config):
+    # target 0.7 +- 0.2: the grammar's extreme literals 0.50 and 0.90 are in bounds, their mean is the target
+    answer = ScriptedLLM(['{"rates": [0.90, 0.50]}'])
+    _, search, _ = _search(make_config, "method=self_pruner", make_llm=lambda cfg: answer, target=0.7)
+    assert search["bounds"] == [0.5, 0.9]
+    assert search["answers"]["repairs"] == {} and search["answers"]["repaired_answers"] == 0
+    assert all(c["repairs"] == [] and c["change"] == 0 for c in search["calls"])
+
+
 def test_result_json_carries_the_search_and_plots(make_config, tmp_path):
     from bench.cell import run_cell
 

@@ -387,8 +387,9 @@ class _Search:
         for name, size in sizes.items():
             self.weights[self.block_of[name]] += size
         self.n = len(prefixes)
-        self.low = max(0.0, target - o.max_deviation)
-        self.high = min(RATE_CEILING, target + o.max_deviation)
+        # rounded: 0.7 + 0.2 is 0.8999999999999999, which would count the grammar's own "0.90" as clipped
+        self.low = round(max(0.0, target - o.max_deviation), 9)
+        self.high = round(min(RATE_CEILING, target + o.max_deviation), 9)
         self.rng = np.random.default_rng(o.seed)
         self.cache: dict[tuple, float] = {}
         self.candidates: list[dict] = []
