@@ -224,6 +224,7 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool, out_dir: Path, save_to
         result.sparsity = {"target": cfg.sparsity, "measured": overall, "allocated": report.rates,
                            "per_layer": per_layer}
     result.allocator = report.details
+    result.warnings += report.details.get("warnings", [])  # e.g. a search whose LLM operators fell back
     if cfg.recovery.enabled:
         windows = data.calibration_samples(calib_ids, cfg.recovery.windows, cfg.recovery.seqlen, cfg.seed + 1)
         model, result.recovery = recovery.recover(model, windows, samples, cfg.recovery,

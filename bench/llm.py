@@ -1,29 +1,54 @@
-"""Chat LLM backends behind one small interface: `chat(messages, seed) -> str`.
+"""Chat LLM backends behind one small interface: `chat(messages, seed, schema=None) -> str`.
+
+`schema` (a `RatesSchema(n, low, high)`, defined by the Self-Pruner allocator whose answers it
+describes) asks for an answer of the form `{"rates": [r_1, ..., r_n]}` with exactly n numbers, each in
+[low, high]. What each backend guarantees about it:
 
 - `LocalChat`: any model of the zoo (`conf/model/<name>.yaml`, loaded through `bench.models.load`),
   prompted through its tokenizer's chat template (or one given in config), sampled with a seeded
-  generator so a run is reproducible.
-- `HttpChat`: any OpenAI-compatible `/chat/completions` endpoint (vLLM, llama.cpp server, OpenAI),
-  stdlib `urllib` only; the API key is read from an environment variable, never from config.
+  generator so a run is reproducible. With a schema, decoding is *constrained* (xgrammar's grammar
+  matcher masks the logits at every step, before temperature and top-p) to the regular language
+  `{"rates": [v, v, ..., v]}` where every v is a fixed-point literal in [low, high] (two decimals, more
+  only when no two-decimal value fits): the answer always parses to exactly n values within range,
+  whatever the model's weights. `max_new_tokens` is raised to what the grammar needs when it is lower.
+- `HttpChat`: any OpenAI-compatible `/chat/completions` endpoint (vLLM, llama.cpp server, OpenAI)
+  through the `openai` client. With a schema it sends a JSON-schema `response_format`: OpenAI's
+  `{"type": "json_schema", ...}` (OpenAI, vLLM), else llama-cpp-python's `{"type": "json_object",
+  "schema": ...}`, else none: a form the server rejects (HTTP 400/422, or any error naming
+  `response_format`; llama-cpp-python answers 500) is dropped for the rest of the run. The server may
+  or may not enforce it; the caller parses the answer as text either way. Hardening: only http(s)
+  URLs; the API key is read from the environment variable named by `api_key_env` and never stored in
+  config or results; redirects are not followed (a redirect is an error, so the key never goes to
+  another origin and a redirected answer is never accepted); every call has one overall deadline
+  (`timeout_s`, covering retries, backoff and slow bodies, not a per-read timeout); 429/5xx/connection
+  errors are retried with exponential backoff within that deadline; a response body over
+  `max_response_bytes` is refused; plain http to a non-loopback host logs a warning.
 
-Both check what they can at construction (the model has a chat template; the key is set; the endpoint
-answers), so a bad setup fails before any pruning work starts.
+Neither backend repairs values (clipping, mean shift): that stays with the caller
+(`methods.allocators.self_pruner.repair`). Both check what they can at construction (the model has a
+chat template; the URL is http(s); the key is set; the endpoint answers and accepts the key), so a bad
+setup fails before any pruning work starts.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
-import urllib.error
-import urllib.request
-from typing import Protocol
+import threading
+import time
+import urllib.parse
+from typing import Optional, Protocol
 
+import httpx2 as httpx  # the openai client's HTTP library from openai 3.x on
 import torch
+import xgrammar
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from bench import models
 from bench.config import zoo_entry
 from bench.core.vocab import ConfigError
-from methods.allocators.self_pruner import LLMConfig, LLMError
+from methods.allocators.self_pruner import LLMConfig, LLMError, RatesSchema
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +56,40 @@ log = logging.getLogger(__name__)
 class ChatLLM(Protocol):
     description: str
 
-    def chat(self, messages: list[dict], seed: int) -> str: ...
+    def chat(self, messages: list[dict], seed: int, schema: Optional[RatesSchema] = None) -> str: ...
 
 
 def make_backend(cfg: LLMConfig, key: str = "method.llm") -> ChatLLM:
-    """The backend `cfg` (self_pruner's `method.llm` keys) names, checked and ready to answer."""
+    """The backend `cfg` (self_pruner's `method.llm` keys, range-checked there) names, checked and ready."""
     if not cfg.model:
         raise ConfigError(f"{key}.model is not set; name a zoo model (local) or the served model (http)")
-    if cfg.max_new_tokens < 1 or cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
-        raise ConfigError(f"{key}: need max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1; got "
-                          f"{cfg.max_new_tokens}, {cfg.temperature}, {cfg.top_p}")
     return LocalChat(cfg, key) if cfg.backend == "local" else HttpChat(cfg, key)
+
+
+# ----------------------------------------------------------------------------- local
+
+
+class _GrammarMask(LogitsProcessor):
+    """A transformers logits processor: only tokens that keep the output inside the grammar survive.
+
+    One per `generate` call (the matcher holds the position in the grammar); batch size 1. Placed in
+    `logits_processor`, it runs before generate's temperature and top-p warpers, so sampling only ever
+    sees allowed tokens."""
+
+    def __init__(self, compiled, vocab_size: int):
+        self.matcher = xgrammar.GrammarMatcher(compiled)
+        self.bitmask = xgrammar.allocate_token_bitmask(1, vocab_size)
+        self.started = False
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[0] != 1:
+            raise ValueError("constrained decoding supports batch size 1 only")
+        if self.started and not self.matcher.accept_token(int(input_ids[0, -1])):
+            raise LLMError("constrained decoding: the sampled token left the grammar")  # cannot happen
+        self.started = True
+        self.matcher.fill_next_token_bitmask(self.bitmask)
+        xgrammar.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device))
+        return scores
 
 
 class LocalChat:
@@ -54,59 +102,244 @@ class LocalChat:
             raise ConfigError(f"{key}.model={cfg.model!r} has no chat template; pick an instruct model or set "
                               f"{key}.chat_template")
         self.description = f"local:{cfg.model}"
+        self._compiler = None
+        self._grammars: dict = {}
+
+    def _grammar(self, schema: RatesSchema):
+        if schema not in self._grammars:
+            if self._compiler is None:
+                info = xgrammar.TokenizerInfo.from_huggingface(
+                    self.tokenizer, vocab_size=self._vocab_size(), stop_token_ids=[self.tokenizer.eos_token_id])
+                self._compiler = xgrammar.GrammarCompiler(info)
+            self._grammars[schema] = self._compiler.compile_regex(schema.regex())
+        return self._grammars[schema]
+
+    def _vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]  # may exceed len(tokenizer) (padding)
 
     @torch.no_grad()
-    def chat(self, messages: list[dict], seed: int) -> str:
+    def chat(self, messages: list[dict], seed: int, schema: Optional[RatesSchema] = None) -> str:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         encoded = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")
         sample = self.cfg.temperature > 0
+        limit, extra = self.cfg.max_new_tokens, {}
+        if schema is not None:
+            # every token is at least one character of the (ASCII) answer, plus the stop token
+            limit = max(limit, schema.max_chars + 1)
+            extra = {"logits_processor": LogitsProcessorList([_GrammarMask(self._grammar(schema),
+                                                                           self._vocab_size())]),
+                     "eos_token_id": self.tokenizer.eos_token_id}
         with torch.random.fork_rng(devices=[]):  # the run's global RNG stays untouched
             torch.manual_seed(seed)
             output = self.model.generate(
-                **encoded, max_new_tokens=self.cfg.max_new_tokens, do_sample=sample,
+                **encoded, max_new_tokens=limit, do_sample=sample,
                 temperature=self.cfg.temperature if sample else None, top_p=self.cfg.top_p if sample else None,
-                top_k=None, pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+                top_k=None, pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **extra)
         return self.tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------- http
+
+
+class _Refused(Exception):
+    """Raised inside the transport: the response broke a limit (size or deadline); never retried."""
+
+
+class _GuardedTransport(httpx.BaseTransport):
+    """Wraps httpx2's transport: per-request timeouts cut to the call's deadline, bodies size-capped
+    (Content-Length checked up front, then counted while read) and read against the deadline."""
+
+    def __init__(self, max_bytes: int):
+        self.inner = httpx.HTTPTransport()
+        self.max_bytes = max_bytes
+        self.local = threading.local()
+
+    def deadline(self) -> Optional[float]:
+        return getattr(self.local, "deadline", None)
+
+    def handle_request(self, request):
+        deadline = self.deadline()
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _Refused("deadline passed")
+            request.extensions["timeout"] = {name: left if value is None else min(value, left)
+                                             for name, value in request.extensions.get("timeout", {}).items()}
+        response = self.inner.handle_request(request)
+        length = response.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            response.close()
+            raise _Refused(f"response body of {length} bytes is over max_response_bytes={self.max_bytes}")
+        response.stream = _CappedStream(response.stream, self.max_bytes, deadline)
+        return response
+
+    def close(self):
+        self.inner.close()
+
+
+class _CappedStream(httpx.SyncByteStream):
+    def __init__(self, stream, max_bytes: int, deadline: Optional[float]):
+        self.stream, self.max_bytes, self.deadline = stream, max_bytes, deadline
+
+    def __iter__(self):
+        total = 0
+        for chunk in self.stream:
+            total += len(chunk)
+            if total > self.max_bytes:
+                raise _Refused(f"response body over max_response_bytes={self.max_bytes}")
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                raise _Refused("deadline passed while reading the response")
+            yield chunk
+
+    def close(self):
+        self.stream.close()
+
+
+RESPONSE_FORMATS = ("json_schema", "json_object")  # tried in this order; then plain requests
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class HttpChat:
     def __init__(self, cfg: LLMConfig, key: str):
+        import openai  # slow to import; only the http backend needs it
+
         if not cfg.base_url:
             raise ConfigError(f"{key}.base_url is not set; give the endpoint, e.g. http://127.0.0.1:8000/v1")
-        self.api_key = os.environ.get(cfg.api_key_env)
-        if not self.api_key:
+        url = urllib.parse.urlsplit(cfg.base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ConfigError(f"{key}.base_url={cfg.base_url!r} is not an http:// or https:// URL")
+        if url.username or url.password:
+            raise ConfigError(f"{key}.base_url must not carry credentials; put the key in ${cfg.api_key_env}")
+        api_key = os.environ.get(cfg.api_key_env)
+        if not api_key:
             raise ConfigError(f"{key}.api_key_env={cfg.api_key_env!r}: environment variable is not set "
                               f"(put the endpoint's API key there; any non-empty value for servers without auth)")
-        self.cfg = cfg
+        if url.scheme == "http" and not _is_loopback(url.hostname):
+            log.warning("%s.base_url=%s sends the API key unencrypted (plain http to a non-loopback host); "
+                        "use https", key, cfg.base_url)
+        self.cfg, self.key = cfg, key
         self.url = cfg.base_url.rstrip("/")
         self.description = f"http:{cfg.model}@{self.url}"
-        self._probe(key)
+        self.format_level = 0  # index into RESPONSE_FORMATS; len(RESPONSE_FORMATS): plain requests
+        self._openai = openai
+        self._transport = _GuardedTransport(cfg.max_response_bytes)
+        # redirects are not followed: the openai client's own default client would follow them
+        http = httpx.Client(transport=self._transport, follow_redirects=False, timeout=cfg.timeout_s)
+        self.client = openai.OpenAI(api_key=api_key, base_url=self.url, max_retries=0, timeout=cfg.timeout_s,
+                                    http_client=http)
+        self._probe()
 
-    def _probe(self, key: str) -> None:
+    def _probe(self) -> None:
         """GET /models: proves the server is reachable and accepts the key before the search starts."""
-        request = urllib.request.Request(f"{self.url}/models", headers=self._headers())
+        openai = self._openai
+        where = f"{self.key}.base_url={self.cfg.base_url!r}"
         try:
-            urllib.request.urlopen(request, timeout=min(self.cfg.timeout_s, 10)).close()
-        except urllib.error.HTTPError as exc:
-            if exc.code in (401, 403):
-                raise ConfigError(f"{key}.base_url={self.cfg.base_url!r} rejected the API key from "
-                                  f"${self.cfg.api_key_env} (HTTP {exc.code})") from None
+            self._with_deadline(min(self.cfg.timeout_s, 10.0), lambda: self.client.models.with_raw_response.list())
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+            raise ConfigError(f"{where} rejected the API key from ${self.cfg.api_key_env} "
+                              f"(HTTP {exc.status_code})") from None
+        except openai.APIStatusError as exc:
+            if 300 <= exc.status_code < 400:
+                target = exc.response.headers.get("location", "?")
+                raise ConfigError(f"{where} redirects (HTTP {exc.status_code} to {target}); redirects are not "
+                                  f"followed, give the final URL") from None
             # any other status: the server is there; some servers do not implement /models
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ConfigError(f"{key}.base_url={self.cfg.base_url!r} is unreachable ({reason})") from None
+        except (openai.APIConnectionError, _Refused) as exc:
+            raise ConfigError(f"{where} is unreachable ({_reason(exc)})") from None
 
-    def _headers(self) -> dict:
-        return {"Authorization": f"Bearer {self.api_key}", "Content-Type": "application/json"}
+    def _with_deadline(self, seconds: float, call):
+        self._transport.local.deadline = time.monotonic() + seconds
+        try:
+            return call()
+        finally:
+            self._transport.local.deadline = None
 
-    def chat(self, messages: list[dict], seed: int) -> str:
+    def chat(self, messages: list[dict], seed: int, schema: Optional[RatesSchema] = None) -> str:
+        openai = self._openai
+        deadline = time.monotonic() + self.cfg.timeout_s
+        attempt, level = 0, self.format_level
+        while True:
+            structured = schema is not None and level < len(RESPONSE_FORMATS)
+            try:
+                text = self._complete(messages, seed, schema, RESPONSE_FORMATS[level] if structured else None,
+                                      deadline)
+                if schema is not None and level != self.format_level:
+                    self.format_level = level
+                    log.warning("%s rejects the other response_format forms; using %s from now on",
+                                self.description, RESPONSE_FORMATS[level] if structured else "plain requests")
+                return text
+            except openai.APIStatusError as exc:
+                status = exc.status_code
+                if structured and (status in (400, 422) or "response_format" in str(exc)):
+                    level += 1  # this form of response_format is rejected: the next one, then none
+                    continue
+                error, retry = f"HTTP {status}: {_reason(exc)}", status == 429 or status >= 500
+            except openai.APITimeoutError:
+                error, retry = f"no answer within timeout_s={self.cfg.timeout_s}", False
+            except openai.APIConnectionError as exc:
+                cause = exc.__cause__
+                if isinstance(cause, _Refused):
+                    raise LLMError(f"{self.description}: {cause}") from None
+                error, retry = f"connection: {_reason(exc)}", True
+            except _Refused as exc:
+                raise LLMError(f"{self.description}: {exc}") from None
+            if time.monotonic() >= deadline:
+                raise LLMError(f"{self.description}: no answer within timeout_s={self.cfg.timeout_s} ({error})")
+            if not retry or attempt >= self.cfg.max_retries:
+                raise LLMError(f"{self.description}: {error}" + (f" after {attempt + 1} attempts" if retry else ""))
+            delay = min(0.5 * 2 ** attempt, 8.0)
+            if time.monotonic() + delay >= deadline:
+                raise LLMError(f"{self.description}: no answer within timeout_s={self.cfg.timeout_s} ({error})")
+            log.info("%s: %s; retrying in %.1f s", self.description, error, delay)
+            time.sleep(delay)
+            attempt += 1
+
+    @property
+    def structured(self) -> bool:
+        """Whether calls with a schema still send a response_format."""
+        return self.format_level < len(RESPONSE_FORMATS)
+
+    def _complete(self, messages, seed, schema: Optional[RatesSchema], form: Optional[str],
+                  deadline: float) -> str:
         body = {"model": self.cfg.model, "messages": messages, "temperature": self.cfg.temperature,
                 "top_p": self.cfg.top_p, "max_tokens": self.cfg.max_new_tokens, "seed": seed}
-        request = urllib.request.Request(f"{self.url}/chat/completions", data=json.dumps(body).encode(),
-                                         headers=self._headers(), method="POST")
+        if form == "json_schema":  # OpenAI, vLLM
+            body["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "rates", "strict": True, "schema": schema.json_schema()}}
+        elif form == "json_object":  # llama-cpp-python's server
+            body["response_format"] = {"type": "json_object", "schema": schema.json_schema()}
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _Refused(f"no answer within timeout_s={self.cfg.timeout_s}")
+        self._transport.local.deadline = deadline
         try:
-            with urllib.request.urlopen(request, timeout=self.cfg.timeout_s) as response:
-                payload = json.loads(response.read())
-            return payload["choices"][0]["message"]["content"]
-        except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
-            raise LLMError(f"{self.description}: {type(exc).__name__}: {exc}") from None
+            raw = self.client.chat.completions.with_raw_response.create(**body, timeout=left)
+            content = raw.http_response.read()  # through the capped stream
+        finally:
+            self._transport.local.deadline = None
+        try:
+            payload = json.loads(content)
+            text = payload["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise LLMError(f"{self.description}: malformed response ({type(exc).__name__}: "
+                           f"{content[:200]!r})") from None
+        if not isinstance(text, str):
+            raise LLMError(f"{self.description}: the response has no text content ({text!r:.200})")
+        return text
+
+
+def _reason(exc: BaseException) -> str:
+    """One line: the exception's message, plus its cause's unless it is an HTTP status error."""
+    text = str(exc) or type(exc).__name__
+    cause = exc.__cause__ or exc.__context__
+    if getattr(exc, "status_code", None) is None and cause is not None and str(cause) and str(cause) not in text:
+        text += f" ({cause})"
+    return " ".join(text.split())[:300]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -14,10 +15,11 @@ import methods
 from bench import data, models
 from bench.core import engine
 from bench.core.families import prunable_linears
+from bench.core.records import CellKey, Result, write_result
 from bench.core.vocab import ConfigError
 from bench.llm import HttpChat, make_backend
-from methods.allocators.self_pruner import LLMConfig, LLMError
-from methods.allocators.self_pruner import parse_rates, repair
+from methods.allocators.self_pruner import LLMConfig, LLMError, SearchFailed, _Search, parse_rates, repair
+from reports.plots_search import block_schedule, plot_schedules, plot_search
 from tests.conftest import TINY
 
 # a minimal chat template for the byte-level tiny models, which ship none
@@ -76,15 +78,20 @@ def test_parse_finds_the_vector_inside_prose_and_converts_percentages():
 # ----------------------------------------------------------------------------- the search loop
 
 
-def _search(make_config, *overrides, target=0.5, make_llm=make_backend):
-    """Prune llama-tiny through engine.prune -> (rates, search details, {linear: numel})."""
+def _search(make_config, *overrides, target=0.5, make_llm=make_backend, full=False):
+    """Prune llama-tiny through engine.prune -> (rates, search details, {linear: numel}); with `full`, the
+    allocator's whole record (warnings too) instead of its search."""
     cfg, _ = make_config("model=llama-tiny", *FAST, *overrides)
-    model, tokenizer = models.load(cfg.model)
-    corpus = data.load_corpus("pydoc", "validation", None, "calib")
-    samples = data.calibration_samples(data.tokenize(tokenizer, corpus.text), 6, 64, 0)
+    model, samples = _tiny_model_and_samples(cfg)
     sizes = {name: linear.weight.numel() for name, linear in prunable_linears(model).items()}
     report = engine.prune(model, methods.build(cfg.method), samples, target, "cpu", make_llm=make_llm)
-    return report.rates, report.details["search"], sizes
+    return report.rates, report.details if full else report.details["search"], sizes
+
+
+def _tiny_model_and_samples(cfg):
+    model, tokenizer = models.load(cfg.model)
+    corpus = data.load_corpus("pydoc", "validation", None, "calib")
+    return model, data.calibration_samples(data.tokenize(tokenizer, corpus.text), 6, 64, 0)
 
 
 def test_ga_search_respects_budget_mean_and_bounds(make_config):
@@ -103,19 +110,30 @@ def test_ga_search_respects_budget_mean_and_bounds(make_config):
                                                          "ga_crossover", "ga_mutation"}
 
 
-def test_local_llm_search_is_deterministic_and_counts_garbage(make_config):
-    # llama-tiny as the LLM: random weights, so its answers are garbage -> all unusable -> fallbacks
-    overrides = ("method=self_pruner", "method.llm.model=llama-tiny", f"method.llm.chat_template={json.dumps(TEMPLATE)}",
-                 "method.llm.max_new_tokens=12", "method.retries=0")
+def test_local_llm_search_is_deterministic_and_every_constrained_answer_parses(make_config):
+    # llama-tiny as the LLM: random weights; constrained decoding makes its answers parse anyway
+    overrides = ("method=self_pruner", "method.llm.model=llama-tiny",
+                 f"method.llm.chat_template={json.dumps(TEMPLATE)}", "method.llm.max_new_tokens=12", "method.retries=0")
     first = _search(make_config, *overrides)
     second = _search(make_config, *overrides)
     assert first[0] == second[0]
-    strip = lambda s: {k: v for k, v in s.items() if k != "seconds"}  # noqa: E731
-    assert strip(first[1]) == strip(second[1])
-    answers = first[1]["answers"]
-    assert answers["calls"] == sum(answers["unusable"].values()) + answers["usable"] >= 3
-    assert answers["fallbacks"] == answers["calls"] - answers["usable"]
-    assert len(answers["log"]) == answers["calls"]
+    assert _timeless(first[1]) == _timeless(second[1])
+    answers, calls = first[1]["answers"], first[1]["calls"]
+    # constrained decoding: every answer of the random-weight model parses, in bounds; only the mean shifts
+    assert answers["calls"] == answers["usable"] == len(calls) >= 3
+    assert answers["unusable"] == {} and answers["fallbacks"] == 0 and "clipped" not in answers["repairs"]
+    shifted = [c for c in calls if c["repairs"]]
+    assert answers["repairs"].get("mean_adjusted", 0) == answers["repaired_answers"] == len(shifted)
+    if shifted:
+        assert math.isclose(answers["repair_mean_abs_change"], sum(c["change"] for c in shifted) / len(shifted))
+    assert all(c["parameters"]["schema"] == [2, 0.3, 0.7] for c in calls)
+    assert all(c["messages"][0]["role"] == "system" for c in calls)
+
+
+def _timeless(search: dict) -> dict:
+    """A search record without its wall times (which differ between identical runs)."""
+    return {k: [{**c, "seconds": None} for c in v] if k == "calls" else v for k, v in search.items()
+            if k != "seconds"}
 
 
 class ScriptedLLM:
@@ -126,7 +144,7 @@ class ScriptedLLM:
     def __init__(self, answers):
         self.answers, self.calls = answers, 0
 
-    def chat(self, messages, seed):
+    def chat(self, messages, seed, schema=None):
         text = self.answers[self.calls % len(self.answers)]
         self.calls += 1
         if text is None:
@@ -151,7 +169,6 @@ def test_malformed_answers_are_handled_and_counted(make_config, monkeypatch):
     expected_unusable = {}
     expected_repairs = {}
     for index in range(calls):
-        text = script[index % len(script)]
         kind = {1: "no_json", 2: "wrong_length", 3: "non_finite", 4: "backend_error"}.get(index % len(script))
         if kind:
             expected_unusable[kind] = expected_unusable.get(kind, 0) + 1
@@ -162,6 +179,14 @@ def test_malformed_answers_are_handled_and_counted(make_config, monkeypatch):
     assert answers["unusable"] == expected_unusable
     assert answers["repairs"] == expected_repairs
     assert answers["usable"] == calls - sum(expected_unusable.values())
+    # how far the repairs moved the answers: [90, 40] -> [0.9, 0.4] -> clipped [0.7, 0.4] -> shifted
+    # [0.65, 0.35] moves 0.15 per rate on average; [0.9, 0.9] -> [0.7, 0.7] -> [0.5, 0.5] moves 0.4
+    changes = {script.index(c["answer"]): c["change"] for c in search["calls"] if c.get("repairs")}
+    assert math.isclose(changes[5], 0.15) and math.isclose(changes[6], 0.4)
+    repaired = [c["change"] for c in search["calls"] if c.get("repairs")]
+    assert answers["repaired_answers"] == len(repaired)
+    assert math.isclose(answers["repair_mean_abs_change"], sum(repaired) / len(repaired))
+    assert math.isclose(answers["repair_max_abs_change"], 0.4)
     origins = {c["origin"] for c in search["candidates"]}
     assert {"llm_init", "fallback_init"} <= origins
     for candidate in search["candidates"]:
@@ -169,9 +194,17 @@ def test_malformed_answers_are_handled_and_counted(make_config, monkeypatch):
         assert abs(sum(candidate["rates"]) / 2 - 0.5) < 1e-9  # llama-tiny's two blocks have equal size
 
 
+def test_an_answer_at_the_bounds_needs_no_repair(make_config):
+    # target 0.7 +- 0.2: the grammar's extreme literals 0.50 and 0.90 are in bounds, their mean is the target
+    answer = ScriptedLLM(['{"rates": [0.90, 0.50]}'])
+    _, search, _ = _search(make_config, "method=self_pruner", make_llm=lambda cfg: answer, target=0.7)
+    assert search["bounds"] == [0.5, 0.9]
+    assert search["answers"]["repairs"] == {} and search["answers"]["repaired_answers"] == 0
+    assert all(c["repairs"] == [] and c["change"] == 0 for c in search["calls"])
+
+
 def test_result_json_carries_the_search_and_plots(make_config, tmp_path):
     from bench.cell import run_cell
-    from reports.plots_search import plot_search
 
     cfg, resolved = make_config("model=llama-tiny", *FAST, "method=self_pruner_ga", "method.generations=1")
     result = run_cell(cfg, resolved, tmp_path)
@@ -181,6 +214,16 @@ def test_result_json_carries_the_search_and_plots(make_config, tmp_path):
     assert search["operators"] == "ga" and len(search["candidates"]) == search["candidates_total"]
     files = plot_search([tmp_path / "result.json"], tmp_path / "search")
     assert sorted(p.suffix for p in files) == [".png", ".svg"] and all(p.stat().st_size > 0 for p in files)
+    files = plot_schedules([tmp_path], tmp_path / "schedules")
+    assert sorted(p.suffix for p in files) == [".png", ".svg"] and all(p.stat().st_size > 0 for p in files)
+    best = search["best"]["rates"]
+    assert block_schedule(result.sparsity["allocated"]) == pytest.approx(best)  # the searched block rates
+
+
+def test_block_schedule_averages_the_linears_of_each_block_in_block_order():
+    allocated = {"model.layers.10.mlp.up_proj": 0.8, "model.layers.2.self_attn.q_proj": 0.4,
+                 "model.layers.2.mlp.up_proj": 0.6, "lm_head": 0.0}
+    assert block_schedule(allocated) == pytest.approx([0.5, 0.8])
 
 
 
@@ -302,5 +345,145 @@ def test_llama2_experiment_preset_validates_with_targets():
     cfg = compose_config("experiment=self_pruner_llama2")
     run = validate(cfg)
     assert run.method.allocator == "self_pruner" and run.model.name == "llama2-70b"
-    assert {(t.sparsity, t.metric) for t in cfg.targets} == {(0.3, "acc_avg_drop"), (0.3, "speedup"),
-                                                            (0.5, "acc_avg_drop"), (0.5, "speedup")}
+    assert run.method.pruner == "wanda_sp"  # structured: FFN channels removed physically
+    assert run.eval.zeroshot is not None and run.eval.speed is not None  # accuracy drop and speed-up
+    assert {(t.sparsity, t.metric, t.unit) for t in cfg.targets} == {
+        (0.37, "acc_avg_drop", "absolute"), (0.37, "speedup/prefill", "relative"),
+        (0.62, "acc_avg_drop", "absolute"), (0.62, "speedup/prefill", "relative")}
+    assert all("cannot run here" in t.note for t in cfg.targets)
+
+
+# ----------------------------------------------------------------------------- replay
+
+
+def _record(search: dict, directory) -> None:
+    write_result(directory, Result(status="ok", config_hash="h", cell=CellKey("llama-tiny", "self_pruner", 0.5),
+                                   allocator={"search": search}))
+
+
+def _no_llm(cfg):
+    raise AssertionError("a replay must not build an LLM")
+
+
+def test_replay_reproduces_the_search_without_any_llm(make_config, tmp_path):
+    # answers of every kind, so the replay also reproduces fallbacks and repairs
+    script = ['{"rates": [0.45, 0.55]}', "prose", None, '{"rates": [0.9, 0.9]}', '{"rates": [0.62, 0.38]}']
+    options = ("method=self_pruner", "method.retries=1", "method.mutation_prob=0.5", "method.generations=3")
+    rates, search, _ = _search(make_config, *options, make_llm=lambda cfg: ScriptedLLM(script))
+    assert {"llm_init", "llm_crossover", "fallback_crossover"} <= {c["origin"] for c in search["candidates"]}
+    _record(search, tmp_path)
+    for source in (tmp_path, tmp_path / "result.json"):
+        replayed_rates, replayed, _ = _search(make_config, *options, f"method.llm.replay={source}", make_llm=_no_llm)
+        assert replayed_rates == rates
+        assert replayed["candidates"] == search["candidates"] and replayed["answers"] == search["answers"]
+        assert replayed["llm"].startswith("replay of scripted from")
+
+
+def test_replay_refuses_other_options_and_stops_where_it_diverges(make_config, tmp_path):
+    script = ['{"rates": [0.45, 0.55]}', '{"rates": [0.62, 0.38]}']
+    _, search, _ = _search(make_config, "method=self_pruner", make_llm=lambda cfg: ScriptedLLM(script))
+    _record(search, tmp_path)
+    other = r"method.llm.replay=.* was searched with other options: population=3 \(now 4\)"
+    with pytest.raises(ConfigError, match=other):
+        _search(make_config, "method=self_pruner", "method.population=4", f"method.llm.replay={tmp_path}")
+    search["calls"][1]["messages"][1]["content"] += " (edited)"
+    _record(search, tmp_path)
+    with pytest.raises(SearchFailed, match="replay diverged at call 1 "):
+        _search(make_config, "method=self_pruner", f"method.llm.replay={tmp_path}", make_llm=_no_llm)
+    with pytest.raises(ConfigError, match="method.llm.replay=.* is not a readable result"):
+        _search(make_config, "method=self_pruner", f"method.llm.replay={tmp_path / 'missing'}")
+
+
+# ----------------------------------------------------------------------------- every LLM call failed
+
+
+@pytest.mark.parametrize("answer", ["I would prune the middle layers.", "", LLMError("HTTP 500: boom"),
+                                    LLMError("HTTP 401: invalid key")], ids=["garbage", "empty", "500", "401"])
+def test_a_search_whose_llm_calls_all_fail_fails_unless_the_fallback_is_allowed(make_config, answer):
+    fake = _Failing(answer)
+    with pytest.raises(SearchFailed, match=r"all 4 LLM calls failed \(.*\).*method.allow_fallback=true"):
+        _search(make_config, "method=self_pruner", make_llm=lambda cfg: fake)
+    assert fake.calls == 4  # the initial population's 2 operator calls x (1 + retries); no generation after
+    details = _search(make_config, "method=self_pruner", "method.allow_fallback=true",
+                      make_llm=lambda cfg: _Failing(answer), full=True)[1]
+    assert len(details["warnings"]) == 1 and "the search ran on the classical GA operators" in details["warnings"][0]
+    assert details["search"]["answers"]["usable"] == 0
+
+
+class _Failing:
+    description = "failing"
+
+    def __init__(self, answer):
+        self.answer, self.calls = answer, 0
+
+    def chat(self, messages, seed, schema=None):
+        self.calls += 1
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def test_the_cell_fails_with_the_reason_and_an_allowed_fallback_is_a_warning(make_config, tmp_path, monkeypatch):
+    from bench import llm
+    from bench.cell import run_cell
+
+    monkeypatch.setattr(llm, "make_backend", lambda cfg: _Failing(LLMError("HTTP 500: boom")))
+    cfg, resolved = make_config("model=llama-tiny", *FAST, "method=self_pruner", "method.generations=1")
+    result = run_cell(cfg, resolved, tmp_path / "strict")
+    assert result.status == "failed" and result.error.type == "SearchFailed"
+    assert "all 4 LLM calls failed (backend_error: 4" in result.error.message
+    cfg, resolved = make_config("model=llama-tiny", *FAST, "method=self_pruner", "method.generations=1",
+                                "method.allow_fallback=true")
+    result = run_cell(cfg, resolved, tmp_path / "allowed")
+    assert result.status == "ok", result.error
+    assert any(re.search(r"all \d+ LLM calls failed", w) and "classical GA" in w for w in result.warnings)
+
+
+def test_some_fallbacks_are_a_warning_in_the_record(make_config):
+    script = ['{"rates": [0.45, 0.55]}', "prose"]
+    details = _search(make_config, "method=self_pruner", "method.retries=0",
+                      make_llm=lambda cfg: ScriptedLLM(script), full=True)[1]
+    fallbacks = details["search"]["answers"]["fallbacks"]
+    assert fallbacks > 0 and details["warnings"] == [
+        f"self_pruner: {fallbacks} LLM operator calls got no usable answer (no_json: {fallbacks}); the classical "
+        f"operator stood in for them"]
+
+
+# ----------------------------------------------------------------------------- bad input, before pruning
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ((), "has no chat template"),
+    (("method.llm.backend=http", "method.llm.base_url=http://127.0.0.1:9/v1", "method.llm.api_key_env=PB_NO_KEY"),
+     "PB_NO_KEY.*environment variable is not set"),
+    (("method.llm.backend=http", "method.llm.base_url=http://127.0.0.1:9/v1", "method.llm.api_key_env=PB_KEY"),
+     "base_url='http://127.0.0.1:9/v1' is unreachable"),
+], ids=["no_chat_template", "missing_key", "unreachable"])
+def test_bad_llm_setup_fails_in_one_line_before_any_pruning(make_config, monkeypatch, overrides, match):
+    monkeypatch.setenv("PB_KEY", "k")
+    monkeypatch.delenv("PB_NO_KEY", raising=False)
+    pruned = []
+    monkeypatch.setattr(type(methods.build(make_config("model=llama-tiny", *FAST, "method=self_pruner")[0].method)
+                             .pruner), "prune_block", lambda self, view, rates: pruned.append(view.index))
+    with pytest.raises(ConfigError, match=match) as error:
+        _search(make_config, "method=self_pruner", *overrides)
+    assert "\n" not in str(error.value) and pruned == []
+
+
+# ----------------------------------------------------------------------------- KL-to-dense fitness
+
+
+def test_kl_fitness_is_zero_for_the_dense_model_and_grows_with_pruning(make_config, monkeypatch):
+    cfg, _ = make_config("model=llama-tiny", *FAST, "method=self_pruner_ga", "method.fitness=kl")
+    model, samples = _tiny_model_and_samples(cfg)
+    method = methods.build(cfg.method)
+    method.allocator.bind(engine.SearchContext(model, samples, method.pruner, "cpu"))
+    dense_passes = []
+    real = _Search.__init__.__globals__["_log_probs"]
+    monkeypatch.setitem(_Search.__init__.__globals__, "_log_probs",
+                        lambda m, w, d: dense_passes.append(m is model) or real(m, w, d))
+    sizes = {name: linear.weight.numel() for name, linear in prunable_linears(model).items()}
+    search = _Search(method.allocator, sizes, 0.5)
+    kl = [search.fitness(np.full(2, rate))[0] for rate in (0.0, 0.3, 0.6)]
+    assert abs(kl[0]) < 1e-5 and 0 < kl[1] < kl[2]
+    assert dense_passes == [True, False, False, False]  # the dense distributions: once per search
