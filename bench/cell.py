@@ -55,6 +55,7 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
         log.info("cell %s already done (%s); skipping", config_hash, previous.path)
         return previous
 
+    provenance.fix_numerics(cfg.threads)
     result = Result(
         status="running", config_hash=config_hash,
         cell=CellKey(model=cfg.model.name, method=cfg.method.name, sparsity=cfg.sparsity,
@@ -111,8 +112,12 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool) -> None:
         calib = cfg.data.calib
         corpus = data.load_corpus(calib.dataset, calib.split, cfg.data.dir, "calib", cfg.data.allow_fallback)
         _note_fallback(result, corpus, "calibration")
-        calib_ids = tokens(corpus.text)
-        samples = data.calibration_samples(calib_ids, calib.nsamples, calib.seqlen, cfg.seed)
+        def draw(nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+            if corpus.documents is not None:  # C4: the references' document sampler
+                return data.document_samples(tokenizer, corpus.documents, nsamples, seqlen, seed)
+            return data.calibration_samples(tokens(corpus.text), nsamples, seqlen, seed)
+
+        samples = draw(calib.nsamples, calib.seqlen, cfg.seed)
         result.data = {"calib": {"dataset": corpus.name, "split": corpus.split, "source": corpus.source,
                                  "fallback_for": corpus.fallback_for, "nsamples": calib.nsamples,
                                  "seqlen": calib.seqlen}}
@@ -135,7 +140,7 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool) -> None:
                            "per_layer": per_layer}
     result.allocator = report.details
     if cfg.recovery.enabled:
-        windows = data.calibration_samples(calib_ids, cfg.recovery.windows, cfg.recovery.seqlen, cfg.seed + 1)
+        windows = draw(cfg.recovery.windows, cfg.recovery.seqlen, cfg.seed + 1)
         model, result.recovery = recovery.recover(model, windows, samples, cfg.recovery,
                                                   method.allocator.block_weights, cfg.seed, cfg.device)
         result.timings["recovery"] = result.recovery["seconds"]

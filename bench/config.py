@@ -16,6 +16,8 @@ from hydra import initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 import methods
+from bench import protocol
+from bench.core import records
 from bench.core.families import ARCHS, FAMILIES
 from bench.core.vocab import ConfigError, check_choice, check_range, typed
 from methods import MethodSpec
@@ -139,6 +141,7 @@ class RunConfig:
     save_dir: Optional[str]
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     recovery: RecoveryOptions = field(default_factory=RecoveryOptions)
+    threads: int = 2  # torch threads for the cell's numerics (bench/provenance.py: why it is fixed)
 
     def identity(self, resolved: dict) -> dict:
         """The resolved config a cell is hashed by: with the effective sparsity (dense ignores the
@@ -180,6 +183,35 @@ def _zeroshot(zs: ZeroShotConfig) -> None:
         check_choice(f"eval.zeroshot.metric.{task}", metric, ("acc",) if task in ACC_ONLY_TASKS else ZEROSHOT_METRICS)
     for key, value, low in (("num_fewshot", zs.num_fewshot, 0), ("limit", zs.limit, 1), ("batch_size", zs.batch_size, 1)):
         check_range(f"eval.zeroshot.{key}", value, value is None or value >= low, f">= {low}")
+
+
+TARGET_UNITS = ("relative", "absolute")  # tolerance as a fraction of the reported value, or in its units
+
+
+def _targets(targets: list, evaluation: EvalConfig, method: MethodSpec, structured: bool) -> None:
+    """Every target names a known metric, a tolerance with its unit, and a metric this config's evals
+    produce; the message names the target."""
+    for index, target in enumerate(targets):
+        where = f"targets[{index}] ({target.get('model')} {target.get('method')} {target.get('sparsity')} " \
+                f"{target.get('metric')})"
+        name = str(target.get("metric"))
+        family, _, arg = name.partition("/")
+        if family not in records.METRICS:
+            raise ConfigError(f"{where}: metric={name!r} is not known; allowed: {', '.join(records.METRICS)}")
+        check_choice(f"{where}: unit", target.get("unit"), TARGET_UNITS)
+        check_range(f"{where}: tolerance", target.get("tolerance"),
+                    isinstance(target.get("tolerance"), (int, float)) and target["tolerance"] >= 0, ">= 0")
+        if family == "ppl" and (evaluation.ppl is None or (arg or "wikitext2") not in evaluation.ppl.datasets):
+            raise ConfigError(f"{where}: no configured eval produces {name}; eval.ppl.datasets="
+                              f"{evaluation.ppl.datasets if evaluation.ppl else None} (add eval=ppl with that dataset)")
+        if family in ("acc", "acc_norm", "acc_avg", "acc_avg_drop") and (
+                evaluation.zeroshot is None or (arg and arg not in evaluation.zeroshot.tasks)):
+            raise ConfigError(f"{where}: no configured eval produces {name}; eval.zeroshot.tasks="
+                              f"{evaluation.zeroshot.tasks if evaluation.zeroshot else None} (add eval=[ppl,zeroshot])")
+        if family == "speedup" and (evaluation.speed is None or (target.get("method") == method.name and not structured)):
+            raise ConfigError(f"{where}: no configured eval produces {name}; the speed-up is measured for structured "
+                              f"pruners with eval.speed set (eval.speed={'set' if evaluation.speed else None}, "
+                              f"method.pruner={method.pruner})")
 
 
 def validate(cfg: DictConfig) -> RunConfig:
@@ -229,9 +261,15 @@ def validate(cfg: DictConfig) -> RunConfig:
     if model.path is not None and not Path(model.path).expanduser().exists():
         raise ConfigError(f"model.path={model.path!r} does not exist; pass a local checkpoint dir "
                           f"or leave it null to load {model.id!r} from its source")
+    _targets(raw.get("targets") or [], evaluation, method, built.pruner.structured)
+    unknown = protocol.check_paper_protocol(raw.get("paper_protocol") or {})
+    if unknown is not None:
+        raise ConfigError(f"paper_protocol.{unknown} is not a protocol field; allowed: {', '.join(protocol.FIELDS)}")
+    threads = raw.get("threads", 2)
+    check_range("threads", threads, isinstance(threads, int) and threads >= 1, "an integer >= 1")
     return RunConfig(model=model, method=method, data=data, eval=evaluation, sparsity=sparsity,
                      seed=int(raw.get("seed", 0)), device=device, protocol=str(raw["protocol"]["name"]),
-                     save_dir=raw.get("save_dir"), logger=logger, recovery=recovery)
+                     save_dir=raw.get("save_dir"), logger=logger, recovery=recovery, threads=threads)
 
 
 def _sparsity(sparsity: float, method: MethodSpec) -> float:
