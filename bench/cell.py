@@ -24,7 +24,7 @@ import torch
 
 import methods
 from bench import cache as caching
-from bench import data, llm, models, provenance, speed, tracking, zeroshot
+from bench import data, llm, models, protocol, provenance, speed, tracking, zeroshot
 from bench.config import RunConfig
 from bench.core import engine, families, perplexity, records
 from bench.core.records import CellKey, Failure, Result
@@ -61,7 +61,7 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
         cell=CellKey(model=cfg.model.name, method=cfg.method.name, sparsity=cfg.sparsity,
                      sparsity_type=str(cfg.method.pattern), protocol=cfg.protocol, seed=cfg.seed,
                      wbits=None),
-        config=resolved, provenance=provenance.provenance(),
+        config=resolved, provenance=provenance.provenance(), protocol=_protocol(cfg, resolved),
         process={"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                  "started": time.time()})
     records.write_result(out_dir, result)
@@ -83,6 +83,15 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
         records.write_result(out_dir, result)
     tracking.log_cell(cfg.logger, result, out_dir, sweep_dir)
     return result
+
+
+def _protocol(cfg: RunConfig, resolved: dict) -> dict:
+    """`Result.protocol`; with a preset's `paper_protocol`, also where ours differs from the paper's."""
+    fingerprint = protocol.fingerprint(cfg)
+    paper = resolved.get("paper_protocol")
+    if paper:
+        fingerprint["paper_differences"] = protocol.protocol_differences(fingerprint["fields"], paper)
+    return fingerprint
 
 
 class _Stage:
@@ -155,6 +164,8 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool) -> None:
     if cfg.eval.zeroshot is not None:
         with _Stage(result, "eval_zeroshot"):
             result.metrics["zeroshot"] = zeroshot.evaluate(model, tokenizer, cfg.eval.zeroshot, cfg.device, cfg.seed)
+            # local task YAMLs carry the real task names: the record says they are mirrors
+            result.metrics["zeroshot"]["mirror"] = cfg.eval.zeroshot.include_path is not None
     if structured and reference is not None:
         with _Stage(result, "speed"):
             result.metrics["speed"] = speed.measure(reference, model, cfg.eval.speed, cfg.device, cfg.seed)

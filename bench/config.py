@@ -54,6 +54,7 @@ class ModelConfig:
     seqlen: int = 2048  # the model's context length
     architecture: dict = field(default_factory=dict)  # transformers config kwargs (with model_type) for random
     resources: Resources = field(default_factory=Resources)
+    label: Optional[str] = None  # what the weights are, for tables (e.g. a quantized source); None: the name
 
 
 @dataclass
@@ -219,6 +220,9 @@ def validate(cfg: DictConfig) -> RunConfig:
     raw = OmegaConf.to_container(cfg, resolve=True)
     model = typed("model", ModelConfig, raw["model"])
     check_choice("model.source", model.source, SOURCES)
+    if model.path is not None and (CONF_DIR / "model" / f"{model.name}.yaml").exists():
+        # a user's checkpoint is not the preset it was loaded through: name it after its folder
+        model.name, model.label = Path(model.path).expanduser().resolve().name, None
     check_choice("model.dtype", model.dtype, DTYPES)
     if model.source == "random":
         if not model.architecture:
