@@ -17,7 +17,7 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast
 
-from bench import data, models, protocol
+from bench import data, models, protocol, zeroshot
 from bench.cell import run_cell
 from bench.config import ConfigError, ModelConfig, validate
 from bench.core import records
@@ -209,3 +209,12 @@ def test_a_user_checkpoint_is_named_after_its_folder_and_the_default_model_says_
     default = validate(compose_config())
     assert default.model.name == "smollm2-135m" and "Q4_1" in default.model.label and "Instruct" in default.model.label
     assert OmegaConf.select(compose_config(), "model.label") == default.model.label
+
+
+def test_offline_zero_shot_mirrors_are_labelled_as_mirrors(make_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(zeroshot, "evaluate", lambda *args: {"tasks": {"boolq": {"value": 0.5}}, "average": 0.5})
+    cfg, resolved = make_config(*CELL, "eval=[ppl,zeroshot]", "eval.zeroshot.tasks=[boolq]",
+                                f"eval.zeroshot.include_path={tmp_path}", "eval.speed=null")
+    result = run_cell(cfg, resolved, tmp_path / "cell")
+    assert result.ok, result.error
+    assert result.metrics["zeroshot"]["mirror"] is True and result.protocol["fields"]["zeroshot_mirror"] is True
