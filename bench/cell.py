@@ -85,9 +85,9 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
     return result
 
 
-def _protocol(cfg: RunConfig, resolved: dict) -> dict:
+def _protocol(cfg: RunConfig, resolved: dict, actual: Optional[dict] = None) -> dict:
     """`Result.protocol`; with a preset's `paper_protocol`, also where ours differs from the paper's."""
-    fingerprint = protocol.fingerprint(cfg)
+    fingerprint = protocol.fingerprint(cfg, actual)
     paper = resolved.get("paper_protocol")
     if paper:
         fingerprint["paper_differences"] = protocol.protocol_differences(fingerprint["fields"], paper)
@@ -127,6 +127,9 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool) -> None:
             return data.calibration_samples(tokens(corpus.text), nsamples, seqlen, seed)
 
         samples = draw(calib.nsamples, calib.seqlen, cfg.seed)
+        if corpus.fallback_for is not None:  # the protocol is what ran, not what was asked for
+            result.protocol = _protocol(cfg, result.config, {"calib_dataset": f"pydoc (fallback for {calib.dataset})",
+                                                             "calib_sampling": data.STREAM_SAMPLING})
         result.data = {"calib": {"dataset": corpus.name, "split": corpus.split, "source": corpus.source,
                                  "fallback_for": corpus.fallback_for, "nsamples": calib.nsamples,
                                  "seqlen": calib.seqlen}}
@@ -161,6 +164,9 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool) -> None:
 
     if cfg.eval.ppl is not None:
         _perplexities(cfg, result, model, tokens, shared)
+        if list(result.metrics["ppl"]) != cfg.eval.ppl.datasets:  # an eval corpus fell back to pydoc
+            actual = {**result.protocol["fields"], "eval_datasets": list(result.metrics["ppl"])}
+            result.protocol = _protocol(cfg, result.config, actual)
     if cfg.eval.zeroshot is not None:
         with _Stage(result, "eval_zeroshot"):
             result.metrics["zeroshot"] = zeroshot.evaluate(model, tokenizer, cfg.eval.zeroshot, cfg.device, cfg.seed)

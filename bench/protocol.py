@@ -68,9 +68,10 @@ def protocol_id(protocol_fields: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
-def fingerprint(cfg: RunConfig) -> dict:
-    """`Result.protocol`: {"id": 12 hex digits, "fields": {...}}."""
-    protocol_fields = fields(cfg)
+def fingerprint(cfg: RunConfig, actual: Optional[dict[str, Any]] = None) -> dict:
+    """`Result.protocol`: {"id": 12 hex digits, "fields": {...}}; `actual` replaces fields by what the cell
+    really ran (a corpus it fell back from)."""
+    protocol_fields = {**fields(cfg), **(actual or {})}
     return {"id": protocol_id(protocol_fields), "fields": protocol_fields}
 
 

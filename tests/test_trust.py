@@ -218,3 +218,13 @@ def test_offline_zero_shot_mirrors_are_labelled_as_mirrors(make_config, tmp_path
     result = run_cell(cfg, resolved, tmp_path / "cell")
     assert result.ok, result.error
     assert result.metrics["zeroshot"]["mirror"] is True and result.protocol["fields"]["zeroshot_mirror"] is True
+
+
+def test_the_protocol_records_a_corpus_the_cell_fell_back_from(make_config, tmp_path):
+    cfg, resolved = make_config(*CELL, "data=c4", f"data.dir={tmp_path}", "eval.ppl.datasets=[pydoc,ptb]")
+    result = run_cell(cfg, resolved, tmp_path / "cell")
+    assert result.ok, result.error
+    fields = result.protocol["fields"]
+    assert fields["calib_dataset"] == "pydoc (fallback for c4)" and fields["calib_sampling"] == data.STREAM_SAMPLING
+    assert fields["eval_datasets"] == ["pydoc", "ptb(pydoc fallback)"]
+    assert result.protocol["id"] == protocol.protocol_id(fields) != protocol.fingerprint(cfg)["id"]
