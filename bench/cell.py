@@ -121,6 +121,7 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool) -> None:
         calib = cfg.data.calib
         corpus = data.load_corpus(calib.dataset, calib.split, cfg.data.dir, "calib", cfg.data.allow_fallback)
         _note_fallback(result, corpus, "calibration")
+
         def draw(nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
             if corpus.documents is not None:  # C4: the references' document sampler
                 return data.document_samples(tokenizer, corpus.documents, nsamples, seqlen, seed)
