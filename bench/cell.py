@@ -26,7 +26,7 @@ import transformers
 
 import methods
 from bench import cache as caching
-from bench import checkpoint, data, llm, models, progress, provenance, speed, streaming, tracking, zeroshot
+from bench import checkpoint, data, llm, models, progress, protocol, provenance, speed, streaming, tracking, zeroshot
 from bench.config import RunConfig
 from bench.core import engine, families, perplexity, records
 from bench.core.records import CellKey, Failure, Result
@@ -68,12 +68,13 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
         return previous
     out_dir = _own_dir(out_dir, config_hash, rerun)
 
+    provenance.fix_numerics(cfg.threads)
     result = Result(
         status="running", config_hash=config_hash,
         cell=CellKey(model=cfg.model.name, method=cfg.method.name, sparsity=cfg.sparsity,
                      sparsity_type=str(cfg.method.pattern), protocol=cfg.protocol, seed=cfg.seed,
                      wbits=None),
-        config=resolved, provenance=provenance.provenance(),
+        config=resolved, provenance=provenance.provenance(), protocol=_protocol(cfg, resolved),
         process={"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                  "started": time.time()})
     records.write_result(out_dir, result)
@@ -162,6 +163,15 @@ def _check_structured(result: Result, target: float) -> None:
                                f"{STRUCTURED_TOLERANCE:.0%})")
 
 
+def _protocol(cfg: RunConfig, resolved: dict, actual: Optional[dict] = None) -> dict:
+    """`Result.protocol`; with a preset's `paper_protocol`, also where ours differs from the paper's."""
+    fingerprint = protocol.fingerprint(cfg, actual)
+    paper = resolved.get("paper_protocol")
+    if paper:
+        fingerprint["paper_differences"] = protocol.protocol_differences(fingerprint["fields"], paper)
+    return fingerprint
+
+
 class _Stage:
     """`with _Stage(result, "load"):` records the wall time of the block under result.timings["load"]."""
 
@@ -198,8 +208,16 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool, out_dir: Path, save_to
         calib = cfg.data.calib
         corpus = _corpus(cfg, calib.dataset, calib.split, "calib")
         _note_fallback(result, corpus, "calibration")
-        calib_ids = tokens(corpus.text)
-        samples = data.calibration_samples(calib_ids, calib.nsamples, calib.seqlen, cfg.seed, key=corpus.key)
+
+        def draw(nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+            if corpus.documents is not None:  # C4: the references' document sampler
+                return data.document_samples(tokenizer, corpus.documents, nsamples, seqlen, seed)
+            return data.calibration_samples(tokens(corpus.text), nsamples, seqlen, seed, key=corpus.key)
+
+        samples = draw(calib.nsamples, calib.seqlen, cfg.seed)
+        if corpus.fallback_for is not None:  # the protocol is what ran, not what was asked for
+            result.protocol = _protocol(cfg, result.config, {"calib_dataset": f"pydoc (fallback for {calib.dataset})",
+                                                             "calib_sampling": data.STREAM_SAMPLING})
         result.data = {"calib": {"dataset": corpus.name, "split": corpus.split, "source": corpus.source,
                                  "fallback_for": corpus.fallback_for, "nsamples": calib.nsamples,
                                  "seqlen": calib.seqlen}}
@@ -226,7 +244,7 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool, out_dir: Path, save_to
     result.allocator = report.details
     result.warnings += report.details.get("warnings", [])  # e.g. a search whose LLM operators fell back
     if cfg.recovery.enabled:
-        windows = data.calibration_samples(calib_ids, cfg.recovery.windows, cfg.recovery.seqlen, cfg.seed + 1)
+        windows = draw(cfg.recovery.windows, cfg.recovery.seqlen, cfg.seed + 1)
         model, result.recovery = recovery.recover(model, windows, samples, cfg.recovery,
                                                   method.allocator.block_weights, cfg.seed, cfg.device)
         result.timings["recovery"] = result.recovery["seconds"]
@@ -237,10 +255,15 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool, out_dir: Path, save_to
 
     if cfg.eval.ppl is not None:
         _perplexities(cfg, result, model, tokens, shared)
+        if list(result.metrics["ppl"]) != cfg.eval.ppl.datasets:  # an eval corpus fell back to pydoc
+            actual = {**result.protocol["fields"], "eval_datasets": list(result.metrics["ppl"])}
+            result.protocol = _protocol(cfg, result.config, actual)
     if cfg.eval.zeroshot is not None:
         with _Stage(result, "eval_zeroshot"):
             result.metrics["zeroshot"] = zeroshot.evaluate(model, tokenizer, cfg.eval.zeroshot, cfg.device, cfg.seed,
                                                            out_dir)
+            # local task YAMLs carry the real task names: the record says they are mirrors
+            result.metrics["zeroshot"]["mirror"] = cfg.eval.zeroshot.include_path is not None
     if structured and reference is not None:
         with _Stage(result, "speed"):
             result.metrics["speed"] = speed.measure(reference, model, cfg.eval.speed, cfg.device, cfg.seed)

@@ -21,7 +21,9 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 import methods
+from bench import protocol
 from bench.checkpoint import SAVE_FORMATS
+from bench.core import records
 from bench.data import CUSTOM, CUSTOM_FORMATS, resolve_files
 from bench.core.families import prunable_linears
 from bench.core.vocab import ConfigError, check_choice, check_range, typed
@@ -62,6 +64,7 @@ class ModelConfig:
     stream: Any = "auto"  # true: blocks streamed from model.path's shards; auto: when bigger than the budget
     host_memory_gb: Optional[float] = None  # the budget of stream=auto; None = half the host's RAM
     resources: Resources = field(default_factory=Resources)
+    label: Optional[str] = None  # what the weights are, for tables (e.g. a quantized source); None: the name
 
 
 @dataclass
@@ -155,6 +158,7 @@ class RunConfig:
     save_format: str = "dense"  # bench/checkpoint.py: dense | bitmask (non-zeros + bit mask)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     recovery: RecoveryOptions = field(default_factory=RecoveryOptions)
+    threads: int = 2  # torch threads for the cell's numerics (bench/provenance.py: why it is fixed)
 
     def identity(self, resolved: dict) -> dict:
         """The resolved config a cell is hashed by: with the effective sparsity (dense ignores the
@@ -175,7 +179,7 @@ def compose(overrides: list[str] = (), with_hydra: bool = False) -> DictConfig:
 
 
 # Top-level keys besides RunConfig's fields: read by run.py, the sweep, the cache and the reports.
-EXTRA_KEYS = ("cache", "rerun", "targets", "hydra")
+EXTRA_KEYS = ("cache", "rerun", "targets", "paper_protocol", "hydra")
 # A name that becomes a folder or file name: no separators, no "..", no leading "-" or ".", no control
 # characters (a name like "a/../../x" would write results outside the sweep dir).
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_+=@,][A-Za-z0-9_.+=@,-]*")
@@ -233,6 +237,35 @@ def _zeroshot(zs: ZeroShotConfig) -> None:
         check_range(f"eval.zeroshot.{key}", value, value is None or value >= low, f">= {low}")
 
 
+TARGET_UNITS = ("relative", "absolute")  # tolerance as a fraction of the reported value, or in its units
+
+
+def _targets(targets: list, evaluation: EvalConfig, method: MethodSpec, structured: bool) -> None:
+    """Every target names a known metric, a tolerance with its unit, and a metric this config's evals
+    produce; the message names the target."""
+    for index, target in enumerate(targets):
+        where = f"targets[{index}] ({target.get('model')} {target.get('method')} {target.get('sparsity')} " \
+                f"{target.get('metric')})"
+        name = str(target.get("metric"))
+        family, _, arg = name.partition("/")
+        if family not in records.METRICS:
+            raise ConfigError(f"{where}: metric={name!r} is not known; allowed: {', '.join(records.METRICS)}")
+        check_choice(f"{where}: unit", target.get("unit"), TARGET_UNITS)
+        check_range(f"{where}: tolerance", target.get("tolerance"),
+                    isinstance(target.get("tolerance"), (int, float)) and target["tolerance"] >= 0, ">= 0")
+        if family == "ppl" and (evaluation.ppl is None or (arg or "wikitext2") not in evaluation.ppl.datasets):
+            raise ConfigError(f"{where}: no configured eval produces {name}; eval.ppl.datasets="
+                              f"{evaluation.ppl.datasets if evaluation.ppl else None} (add eval=ppl with that dataset)")
+        if family in ("acc", "acc_norm", "acc_avg", "acc_avg_drop") and (
+                evaluation.zeroshot is None or (arg and arg not in evaluation.zeroshot.tasks)):
+            raise ConfigError(f"{where}: no configured eval produces {name}; eval.zeroshot.tasks="
+                              f"{evaluation.zeroshot.tasks if evaluation.zeroshot else None} (add eval=[ppl,zeroshot])")
+        if family == "speedup" and (evaluation.speed is None or (target.get("method") == method.name and not structured)):
+            raise ConfigError(f"{where}: no configured eval produces {name}; the speed-up is measured for structured "
+                              f"pruners with eval.speed set (eval.speed={'set' if evaluation.speed else None}, "
+                              f"method.pruner={method.pruner})")
+
+
 def validate(cfg: DictConfig) -> RunConfig:
     """Turn the composed Hydra config into a RunConfig, or raise ConfigError naming the bad key."""
     raw = OmegaConf.to_container(cfg, resolve=True)
@@ -253,6 +286,9 @@ def validate(cfg: DictConfig) -> RunConfig:
         low = 0 if key == "gpus" else 1
         check_range(f"model.resources.{key}", value, value >= low, f">= {low}")
     check_choice("model.source", model.source, SOURCES)
+    if model.path is not None and (CONF_DIR / "model" / f"{model.name}.yaml").exists():
+        # a user's checkpoint is not the preset it was loaded through: name it after its folder
+        model.name, model.label = Path(model.path).expanduser().resolve().name, None
     check_choice("model.dtype", model.dtype, DTYPES)
     check_choice("model.stream", model.stream, STREAM_CHOICES)
     if model.source == "random":
@@ -316,10 +352,16 @@ def validate(cfg: DictConfig) -> RunConfig:
     if model.path is not None and not Path(model.path).expanduser().exists():
         raise ConfigError(f"model.path={model.path!r} does not exist; pass a local checkpoint dir "
                           f"or leave it null to load {model.id!r} from its source")
+    _targets(raw.get("targets") or [], evaluation, method, built.pruner.structured)
+    unknown = protocol.check_paper_protocol(raw.get("paper_protocol") or {})
+    if unknown is not None:
+        raise ConfigError(f"paper_protocol.{unknown} is not a protocol field; allowed: {', '.join(protocol.FIELDS)}")
+    threads = raw.get("threads", 2)
+    check_range("threads", threads, isinstance(threads, int) and threads >= 1, "an integer >= 1")
     return RunConfig(model=model, method=method, data=data, eval=evaluation, sparsity=sparsity,
                      seed=seed, device=device, protocol=str(raw["protocol"]["name"]),
                      save_dir=_save_dir(raw.get("save_dir")), logger=logger, recovery=recovery,
-                     save_format=save_format)
+                     save_format=save_format, threads=threads)
 
 
 def _check_streamable(model: ModelConfig, method: MethodSpec, built, recovery: RecoveryOptions,

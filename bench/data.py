@@ -6,11 +6,18 @@ Lookup order for a corpus: the local dir (`data.dir`, else `$PRUNEBENCH_DATA`), 
 hub through `datasets`. The joins follow the SparseGPT/Wanda protocol so perplexities are comparable
 with the papers: WikiText-2 eval is "\\n\\n".join(rows), calibration " ".join(rows); PTB and C4 use
 " ".join; C4 eval takes the first 1100 validation documents.
+
+Tokenization and calibration sampling follow the reference code (SparseGPT's and Wanda's datautils):
+the tokenizer runs with its defaults, so a tokenizer that adds BOS (OPT, LLaMA, Gemma) puts one at the
+start of the token stream; calibration windows of WikiText-2/PTB/pydoc start at seeded random offsets of
+the joined text; C4 calibration draws a random document longer than seqlen and a random window inside it
+(documents are tokenized one at a time, never the whole shard). `bench/protocol.py` records both rules.
 """
 from __future__ import annotations
 
 import functools
 import glob
+import random
 import gzip
 import json
 import logging
@@ -54,6 +61,7 @@ class Corpus:
     source: str  # local path, "hub:<id>" or "pydoc_data"
     fallback_for: Optional[str] = None  # the corpus that was asked for, when we fell back
     key: Optional[str] = None  # custom corpora: the config key that names the files, for error messages
+    documents: Optional[list[str]] = None  # C4: the documents, which calibration samples one at a time
 
 
 def data_dir(configured: Optional[str]) -> Optional[Path]:
@@ -157,7 +165,8 @@ def _local_or_hub(name: str, split: str, directory: Optional[Path], purpose: str
         path = directory / relative
         looked.append(str(path))
         if path.exists():
-            return Corpus(name, split, _join(name, _read_local(name, path), purpose), str(path))
+            rows = _read_local(name, path)
+            return Corpus(name, split, _join(name, rows, purpose), str(path), documents=_documents(name, rows))
     try:
         rows, hub_id = _hub_rows(name, split)
     except Exception as exc:  # datasets raises many types for "offline" / "no such split"
@@ -166,7 +175,11 @@ def _local_or_hub(name: str, split: str, directory: Optional[Path], purpose: str
             f"corpus {name!r} split {split!r} not found; looked in: {'; '.join(looked) or 'no local dir set'}. "
             f"Put the file at <dir>/{relative or '?'} and set data.dir=<dir> or PRUNEBENCH_DATA=<dir>, "
             f"or allow hub access.") from None
-    return Corpus(name, split, _join(name, rows, purpose), f"hub:{hub_id}")
+    return Corpus(name, split, _join(name, rows, purpose), f"hub:{hub_id}", documents=_documents(name, rows))
+
+
+def _documents(name: str, rows: list[str]) -> Optional[list[str]]:
+    return list(rows) if name == "c4" else None
 
 
 def _read_local(name: str, path: Path) -> list[str]:
@@ -223,10 +236,33 @@ def _pydoc(split: str) -> Corpus:
     return Corpus("pydoc", split, "\n\n".join(topics[k] for k in chosen), "pydoc_data")
 
 
+BOS_RULE = "tokenizer default (BOS at the stream start where the tokenizer adds one)"
+C4_SAMPLING = "random document longer than seqlen, random window inside it"
+STREAM_SAMPLING = "random windows of the joined text"
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """One long row of token ids (1, N), without special tokens (the protocol scores raw text)."""
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    """One long row of token ids (1, N), with the tokenizer's default special tokens, as the reference
+    code calls it (`tokenizer(text)`): BOS first where the tokenizer adds one."""
+    ids = tokenizer(text, return_attention_mask=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long).unsqueeze(0)
+
+
+def document_samples(tokenizer, documents: list[str], nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """The references' C4 sampler, (n, seqlen): per sample, random documents until one has more than
+    `seqlen` tokens, then a random window inside it (Python's `random`, seeded, as in Wanda's get_c4)."""
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(nsamples):
+        for _attempt in range(1000):
+            ids = tokenize(tokenizer, documents[rng.randint(0, len(documents) - 1)])
+            if ids.shape[1] > seqlen:
+                break
+        else:
+            raise ValueError(f"1000 random calibration documents had none longer than data.calib.seqlen={seqlen} tokens")
+        start = rng.randint(0, ids.shape[1] - seqlen - 1)
+        samples.append(ids[0, start:start + seqlen])
+    return torch.stack(samples)
 
 
 def calibration_samples(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int,

@@ -6,7 +6,10 @@ config group (`recovery=none|lora|ig_lora`), composable with any structured meth
 rate more important get more trainable capacity. The paper allocates "training overhead" by the coarse
 block importance without a closed formula we could follow exactly; we give block l the LoRA rank
 max(1, round(rank x z_l / mean z)) with z_l the coarse (post-sigmoid) block scores, so the mean rank
-stays `rank` and the trainable budget matches plain LoRA. When the allocator computed block scores
+stays `rank` and the trainable budget matches plain LoRA. PEFT scales a LoRA update by alpha / r, so a
+fixed alpha would give the low-rank (least important) blocks the largest updates (ranks 3 and 13:
+scalings 5.33 and 1.23); each block's alpha is scaled with its rank instead, so every block keeps the
+scaling `alpha / rank` of plain LoRA and importance changes capacity only. When the allocator computed block scores
 (`Allocator.block_weights`, e.g. `cfsp_coarse`) they are reused; otherwise they are computed on the
 pruned model (one forward pass over the calibration samples, sigmoid sharpness `importance_a`).
 
@@ -79,6 +82,15 @@ def lora_ranks(model: nn.Module, rank: int, block_weights: Optional[list[float]]
     return ranks
 
 
+def lora_config(ranks: dict[str, int], options: RecoveryOptions) -> LoraConfig:
+    """PEFT's config for these per-linear ranks, with alpha / r = options.alpha / options.rank everywhere."""
+    patterns = {re.escape(name): r for name, r in ranks.items()}
+    return LoraConfig(r=options.rank, lora_alpha=options.alpha, lora_dropout=0.0, target_modules=list(ranks),
+                      rank_pattern=patterns,
+                      alpha_pattern={name: options.alpha * r / options.rank for name, r in patterns.items()},
+                      bias="none")
+
+
 def recover(model: nn.Module, windows: torch.Tensor, samples: torch.Tensor, options: RecoveryOptions,
             block_weights: Optional[list[float]], seed: int, device: str) -> tuple[nn.Module, dict]:
     """Fine-tune `model` with (IG-)LoRA on `windows` (options.windows, options.seqlen), returns the
@@ -89,9 +101,7 @@ def recover(model: nn.Module, windows: torch.Tensor, samples: torch.Tensor, opti
     if options.name == "ig_lora" and block_weights is None:
         block_weights = sigmoid_scores(block_distances(model, samples, device), options.importance_a)
     ranks = lora_ranks(model, options.rank, block_weights if options.name == "ig_lora" else None)
-    config = LoraConfig(r=options.rank, lora_alpha=options.alpha, lora_dropout=0.0,
-                        target_modules=list(ranks),
-                        rank_pattern={re.escape(name): r for name, r in ranks.items()}, bias="none")
+    config = lora_config(ranks, options)
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, config).to(device)
     peft_model.train()
@@ -112,6 +122,7 @@ def recover(model: nn.Module, windows: torch.Tensor, samples: torch.Tensor, opti
     summary = {
         "kind": options.name, "steps": options.steps, "batch": options.batch,
         "seqlen": options.seqlen, "lr": options.lr, "lora_alpha": options.alpha,
+        "lora_scaling": options.alpha / options.rank,
         "ranks_per_block": [ranks[f"{arch.block_name(i)}.{arch.ffn_out}"] for i in range(len(arch.blocks(model)))],
         "trainable_params": sum(p.numel() for p in trainable),
         "loss_first": sum(losses[:window]) / window, "loss_last": sum(losses[-window:]) / window,

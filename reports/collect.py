@@ -38,11 +38,6 @@ from reports.html import render
 from reports.plots import write_plots
 from reports.select import unique_results
 
-try:  # the paper-protocol comparison (issue 12); until it exists the column says "-"
-    from bench.protocol import protocol_differences
-except ImportError:
-    protocol_differences = None
-
 FORMATS = ("md", "csv", "tex", "html")
 
 
@@ -380,9 +375,11 @@ def _not_run(result: Optional[Result]) -> str:
 
 
 def _differences(result: Result, target: dict) -> str:
-    if protocol_differences is None or not target.get("protocol"):
+    """Where the cell's protocol differs from the paper's (the cell records it when the preset carries
+    `paper_protocol`)."""
+    if "paper_differences" not in result.protocol:
         return "-"
-    return "; ".join(protocol_differences(result.protocol, target["protocol"])) or "none"
+    return "; ".join(result.protocol["paper_differences"]) or "none"
 
 
 def targets_table(unique: list[Result], labels: dict[int, str]) -> Optional[Table]:

@@ -134,7 +134,9 @@ def test_resume_runs_only_failed_cells_then_completes(tmp_path):
     def by_data():
         return {r.config["data"]["calib"]["dataset"]: r for r in records.read_results(sweep_dir).records}
 
-    assert _run(*command).returncode == 0  # a failed cell does not fail the sweep
+    failing = _run(*command)  # the sweep runs past a failed cell, then exits 1 naming it and why
+    assert failing.returncode == 1, failing.stderr[-2000:]
+    assert "1 cell(s) of the sweep failed" in failing.stderr and "failed: DataUnavailable: corpus 'c4'" in failing.stderr
     first = by_data()
     assert first["pydoc"].status == "ok" and first["c4"].status == "failed"
     assert first["c4"].error.type == "DataUnavailable"

@@ -34,7 +34,7 @@ class Metric:
 
     name: str
     direction: str  # "lower" or "higher" is better
-    unit: str  # "" (a plain number), "%" or "x" (a ratio)
+    unit: str  # "" (a plain number), "%", "pp" (percentage points) or "x" (a ratio)
     label: str  # column label; {arg} is the argument after the slash
     decimals: int
     read: Callable[[dict, str], Optional[float]]  # (record metrics, argument) -> value in display units
@@ -69,13 +69,28 @@ def _speedup(metrics: dict, stage: str) -> Optional[float]:
     return metrics.get("speed", {}).get(f"{stage}_speedup")
 
 
+def _across_records(metrics: dict, _: str) -> None:
+    """A metric no single record holds: it compares two (see `accuracy_drop`)."""
+    return None
+
+
 METRICS = {m.name: m for m in (
     Metric("ppl", "lower", "", "{arg} ppl", 2, _ppl),
     Metric("acc", "higher", "%", "{arg} acc", 1, _accuracy("acc")),  # the task's configured acc or acc_norm
     Metric("acc_norm", "higher", "%", "{arg} acc_norm", 1, _accuracy("acc_norm")),
     Metric("acc_avg", "higher", "%", "avg acc", 1, _acc_avg),
     Metric("speedup", "higher", "x", "{arg} speed-up", 2, _speedup, default_arg="prefill"),
+    # percentage points of acc_avg lost against the dense cell of the same sweep and protocol
+    Metric("acc_avg_drop", "lower", "pp", "avg acc drop", 2, _across_records),
 )}
+NEEDS_DENSE = ("acc_avg_drop",)  # metrics computed from a record and the dense record beside it
+
+
+def accuracy_drop(result: "Result", dense: "Result") -> Optional[float]:
+    """`acc_avg_drop` of `result`: the dense cell's average zero-shot accuracy minus the result's, in
+    percentage points (positive: pruning lost accuracy); None when either has no zero-shot average."""
+    ours, baseline = result.value("acc_avg"), dense.value("acc_avg")
+    return None if ours is None or baseline is None else baseline - ours
 
 
 def metric(name: str) -> Metric:
@@ -83,7 +98,7 @@ def metric(name: str) -> Metric:
     family = name.partition("/")[0]
     if family not in METRICS:
         raise KeyError(f"metric {name!r} is not known; allowed: "
-                       f"{', '.join(m.name + ('' if m.name == 'acc_avg' else '/<arg>') for m in METRICS.values())}")
+                       f"{', '.join(m.name + ('' if m.name in ('acc_avg', 'acc_avg_drop') else '/<arg>') for m in METRICS.values())}")
     return METRICS[family]
 
 

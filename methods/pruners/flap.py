@@ -36,6 +36,13 @@ class FLAP(GlobalSelectionPruner):
         variance = (stats.sq_sum / stats.ntokens - mean ** 2).clamp_min(0)
         return variance * view.block.get_submodule(arch.ffn_out).weight.float().pow(2).sum(0)
 
+    def dense_state(self) -> dict:
+        # the channel means are dense statistics too: without them a cached cell cannot compensate
+        return {"scores": self.scores, "means": self.means}
+
+    def load_dense_state(self, state: dict) -> None:
+        self.scores, self.means = state["scores"], state["means"]
+
     @torch.no_grad()
     def compensate(self, view, removed: torch.Tensor) -> None:
         out = view.block.get_submodule(view.arch.ffn_out)

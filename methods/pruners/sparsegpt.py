@@ -11,7 +11,8 @@ weight w_q of a row is
 SparseGPT processes columns left to right, so every row shares one sequence of inverse Hessians; those
 are read off the upper Cholesky factor of H^-1 (row i of the factor, divided by its diagonal, is the
 OBS update restricted to columns >= i). The mask is chosen adaptively per block of `blocksize`
-columns (lowest w^2/[U]_ii^2 over the block: exactly the target fraction per block), and for N:M
+columns (w^2/[U]_ii^2 <= its int(sparsity * count)-th smallest value over the block, the
+reference's rule: one weight more than the target fraction per block, more on ties), and for N:M
 patterns per group of M columns, just before those columns are processed.
 
 Joint quantization (`wbits`, section 3.5 of the paper): every kept weight is replaced by its value on
@@ -103,7 +104,7 @@ def sparsegpt(W: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: 
         errors = torch.zeros_like(W_block)
         if pattern.kind == "unstructured":
             saliency = W_block ** 2 / U_block.diagonal().unsqueeze(0) ** 2
-            mask = masks.lowest_fraction_mask(saliency, sparsity, per_row=False)
+            mask = masks.threshold_mask(saliency, sparsity)
         else:
             mask = torch.zeros_like(W_block, dtype=torch.bool)
         for i in range(end - start):
