@@ -137,7 +137,10 @@ def test_schedules_run_end_to_end_and_hit_target(model, method, make_config, tmp
         assert abs(sparsity["measured"] - 0.7) < 0.001
     assert len(set(sparsity["allocated"].values())) > 1  # really non-uniform
     for name, rate in sparsity["allocated"].items():
-        assert abs(sparsity["per_layer"][name] - rate) < 0.01
+        if method == "owl_wanda":  # a whole number of weights per row of 64 inputs, rounded down
+            assert rate - 1 / 64 < sparsity["per_layer"][name] <= rate + 1e-9
+        else:
+            assert abs(sparsity["per_layer"][name] - rate) < 0.01
 
 
 def test_schedule_plot_writes_png_and_svg(tmp_path):
