@@ -19,7 +19,7 @@ import socket
 import time
 import traceback
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import transformers
@@ -205,22 +205,8 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool, out_dir: Path, save_to
         return shared.tokens(text, lambda: data.tokenize(tokenizer, text))
 
     with _Stage(result, "calib_data"):
-        calib = cfg.data.calib
-        corpus = _corpus(cfg, calib.dataset, calib.split, "calib")
-        _note_fallback(result, corpus, "calibration")
-
-        def draw(nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-            if corpus.documents is not None:  # C4: the references' document sampler
-                return data.document_samples(tokenizer, corpus.documents, nsamples, seqlen, seed)
-            return data.calibration_samples(tokens(corpus.text), nsamples, seqlen, seed, key=corpus.key)
-
-        samples = draw(calib.nsamples, calib.seqlen, cfg.seed)
-        if corpus.fallback_for is not None:  # the protocol is what ran, not what was asked for
-            result.protocol = _protocol(cfg, result.config, {"calib_dataset": f"pydoc (fallback for {calib.dataset})",
-                                                             "calib_sampling": data.STREAM_SAMPLING})
-        result.data = {"calib": {"dataset": corpus.name, "split": corpus.split, "source": corpus.source,
-                                 "fallback_for": corpus.fallback_for, "nsamples": calib.nsamples,
-                                 "seqlen": calib.seqlen}}
+        draw = _calibration(cfg, result, tokenizer, tokens)
+        samples = draw(cfg.data.calib.nsamples, cfg.data.calib.seqlen, cfg.seed)
 
     method = methods.build(cfg.method)
     result.cell.wbits = method.pruner.bits
@@ -305,6 +291,28 @@ def _check_devices(cfg: RunConfig) -> None:
                           f"allowed: 0..{torch.cuda.device_count()}")
 
 
+def _calibration(cfg: RunConfig, result: Result, tokenizer, tokens: Callable[[str], torch.Tensor]
+                 ) -> Callable[[int, int, int], torch.Tensor]:
+    """The calibration sampler draw(nsamples, seqlen, seed) of the cell's corpus, which it records in
+    `result.data` (and, when the corpus fell back, in `result.protocol`: what ran, not what was asked)."""
+    calib = cfg.data.calib
+    corpus = _corpus(cfg, calib.dataset, calib.split, "calib")
+    _note_fallback(result, corpus, "calibration")
+
+    def draw(nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+        if corpus.documents is not None:  # C4: the references' document sampler
+            return data.document_samples(tokenizer, corpus.documents, nsamples, seqlen, seed)
+        return data.calibration_samples(tokens(corpus.text), nsamples, seqlen, seed, key=corpus.key)
+
+    if corpus.fallback_for is not None:
+        result.protocol = _protocol(cfg, result.config, {"calib_dataset": f"pydoc (fallback for {calib.dataset})",
+                                                         "calib_sampling": data.STREAM_SAMPLING})
+    result.data = {"calib": {"dataset": corpus.name, "split": corpus.split, "source": corpus.source,
+                             "fallback_for": corpus.fallback_for, "nsamples": calib.nsamples,
+                             "seqlen": calib.seqlen}}
+    return draw
+
+
 def _run_streamed(cfg: RunConfig, result: Result, use_cache: bool, save_to: Optional[Path]) -> None:
     """The cell with the model never whole in memory (bench/streaming.py): blocks are read from
     model.path's shards when the engine reaches them, pruned, written to the cell's save folder and
@@ -325,13 +333,8 @@ def _run_streamed(cfg: RunConfig, result: Result, use_cache: bool, save_to: Opti
         return shared.tokens(text, lambda: data.tokenize(tokenizer, text))
 
     with _Stage(result, "calib_data"):
-        calib = cfg.data.calib
-        corpus = _corpus(cfg, calib.dataset, calib.split, "calib")
-        _note_fallback(result, corpus, "calibration")
-        samples = data.calibration_samples(tokens(corpus.text), calib.nsamples, calib.seqlen, cfg.seed, key=corpus.key)
-        result.data = {"calib": {"dataset": corpus.name, "split": corpus.split, "source": corpus.source,
-                                 "fallback_for": corpus.fallback_for, "nsamples": calib.nsamples,
-                                 "seqlen": calib.seqlen}}
+        draw = _calibration(cfg, result, tokenizer, tokens)
+        samples = draw(cfg.data.calib.nsamples, cfg.data.calib.seqlen, cfg.seed)
     method = methods.build(cfg.method)
     result.cell.wbits = method.pruner.bits
     evaluated = source
