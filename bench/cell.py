@@ -85,6 +85,10 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
         _run(cfg, result, cache, out_dir, save_to)
         _check_metrics(result.metrics)
         result.status = "ok"
+    except ConfigError as exc:  # bad input found late (e.g. an LLM without a chat template): one line
+        log.error("cell failed: %s", exc)
+        result.status = "failed"
+        result.error = Failure(type(exc).__name__, str(exc), traceback.format_exc())
     except Exception as exc:  # recorded, not raised: the sweep goes on
         log.exception("cell failed")
         result.status = "failed"

@@ -72,6 +72,13 @@ def rerun_mode(cfg: DictConfig) -> str:
     return mode
 
 
+def sweep_arguments(config: DictConfig) -> list[str]:
+    """The sweep's overrides as Hydra's basic sweeper builds them: `hydra.sweeper.params` first (where an
+    experiment preset puts its grid), then the command line's, so a command-line value wins."""
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    return [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
+
+
 def cell_overrides(task_overrides: list[str]) -> list[list[str]]:
     """The cross product of a multirun's task overrides, in the order Hydra's basic sweeper runs it."""
     parsed = OverridesParser.create().parse_overrides(task_overrides)
@@ -109,9 +116,10 @@ class SweepCallback(Callback):
         loader = GlobalHydra.instance().config_loader()
         sweep_dir = Path(str(config.hydra.sweep.dir))
         try:
-            cells = expand(list(config.hydra.overrides.task), lambda o: loader.load_sweep_config(config, o))
+            cells = expand(sweep_arguments(config), lambda o: loader.load_sweep_config(config, o))
             _size_launcher(config, [cell.config.hydra.launcher for cell in cells])
             _check_launcher(config)
+            _probe_llm_endpoints(cells)
             sweep_dir.mkdir(parents=True, exist_ok=True)
             self.lock = lock_sweep_dir(sweep_dir)
             merge_manifest(sweep_dir, [{"overrides": c.overrides, "config_hash": c.config_hash} for c in cells])
@@ -129,6 +137,25 @@ class SweepCallback(Callback):
         if self.lock is not None:
             os.close(self.lock)  # releases the flock
             self.lock = None
+
+
+def _probe_llm_endpoints(cells: list[Cell]) -> None:
+    """Each HTTP LLM a search of the sweep would call, probed once before any cell runs: a missing key
+    variable or an unreachable server stops the sweep in one line, instead of failing every cell after its
+    model has loaded. (A local LLM's chat template is checked by its cell, before any pruning.)"""
+    from bench import llm  # imports the openai client: only sweeps with an HTTP LLM pay for it
+
+    probed = []  # LLMConfig is a plain (unhashable) dataclass
+    for cell in cells:
+        options = validate(OmegaConf.create(cell.resolved)).method.allocator_options
+        chat = getattr(options, "llm", None)
+        if chat is None or chat.backend != "http" or chat.replay or chat in probed:
+            continue
+        probed.append(chat)
+        try:
+            llm.make_backend(chat)
+        except ConfigError as exc:
+            raise ConfigError(f"cell [{' '.join(cell.overrides)}]: {exc}") from None
 
 
 def lock_sweep_dir(sweep_dir: Path) -> int:

@@ -76,6 +76,15 @@ def test_launcher_asks_for_the_largest_model_of_the_sweep():
     assert launcher.mem_gb == 64  # given explicitly: left alone
 
 
+def test_an_experiments_grid_is_part_of_the_sweep_and_the_command_line_wins():
+    # allocator_league's grid (10 methods x 3 seeds) lives in hydra.sweeper.params, not on the command line
+    cells = sweep.cell_overrides(sweep.sweep_arguments(_primary("experiment=allocator_league")))
+    assert len(cells) == 30
+    cells = sweep.cell_overrides(sweep.sweep_arguments(_primary("experiment=allocator_league", "seed=0")))
+    assert len(cells) == 10 and all("seed=0" in c for c in cells)
+    assert len({next(o for o in c if o.startswith("method=")) for c in cells}) == 10
+
+
 def test_local_launcher_gets_one_cell_at_a_time_unless_told():
     for overrides, expected in (((), 1), (("hydra.sweeper.max_batch_size=3",), 3)):
         primary = _primary("hydra/launcher=local", *overrides)
@@ -267,3 +276,17 @@ def test_dense_statistics_of_real_methods_are_cached_and_give_the_same_pruning(m
     assert runs[0][1] and not runs[1][1]  # the second run took the dense statistics from the cache
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(runs[0][2][k], runs[1][2][k]) for k in runs[0][2])
+
+
+def test_an_unreachable_or_keyless_llm_endpoint_stops_the_sweep_before_any_cell(tmp_path):
+    env = {**os.environ, "PB_KEY": "k"}
+    env.pop("PB_NO_KEY", None)
+    base = [sys.executable, "run.py", "-m", "model=llama-tiny", "method=self_pruner", "sparsity=0.3,0.5",
+            "method.llm.backend=http", "method.llm.base_url=http://127.0.0.1:9/v1"]
+    for key_env, message in (("PB_NO_KEY", "environment variable is not set"), ("PB_KEY", "is unreachable")):
+        sweep_dir = tmp_path / key_env
+        proc = subprocess.run(base + [f"method.llm.api_key_env={key_env}", f"hydra.sweep.dir={sweep_dir}"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0
+        assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert not list(sweep_dir.rglob(records.RESULT_FILE))  # no cell ran
