@@ -290,3 +290,10 @@ def test_an_unreachable_or_keyless_llm_endpoint_stops_the_sweep_before_any_cell(
         assert proc.returncode != 0
         assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert not list(sweep_dir.rglob(records.RESULT_FILE))  # no cell ran
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
+def test_every_cell_of_every_shipped_experiment_validates(experiment):
+    primary = _primary(f"experiment={experiment}")
+    cells = sweep.expand(sweep.sweep_arguments(primary), lambda overrides: compose(overrides, with_hydra=True))
+    assert cells and all(f"experiment={experiment}" in cell.overrides for cell in cells)
