@@ -73,7 +73,7 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
         status="running", config_hash=config_hash,
         cell=CellKey(model=cfg.model.name, method=cfg.method.name, sparsity=cfg.sparsity,
                      sparsity_type=str(cfg.method.pattern), protocol=cfg.protocol, seed=cfg.seed,
-                     wbits=None),
+                     wbits=None, display=cfg.method.display),
         config=resolved, provenance=provenance.provenance(), protocol=_protocol(cfg, resolved),
         process={"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                  "started": time.time()})

@@ -28,8 +28,13 @@ NON_IDENTITY_KEYS = ("save_dir", "save_format", "device", "targets", "paper_prot
 PACKAGES = ("torch", "transformers", "hydra-core", "omegaconf", "lm-eval", "submitit", "wandb", "gguf")
 
 
+NON_IDENTITY_METHOD_KEYS = ("display",)  # how tables name a method changes no number
+
+
 def config_hash(resolved: dict) -> str:
     identity = {k: v for k, v in resolved.items() if k not in NON_IDENTITY_KEYS}
+    if isinstance(identity.get("method"), dict):
+        identity["method"] = {k: v for k, v in identity["method"].items() if k not in NON_IDENTITY_METHOD_KEYS}
     canonical = json.dumps(identity, sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

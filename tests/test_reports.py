@@ -35,9 +35,9 @@ TARGETS = [
 
 
 def fake(root: Path, model: str, method: str, sparsity: float, ppl=None, accs=None, status="ok", loaded=True,
-         seed=0, options=None, targets=TARGETS, protocol_id=None, sparsity_type="unstructured"):
+         seed=0, options=None, targets=TARGETS, protocol_id=None, sparsity_type="unstructured", display=None):
     cell = {"model": model, "method": method, "sparsity": sparsity, "sparsity_type": sparsity_type,
-            "protocol": "quick", "seed": seed}
+            "protocol": "quick", "seed": seed, **({"display": display} if display else {})}
     options = options or {}
     config = {"targets": targets, "seed": seed, "sparsity": sparsity, "model": {"name": model},
               "method": {"name": method, **options}}
@@ -295,6 +295,38 @@ def test_wandb_run_starts_with_the_cell_named_per_cell_and_seed(make_config, tmp
     (name0, group, status), done, (name1, _, _), _ = started
     assert status == "running" and done == "finished"  # before: the run was created after the cell ended
     assert group == tmp_path.name and name0 != name1 and "seed0" in name0 and "seed1" in name1
+
+
+def test_tables_name_methods_by_their_presets_display_name(make_config, tmp_path):
+    """A cell records its preset's `display`; tables (markdown, LaTeX, HTML) print it, with the keys that
+    tell apart rows of one method and the N:M pattern; a record without one (before schema 3) shows the
+    method's name. How a method is named is not part of the cell's identity."""
+    from omegaconf import OmegaConf
+
+    from bench.config import CONF_DIR
+
+    def preset_display(name: str) -> str:
+        return OmegaConf.load(CONF_DIR / "method" / f"{name}.yaml").display
+
+    cfg, resolved = make_config("model=llama-tiny", "method=magnitude", *TINY)
+    renamed, renamed_resolved = make_config("model=llama-tiny", "method=magnitude", *TINY, "method.display=Mag.")
+    result = run_cell(cfg, resolved, tmp_path / "real")
+    assert result.cell.display == preset_display("magnitude") != "magnitude"
+    assert records.read_result(tmp_path / "real" / records.RESULT_FILE).cell.display == result.cell.display
+    assert result.config_hash == run_cell(renamed, renamed_resolved, tmp_path / "real", sweep_dir=tmp_path / "real").config_hash
+
+    owl, wanda = preset_display("owl_wanda"), preset_display("wanda")
+    root = tmp_path / "sweep"
+    for lam, ppl in ((0.04, 21.0), (0.08, 22.0)):
+        fake(root, "llama-tiny", "owl_wanda", 0.5, ppl, targets=[], options={"lam": lam}, display=owl)
+    fake(root, "llama-tiny", "wanda", 0.5, 20.0, targets=[], sparsity_type="2:4", display=wanda)
+    fake(root, "llama-tiny", "magnitude", 0.5, 30.0, targets=[])  # an old record: no display name
+    report = collect(root, write=False)
+    rows = sorted(row[1] for row in report.results.rows)
+    assert rows == sorted([f"{owl} (lam=0.04)", f"{owl} (lam=0.08)", f"{wanda} (2:4)", "magnitude"])
+    for text in (report.results.latex, report.results.html):
+        assert f"{owl} (lam=0.04)" in text and f"{wanda} (2:4)" in text
+    assert set(report.long["row"]) == set(rows)
 
 
 def test_two_four_speedup_says_not_measured_on_cpu(tmp_path):
