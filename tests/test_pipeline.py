@@ -4,8 +4,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
+import methods
+from bench import models
 from bench.cell import run_cell
+from bench.core import engine, families
 from tests.conftest import TINY
 
 
@@ -25,7 +29,6 @@ def test_full_pipeline_writes_complete_result(model, method, make_config, tmp_pa
 
 
 def test_nm_pruned_checkpoint_reloads_identically(make_config, tmp_path):
-    import torch
     import transformers
 
     from bench.core.families import prunable_linears
@@ -72,12 +75,6 @@ def test_dense_cells_of_a_sweep_run_once(make_config, tmp_path):
 def test_engine_reports_each_block_of_each_pass_as_it_is_done(method, extra, stages, make_config):
     """`on_block` hears of every block of the dense pass and the pruning pass, in order, while they run:
     when block i of the pruning pass is reported, it is pruned and block i + 1 is not yet."""
-    import torch
-
-    import methods
-    from bench import models
-    from bench.core import engine, families
-
     cfg, _ = make_config("model=llama-tiny", f"method={method}", *extra, *TINY)
     model, _ = models.load(cfg.model)
     family = families.arch_for(model)
