@@ -96,9 +96,9 @@ def test_a_presets_sweep_params_are_cells_of_the_whole_sweep(tmp_path, caplog):
         callback.on_multirun_end(primary)
     listed = [cell["overrides"] for cell in records.read_manifest(tmp_path)]
     assert len(listed) == 12 and len({c["config_hash"] for c in records.read_manifest(tmp_path)}) == 12
-    assert sorted(tuple(o for o in cell if o.split("=")[0] in ("model", "method", "seed")) for cell in listed) == sorted(
-        (f"model={m}", f"method={p}", f"seed={s}") for m in ("llama-tiny", "opt-125m")
-        for p in ("dense", "magnitude", "wanda") for s in (0, 1))
+    swept = sorted(tuple(o for o in cell if o.split("=")[0] in ("model", "method", "seed")) for cell in listed)
+    assert swept == sorted((f"model={m}", f"method={p}", f"seed={s}") for m in ("llama-tiny", "opt-125m")
+                           for p in ("dense", "magnitude", "wanda") for s in (0, 1))
     assert "sweep of 12 cells validated" in caplog.text
     assert len(status(tmp_path)[0]) == 12
 
