@@ -73,7 +73,7 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
         status="running", config_hash=config_hash,
         cell=CellKey(model=cfg.model.name, method=cfg.method.name, sparsity=cfg.sparsity,
                      sparsity_type=str(cfg.method.pattern), protocol=cfg.protocol, seed=cfg.seed,
-                     wbits=None),
+                     wbits=None, display=cfg.method.display),
         config=resolved, provenance=provenance.provenance(), protocol=_protocol(cfg, resolved),
         process={"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                  "started": time.time()})
@@ -188,6 +188,7 @@ class _Stage:
 
     def __exit__(self, *exc):
         self.result.timings[self.name] = time.perf_counter() - self.start
+        tracking.log_live({f"time/{self.name}": self.result.timings[self.name]})
 
 
 def _run(cfg: RunConfig, result: Result, use_cache: bool, out_dir: Path, save_to: Optional[Path]) -> None:
@@ -220,8 +221,9 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool, out_dir: Path, save_to
         reference = copy.deepcopy(model) if cfg.eval.speed else None
     progress.stage("prune")
     report = engine.prune(model, method, samples, cfg.sparsity, cfg.device, cache=shared,
-                          make_llm=llm.make_backend)
+                          make_llm=llm.make_backend, on_block=tracking.log_block)
     result.timings.update(report.seconds)
+    tracking.log_live({f"time/{stage}": seconds for stage, seconds in report.seconds.items()})
     _check_finite(model, f"after pruning with {cfg.method.name}")
     if structured:
         result.sparsity = {"target": cfg.sparsity, **families.structured_sparsity(model, dense_sizes, dense_params),
@@ -254,9 +256,11 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool, out_dir: Path, save_to
                                                            out_dir)
             # local task YAMLs carry the real task names: the record says they are mirrors
             result.metrics["zeroshot"]["mirror"] = cfg.eval.zeroshot.include_path is not None
+        _log_measured(result, "acc", "acc_avg")
     if structured and reference is not None:
         with _Stage(result, "speed"):
             result.metrics["speed"] = speed.measure(reference, model, cfg.eval.speed, cfg.device, cfg.seed)
+        _log_measured(result, "speedup")
     result.cache = shared.report
     result.warnings += shared.warnings
 
@@ -280,9 +284,16 @@ def _perplexities(cfg: RunConfig, result: Result, model, tokens, shared: caching
             ppl = shared.dense_ppl(windows, cfg.device, evaluate) if cfg.method.dense else evaluate()
             key = name if corpus.fallback_for is None else f"{name}(pydoc fallback)"
             result.metrics["ppl"][key] = ppl
+            tracking.log_live({f"ppl/{key}": ppl})
             result.data["eval"][key] = {"dataset": corpus.name, "split": corpus.split, "source": corpus.source,
                                         "seqlen": ppl_cfg.seqlen, "windows": int(windows.shape[0])}
         log.info("%s %s %.0f%%: %s ppl = %.3f", cfg.model.name, cfg.method.name, 100 * cfg.sparsity, key, ppl)
+
+
+def _log_measured(result: Result, *families: str) -> None:
+    """Log the result's metrics of these families (`METRICS` names) to the cell's W&B run as they are measured."""
+    tracking.log_live({name: value for name, value in result.metric_values().items()
+                       if name.partition("/")[0] in families})
 
 
 def _check_devices(cfg: RunConfig) -> None:
@@ -344,10 +355,11 @@ def _run_streamed(cfg: RunConfig, result: Result, use_cache: bool, save_to: Opti
     evaluated = source
     if not cfg.method.dense:
         stream, report = streaming.prune_streamed(source, target, method, samples, cfg.sparsity, cfg.device, dtype,
-                                                  cache=shared)
+                                                  cache=shared, on_block=tracking.log_block)
         tokenizer.save_pretrained(target)
         checkpoint.write_recipe(target, result, result.config)
         result.timings.update(report.seconds)
+        tracking.log_live({f"time/{stage}": seconds for stage, seconds in report.seconds.items()})
         result.sparsity = {"target": cfg.sparsity, "measured": stream.sparsity, "allocated": report.rates}
         result.allocator = report.details
         result.saved_to = str(target.resolve())
@@ -363,6 +375,7 @@ def _run_streamed(cfg: RunConfig, result: Result, use_cache: bool, save_to: Opti
                                             key=corpus.key)
                 key = name if corpus.fallback_for is None else f"{name}(pydoc fallback)"
                 result.metrics["ppl"][key] = streaming.streamed_perplexity(evaluated, windows, cfg.device, dtype)
+                tracking.log_live({f"ppl/{key}": result.metrics["ppl"][key]})
                 result.data["eval"][key] = {"dataset": corpus.name, "split": corpus.split, "source": corpus.source,
                                             "seqlen": ppl_cfg.seqlen, "windows": int(windows.shape[0])}
     result.cache = shared.report

@@ -6,10 +6,11 @@
 - Per-block FFN widths (or a width the family's config cannot express, BLOOM's 4 x hidden): the model code
   ships with the checkpoint (`modeling_prunebench.py`, `auto_map`), the convention of per-layer-width
   models on the hub: `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.
-- `save_format=bitmask`: every prunable weight stored as its non-zeros plus a bit mask (the tensor layout
-  of compressed-tensors' sparse-bitmask: `compressed`, `bitmask`, `shape`, `row_offsets`), decompressed by
-  the shipped model code. compressed-tensors 0.20 dropped its sparse compressors and transformers 5's
-  compressed-tensors loader has no sparsity path, so neither can write or read it for us.
+- `save_format=bitmask`: every prunable weight `<linear>.weight` stored as its non-zeros plus a bit mask,
+  as compressed-tensors' sparse-bitmask compressor (<= 0.14.0.1) stores it: tensors `<linear>.compressed`,
+  `.bitmask`, `.shape`, `.row_offsets` (that release's `BitmaskCompressor.decompress` reads them:
+  scripts/check_compressed_tensors.py), decompressed on load by the shipped model code. The releases
+  that transformers 5 can use (>= 0.15) have no sparse compressor (README, "Checkpoints").
 
 Every checkpoint carries its recipe: `recipe.yaml` (the resolved config) and `prunebench.json` (the
 result record, with the protocol id). `use_cache` is saved as true: it is an inference setting that the
@@ -120,7 +121,7 @@ def _compress(directory: Path, linears: set[str], result: Optional[Result]) -> N
         for key, tensor in state.items():
             name = key.removesuffix(".weight")
             if key.endswith(".weight") and name in linears:
-                out.update({f"{key}_{part}": value for part, value in bitmask_compress(tensor).items()})
+                out.update({f"{name}.{part}": value for part, value in bitmask_compress(tensor).items()})
             else:
                 out[key] = tensor
         save_file(out, file, metadata={"format": "pt"})
@@ -166,15 +167,15 @@ def _resized(linear, in_features, out_features, bias):
 def _decompress(state):
     out = {{}}
     for key in list(state):
-        if key.endswith(".weight_compressed"):
-            name = key[: -len("_compressed")]
-            shape = tuple(state[name + "_shape"].tolist())
-            bits = np.unpackbits(state[name + "_bitmask"].numpy(), axis=1, bitorder="little")[:, : shape[1]]
+        if key.endswith(".compressed"):
+            name = key[: -len(".compressed")]
+            shape = tuple(state[name + ".shape"].tolist())
+            bits = np.unpackbits(state[name + ".bitmask"].numpy(), axis=1, bitorder="little")[:, : shape[1]]
             mask = torch.from_numpy(bits.astype(bool))
             dense = torch.zeros(shape, dtype=state[key].dtype)
             dense[mask] = state[key]
-            out[name] = dense
-        elif not any(key.endswith(s) for s in ("_bitmask", "_shape", "_row_offsets")):
+            out[name + ".weight"] = dense
+        elif not any(key.endswith(s) for s in (".bitmask", ".shape", ".row_offsets")):
             out[key] = state[key]
     return out
 

@@ -25,11 +25,14 @@ import torch
 
 # Keys that do not change the numbers a cell produces, so they stay out of its identity.
 NON_IDENTITY_KEYS = ("save_dir", "save_format", "device", "targets", "paper_protocol", "logger", "rerun", "cache")
+NON_IDENTITY_METHOD_KEYS = ("display",)  # how tables name a method changes no number
 PACKAGES = ("torch", "transformers", "hydra-core", "omegaconf", "lm-eval", "submitit", "wandb", "gguf")
 
 
 def config_hash(resolved: dict) -> str:
     identity = {k: v for k, v in resolved.items() if k not in NON_IDENTITY_KEYS}
+    if isinstance(identity.get("method"), dict):
+        identity["method"] = {k: v for k, v in identity["method"].items() if k not in NON_IDENTITY_METHOD_KEYS}
     canonical = json.dumps(identity, sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

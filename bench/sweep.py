@@ -1,7 +1,8 @@
 """Sweep-level checks and bookkeeping, run once on the submitting machine before any cell starts.
 
 `SweepCallback` is registered in conf/config.yaml (`hydra.callbacks`). On `python run.py -m ...` it:
-- expands the sweep's cross product and validates every cell (`bench.config.validate`), so a typo in the
+- expands the sweep's cross product (the command line's overrides and `hydra.sweeper.params`, the sweep
+  a preset declares) and validates every cell (`bench.config.validate`), so a typo in the
   last value of a sweep fails before anything is submitted, naming the cell, the key and the value;
 - sizes the launcher: launcher keys that interpolate `model.resources` resolve against the sweep's
   *primary* config, where a swept model group is still the default model, so they are set to the
@@ -80,7 +81,8 @@ def sweep_arguments(config: DictConfig) -> list[str]:
 
 
 def cell_overrides(task_overrides: list[str]) -> list[list[str]]:
-    """The cross product of a multirun's task overrides, in the order Hydra's basic sweeper runs it."""
+    """The cross product of a multirun's overrides (`sweep_arguments`), in the order Hydra's basic sweeper
+    runs it."""
     parsed = OverridesParser.create().parse_overrides(task_overrides)
     return BasicSweeper.split_arguments(parsed, None)[0]
 

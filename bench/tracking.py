@@ -1,7 +1,10 @@
 """Log a cell as a W&B run (`logger=wandb`), started with the cell (`start`, so W&B lists it while it
-runs) and filled when it ends (`log_cell`): its resolved config, its metrics as summary
-values under their registry names (`bench.core.records.METRICS`), the per-layer sparsity (history, one
-step per pruned linear, plus a table) and a table of its metrics. Runs of one sweep share a group (the
+runs), fed while it runs (`log_live`, `log_block`: each stage's seconds as it ends, each block of the
+dense and pruning passes as it is done, each perplexity and the zero-shot scores as they are measured;
+W&B's own system monitor samples CPU, memory, disk and GPU meanwhile) and filled when it ends
+(`log_cell`): its resolved config, its metrics as summary values under their registry names
+(`bench.core.records.METRICS`), the per-layer sparsity (history, one step per pruned linear, plus a
+table) and a table of its metrics. Every logged value is a number. Runs of one sweep share a group (the
 sweep dir's name), which the W&B Report of `python -m reports wandb-report` filters on.
 
 W&B is an observer: any exception in here is logged as a warning and swallowed, so a missing account,
@@ -11,13 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
 from bench.config import LoggerConfig
+from bench.core.engine import BLOCK_STAGES
 from bench.core.records import Result
 
 log = logging.getLogger(__name__)
+# The W&B run of this process's cell from `start` to `log_cell`: one cell runs per process (see
+# bench.progress), so the stages deep in the cell log to it without being handed it.
+_live = None
 
 
 def summary(result: Result) -> dict:
@@ -39,27 +47,56 @@ def run_name(result: Result) -> str:
 def start(cfg: LoggerConfig, result: Result, out_dir: Path, sweep_dir: Optional[Path]):
     """Start the cell's W&B run when the cell starts, so W&B shows it running; None when logging is off
     or W&B failed."""
+    global _live
+    _live = None
     if cfg.name != "wandb":
         return None
     try:
         import wandb  # seconds to import: only cells that log to W&B pay it
 
         cell = result.cell
-        return wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, dir=str(out_dir),
-                          group=cfg.group or Path(sweep_dir or out_dir).name, job_type="cell", name=run_name(result),
-                          config=result.config, tags=[cell.model, cell.method, cell.protocol],
-                          reinit="finish_previous",
-                          # the result records provenance; W&B's own system/git probes cost ~1 min on a busy CPU
-                          settings=wandb.Settings(console="off", silent=True, x_disable_stats=True,
-                                                  x_disable_meta=True, x_disable_machine_info=True))
+        run = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, dir=str(out_dir),
+                         group=cfg.group or Path(sweep_dir or out_dir).name, job_type="cell", name=run_name(result),
+                         config=result.config, tags=[cell.model, cell.method, cell.protocol],
+                         reinit="finish_previous",
+                         # The system monitor samples this process (W&B's default pid is the one that
+                         # imported wandb) every 15 s; x_disable_machine_info would stop it. The git and
+                         # environment probes (meta) are off: the result records provenance itself.
+                         settings=wandb.Settings(console="off", silent=True, x_disable_meta=True,
+                                                 x_stats_pid=os.getpid()))
+        for stage in BLOCK_STAGES:  # per-block charts over the block index, not W&B's global step
+            run.define_metric(f"{stage}/block_seconds", step_metric=f"{stage}/block")
+        run.define_metric("layer_sparsity", step_metric="layer")
     except Exception as exc:  # noqa: BLE001 - W&B must never fail a cell
         log.warning("W&B logging failed; the cell's result.json is unaffected: %s: %s", type(exc).__name__, exc)
         return None
+    _live = run
+    return run
+
+
+def log_live(values: dict) -> None:
+    """Log `values` (numbers) to the running cell's W&B run now; nothing when it logs to no run. A W&B
+    failure stops the live logging of this cell, with one warning."""
+    global _live
+    if _live is None:
+        return
+    try:
+        _live.log(values)
+    except Exception as exc:  # noqa: BLE001 - W&B must never fail a cell
+        log.warning("W&B live logging stopped; the cell's result.json is unaffected: %s: %s", type(exc).__name__, exc)
+        _live = None
+
+
+def log_block(stage: str, index: int, seconds: float) -> None:
+    """The engine's `on_block`: block `index` of pass `stage` (`BLOCK_STAGES`) took `seconds`."""
+    log_live({f"{stage}/block": index, f"{stage}/block_seconds": seconds})
 
 
 def log_cell(run, result: Result) -> Optional[Path]:
     """Log the finished cell into the run `start` opened and finish it; returns the W&B run dir, or None
     when logging is off or failed."""
+    global _live
+    _live = None
     if run is None:
         return None
     try:

@@ -12,14 +12,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from bench.core.vocab import ConfigError, SparsityPattern, check_choice, typed
+from bench.core.vocab import ConfigError, SparsityPattern, check_choice, check_range, typed
 from methods.allocators import ALLOCATORS
 from methods.base import Method
 from methods.pruners import PRUNERS
 
 __all__ = ["ALLOCATORS", "PRUNERS", "Method", "MethodSpec", "build", "parse"]
 
-SPEC_KEYS = ("name", "allocator", "pruner", "sparsity_type")
+SPEC_KEYS = ("name", "display", "allocator", "pruner", "sparsity_type")
 
 
 @dataclass
@@ -32,6 +32,7 @@ class MethodSpec:
     pattern: SparsityPattern
     allocator_options: Any
     pruner_options: Any
+    display: str = ""  # the name tables print ("OWL (Wanda)"); parse() sets it, to `name` when unset
 
     @property
     def dense(self) -> bool:
@@ -42,11 +43,14 @@ def parse(raw: dict) -> MethodSpec:
     """The `method:` section of a config as a MethodSpec; every key checked by its component's Options."""
     raw = dict(raw)
     name = raw.pop("name", None)
+    display = raw.pop("display", None)
     allocator = raw.pop("allocator", "uniform")
     pruner = raw.pop("pruner", None)
     pattern = SparsityPattern.parse(str(raw.pop("sparsity_type", "unstructured")))
     check_choice("method.allocator", allocator, ALLOCATORS)
     check_choice("method.pruner", pruner, PRUNERS)
+    check_range("method.display", display, display is None or (isinstance(display, str) and display.strip() != ""),
+                "a non-empty string, or null for the method's name")
     alloc_schema, prune_schema = ALLOCATORS[allocator].Options, PRUNERS[pruner].Options
     alloc_keys = {f.name for f in dataclasses.fields(alloc_schema)}
     prune_keys = {f.name for f in dataclasses.fields(prune_schema)}
@@ -56,7 +60,7 @@ def parse(raw: dict) -> MethodSpec:
         raise ConfigError(f"method.{unknown[0]} is not an option of allocator={allocator}, pruner={pruner}; "
                           f"allowed: {', '.join(allowed)}")
     return MethodSpec(
-        name=name or pruner, allocator=allocator, pruner=pruner, pattern=pattern,
+        name=name or pruner, display=display or name or pruner, allocator=allocator, pruner=pruner, pattern=pattern,
         allocator_options=typed("method", alloc_schema, {k: raw[k] for k in alloc_keys & set(raw)}),
         pruner_options=typed("method", prune_schema, {k: raw[k] for k in prune_keys & set(raw)}))
 

@@ -3,7 +3,7 @@
 Row identity: every distinct resolved config (`Result.config`) is its own row, except that `seed` is a
 replicate (cells differing only in seed are aggregated into mean, std and n) and `sparsity` and `model`
 are the sweep's axes (columns and table sections). The row label is the method's display name followed
-by the config keys whose values differ between rows of the same method, e.g. `owl_wanda (lam=0.04)`, so
+by the config keys whose values differ between rows of the same method, e.g. `OWL (Wanda) (lam=0.04)`, so
 a `method.lam=0.04,0.08` sweep shows two rows instead of silently keeping one.
 
 `long_frame` has one row per cell x metric with raw numbers (what the CSV holds); `aggregate` folds the
@@ -25,8 +25,8 @@ from reports.select import method_label
 # do not change a number (bench.provenance.NON_IDENTITY_KEYS, which a report may not import).
 NOT_IDENTITY = ("seed", "sparsity", "model", "targets", "save_dir", "save_format", "device", "logger", "rerun",
                 "cache")
-# Keys already spelled out in the base label (`wanda (2:4) + 4-bit`).
-IN_BASE_LABEL = ("method.name", "method.sparsity_type", "method.wbits")
+# Keys already spelled out in the base label (`Wanda (2:4) + 4-bit`).
+IN_BASE_LABEL = ("method.name", "method.display", "method.sparsity_type", "method.wbits")
 LONG_COLUMNS = ["model", "row", "method", "sparsity", "sparsity_type", "seed", "config_hash", "protocol_id",
                 "status", "metric", "value", "stderr", "order"]
 
@@ -47,20 +47,12 @@ def _identity(result: Result) -> dict[str, str]:
     return _flat(config)
 
 
-def display_name(result: Result) -> str:
-    """The method's display name: `method.display` when its preset sets one, else its label."""
-    method = result.config.get("method")
-    display = method.get("display") if isinstance(method, dict) else None
-    label = method_label(result.cell)
-    return label.replace(result.cell.method, display, 1) if display else label
-
-
 def row_labels(results: list[Result]) -> dict[int, str]:
     """{id(result): row label}: the display name plus the keys that differ between the configs of the
     same model and method (ignoring seed and the sweep axes)."""
     groups: dict[tuple, list[Result]] = {}
     for result in results:
-        groups.setdefault((result.cell.model, display_name(result)), []).append(result)
+        groups.setdefault((result.cell.model, method_label(result.cell)), []).append(result)
     labels = {}
     for (_, base), members in groups.items():
         flats = [_identity(r) for r in members]

@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from bench.core.records import read_result, read_results
+from reports.select import method_label
 
 matplotlib.use("Agg")
 
@@ -48,7 +49,7 @@ def plot_schedules(sources: list, out_stem) -> list[Path]:
     for index, result in enumerate(records):
         schedule = block_schedule(result.sparsity["allocated"])
         ax.plot(range(len(schedule)), schedule, "-o", markersize=3, color=f"C{index % 10}",
-                label=f"{result.cell.method} seed {result.cell.seed}")
+                label=f"{method_label(result.cell)} seed {result.cell.seed}")
     ax.set_xlabel("decoder block")
     ax.set_ylabel("sparsity (mean over the block's linears)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -62,7 +63,7 @@ def plot_search(results: list, out_stem) -> list[Path]:
     for index, path in enumerate(results):
         result = read_result(Path(path))
         search = result.allocator["search"]
-        label = f"{result.cell.method} ({search['operators']}) {result.cell.sparsity:g}"
+        label = f"{method_label(result.cell)} ({search['operators']}) {result.cell.sparsity:g}"
         color = f"C{index}"
         generations = [h["generation"] for h in search["history"]]
         ax.plot(generations, [h["best"] for h in search["history"]], "-o", color=color, label=f"{label} best")

@@ -14,6 +14,8 @@ def unique_results(results: list[Result]) -> list[Result]:
 
 
 def method_label(cell: CellKey) -> str:
-    label = cell.method if cell.sparsity_type == "unstructured" or cell.method == "dense" \
-        else f"{cell.method} ({cell.sparsity_type})"
+    """The method's display name (its preset's `display`; the method name in older records), with its
+    N:M or structured pattern and its quantization."""
+    name = cell.display or cell.method
+    label = name if cell.sparsity_type == "unstructured" or cell.method == "dense" else f"{name} ({cell.sparsity_type})"
     return label if cell.wbits is None else f"{label} + {cell.wbits}-bit"  # quantized: its own row

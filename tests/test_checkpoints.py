@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
 
 from bench import checkpoint, models
 from bench.cell import run_cell
@@ -111,6 +112,10 @@ def test_two_four_bitmask_checkpoint_is_smaller_and_reloads_exactly(make_config,
     assert size["dense"] - size["bitmask"] > 0.4 * linear_bytes, size
     config = json.loads((packed / "config.json").read_text())
     assert config[checkpoint.SPARSITY_KEY]["format"] == "sparse-bitmask"
+    stored = set().union(*(safe_open(f, "pt").keys() for f in packed.glob("*.safetensors")))
+    for linear in families.prunable_linears(model):  # compressed-tensors' sparse-bitmask names
+        assert {f"{linear}.{part}" for part in ("compressed", "bitmask", "shape", "row_offsets")} <= stored
+        assert f"{linear}.weight" not in stored
     plain, _ = reload_logits(dense, tmp_path, remote_code=False)
     unpacked, printed = reload_logits(packed, tmp_path, remote_code=True)
     assert torch.equal(plain, expected) and torch.equal(unpacked, expected), printed

@@ -25,6 +25,8 @@ from tests.conftest import ROOT
     (["method.pruner=obs"], ["method.pruner='obs'", "sparsegpt"]),
     (["method.percdamp=abc"], ["method"]),
     (["device=tpu"], ["device='tpu'", "cpu, cuda"]),
+    (["method.display=''"], ["method.display=''", "allowed: a non-empty string"]),
+    (["method.display=3"], ["method.display=3", "allowed: a non-empty string"]),
 ])
 def test_bad_values_name_key_value_and_allowed(overrides, fragments, make_config):
     with pytest.raises(ConfigError) as info:

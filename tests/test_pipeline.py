@@ -4,8 +4,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
+import methods
+from bench import models
 from bench.cell import run_cell
+from bench.core import engine, families
 from tests.conftest import TINY
 
 
@@ -25,7 +29,6 @@ def test_full_pipeline_writes_complete_result(model, method, make_config, tmp_pa
 
 
 def test_nm_pruned_checkpoint_reloads_identically(make_config, tmp_path):
-    import torch
     import transformers
 
     from bench.core.families import prunable_linears
@@ -62,3 +65,35 @@ def test_dense_cells_of_a_sweep_run_once(make_config, tmp_path):
     again = run_cell(second_cfg, second, tmp_path / "1", sweep_dir=tmp_path)
     assert again.config_hash == done.config_hash
     assert not (tmp_path / "1" / "result.json").exists()
+
+
+@pytest.mark.parametrize("method, extra, stages", [
+    ("magnitude", [], ["prune"]),  # data-free: no traversal
+    ("wanda", [], ["prune"]),
+    ("cfsp", ["method.round_to=32", "sparsity=0.25"], ["dense_statistics", "prune"]),
+])
+def test_engine_reports_each_block_of_each_pass_as_it_is_done(method, extra, stages, make_config):
+    """`on_block` hears of every block of the dense pass and the pruning pass, in order, while they run:
+    when block i of the pruning pass is reported, it is pruned and block i + 1 is not yet."""
+    cfg, _ = make_config("model=llama-tiny", f"method={method}", *extra, *TINY)
+    model, _ = models.load(cfg.model)
+    family = families.arch_for(model)
+    blocks = list(family.blocks(model))
+    widths = families.ffn_sizes(model)
+    samples = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
+    done = []
+
+    def pruned(index: int) -> bool:
+        if method == "cfsp":
+            return families.ffn_sizes(model)[index] < widths[index]
+        weights = [linear.weight for linear in family.linears(blocks[index]).values()]
+        return sum(int((w == 0).sum()) for w in weights) > 0.4 * sum(w.numel() for w in weights)
+
+    def on_block(stage: str, index: int, seconds: float) -> None:
+        assert seconds > 0
+        if stage == "prune":
+            assert pruned(index) and (index + 1 == len(blocks) or not pruned(index + 1))
+        done.append((stage, index))
+
+    engine.prune(model, methods.build(cfg.method), samples, cfg.sparsity, "cpu", on_block=on_block)
+    assert done == [(stage, index) for stage in stages for index in range(len(blocks))]

@@ -76,6 +76,7 @@ def test_quantize_only_and_joint_runs_get_their_own_table_rows(model, make_confi
     assert quantized_only["sparsity"]["measured"] < 0.5  # quantized, not pruned
     table = collect(tmp_path, write=False)
     labels = [row[1] for row in table.results.rows]
-    assert {"sparsegpt + 4-bit", "loss_estimate + 3-bit"} <= set(labels)
+    display = {name: json.loads((tmp_path / name / "result.json").read_text())["cell"]["display"] for name in "ql"}
+    assert {f"{display['q']} + 4-bit", f"{display['l']} + 3-bit"} <= set(labels)
     joint = json.loads((tmp_path / "l" / "result.json").read_text())
     assert joint["sparsity"]["measured"] >= 0.7 - 0.001

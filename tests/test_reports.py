@@ -35,9 +35,9 @@ TARGETS = [
 
 
 def fake(root: Path, model: str, method: str, sparsity: float, ppl=None, accs=None, status="ok", loaded=True,
-         seed=0, options=None, targets=TARGETS, protocol_id=None, sparsity_type="unstructured"):
+         seed=0, options=None, targets=TARGETS, protocol_id=None, sparsity_type="unstructured", display=None):
     cell = {"model": model, "method": method, "sparsity": sparsity, "sparsity_type": sparsity_type,
-            "protocol": "quick", "seed": seed}
+            "protocol": "quick", "seed": seed, **({"display": display} if display else {})}
     options = options or {}
     config = {"targets": targets, "seed": seed, "sparsity": sparsity, "model": {"name": model},
               "method": {"name": method, **options}}
@@ -165,6 +165,61 @@ def test_wandb_offline_logs_the_cell_and_its_table(make_config, tmp_path):
     assert list(run_dirs[0].rglob("per_layer_sparsity_*.table.json"))
 
 
+def _wandb_records(path: Path):
+    """The records of an offline run's `.wandb` file (wandb 0.31 has no Python reader of it any more): W&B's
+    7-byte file header, then LevelDB log records (32 KiB blocks, chunks with a 7-byte header: crc32c,
+    length, type full/first/middle/last), each a `wandb_internal_pb2.Record`."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    position, pending = 7, b""
+    while position + 7 <= len(data):
+        if 32768 - position % 32768 < 7:  # a block's tail too short for a header is padding
+            position += 32768 - position % 32768
+            continue
+        length, kind = int.from_bytes(data[position + 4:position + 6], "little"), data[position + 6]
+        chunk = data[position + 7:position + 7 + length]
+        position += 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+def test_wandb_run_gets_stage_block_and_system_metrics_while_the_cell_runs(make_config, tmp_path):
+    """Read back from the offline run file: one row per pruned block (its index and seconds), each stage's
+    seconds and the perplexity logged as they happened (before the final tables), all numbers; per-block
+    charts are over the block index; W&B's system monitor sampled."""
+    cfg, resolved = make_config("model=llama-tiny", "method=wanda", *TINY, "logger=wandb")
+    import wandb
+
+    result = run_cell(cfg, resolved, tmp_path)
+    assert result.status == "ok"
+    wandb.teardown()  # the W&B service flushes the run file when it exits
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    found = list(_wandb_records(run_file))
+    rows = [{item.nested_key[0] if len(item.nested_key) == 1 else tuple(item.nested_key): json.loads(item.value_json)
+             for item in r.history.item} for r in found if r.WhichOneof("record_type") == "history"]
+
+    def first(key) -> int:
+        return next(i for i, row in enumerate(rows) if key in row)
+
+    blocks = [row for row in rows if "prune/block_seconds" in row]
+    assert [row["prune/block"] for row in blocks] == list(range(cfg.model.architecture["num_hidden_layers"]))
+    assert all(isinstance(row["prune/block_seconds"], float) and row["prune/block_seconds"] > 0 for row in blocks)
+    tables = first(("metrics", "_type"))  # logged when the cell ends
+    assert first("time/load") < first("prune/block") < first("time/prune") < first("ppl/pydoc") < tables
+    assert rows[first("ppl/pydoc")]["ppl/pydoc"] == result.metrics["ppl"]["pydoc"]
+    for row in rows[:tables]:  # everything logged while the cell ran: numbers, never strings
+        assert all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in row.values()), row
+    steps = {r.metric.name: r.metric.step_metric for r in found if r.WhichOneof("record_type") == "metric"}
+    assert steps["prune/block_seconds"] == "prune/block"
+    stats = [item for r in found if r.WhichOneof("record_type") == "stats" for item in r.stats.item]
+    assert any(item.key == "proc.memory.rssMB" and float(item.value_json) > 0 for item in stats)
+
+
 def test_wandb_failure_never_fails_a_cell(make_config, tmp_path, monkeypatch):
     import wandb
 
@@ -175,6 +230,19 @@ def test_wandb_failure_never_fails_a_cell(make_config, tmp_path, monkeypatch):
     cfg, resolved = make_config("model=llama-tiny", "method=magnitude", *TINY, "logger=wandb")
     assert run_cell(cfg, resolved, tmp_path).status == "ok"
     assert json.loads((tmp_path / "result.json").read_text())["status"] == "ok"
+
+
+def test_a_wandb_failure_while_the_cell_runs_stops_live_logging_with_one_warning(make_config, tmp_path, monkeypatch,
+                                                                                caplog):
+    from wandb.sdk.wandb_run import Run
+
+    def broken(self, values, *args, **kwargs):
+        raise RuntimeError("wandb is down")
+
+    monkeypatch.setattr(Run, "log", broken)
+    cfg, resolved = make_config("model=llama-tiny", "method=magnitude", *TINY, "logger=wandb")
+    assert run_cell(cfg, resolved, tmp_path).status == "ok"
+    assert caplog.text.count("W&B live logging stopped") == 1
 
 
 def test_build_report_without_zeroshot_keeps_ppl_only_layout(sweep):
@@ -280,6 +348,9 @@ def test_wandb_run_starts_with_the_cell_named_per_cell_and_seed(make_config, tmp
         def log(self, values):
             pass
 
+        def define_metric(self, name, step_metric):
+            pass
+
         def finish(self):
             started.append("finished")
 
@@ -295,6 +366,39 @@ def test_wandb_run_starts_with_the_cell_named_per_cell_and_seed(make_config, tmp
     (name0, group, status), done, (name1, _, _), _ = started
     assert status == "running" and done == "finished"  # before: the run was created after the cell ended
     assert group == tmp_path.name and name0 != name1 and "seed0" in name0 and "seed1" in name1
+
+
+def test_tables_name_methods_by_their_presets_display_name(make_config, tmp_path):
+    """A cell records its preset's `display`; tables (markdown, LaTeX, HTML) print it, with the keys that
+    tell apart rows of one method and the N:M pattern; a record without one (before schema 3) shows the
+    method's name. How a method is named is not part of the cell's identity."""
+    from omegaconf import OmegaConf
+
+    from bench.config import CONF_DIR
+
+    def preset_display(name: str) -> str:
+        return OmegaConf.load(CONF_DIR / "method" / f"{name}.yaml").display
+
+    cfg, resolved = make_config("model=llama-tiny", "method=magnitude", *TINY)
+    renamed, renamed_resolved = make_config("model=llama-tiny", "method=magnitude", *TINY, "method.display=Mag.")
+    result = run_cell(cfg, resolved, tmp_path / "real")
+    assert result.cell.display == preset_display("magnitude") != "magnitude"
+    assert records.read_result(tmp_path / "real" / records.RESULT_FILE).cell.display == result.cell.display
+    again = run_cell(renamed, renamed_resolved, tmp_path / "real", sweep_dir=tmp_path / "real")
+    assert again.config_hash == result.config_hash
+
+    owl, wanda = preset_display("owl_wanda"), preset_display("wanda")
+    root = tmp_path / "sweep"
+    for lam, ppl in ((0.04, 21.0), (0.08, 22.0)):
+        fake(root, "llama-tiny", "owl_wanda", 0.5, ppl, targets=[], options={"lam": lam}, display=owl)
+    fake(root, "llama-tiny", "wanda", 0.5, 20.0, targets=[], sparsity_type="2:4", display=wanda)
+    fake(root, "llama-tiny", "magnitude", 0.5, 30.0, targets=[])  # an old record: no display name
+    report = collect(root, write=False)
+    rows = sorted(row[1] for row in report.results.rows)
+    assert rows == sorted([f"{owl} (lam=0.04)", f"{owl} (lam=0.08)", f"{wanda} (2:4)", "magnitude"])
+    for text in (report.results.latex, report.results.html):
+        assert f"{owl} (lam=0.04)" in text and f"{wanda} (2:4)" in text
+    assert set(report.long["row"]) == set(rows)
 
 
 def test_two_four_speedup_says_not_measured_on_cpu(tmp_path):

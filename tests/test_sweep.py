@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import submitit
+from hydra import initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
@@ -21,7 +22,7 @@ import methods
 from bench import cache as caching
 from bench import models, sweep
 from bench.cell import run_cell
-from bench.config import compose
+from bench.config import CONF_DIR, compose
 from bench.core import engine, records
 from bench.core.vocab import ConfigError
 from methods.base import Allocator
@@ -90,6 +91,29 @@ def test_local_launcher_gets_one_cell_at_a_time_unless_told():
         primary = _primary("hydra/launcher=local", *overrides)
         sweep._size_launcher(primary, [])
         assert primary.hydra.sweeper.max_batch_size == expected
+
+
+def test_a_presets_sweep_params_are_cells_of_the_whole_sweep(tmp_path, caplog):
+    """An experiment's `hydra.sweeper.params` (demo_tiny: 2 models x 3 methods) crossed with the command
+    line's `seed=0,1`: every one of the 12 cells is validated and listed in cells.json, which the live
+    status counts; a command-line key replaces the preset's sweep of that key."""
+    primary = _primary("experiment=demo_tiny", f"hydra.sweep.dir={tmp_path}", "hydra/launcher=local")
+    primary.hydra.overrides.task = ["experiment=demo_tiny", "seed=0,1"]  # as a multirun's command line sets it
+    callback = sweep.SweepCallback()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"), caplog.at_level("INFO"):
+        callback.on_multirun_start(primary)
+        callback.on_multirun_end(primary)
+    listed = [cell["overrides"] for cell in records.read_manifest(tmp_path)]
+    assert len(listed) == 12 and len({c["config_hash"] for c in records.read_manifest(tmp_path)}) == 12
+    swept = sorted(tuple(o for o in cell if o.split("=")[0] in ("model", "method", "seed")) for cell in listed)
+    assert swept == sorted((f"model={m}", f"method={p}", f"seed={s}") for m in ("llama-tiny", "opt-125m")
+                           for p in ("dense", "magnitude", "wanda") for s in (0, 1))
+    assert "sweep of 12 cells validated" in caplog.text
+    assert len(status(tmp_path)[0]) == 12
+
+    primary.hydra.overrides.task = ["experiment=demo_tiny", "method=wanda"]
+    cells = sweep.cell_overrides(sweep.sweep_arguments(primary))
+    assert [cell[:2] for cell in cells] == [["model=llama-tiny", "method=wanda"], ["model=opt-125m", "method=wanda"]]
 
 
 def _fake_slurm(bin_dir: Path, sinfo_output: str) -> None:

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-SCHEMA_VERSION = 2  # 2: typed record; 1 (first build) had the same fields and is read as 2
-READABLE_SCHEMAS = (1, 2)
+# 3: CellKey.display; 2: typed record; 1 (first build) had the same fields as 2. Older ones are read as 3.
+SCHEMA_VERSION = 3
+READABLE_SCHEMAS = (1, 2, 3)
 RESULT_FILE = "result.json"
 CELLS_FILE = "cells.json"
 PROGRESS_FILE = "progress.json"  # beside a running cell's result.json: its current stage (bench.progress)
@@ -115,6 +116,7 @@ class CellKey:
     protocol: str = ""
     seed: int = 0
     wbits: Optional[int] = None
+    display: Optional[str] = None  # the method's display name (`method.display`); None in records before schema 3
 
 
 @dataclass
