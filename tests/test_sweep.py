@@ -77,15 +77,6 @@ def test_launcher_asks_for_the_largest_model_of_the_sweep():
     assert launcher.mem_gb == 64  # given explicitly: left alone
 
 
-def test_an_experiments_grid_is_part_of_the_sweep_and_the_command_line_wins():
-    # allocator_league's grid (10 methods x 3 seeds) lives in hydra.sweeper.params, not on the command line
-    cells = sweep.cell_overrides(sweep.sweep_arguments(_primary("experiment=allocator_league")))
-    assert len(cells) == 30
-    cells = sweep.cell_overrides(sweep.sweep_arguments(_primary("experiment=allocator_league", "seed=0")))
-    assert len(cells) == 10 and all("seed=0" in c for c in cells)
-    assert len({next(o for o in c if o.startswith("method=")) for c in cells}) == 10
-
-
 def test_local_launcher_gets_one_cell_at_a_time_unless_told():
     for overrides, expected in (((), 1), (("hydra.sweeper.max_batch_size=3",), 3)):
         primary = _primary("hydra/launcher=local", *overrides)
