@@ -73,6 +73,7 @@ class CalibConfig:
     split: str = "validation"
     nsamples: int = 32
     seqlen: int = 512
+    batch: int = 1  # samples per block forward: throughput only (statistics are fp32 sums either way)
 
 
 @dataclass
@@ -333,6 +334,7 @@ def validate(cfg: DictConfig) -> RunConfig:
         for key, value in vars(evaluation.speed).items():
             check_range(f"eval.speed.{key}", value, value >= 1, ">= 1")
     check_range("data.calib.nsamples", data.calib.nsamples, data.calib.nsamples >= 1, ">= 1")
+    check_range("data.calib.batch", data.calib.batch, data.calib.batch >= 1, ">= 1")
     if evaluation.ppl:
         for name in evaluation.ppl.datasets:
             check_choice("eval.ppl.datasets", name, DATASETS)

@@ -148,7 +148,7 @@ def _return_freed_memory() -> None:
 
 def prune_streamed(checkpoint: Path, target: Path, method, samples: torch.Tensor, sparsity: float,
                    device: str = "cpu", dtype: torch.dtype = torch.float32,
-                   cache=None) -> tuple[BlockStream, engine.PruneReport]:
+                   cache=None, batch: int = 1) -> tuple[BlockStream, engine.PruneReport]:
     """Prune the checkpoint in `checkpoint` block by block into a new sharded checkpoint in `target`."""
     if sparsity == 0:
         raise ValueError("sparsity=0: nothing to prune; use the checkpoint as it is")
@@ -156,7 +156,7 @@ def prune_streamed(checkpoint: Path, target: Path, method, samples: torch.Tensor
     target.mkdir(parents=True, exist_ok=True)
     model = load_meta(checkpoint, dtype)
     stream = BlockStream(model, checkpoint, target)
-    report = engine.prune(model, method, samples, sparsity, device, cache=cache, stream=stream)
+    report = engine.prune(model, method, samples, sparsity, device, cache=cache, stream=stream, batch=batch)
     stream.finish(model)
     return stream, report
 
