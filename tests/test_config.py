@@ -91,7 +91,8 @@ def test_a_hub_id_reaches_the_hub_loader(make_config, monkeypatch):
 
 @pytest.mark.parametrize("model_id", ["a/b/c", "org/x--y", "org/x.."])
 def test_a_bad_hub_id_is_a_one_line_error(model_id, make_config):
-    with pytest.raises(ConfigError, match=rf"^model.id='{re.escape(model_id)}' is not a hub id \(.*\); allowed: ") as info:
+    expected = rf"^model.id='{re.escape(model_id)}' is not a hub id \(.*\); allowed: "
+    with pytest.raises(ConfigError, match=expected) as info:
         make_config(f"model.id={model_id}")
     assert "\n" not in str(info.value)
 

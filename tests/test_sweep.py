@@ -1,5 +1,5 @@
-"""Sweeps: every cell validated before any runs, launcher sizing, the sbatch script (golden file),
-Slurm pre-flight errors, resume/skip/rerun, and `reports status`."""
+"""Sweeps: every cell validated before any runs, one job array per resource class, the sbatch script
+(golden file), Slurm pre-flight errors, resume/skip/rerun, and `reports status`."""
 from __future__ import annotations
 
 import gzip
