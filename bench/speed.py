@@ -5,55 +5,70 @@ with the same inputs, so the ratio survives a noisy shared machine better than a
   computed, as generation does (`logits_to_keep=1`); tokens/s = batch x prefill_seqlen / time.
 - decode: after that prefill (with a KV cache), `decode_tokens` single-token steps, greedy;
   tokens/s = batch x decode_tokens / time (the prefill not timed).
-Dense and pruned runs are interleaved `repeats` times after one warm-up each; the median is reported.
+Times come from `torch.utils.benchmark.Timer`, which synchronises the GPU before reading the clock
+(CUDA kernels run asynchronously: a plain clock would time their launch only). Each model runs one
+warm-up, then `repeats` timed rounds; the median is reported. On the CPU, where both models live anyway,
+dense and pruned rounds are interleaved, so load from other processes slows both alike; on GPUs each
+model is placed (bench/placement.py: one GPU, or dispatched over several), timed and released in turn,
+so the two never occupy the GPUs together.
 """
 from __future__ import annotations
 
+import itertools
 import statistics
-import time
 
 import torch
 from torch import nn
+from torch.utils.benchmark import Timer
 
+from bench import placement
 from bench.config import SpeedConfig
+
+
+def _seconds(run) -> float:
+    """Wall time of one call of `run`, with the torch threads the cell runs with (Timer's default is 1)."""
+    return Timer(stmt="run()", globals={"run": run}, num_threads=torch.get_num_threads()).timeit(1).mean
 
 
 @torch.no_grad()
 def _prefill(model: nn.Module, ids: torch.Tensor) -> float:
-    start = time.perf_counter()
-    model(ids, use_cache=False, logits_to_keep=1)
-    return ids.numel() / (time.perf_counter() - start)
+    return ids.numel() / _seconds(lambda: model(ids, use_cache=False, logits_to_keep=1))
 
 
 @torch.no_grad()
 def _decode(model: nn.Module, ids: torch.Tensor, steps: int) -> float:
     out = model(ids, use_cache=True, logits_to_keep=1)
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    start = time.perf_counter()
-    for _ in range(steps):
-        out = model(token, past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    return token.shape[0] * steps / (time.perf_counter() - start)
+    state = {"cache": out.past_key_values, "token": out.logits[:, -1:].argmax(-1)}
+
+    def generate():
+        for _ in range(steps):
+            out = model(state["token"], past_key_values=state["cache"], use_cache=True)
+            state["cache"], state["token"] = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    return ids.shape[0] * steps / _seconds(generate)
 
 
 def measure(dense: nn.Module, pruned: nn.Module, cfg: SpeedConfig, device: str, seed: int = 0) -> dict:
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, dense.config.vocab_size, (cfg.batch, cfg.prefill_seqlen), generator=generator).to(device)
-    models = {"dense": dense.to(device).eval(), "pruned": pruned.to(device).eval()}
+    ids = torch.randint(0, dense.config.vocab_size, (cfg.batch, cfg.prefill_seqlen), generator=generator)
+    models = {"dense": dense.eval(), "pruned": pruned.eval()}
+    rounds = cfg.repeats + 1  # the first warms up allocators and caches, and is not reported
+    if device == "cpu":
+        schedule = [name for _ in range(rounds) for name in models]
+    else:
+        schedule = [name for name in models for _ in range(rounds)]
     runs = {name: {"prefill": [], "decode": []} for name in models}
-    for repeat in range(cfg.repeats + 1):
-        for name, model in models.items():
-            prefill, decode = _prefill(model, ids), _decode(model, ids, cfg.decode_tokens)
-            if repeat:  # the first round warms up allocators and caches
-                runs[name]["prefill"].append(prefill)
-                runs[name]["decode"].append(decode)
-    for model in models.values():
-        model.to("cpu")
+    for name, group in itertools.groupby(schedule):
+        with placement.placed(models[name], device) as inputs_on:
+            on_device = ids.to(inputs_on)
+            for _ in group:
+                runs[name]["prefill"].append(_prefill(models[name], on_device))
+                runs[name]["decode"].append(_decode(models[name], on_device, cfg.decode_tokens))
     result = {"batch": cfg.batch, "prefill_seqlen": cfg.prefill_seqlen, "decode_tokens": cfg.decode_tokens,
               "repeats": cfg.repeats, "device": device}
     for stage in ("prefill", "decode"):
-        dense_tps = statistics.median(runs["dense"][stage])
-        pruned_tps = statistics.median(runs["pruned"][stage])
+        dense_tps = statistics.median(runs["dense"][stage][1:])  # the first round warmed up
+        pruned_tps = statistics.median(runs["pruned"][stage][1:])
         result[f"{stage}_tokens_per_s"] = {"dense": dense_tps, "pruned": pruned_tps}
         result[f"{stage}_speedup"] = pruned_tps / dense_tps
     return result

@@ -148,16 +148,17 @@ def _return_freed_memory() -> None:
 
 def prune_streamed(checkpoint: Path, target: Path, method, samples: torch.Tensor, sparsity: float,
                    device: str = "cpu", dtype: torch.dtype = torch.float32,
-                   cache=None, on_block=None) -> tuple[BlockStream, engine.PruneReport]:
+                   cache=None, on_block=None, batch: int = 1) -> tuple[BlockStream, engine.PruneReport]:
     """Prune the checkpoint in `checkpoint` block by block into a new sharded checkpoint in `target`
-    (`on_block`: see `engine.prune`)."""
+    (`on_block`, `batch`: see `engine.prune`)."""
     if sparsity == 0:
         raise ValueError("sparsity=0: nothing to prune; use the checkpoint as it is")
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     model = load_meta(checkpoint, dtype)
     stream = BlockStream(model, checkpoint, target)
-    report = engine.prune(model, method, samples, sparsity, device, cache=cache, stream=stream, on_block=on_block)
+    report = engine.prune(model, method, samples, sparsity, device, cache=cache, stream=stream, on_block=on_block,
+                          batch=batch)
     stream.finish(model)
     return stream, report
 

@@ -4,11 +4,9 @@
 - expands the sweep's cross product (the command line's overrides and `hydra.sweeper.params`, the sweep
   a preset declares) and validates every cell (`bench.config.validate`), so a typo in the
   last value of a sweep fails before anything is submitted, naming the cell, the key and the value;
-- sizes the launcher: launcher keys that interpolate `model.resources` resolve against the sweep's
-  *primary* config, where a swept model group is still the default model, so they are set to the
-  largest request over the sweep's cells (one job array asks for one size);
 - checks the Slurm side before submitting: `sbatch` on PATH, a partition where the cluster has no default;
 - hands Submitit's local executor one cell at a time by default (it starts every job it gets at once);
+  the Submitit launchers themselves (bench/launcher.py) give each cell its own model's resources;
 - locks the sweep dir (`.prunebench.lock`, held until the sweep ends or its process dies), so a second
   sweep into the same dir stops instead of interleaving with it;
 - writes `cells.json` in the sweep dir (`bench.core.records.write_manifest`) (overrides + config hash of every
@@ -42,7 +40,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from bench import provenance
+from bench import llm, provenance
 from bench.config import ConfigError, validate
 from bench.core import records
 from bench.core.records import CellKey, CorruptResult, Failure, Result
@@ -50,10 +48,8 @@ from bench.core.records import CellKey, CorruptResult, Failure, Result
 log = logging.getLogger(__name__)
 
 RERUN_MODES = ("failed", "all")  # failed: skip cells with an ok result (the default); all: run every cell
-# Launcher keys that may interpolate `model.resources.*`; each is set to the max over the sweep's cells.
-RESOURCE_KEYS = ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min")
-SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-LOCAL_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
+SLURM_LAUNCHER = "hydra_plugins.prunebench_launcher.SlurmLauncher"
+LOCAL_LAUNCHER = "hydra_plugins.prunebench_launcher.LocalLauncher"
 LOCK_FILE = ".prunebench.lock"
 _PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
@@ -119,7 +115,7 @@ class SweepCallback(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         try:
             cells = expand(sweep_arguments(config), lambda o: loader.load_sweep_config(config, o))
-            _size_launcher(config, [cell.config.hydra.launcher for cell in cells])
+            _pace_local_launcher(config)
             _check_launcher(config)
             _probe_llm_endpoints(cells)
             sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -145,8 +141,6 @@ def _probe_llm_endpoints(cells: list[Cell]) -> None:
     """Each HTTP LLM a search of the sweep would call, probed once before any cell runs: a missing key
     variable or an unreachable server stops the sweep in one line, instead of failing every cell after its
     model has loaded. (A local LLM's chat template is checked by its cell, before any pruning.)"""
-    from bench import llm  # imports the openai client: only sweeps with an HTTP LLM pay for it
-
     probed = []  # LLMConfig is a plain (unhashable) dataclass
     for cell in cells:
         options = validate(OmegaConf.create(cell.resolved)).method.allocator_options
@@ -189,21 +183,8 @@ def merge_manifest(sweep_dir: Path, cells: list[dict]) -> None:
     records.write_manifest(sweep_dir, cells + [cell for cell in earlier if cell["config_hash"] not in hashes])
 
 
-def _size_launcher(config: DictConfig, launchers: list[DictConfig]) -> None:
-    launcher = config.hydra.launcher
-    for key in RESOURCE_KEYS:
-        if key not in launcher or not OmegaConf.is_interpolation(launcher, key):
-            continue  # unset, or given explicitly by the user: leave it
-        values = [cell_launcher[key] for cell_launcher in launchers]
-        if not values or any(value is None for value in values):
-            continue
-        with open_dict(launcher):
-            launcher[key] = max(values)
-        if len(set(values)) > 1:
-            log.info("hydra.launcher.%s=%s: the largest request over the sweep's cells %s", key, max(values),
-                     sorted(set(values)))
-    target = launcher.get("_target_")
-    if target == LOCAL_LAUNCHER and config.hydra.sweeper.get("max_batch_size") is None:
+def _pace_local_launcher(config: DictConfig) -> None:
+    if config.hydra.launcher.get("_target_") == LOCAL_LAUNCHER and config.hydra.sweeper.get("max_batch_size") is None:
         with open_dict(config.hydra.sweeper):
             config.hydra.sweeper.max_batch_size = 1
 

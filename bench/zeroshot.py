@@ -1,6 +1,7 @@
 """Zero-shot accuracy through lm-eval (EleutherAI lm-evaluation-harness 0.4.x) on the in-memory model.
 
-The pruned model object is wrapped in lm-eval's `HFLM` (no save/reload), and lm-eval scores every
+The pruned model object is wrapped in lm-eval's `HFLM` (no save/reload; with `device=cuda` placed on one
+GPU or dispatched over several by bench/placement.py), and lm-eval scores every
 multiple-choice task by the log-likelihood of each answer: `acc` takes the highest raw log-likelihood,
 `acc_norm` the highest per-byte one. Papers disagree on which one they report per task, so the choice is
 config (`eval.zeroshot.metric`); both are recorded anyway, with lm-eval's version and each task's
@@ -19,6 +20,7 @@ from typing import Optional
 
 from torch import nn
 
+from bench import placement
 from bench.config import ZeroShotConfig
 
 log = logging.getLogger(__name__)
@@ -36,8 +38,7 @@ def evaluate(model: nn.Module, tokenizer, cfg: ZeroShotConfig, device: str, seed
 
     tracker = EvaluationTracker(output_path=str(Path(out_dir) / "lm_eval")) if out_dir is not None else None
 
-    model.to(device)
-    try:
+    with placement.placed(model, device):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
         if cfg.include_path:
             # include_defaults=False: indexing lm-eval's thousands of task YAMLs costs ~20 s per cell
@@ -49,8 +50,6 @@ def evaluate(model: nn.Module, tokenizer, cfg: ZeroShotConfig, device: str, seed
                                       limit=cfg.limit, task_manager=manager, log_samples=tracker is not None,
                                       evaluation_tracker=tracker, random_seed=seed, numpy_random_seed=seed,
                                       torch_random_seed=seed, fewshot_random_seed=seed)
-    finally:
-        model.to("cpu")
     if tracker is not None:
         samples = out.pop("samples")
         tracker.save_results_aggregated(results=out, samples=samples)

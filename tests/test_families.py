@@ -80,8 +80,8 @@ def test_layer_wise_traversal_replays_the_models_own_hidden_states(preset):
 def test_gemma3_block0_kwargs_differ_by_layer_type():
     model = _model("gemma3-tiny")
     _, kwargs = engine.capture_inputs(model, torch.randint(0, 256, (1, 32)), "cpu")
-    sliding, full = kwargs[0], kwargs[1]
-    assert kwargs[2]["attention_mask"] is sliding["attention_mask"]  # one tensor per layer type, not per block
+    sliding, full = kwargs[0][1], kwargs[1][1]  # batch size 1
+    assert kwargs[2][1]["attention_mask"] is sliding["attention_mask"]  # one tensor per layer type, not per block
     assert sliding["attention_mask"] is not full["attention_mask"]
     assert not torch.equal(sliding["position_embeddings"][0], full["position_embeddings"][0])  # rope bases differ
 

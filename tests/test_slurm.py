@@ -153,3 +153,28 @@ def test_sweep_on_real_slurm(slurm_cluster, tmp_path):
     assert cells == [("magnitude", 0.5), ("magnitude", 0.7), ("wanda", 0.5), ("wanda", 0.7)]
     for row in rows:  # every cell has a number: none missing, none failed
         assert row["status"] == "ok" and float(row["value"]) > 1, row
+
+
+def test_each_model_of_a_sweep_gets_its_own_request(slurm_cluster, tmp_path):
+    """Two models with different `resources` in one sweep: two job arrays, each asking for its own."""
+    presets = tmp_path / "conf" / "model"
+    presets.mkdir(parents=True)
+    (presets / "llama-tiny-big.yaml").write_text(
+        "defaults:\n  - llama-tiny\n  - _self_\nname: llama-tiny-big\nresources:\n  mem_gb: 5\n  cpus: 2\n")
+    sweep_dir = tmp_path / "sweep"
+    command = [sys.executable, "run.py", "-m", "hydra/launcher=slurm", "cache=false",
+               "model=llama-tiny,llama-tiny-big", "method=magnitude", *TINY, f"hydra.sweep.dir={sweep_dir}",
+               f"hydra.searchpath=[file://{tmp_path / 'conf'}]"]
+    env = {**slurm_cluster, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    requests = set()
+    for script in sweep_dir.glob(".submitit/*/*_submission.sh"):
+        lines = script.read_text().splitlines()
+        requests.add(tuple(line for line in lines if line.startswith(("#SBATCH --mem=", "#SBATCH --cpus-per-task="))))
+    assert requests == {("#SBATCH --cpus-per-task=1", "#SBATCH --mem=4GB"),  # llama-tiny's preset
+                        ("#SBATCH --cpus-per-task=2", "#SBATCH --mem=5GB")}
+    status = subprocess.run([sys.executable, "-m", "reports", "status", str(sweep_dir)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert status.stdout.startswith("2 cells: 2 done, 0 running, 0 failed, 0 missing"), status.stdout

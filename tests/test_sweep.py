@@ -1,5 +1,5 @@
-"""Sweeps: every cell validated before any runs, launcher sizing, the sbatch script (golden file),
-Slurm pre-flight errors, resume/skip/rerun, and `reports status`."""
+"""Sweeps: every cell validated before any runs, one job array per resource class, the sbatch script
+(golden file), Slurm pre-flight errors, resume/skip/rerun, and `reports status`."""
 from __future__ import annotations
 
 import gzip
@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 import methods
 from bench import cache as caching
-from bench import models, sweep
+from bench import launcher, models, sweep
 from bench.cell import run_cell
 from bench.config import CONF_DIR, compose
 from bench.core import engine, records
@@ -67,20 +67,24 @@ def test_sbatch_script_for_a_big_model_matches_golden_file():
     assert _sbatch(cfg.hydra.launcher) == GOLDEN.read_text()
 
 
-def test_launcher_asks_for_the_largest_model_of_the_sweep():
-    primary = _primary("hydra/launcher=slurm", "hydra.launcher.mem_gb=64")  # default model: smollm2
-    cells = _cells(["hydra/launcher=slurm"], "model=llama-tiny,opt-66b", "method=magnitude")
-    assert [c.config.model.resources.gpus for c in cells] == [0, 2]
-    sweep._size_launcher(primary, [cell.config.hydra.launcher for cell in cells])
-    launcher = primary.hydra.launcher
-    assert (launcher.gpus_per_node, launcher.cpus_per_task, launcher.timeout_min) == (2, 8, 1440)
-    assert launcher.mem_gb == 64  # given explicitly: left alone
+@pytest.mark.parametrize("kind", ["slurm", "local"])
+def test_each_model_gets_its_own_job_array_and_resources(kind):
+    cells = _cells([f"hydra/launcher={kind}"], "model=llama-tiny,opt-66b,opt-tiny", "method=magnitude,wanda")
+    groups = launcher.resource_groups([cell.config.hydra.launcher for cell in cells])
+    assert [[cells[i].config.model.name for i in indices] for indices in groups.values()] == \
+        [["llama-tiny", "llama-tiny", "opt-tiny", "opt-tiny"], ["opt-66b", "opt-66b"]]  # same resources, one array
+    assert [dict(resources) for resources in groups] == [
+        {"gpus_per_node": 0, "cpus_per_task": 1, "mem_gb": 4, "timeout_min": 10},
+        {"gpus_per_node": 2, "cpus_per_task": 8, "mem_gb": 384, "timeout_min": 1440}]
+    explicit = _cells([f"hydra/launcher={kind}", "hydra.launcher.mem_gb=64"], "model=llama-tiny,opt-66b")
+    groups = launcher.resource_groups([cell.config.hydra.launcher for cell in explicit])
+    assert [dict(resources)["mem_gb"] for resources in groups] == [64, 64]  # given explicitly: every cell
 
 
 def test_local_launcher_gets_one_cell_at_a_time_unless_told():
     for overrides, expected in (((), 1), (("hydra.sweeper.max_batch_size=3",), 3)):
         primary = _primary("hydra/launcher=local", *overrides)
-        sweep._size_launcher(primary, [])
+        sweep._pace_local_launcher(primary)
         assert primary.hydra.sweeper.max_batch_size == expected
 
 

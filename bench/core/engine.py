@@ -84,25 +84,27 @@ class _StopForward(Exception):
 
 
 class _InputCatcher(nn.Module):
-    """Stands in for a block during capture: records the keyword arguments the model passes it (the
-    first call only: every sample has the same shape) and, for block 0, its hidden states. Blocks after
-    0 are called with the hidden states unchanged (only their kwargs matter); the last one aborts the
-    forward, so neither the final norm nor the LM head runs."""
+    """Stands in for a block during capture: records the keyword arguments the model passes it (once per
+    batch size, set in `size` by the caller: a mask or rotary table built for one batch does not fit
+    another, and BLOOM folds the batch into its ALiBi tensor's first dimension) and, for block 0, its
+    hidden states. Blocks after 0 are called with the hidden states unchanged (only their kwargs
+    matter; they may not even have the batch shape, BLOOM taking [0] of what a block returns); the last
+    one aborts the forward, so neither the final norm nor the LM head runs."""
 
     def __init__(self, block: nn.Module, first: bool, last: bool):
         super().__init__()
         self.block = block
         self.first, self.last = first, last
         self.hidden: list[torch.Tensor] = []
-        self.kwargs: Optional[dict] = None
+        self.kwargs: dict[int, dict] = {}  # batch size -> the kwargs of the first call with it
+        self.size = 0  # the batch size of the current forward
 
     def forward(self, hidden_states, *args, **kwargs):
         if args:
             raise RuntimeError("decoder blocks are expected to take only hidden_states positionally")
         if self.first:
             self.hidden.append(hidden_states.detach())
-        if self.kwargs is None:
-            self.kwargs = kwargs
+        self.kwargs.setdefault(self.size, kwargs)
         if self.last:
             raise _StopForward
         return hidden_states
@@ -149,8 +151,11 @@ def _on_meta(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, samples: torch.Tensor, device: str) -> tuple[torch.Tensor, list[dict]]:
-    """Inputs of block 0 for each sample (n, seqlen, hidden), on CPU, and the kwargs of each block.
+def capture_inputs(model: nn.Module, samples: torch.Tensor, device: str,
+                   batch: int = 1) -> tuple[torch.Tensor, list[dict[int, dict]]]:
+    """Inputs of block 0 for each sample (n, seqlen, hidden), on CPU, and the kwargs of each block by
+    batch size: the samples go through the embeddings `batch` at a time, so there are at most two sizes
+    (`batch`, and the remainder of n / batch), and `run_block` replays them in the same chunks.
 
     Each block keeps its own kwargs because models with alternating attention (Gemma 2/3, Qwen's
     sliding layers) give sliding and full-attention blocks different masks and rotary tables: replaying
@@ -162,9 +167,12 @@ def capture_inputs(model: nn.Module, samples: torch.Tensor, device: str) -> tupl
     for index, catcher in enumerate(catchers):
         blocks[index] = catcher
     try:
-        for row in samples:
+        for start in range(0, samples.shape[0], batch):
+            chunk = samples[start:start + batch]
+            for catcher in catchers:
+                catcher.size = chunk.shape[0]
             try:
-                model(row.unsqueeze(0).to(device), use_cache=False)
+                model(chunk.to(device), use_cache=False)
             except _StopForward:
                 pass
     finally:
@@ -175,54 +183,64 @@ def capture_inputs(model: nn.Module, samples: torch.Tensor, device: str) -> tupl
     memo: dict = {}
     per_block = []
     for catcher in catchers:
-        kwargs = {k: v for k, v in catcher.kwargs.items() if k not in ("past_key_values", "layer_past")}
-        kwargs["use_cache"] = False
-        per_block.append(to_device(kwargs, "cpu", memo))
+        by_size = {}
+        for size, captured in catcher.kwargs.items():
+            kwargs = {k: v for k, v in captured.items() if k not in ("past_key_values", "layer_past")}
+            kwargs["use_cache"] = False
+            by_size[size] = to_device(kwargs, "cpu", memo)
+        per_block.append(by_size)
     return hidden, per_block
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, device: str) -> torch.Tensor:
-    """Forward every sample (batch 1, as captured) through one block with its kwargs; outputs on CPU."""
+def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict[int, dict], device: str) -> torch.Tensor:
+    """Forward the samples through one block with its kwargs (by batch size, from `capture_inputs`), in
+    chunks of the largest captured batch size; outputs on CPU."""
     return run_block_form(block, inputs, kwargs, device)[0]
 
 
 @torch.no_grad()
-def run_block_form(block: nn.Module, inputs: torch.Tensor, kwargs: dict, device: str) -> tuple[torch.Tensor, bool]:
+def run_block_form(block: nn.Module, inputs: torch.Tensor, kwargs: dict[int, dict],
+                   device: str) -> tuple[torch.Tensor, bool]:
     """`run_block`, and whether the block returns a tuple (BLOOM, Falcon) rather than a tensor."""
     outputs = torch.empty_like(inputs)
     as_tuple = False
-    for index in range(inputs.shape[0]):
-        out = block(inputs[index:index + 1].to(device), **kwargs)
+    batch = max(kwargs)
+    for start in range(0, inputs.shape[0], batch):
+        chunk = inputs[start:start + batch]
+        out = block(chunk.to(device), **kwargs[chunk.shape[0]])
         as_tuple = isinstance(out, tuple)
-        outputs[index] = (out[0] if as_tuple else out)[0].to("cpu")
+        outputs[start:start + chunk.shape[0]] = (out[0] if as_tuple else out).to("cpu")
     return outputs, as_tuple
 
 
 @torch.no_grad()
 def traverse(model: nn.Module, samples: torch.Tensor, device: str, stats_level: str,
              visit: Callable[[BlockView], None], edits: bool, desc: str, share_stats: bool = True,
-             cache=None, stream=None, on_block: Optional[Callable[[int, float], None]] = None) -> None:
+             cache=None, stream=None, on_block: Optional[Callable[[int, float], None]] = None,
+             batch: int = 1) -> None:
     """Walk the blocks sequentially, calling `visit` on each with its input statistics.
 
     `edits=True`: `visit` changes the block, so the block is re-run afterwards and *its* outputs feed
     the next block. `edits=False`: an observe-only pass over the dense model; the statistics forward
     already gives the outputs (exposed to `visit` as `view.outputs`).
     `share_stats=False` hooks every linear separately (only for measuring what sharing saves).
-    `cache` (any object with `block0(samples, device, compute)`, e.g. the harness's cell cache) serves
-    block 0's inputs, which do not depend on any pruning.
+    `cache` (any object with `block0(samples, device, batch, compute)`, e.g. the harness's cell cache)
+    serves block 0's inputs, which do not depend on any pruning.
     `stream` (any object with `load(index, block)` / `release(index, block, edited)`, e.g. the
     harness's streamed checkpoint) loads each block's weights when the walk reaches it and
     takes it back (writing it out when `edits`) when the walk leaves it.
     `on_block(index, seconds)` is called as each block is done, with the seconds it took.
+    `batch`: samples per block forward. Blocks run in the model's dtype; statistics are summed in fp32
+    whatever the batch, so it changes only the order of the sums (and the device memory needed).
     """
     if stats_level not in STATS_LEVELS:
         raise ValueError(f"stats level {stats_level!r}; allowed: {STATS_LEVELS}")
     arch = arch_for(model)
     if cache is None:
-        hidden, kwargs = capture_inputs(model, samples, device)
+        hidden, kwargs = capture_inputs(model, samples, device, batch)
     else:
-        hidden, kwargs = cache.block0(samples, device, lambda: capture_inputs(model, samples, device))
+        hidden, kwargs = cache.block0(samples, device, batch, lambda: capture_inputs(model, samples, device, batch))
     kwargs = to_device(kwargs, device, {})  # one list of per-block kwargs
     for index, block in enumerate(tqdm(arch.blocks(model), desc=desc, unit="block")):
         started = time.perf_counter()
@@ -272,6 +290,7 @@ class SearchContext:
     pruner: Any
     device: str
     make_llm: Optional[Callable[[Any], Any]] = None
+    batch: int = 1  # calibration samples per block forward, for the candidates' prunes
 
 
 @dataclass
@@ -287,7 +306,7 @@ BLOCK_STAGES = ("dense_statistics", "prune")
 
 def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, device: str,
           cache=None, stream=None, make_llm=None,
-          on_block: Optional[Callable[[str, int, float], None]] = None) -> PruneReport:
+          on_block: Optional[Callable[[str, int, float], None]] = None, batch: int = 1) -> PruneReport:
     """Apply `method` (a `methods.Method`: allocator x pruner, see `methods.base` for the lifecycle) to
     `model` in place at mean target `sparsity`.
 
@@ -296,7 +315,8 @@ def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, devi
     come from disk instead); `allocator.bind` for searches; `allocator.allocate`; `pruner.prune_block`
     on every block; `allocator.finish` for the record. With a `stream`, blocks live on the meta device
     until the engine reaches them (see `traverse`). `on_block(stage, index, seconds)` hears of every block
-    done by the dense pass and the pruning pass (stages `BLOCK_STAGES`), while they run."""
+    done by the dense pass and the pruning pass (stages `BLOCK_STAGES`), while they run; `batch`
+    calibration samples go through a block at once (see `traverse`)."""
     arch = arch_for(model)
     sizes = {name: linear.weight.numel() for name, linear in prunable_linears(model).items()}
     seconds = {}
@@ -315,17 +335,17 @@ def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, devi
         def observe():
             traverse(model, samples, device, level, lambda view: [c.observe_block(view) for c in observers],
                      edits=False, desc=f"{method.name}: dense statistics", cache=cache, stream=stream,
-                     on_block=block_done("dense_statistics"))
+                     on_block=block_done("dense_statistics"), batch=batch)
             return [c.dense_state() for c in observers]
 
         if cache is None:
             observe()
         else:
-            for component, state in zip(observers, cache.dense_state(samples, level, observe)):
+            for component, state in zip(observers, cache.dense_state(samples, level, batch, observe)):
                 component.load_dense_state(state)
         seconds["allocate_observe"] = time.perf_counter() - start
     if allocator.needs_search:
-        allocator.bind(SearchContext(model, samples, pruner, device, make_llm))
+        allocator.bind(SearchContext(model, samples, pruner, device, make_llm, batch))
     start = time.perf_counter()
     rates = allocator.allocate(sizes, sparsity)
     seconds["allocate"] = time.perf_counter() - start
@@ -346,6 +366,7 @@ def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, devi
                 on_block("prune", index, time.perf_counter() - block_start)
     else:
         traverse(model, samples, device, pruner.stats_level, lambda view: pruner.prune_block(view, rates),
-                 edits=True, desc=f"{method.name}: pruning", cache=cache, stream=stream, on_block=block_done("prune"))
+                 edits=True, desc=f"{method.name}: pruning", cache=cache, stream=stream, on_block=block_done("prune"),
+                 batch=batch)
     seconds["prune"] = time.perf_counter() - start
     return PruneReport(rates=rates, seconds=seconds, details=allocator.finish())

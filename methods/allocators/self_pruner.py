@@ -426,7 +426,7 @@ class _Search:
         per_linear = {name: float(rates[b]) for name, b in self.block_of.items()}
         # a copy of the pruner too: one that observes the dense model keeps per-model state
         engine.prune(trial, Method("fitness", _Fixed(per_linear), copy.deepcopy(self.pruner)), self.calib,
-                     self.target, self.ctx.device)
+                     self.target, self.ctx.device, batch=self.ctx.batch)
         if self.dense_logp is None:
             value = perplexity.perplexity(trial, self.heldout, self.ctx.device, desc="fitness ppl")
         else:

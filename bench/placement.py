@@ -1,0 +1,70 @@
+"""Where a whole model runs for zero-shot and speed (perplexity and pruning go block by block instead).
+
+On the CPU the model stays where it is. With `device=cuda` it goes whole onto the GPU when one is
+visible and it fits there; when the launcher grants several GPUs, or the model does not fit one, it is
+dispatched over every visible GPU with accelerate (`infer_auto_device_map` under a `max_memory` per GPU,
+then `dispatch_model`, whose hooks move activations between them). Nothing is offloaded to the CPU:
+accelerate's offload moves weights to the meta device, and a model that does not fit the granted GPUs
+is an error asking for more. After use the hooks are removed and the model is back on the CPU, so the
+next model (the dense reference, the pruned one) has the GPUs to itself.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import torch
+from accelerate import dispatch_model, infer_auto_device_map
+from accelerate.hooks import remove_hook_from_module
+from torch import nn
+
+from bench.core.perplexity import FIT_MARGIN
+
+
+def model_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def gpu_budget(size: int, free: list[int]) -> Optional[dict[int, int]]:
+    """None: the model (`size` bytes) goes whole onto the one visible GPU. Else accelerate's `max_memory`
+    for dispatching it over the GPUs with `free` bytes each, keeping FIT_MARGIN of room for activations.
+    A model the GPUs cannot hold is a ValueError."""
+    if len(free) == 1 and size * FIT_MARGIN < free[0]:
+        return None
+    budget = {index: int(bytes_free / FIT_MARGIN) for index, bytes_free in enumerate(free)}
+    if sum(budget.values()) < size:
+        raise ValueError(f"the model needs {size / 2**30:.1f} GiB (plus room for activations) but the {len(free)} "
+                         f"visible GPU(s) have {sum(free) / 2**30:.1f} GiB free; raise model.resources.gpus")
+    return budget
+
+
+def device_map(model: nn.Module, budget: dict[int, int]) -> dict[str, int]:
+    """accelerate's placement of `model`'s modules on the GPUs of `budget`, never splitting a decoder block."""
+    placement = infer_auto_device_map(model, max_memory=budget, no_split_module_classes=model._no_split_modules or [])
+    spilled = sorted({str(where) for where in placement.values() if not isinstance(where, int)})
+    if spilled:
+        raise ValueError(f"the model does not fit the GPUs' free memory (accelerate would put part of it on "
+                         f"{', '.join(spilled)}); raise model.resources.gpus")
+    return placement
+
+
+@contextmanager
+def placed(model: nn.Module, device: str) -> Iterator[torch.device]:
+    """`model` on `device` for the with-block, as the module docstring says; yields the device its inputs
+    go to (that of the input embeddings)."""
+    if device == "cpu":
+        yield torch.device("cpu")
+        return
+    budget = gpu_budget(model_bytes(model), [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())])
+    if budget is None:
+        model.to(device)
+    else:
+        dispatch_model(model, device_map(model, budget))
+    try:
+        yield model.get_input_embeddings().weight.device
+    finally:
+        if budget is not None:
+            remove_hook_from_module(model, recurse=True)
+            model.__dict__.pop("hf_device_map", None)  # set by dispatch_model
+        model.to("cpu")
+        torch.cuda.empty_cache()

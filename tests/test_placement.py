@@ -1,0 +1,84 @@
+"""Zero-shot and speed on several GPUs: the placement decision (one GPU, or dispatched over all visible
+ones) with made-up free memory, accelerate's device map over fake GPUs, and the speed schedule that
+never puts the dense and the pruned model on the GPUs together. The dispatch itself needs GPUs."""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from bench import models, placement, speed
+from bench.config import SpeedConfig, zoo_entry
+from bench.core.perplexity import FIT_MARGIN
+
+GIB = 2**30
+
+
+def test_a_model_that_fits_the_one_visible_gpu_goes_there_whole():
+    assert placement.gpu_budget(10 * GIB, [40 * GIB]) is None
+
+
+def test_several_gpus_get_a_budget_each_with_room_for_activations():
+    budget = placement.gpu_budget(10 * GIB, [40 * GIB, 30 * GIB])  # fits one, but two were granted
+    assert budget == {0: int(40 * GIB / FIT_MARGIN), 1: int(30 * GIB / FIT_MARGIN)}
+    big = placement.gpu_budget(100 * GIB, [78 * GIB, 78 * GIB])  # fits none alone
+    assert sorted(big) == [0, 1] and sum(big.values()) >= 100 * GIB
+
+
+@pytest.mark.parametrize("free", [[40 * GIB], [40 * GIB, 40 * GIB]])
+def test_a_model_the_gpus_cannot_hold_asks_for_more_gpus(free):
+    with pytest.raises(ValueError, match=r"needs 100.0 GiB .* raise model.resources.gpus"):
+        placement.gpu_budget(100 * GIB, free)
+
+
+def test_the_device_map_splits_between_blocks_over_the_gpus():
+    model = models.load(zoo_entry("llama-tiny"))[0]
+    size = placement.model_bytes(model)
+    budget = {0: int(size * 0.9), 1: int(size * 0.9)}  # neither holds it alone
+    placement_map = placement.device_map(model, budget)
+    assert set(placement_map.values()) == {0, 1}
+    assert not any(".layers.0." in name or ".layers.1." in name for name in placement_map)  # blocks whole
+    with pytest.raises(ValueError, match="does not fit the GPUs' free memory"):
+        placement.device_map(model, {0: size // 4})
+
+
+def test_on_the_cpu_the_model_stays_where_it_is():
+    model = models.load(zoo_entry("llama-tiny"))[0]
+    weight = model.get_input_embeddings().weight
+    with placement.placed(model, "cpu") as inputs_on:
+        assert inputs_on == torch.device("cpu") and model.get_input_embeddings().weight is weight
+
+
+def _pair():
+    dense = models.load(zoo_entry("llama-tiny"))[0]
+    return dense, copy.deepcopy(dense)
+
+
+@pytest.mark.parametrize("device, order", [("cpu", ["dense", "pruned"] * 3),
+                                           ("cuda", ["dense"] * 3 + ["pruned"] * 3)])
+def test_speed_is_timed_with_torch_benchmark_and_gpus_hold_one_model_at_a_time(device, order, monkeypatch):
+    dense, pruned = _pair()
+    names = {id(dense): "dense", id(pruned): "pruned"}
+    on_device, timed = [], []
+
+    @contextmanager
+    def placed(model, where):  # records what is on the device; runs on the CPU
+        assert not on_device, "two models on the device at once"
+        on_device.append(names[id(model)])
+        yield torch.device("cpu")
+        on_device.remove(names[id(model)])
+
+    class Timer(speed.Timer):
+        def timeit(self, number):
+            timed.append(on_device[0])
+            return super().timeit(number)
+
+    monkeypatch.setattr(speed.placement, "placed", placed)
+    monkeypatch.setattr(speed, "Timer", Timer)
+    result = speed.measure(dense, pruned, SpeedConfig(batch=1, prefill_seqlen=8, decode_tokens=2, repeats=2), device)
+    assert timed[::2] == timed[1::2] == order  # prefill then decode, per round: warm-up + 2 repeats
+    for stage in ("prefill", "decode"):
+        assert all(tps > 0 for tps in result[f"{stage}_tokens_per_s"].values())
+        assert result[f"{stage}_speedup"] > 0
