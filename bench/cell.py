@@ -191,6 +191,14 @@ class _Stage:
         tracking.log_live({f"time/{self.name}": self.result.timings[self.name]})
 
 
+def _on_step(name: str, index: int, total: int, seconds: float) -> None:
+    """The `on_step` of the engine and of perplexity: progress.json hears of every step, the W&B run of
+    the pruning passes' (perplexity's windows would only crowd its charts)."""
+    progress.step(name, index, total)
+    if name in engine.PRUNE_STEPS:
+        tracking.log_step(name, index, seconds)
+
+
 def _run(cfg: RunConfig, result: Result, use_cache: bool, out_dir: Path, save_to: Optional[Path]) -> None:
     if save_to is not None:
         models.check_save_dir(save_to)  # before any work, not after an hour of pruning
@@ -221,7 +229,7 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool, out_dir: Path, save_to
         reference = copy.deepcopy(model) if cfg.eval.speed else None
     progress.stage("prune")
     report = engine.prune(model, method, samples, cfg.sparsity, cfg.device, cache=shared,
-                          make_llm=llm.make_backend, on_block=tracking.log_block, batch=cfg.data.calib.batch)
+                          make_llm=llm.make_backend, on_step=_on_step, batch=cfg.data.calib.batch)
     result.timings.update(report.seconds)
     tracking.log_live({f"time/{stage}": seconds for stage, seconds in report.seconds.items()})
     _check_finite(model, f"after pruning with {cfg.method.name}")
@@ -278,7 +286,8 @@ def _perplexities(cfg: RunConfig, result: Result, model, tokens, shared: caching
             desc = f"ppl {corpus.name}"
 
             def evaluate() -> float:
-                return perplexity.perplexity(model, windows, cfg.device, desc=desc, layerwise=ppl_cfg.layerwise)
+                return perplexity.perplexity(model, windows, cfg.device, desc=desc, layerwise=ppl_cfg.layerwise,
+                                             on_step=_on_step)
 
             # the dense model's ppl is the same in every cell
             ppl = shared.dense_ppl(windows, cfg.device, evaluate) if cfg.method.dense else evaluate()
@@ -355,8 +364,7 @@ def _run_streamed(cfg: RunConfig, result: Result, use_cache: bool, save_to: Opti
     evaluated = source
     if not cfg.method.dense:
         stream, report = streaming.prune_streamed(source, target, method, samples, cfg.sparsity, cfg.device, dtype,
-                                                  cache=shared, on_block=tracking.log_block,
-                                                  batch=cfg.data.calib.batch)
+                                                  cache=shared, on_step=_on_step, batch=cfg.data.calib.batch)
         tokenizer.save_pretrained(target)
         checkpoint.write_recipe(target, result, result.config)
         result.timings.update(report.seconds)
@@ -375,7 +383,8 @@ def _run_streamed(cfg: RunConfig, result: Result, use_cache: bool, save_to: Opti
                 windows = data.eval_windows(tokens(corpus.text), ppl_cfg.seqlen, ppl_cfg.max_windows, corpus.name,
                                             key=corpus.key)
                 key = name if corpus.fallback_for is None else f"{name}(pydoc fallback)"
-                result.metrics["ppl"][key] = streaming.streamed_perplexity(evaluated, windows, cfg.device, dtype)
+                result.metrics["ppl"][key] = streaming.streamed_perplexity(evaluated, windows, cfg.device, dtype,
+                                                                           on_step=_on_step)
                 tracking.log_live({f"ppl/{key}": result.metrics["ppl"][key]})
                 result.data["eval"][key] = {"dataset": corpus.name, "split": corpus.split, "source": corpus.source,
                                             "seqlen": ppl_cfg.seqlen, "windows": int(windows.shape[0])}

@@ -148,16 +148,16 @@ def _return_freed_memory() -> None:
 
 def prune_streamed(checkpoint: Path, target: Path, method, samples: torch.Tensor, sparsity: float,
                    device: str = "cpu", dtype: torch.dtype = torch.float32,
-                   cache=None, on_block=None, batch: int = 1) -> tuple[BlockStream, engine.PruneReport]:
+                   cache=None, on_step: engine.OnStep = None, batch: int = 1) -> tuple[BlockStream, engine.PruneReport]:
     """Prune the checkpoint in `checkpoint` block by block into a new sharded checkpoint in `target`
-    (`on_block`, `batch`: see `engine.prune`)."""
+    (`on_step`, `batch`: see `engine.prune`)."""
     if sparsity == 0:
         raise ValueError("sparsity=0: nothing to prune; use the checkpoint as it is")
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     model = load_meta(checkpoint, dtype)
     stream = BlockStream(model, checkpoint, target)
-    report = engine.prune(model, method, samples, sparsity, device, cache=cache, stream=stream, on_block=on_block,
+    report = engine.prune(model, method, samples, sparsity, device, cache=cache, stream=stream, on_step=on_step,
                           batch=batch)
     stream.finish(model)
     return stream, report
@@ -183,7 +183,7 @@ def should_stream(cfg: ModelConfig) -> bool:
 
 
 def streamed_perplexity(checkpoint: Path, windows: torch.Tensor, device: str = "cpu",
-                        dtype: torch.dtype = torch.float32) -> float:
+                        dtype: torch.dtype = torch.float32, on_step: engine.OnStep = None) -> float:
     """`bench.core.perplexity.perplexity` of a checkpoint, computed layer-wise with its blocks read from disk."""
     model = load_meta(checkpoint, dtype)
-    return perplexity.perplexity(model, windows, device, stream=BlockStream(model, checkpoint))
+    return perplexity.perplexity(model, windows, device, stream=BlockStream(model, checkpoint), on_step=on_step)

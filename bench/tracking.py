@@ -1,7 +1,8 @@
 """Log a cell as a W&B run (`logger=wandb`), started with the cell (`start`, so W&B lists it while it
-runs), fed while it runs (`log_live`, `log_block`: each stage's seconds as it ends, each block of the
-dense and pruning passes as it is done, each perplexity and the zero-shot scores as they are measured;
-W&B's own system monitor samples CPU, memory, disk and GPU meanwhile) and filled when it ends
+runs), fed while it runs (`log_live`, `log_step`: each stage's seconds as it ends, each step of the
+pruning passes as it is done (dense statistics and pruning blocks, search candidates), each perplexity
+and the zero-shot scores as they are measured; W&B's own system monitor samples CPU, memory, disk and
+GPU meanwhile) and filled when it ends
 (`log_cell`): its resolved config, its metrics as summary values under their registry names
 (`bench.core.records.METRICS`), the per-layer sparsity (history, one step per pruned linear, plus a
 table) and a table of its metrics. Every logged value is a number. Runs of one sweep share a group (the
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from bench.config import LoggerConfig
-from bench.core.engine import BLOCK_STAGES
+from bench.core.engine import PRUNE_STEPS
 from bench.core.records import Result
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,8 @@ def start(cfg: LoggerConfig, result: Result, out_dir: Path, sweep_dir: Optional[
                          # environment probes (meta) are off: the result records provenance itself.
                          settings=wandb.Settings(console="off", silent=True, x_disable_meta=True,
                                                  x_stats_pid=os.getpid()))
-        for stage in BLOCK_STAGES:  # per-block charts over the block index, not W&B's global step
-            run.define_metric(f"{stage}/block_seconds", step_metric=f"{stage}/block")
+        for name, unit in PRUNE_STEPS.items():  # per-step charts over the step index, not W&B's global step
+            run.define_metric(f"{name}/{unit}_seconds", step_metric=f"{name}/{unit}")
         run.define_metric("layer_sparsity", step_metric="layer")
     except Exception as exc:  # noqa: BLE001 - W&B must never fail a cell
         log.warning("W&B logging failed; the cell's result.json is unaffected: %s: %s", type(exc).__name__, exc)
@@ -87,9 +88,10 @@ def log_live(values: dict) -> None:
         _live = None
 
 
-def log_block(stage: str, index: int, seconds: float) -> None:
-    """The engine's `on_block`: block `index` of pass `stage` (`BLOCK_STAGES`) took `seconds`."""
-    log_live({f"{stage}/block": index, f"{stage}/block_seconds": seconds})
+def log_step(name: str, index: int, seconds: float) -> None:
+    """Step `index` of the pruning pass `name` (`PRUNE_STEPS`) took `seconds`."""
+    unit = PRUNE_STEPS[name]
+    log_live({f"{name}/{unit}": index, f"{name}/{unit}_seconds": seconds})
 
 
 def log_cell(run, result: Result) -> Optional[Path]:

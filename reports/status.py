@@ -8,8 +8,10 @@ reported as failed, like an interrupted one.
 
 `watch` is the live view of a sweep, the same under the local and Slurm launchers (started by
 `reports.callback.SweepProgress`) and from any shell (`status <dir> --watch`): a few lines whenever a
-cell changes state or stage, or every `heartbeat` seconds: counts, elapsed and estimated time left, the
-running cells' stage (their `progress.json`), and each failure's one-line reason as soon as it fails.
+cell changes state, stage or pass, passes another quarter of a pass, or every `heartbeat` seconds:
+counts, elapsed and estimated time left, the running cells' stage and its progress (their
+`progress.json`: `prune: block 12/30 (40s, cell 95s)`), and each failure's one-line reason as soon as
+it fails.
 """
 from __future__ import annotations
 
@@ -109,13 +111,36 @@ def render(rows: list[CellStatus], corrupt: list[tuple[str, str]] = ()) -> str:
     return "\n".join(lines)
 
 
-def stage_of(row: CellStatus, now: float) -> str:
-    """`prune (12s, cell 40s)` from a running cell's progress.json, or "" when it has none yet."""
+def progress_of(row: CellStatus) -> Optional[dict]:
+    """A running cell's progress.json (`bench.progress`), or None when it has none (yet)."""
     try:
-        info = json.loads((Path(row.path).parent / PROGRESS_FILE).read_text())
+        return json.loads((Path(row.path).parent / PROGRESS_FILE).read_text())
     except (OSError, TypeError, ValueError):
+        return None
+
+
+def stage_of(row: CellStatus, now: float) -> str:
+    """`prune: dense statistics block 3/30 (12s, cell 40s)` (the stage, the step its current pass
+    finished last, the time in the stage and in the cell) from a running cell's progress.json, or ""
+    when it has none yet."""
+    info = progress_of(row)
+    if info is None:
         return ""
-    return f"{info['stage']} ({now - info['stage_started']:.0f}s, cell {now - info['cell_started']:.0f}s)"
+    where = info["stage"]
+    step = info.get("step")  # none until the stage's first step, and none in files from before steps
+    if step:
+        name = "" if step["pass"] == info["stage"] else step["pass"].replace("_", " ") + " "
+        where += f": {name}{step['unit']} {step['done']}/{step['total']}"
+    return f"{where} ({now - info['stage_started']:.0f}s, cell {now - info['cell_started']:.0f}s)"
+
+
+def _milestone(row: CellStatus) -> tuple:
+    """What `watch` prints a change of: the cell's state, its stage and pass, the quarter of the pass done."""
+    info = progress_of(row) if row.state == "running" else None
+    if info is None:
+        return (row.state,)
+    step = info.get("step")
+    return (row.state, info["stage"]) + ((step["pass"], step["done"] * 4 // step["total"]) if step else ())
 
 
 def _clock(seconds: float) -> str:
@@ -164,7 +189,7 @@ def watch(sweep_dir: Path, stop: threading.Event, interval: float = 5.0, heartbe
         ended = sum(row.state in ("done", "failed") for row in rows)
         ended_before = ended if ended_before is None and rows else ended_before
         lines = summary(rows, now - started, now, ended - (ended_before or 0)) if rows else []
-        state = [(row.state, stage_of(row, now).split(" (")[0]) for row in rows]
+        state = [_milestone(row) for row in rows]
         if lines and (state != last or now - last_time >= heartbeat):
             out("\n".join(lines))
             last, last_time = state, now

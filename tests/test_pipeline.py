@@ -73,7 +73,7 @@ def test_dense_cells_of_a_sweep_run_once(make_config, tmp_path):
     ("cfsp", ["method.round_to=32", "sparsity=0.25"], ["dense_statistics", "prune"]),
 ])
 def test_engine_reports_each_block_of_each_pass_as_it_is_done(method, extra, stages, make_config):
-    """`on_block` hears of every block of the dense pass and the pruning pass, in order, while they run:
+    """`on_step` hears of every block of the dense pass and the pruning pass, in order, while they run:
     when block i of the pruning pass is reported, it is pruned and block i + 1 is not yet."""
     cfg, _ = make_config("model=llama-tiny", f"method={method}", *extra, *TINY)
     model, _ = models.load(cfg.model)
@@ -89,11 +89,11 @@ def test_engine_reports_each_block_of_each_pass_as_it_is_done(method, extra, sta
         weights = [linear.weight for linear in family.linears(blocks[index]).values()]
         return sum(int((w == 0).sum()) for w in weights) > 0.4 * sum(w.numel() for w in weights)
 
-    def on_block(stage: str, index: int, seconds: float) -> None:
-        assert seconds > 0
+    def on_step(stage: str, index: int, total: int, seconds: float) -> None:
+        assert seconds > 0 and total == len(blocks)
         if stage == "prune":
             assert pruned(index) and (index + 1 == len(blocks) or not pruned(index + 1))
         done.append((stage, index))
 
-    engine.prune(model, methods.build(cfg.method), samples, cfg.sparsity, "cpu", on_block=on_block)
+    engine.prune(model, methods.build(cfg.method), samples, cfg.sparsity, "cpu", on_step=on_step)
     assert done == [(stage, index) for stage in stages for index in range(len(blocks))]

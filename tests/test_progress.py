@@ -1,5 +1,6 @@
-"""Progress you can see: a cell's stages in progress.json, the sweep's live status (counts, time left,
-stages, failures as they happen), a few lines per change and not a flood."""
+"""Progress you can see: a cell's stages and their steps in progress.json, the sweep's live status
+(counts, time left, stages and their progress, failures as they happen), a few lines per change and not
+a flood."""
 from __future__ import annotations
 
 import json
@@ -9,15 +10,19 @@ import threading
 import time
 from pathlib import Path
 
-from bench import progress
+import pytest
+import torch
+
+from bench import cell as bench_cell
+from bench import models, progress
 from bench.cell import run_cell
-from bench.core import records
+from bench.core import families, perplexity, records
 from reports.__main__ import main as reports_main
-from reports.status import watch
+from reports.status import CellStatus, stage_of, watch
 from tests.conftest import TINY
 
 
-def cell(root: Path, name: str, status: str, total=None, error=None, stage=None):
+def cell(root: Path, name: str, status: str, total=None, error=None, stage=None, step=None):
     result = {"schema": 2, "status": status, "config_hash": name, "cell": {"model": "m", "method": name,
               "sparsity": 0.5}, "metrics": {}, "timings": {"total": total} if total else {},
               "process": {"host": socket.gethostname(), "pid": os.getpid()},
@@ -25,8 +30,8 @@ def cell(root: Path, name: str, status: str, total=None, error=None, stage=None)
     records.write_json_atomic(root / name / records.RESULT_FILE, result)
     if stage:
         now = time.time()
-        records.write_json_atomic(root / name / records.PROGRESS_FILE,
-                                  {"stage": stage, "stage_started": now - 12, "cell_started": now - 40})
+        info = {"stage": stage, "stage_started": now - 12, "cell_started": now - 40}
+        records.write_json_atomic(root / name / records.PROGRESS_FILE, {**info, "step": step} if step else info)
 
 
 def sweep(tmp_path) -> Path:
@@ -47,7 +52,7 @@ def test_watch_prints_counts_eta_stages_and_each_failure_once(tmp_path):
     text = "\n".join(lines)
     # no cell ended while watching: the pace is the finished cells' run time, (2 + 0.5) x 10 s
     assert "5 cells: 1 done, 1 running, 1 failed, 2 waiting; about 0:00:25 left" in text
-    assert "running method=wanda: prune (12s, cell 40s)" in text
+    assert "running method=wanda: prune (12s, cell 40s)" in text  # a progress.json without steps renders
     assert lines[0] == "FAILED method=magnitude: failed: OSError: no weights"  # one line, when seen
     lines.clear()
     watch(root, stop, out=lines.append)  # a new watcher reports it again; one watcher never twice (below)
@@ -95,15 +100,102 @@ def test_a_cell_reports_its_stages_and_removes_its_progress_file(make_config, tm
     write = progress.write_json_atomic
 
     def spy(path, payload):
-        seen.append(payload["stage"])
+        seen.append(payload["stages"][-1])
         assert json.loads((path.parent / records.RESULT_FILE).read_text())["status"] == "running"
         write(path, payload)
 
     monkeypatch.setattr(progress, "write_json_atomic", spy)
     cfg, resolved = make_config("model=llama-tiny", "method=wanda", *TINY)
     assert run_cell(cfg, resolved, tmp_path).status == "ok"
-    assert seen == ["start", "load", "calib_data", "prune", "eval_ppl_pydoc"]
+    assert list(dict.fromkeys(seen)) == ["start", "load", "calib_data", "prune", "eval_ppl_pydoc"]
     assert not (tmp_path / records.PROGRESS_FILE).exists()
+
+
+def test_progress_json_names_the_step_each_pass_just_finished(make_config, tmp_path, monkeypatch):
+    """Read at every step boundary (from the cell's `on_step`), progress.json shows that step: block i/n
+    of the pruning pass, then window i/n of the perplexity."""
+    monkeypatch.setattr(progress, "STEP_INTERVAL", 0.0)  # every step written: the throttle is tested below
+    seen = []
+    on_step = bench_cell._on_step
+
+    def spy(name, index, total, seconds):
+        on_step(name, index, total, seconds)
+        seen.append((name, index, total, json.loads((tmp_path / records.PROGRESS_FILE).read_text())))
+
+    monkeypatch.setattr(bench_cell, "_on_step", spy)
+    cfg, resolved = make_config("model=llama-tiny", "method=wanda", *TINY)
+    assert run_cell(cfg, resolved, tmp_path).status == "ok"
+    blocks, windows = cfg.model.architecture["num_hidden_layers"], 4
+    assert [(name, index, total) for name, index, total, _ in seen] == \
+        [("prune", i, blocks) for i in range(blocks)] + [("ppl", i, windows) for i in range(windows)]
+    for name, index, total, info in seen:
+        assert info["stage"] == ("prune" if name == "prune" else "eval_ppl_pydoc")
+        assert info["step"] == {"pass": name, "unit": {"prune": "block", "ppl": "window"}[name],
+                                "done": index + 1, "total": total}
+
+
+def test_steps_are_written_at_most_once_a_second_but_a_new_pass_and_a_last_step_at_once(tmp_path, monkeypatch):
+    clock, written = [100.0], []
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(progress, "write_json_atomic", lambda path, payload: written.append(payload.get("step")))
+    progress.start(tmp_path)
+    progress.stage("prune")
+    written.clear()
+    for index in range(30):  # 30 blocks in 7.5 s
+        progress.step("prune", index, 30)
+        clock[0] += 0.25
+    progress.step("search", 0, 8)  # 0.25 s after the last write, but a new pass
+    progress.finish()
+    assert [(step["pass"], step["done"]) for step in written] == \
+        [("prune", done) for done in (1, 5, 9, 13, 17, 21, 25, 29, 30)] + [("search", 1)]
+
+
+def test_the_status_line_shows_the_pass_and_step_of_a_running_cell(tmp_path):
+    def line(stage, step):
+        cell(tmp_path, "c", "running", stage=stage, step=step)
+        return stage_of(CellStatus([], "c", "running", "", str(tmp_path / "c" / records.RESULT_FILE)), time.time())
+
+    dense = {"pass": "dense_statistics", "unit": "block", "done": 3, "total": 30}
+    assert line("prune", dense) == "prune: dense statistics block 3/30 (12s, cell 40s)"
+    search = {"pass": "search", "unit": "candidate", "done": 7, "total": 31}
+    assert line("prune", search) == "prune: search candidate 7/31 (12s, cell 40s)"
+    assert line("prune", {**dense, "pass": "prune"}) == "prune: block 3/30 (12s, cell 40s)"
+    window = {"pass": "ppl", "unit": "window", "done": 5, "total": 16}
+    assert line("eval_ppl_wikitext2", window) == "eval_ppl_wikitext2: ppl window 5/16 (12s, cell 40s)"
+
+
+def test_watch_prints_a_running_pass_at_each_quarter_not_at_every_step(tmp_path):
+    root, lines = sweep(tmp_path), []
+
+    class Blocks:
+        """Stands in for the stop event: each poll's wait is one more finished block of wanda's 30."""
+        done = 1
+
+        def wait(self, interval):
+            self.done += 1
+            if self.done > 30:
+                return True
+            cell(root, "wanda", "running", stage="prune",
+                 step={"pass": "prune", "unit": "block", "done": self.done, "total": 30})
+            return False
+
+    cell(root, "wanda", "running", stage="prune", step={"pass": "prune", "unit": "block", "done": 1, "total": 30})
+    watch(root, Blocks(), heartbeat=3600.0, out=lines.append)
+    shown = [line.split("prune: ")[1].split(" (")[0] for text in lines for line in text.splitlines()
+             if line.startswith("  running")]
+    assert shown == ["block 1/30", "block 8/30", "block 15/30", "block 23/30", "block 30/30"]
+
+
+@pytest.mark.parametrize("layerwise, name, unit", [(False, "ppl", "window"), (True, "ppl_layerwise", "block")])
+def test_perplexity_reports_each_step_of_its_pass(make_config, layerwise, name, unit):
+    cfg, _ = make_config("model=llama-tiny", *TINY)
+    model, _ = models.load(cfg.model)
+    windows = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(0))
+    steps = []
+    perplexity.perplexity(model, windows, "cpu", layerwise=layerwise,
+                          on_step=lambda *step: steps.append(step[:3]))
+    total = 3 if unit == "window" else len(families.arch_for(model).blocks(model))
+    assert perplexity.PPL_STEPS[name] == unit and steps == [(name, i, total) for i in range(total)]
 
 
 def test_the_console_callback_survives_submitit_pickling_the_launcher():

@@ -88,6 +88,20 @@ def _search(make_config, *overrides, target=0.5, make_llm=make_backend, full=Fal
     return report.rates, report.details if full else report.details["search"], sizes
 
 
+def test_the_search_reports_each_candidate_to_the_engines_on_step(make_config):
+    """Each scored candidate is one step of the "search" pass, counted against the whole budget; the
+    prunes that score candidates report nothing, so the pruning pass follows with its blocks once."""
+    cfg, _ = make_config("model=llama-tiny", *FAST, "method=self_pruner_ga")
+    model, samples = _tiny_model_and_samples(cfg)
+    steps = []
+    report = engine.prune(model, methods.build(cfg.method), samples, 0.5, "cpu",
+                          on_step=lambda name, index, total, seconds: steps.append((name, index, total)))
+    budget = 1 + 3 + 2 * 2
+    assert report.details["search"]["candidates_total"] == budget
+    blocks = cfg.model.architecture["num_hidden_layers"]
+    assert steps == [("search", i, budget) for i in range(budget)] + [("prune", i, blocks) for i in range(blocks)]
+
+
 def _tiny_model_and_samples(cfg):
     model, tokenizer = models.load(cfg.model)
     corpus = data.load_corpus("pydoc", "validation", None, "calib")

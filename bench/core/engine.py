@@ -217,7 +217,7 @@ def run_block_form(block: nn.Module, inputs: torch.Tensor, kwargs: dict[int, dic
 @torch.no_grad()
 def traverse(model: nn.Module, samples: torch.Tensor, device: str, stats_level: str,
              visit: Callable[[BlockView], None], edits: bool, desc: str, share_stats: bool = True,
-             cache=None, stream=None, on_block: Optional[Callable[[int, float], None]] = None,
+             cache=None, stream=None, on_block: Optional[Callable[[int, int, float], None]] = None,
              batch: int = 1) -> None:
     """Walk the blocks sequentially, calling `visit` on each with its input statistics.
 
@@ -230,7 +230,7 @@ def traverse(model: nn.Module, samples: torch.Tensor, device: str, stats_level: 
     `stream` (any object with `load(index, block)` / `release(index, block, edited)`, e.g. the
     harness's streamed checkpoint) loads each block's weights when the walk reaches it and
     takes it back (writing it out when `edits`) when the walk leaves it.
-    `on_block(index, seconds)` is called as each block is done, with the seconds it took.
+    `on_block(index, n_blocks, seconds)` is called as each block is done, with the seconds it took.
     `batch`: samples per block forward. Blocks run in the model's dtype; statistics are summed in fp32
     whatever the batch, so it changes only the order of the sums (and the device memory needed).
     """
@@ -242,7 +242,8 @@ def traverse(model: nn.Module, samples: torch.Tensor, device: str, stats_level: 
     else:
         hidden, kwargs = cache.block0(samples, device, batch, lambda: capture_inputs(model, samples, device, batch))
     kwargs = to_device(kwargs, device, {})  # one list of per-block kwargs
-    for index, block in enumerate(tqdm(arch.blocks(model), desc=desc, unit="block")):
+    blocks = arch.blocks(model)
+    for index, block in enumerate(tqdm(blocks, desc=desc, unit="block")):
         started = time.perf_counter()
         if stream is not None:
             stream.load(index, block)
@@ -275,7 +276,7 @@ def traverse(model: nn.Module, samples: torch.Tensor, device: str, stats_level: 
             stream.release(index, block, edited=edits)
         hidden = outputs
         if on_block is not None:
-            on_block(index, time.perf_counter() - started)
+            on_block(index, len(blocks), time.perf_counter() - started)
 
 
 @dataclass
@@ -291,6 +292,7 @@ class SearchContext:
     device: str
     make_llm: Optional[Callable[[Any], Any]] = None
     batch: int = 1  # calibration samples per block forward, for the candidates' prunes
+    on_candidate: Optional[Callable[[int, int, float], None]] = None  # (index, budget, seconds) per scored candidate
 
 
 @dataclass
@@ -300,13 +302,15 @@ class PruneReport:
     details: dict = field(default_factory=dict)  # the allocator's own record (`Allocator.finish`)
 
 
-# The block-by-block passes of `prune`, as named to its `on_block` callback.
-BLOCK_STAGES = ("dense_statistics", "prune")
+# The passes of `prune` that report each finished step to its `on_step` callback, and what a step is.
+PRUNE_STEPS = {"dense_statistics": "block", "search": "candidate", "prune": "block"}
+# `on_step(pass, index, total, seconds)`: step `index` (from 0) of `total` of a pass took `seconds`.
+OnStep = Optional[Callable[[str, int, int, float], None]]
 
 
 def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, device: str,
           cache=None, stream=None, make_llm=None,
-          on_block: Optional[Callable[[str, int, float], None]] = None, batch: int = 1) -> PruneReport:
+          on_step: OnStep = None, batch: int = 1) -> PruneReport:
     """Apply `method` (a `methods.Method`: allocator x pruner, see `methods.base` for the lifecycle) to
     `model` in place at mean target `sparsity`.
 
@@ -314,9 +318,10 @@ def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, devi
     for every component with `needs_dense_pass` (`observe_block`; with a `cache` its `dense_state` may
     come from disk instead); `allocator.bind` for searches; `allocator.allocate`; `pruner.prune_block`
     on every block; `allocator.finish` for the record. With a `stream`, blocks live on the meta device
-    until the engine reaches them (see `traverse`). `on_block(stage, index, seconds)` hears of every block
-    done by the dense pass and the pruning pass (stages `BLOCK_STAGES`), while they run; `batch`
-    calibration samples go through a block at once (see `traverse`)."""
+    until the engine reaches them (see `traverse`). `on_step(pass, index, total, seconds)` hears of every
+    step of the passes `PRUNE_STEPS` while they run: step `index` of `total` took `seconds` (a search's
+    steps are its scored candidates, reported by the allocator through `SearchContext.on_candidate`);
+    `batch` calibration samples go through a block at once (see `traverse`)."""
     arch = arch_for(model)
     sizes = {name: linear.weight.numel() for name, linear in prunable_linears(model).items()}
     seconds = {}
@@ -326,8 +331,8 @@ def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, devi
     # forward pass: block scores for the allocator and channel scores for a structured pruner).
     observers = [c for c in (allocator, pruner) if c.needs_dense_pass]
 
-    def block_done(stage: str) -> Optional[Callable[[int, float], None]]:
-        return None if on_block is None else lambda index, seconds: on_block(stage, index, seconds)
+    def step_done(name: str) -> Optional[Callable[[int, int, float], None]]:
+        return None if on_step is None else lambda index, total, seconds: on_step(name, index, total, seconds)
     if observers:
         start = time.perf_counter()
         level = max((c.observe_level for c in observers), key=STATS_LEVELS.index)
@@ -335,7 +340,7 @@ def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, devi
         def observe():
             traverse(model, samples, device, level, lambda view: [c.observe_block(view) for c in observers],
                      edits=False, desc=f"{method.name}: dense statistics", cache=cache, stream=stream,
-                     on_block=block_done("dense_statistics"), batch=batch)
+                     on_block=step_done("dense_statistics"), batch=batch)
             return [c.dense_state() for c in observers]
 
         if cache is None:
@@ -345,7 +350,8 @@ def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, devi
                 component.load_dense_state(state)
         seconds["allocate_observe"] = time.perf_counter() - start
     if allocator.needs_search:
-        allocator.bind(SearchContext(model, samples, pruner, device, make_llm, batch))
+        allocator.bind(SearchContext(model, samples, pruner, device, make_llm, batch=batch,
+                                     on_candidate=step_done("search")))
     start = time.perf_counter()
     rates = allocator.allocate(sizes, sparsity)
     seconds["allocate"] = time.perf_counter() - start
@@ -353,7 +359,8 @@ def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, devi
     if sparsity == 0 and not pruner.quantizes:
         pass  # nothing to remove (a quantizing pruner still has work at sparsity 0)
     elif pruner.stats_level == "none":  # data-free: no traversal needed
-        for index, block in enumerate(tqdm(arch.blocks(model), desc=f"{method.name}: pruning", unit="block")):
+        blocks = arch.blocks(model)
+        for index, block in enumerate(tqdm(blocks, desc=f"{method.name}: pruning", unit="block")):
             block_start = time.perf_counter()
             if stream is not None:
                 stream.load(index, block)
@@ -362,11 +369,11 @@ def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, devi
             pruner.prune_block(BlockView(index, block, arch, linears, {}, torch.empty(0), None), rates)
             if stream is not None:
                 stream.release(index, block, edited=True)
-            if on_block is not None:
-                on_block("prune", index, time.perf_counter() - block_start)
+            if on_step is not None:
+                on_step("prune", index, len(blocks), time.perf_counter() - block_start)
     else:
         traverse(model, samples, device, pruner.stats_level, lambda view: pruner.prune_block(view, rates),
-                 edits=True, desc=f"{method.name}: pruning", cache=cache, stream=stream, on_block=block_done("prune"),
+                 edits=True, desc=f"{method.name}: pruning", cache=cache, stream=stream, on_block=step_done("prune"),
                  batch=batch)
     seconds["prune"] = time.perf_counter() - start
     return PruneReport(rates=rates, seconds=seconds, details=allocator.finish())

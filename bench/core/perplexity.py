@@ -13,6 +13,7 @@ the device's free memory.
 from __future__ import annotations
 
 import math
+import time
 from typing import Union
 
 import torch
@@ -24,6 +25,9 @@ from bench.core import engine
 from bench.core.families import arch_for
 
 LAYERWISE = ("auto", True, False)
+# The passes of `perplexity` that report each finished step to its `on_step` callback, and what a step is
+# (layer-wise, the blocks' pass over all windows is the work; the final scoring runs only the head).
+PPL_STEPS = {"ppl": "window", "ppl_layerwise": "block"}
 FIT_MARGIN = 1.2  # the whole model needs its weights plus room for one window's activations and logits
 
 
@@ -33,13 +37,17 @@ def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def window_nlls(model: nn.Module, windows: torch.Tensor, device: str, desc: str = "perplexity") -> torch.Tensor:
+def window_nlls(model: nn.Module, windows: torch.Tensor, device: str, desc: str = "perplexity",
+                on_step: engine.OnStep = None) -> torch.Tensor:
     """Mean next-token NLL of each window (n,), float64."""
     model.to(device)
     nlls = torch.empty(windows.shape[0], dtype=torch.float64)
     for index in tqdm(range(windows.shape[0]), desc=desc, unit="window"):
+        started = time.perf_counter()
         ids = windows[index:index + 1].to(device)
         nlls[index] = window_nll(model(ids, use_cache=False).logits, ids)
+        if on_step is not None:
+            on_step("ppl", index, windows.shape[0], time.perf_counter() - started)
     model.to("cpu")
     return nlls
 
@@ -68,7 +76,7 @@ class _Replay(nn.Module):
 
 @torch.no_grad()
 def layerwise_window_nlls(model: nn.Module, windows: torch.Tensor, device: str, stream=None,
-                          desc: str = "perplexity (layer-wise)") -> torch.Tensor:
+                          desc: str = "perplexity (layer-wise)", on_step: engine.OnStep = None) -> torch.Tensor:
     """`window_nlls`, computed block by block over all windows: only one block is on `device` at a time
     (plus embeddings and head), and the (n, seqlen, hidden) activations stay on the CPU. `stream` (see
     `engine.traverse`) loads each block from disk when it is reached and drops it after."""
@@ -78,12 +86,15 @@ def layerwise_window_nlls(model: nn.Module, windows: torch.Tensor, device: str, 
     blocks = arch.blocks(model)
     as_tuple = False
     for index, block in enumerate(tqdm(blocks, desc=desc, unit="block")):
+        started = time.perf_counter()
         if stream is not None:
             stream.load(index, block)
         hidden, as_tuple = engine.run_block_form(block.to(device), hidden, kwargs[index], device)
         block.to("cpu")
         if stream is not None:
             stream.release(index, block, edited=False)
+        if on_step is not None:
+            on_step("ppl_layerwise", index, len(blocks), time.perf_counter() - started)
     replays = [_Replay(block, index == len(blocks) - 1, as_tuple) for index, block in enumerate(blocks)]
     for index, replay in enumerate(replays):
         blocks[index] = replay
@@ -117,8 +128,10 @@ def from_nlls(nlls: torch.Tensor) -> float:
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, device: str, desc: str = "perplexity",
-               layerwise: Union[str, bool] = "auto", stream=None) -> float:
-    """`layerwise`: True, False, or "auto" (layer-wise when the model does not `fit` the device)."""
+               layerwise: Union[str, bool] = "auto", stream=None, on_step: engine.OnStep = None) -> float:
+    """`layerwise`: True, False, or "auto" (layer-wise when the model does not `fit` the device).
+    `on_step` hears of each step of the pass that runs (`PPL_STEPS`)."""
     if layerwise is True or stream is not None or (layerwise == "auto" and not fits(model, device)):
-        return from_nlls(layerwise_window_nlls(model, windows, device, stream, desc=f"{desc} (layer-wise)"))
-    return from_nlls(window_nlls(model, windows, device, desc))
+        return from_nlls(layerwise_window_nlls(model, windows, device, stream, desc=f"{desc} (layer-wise)",
+                                               on_step=on_step))
+    return from_nlls(window_nlls(model, windows, device, desc, on_step))

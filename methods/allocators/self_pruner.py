@@ -393,6 +393,7 @@ class _Search:
         self.rng = np.random.default_rng(o.seed)
         self.cache: dict[tuple, float] = {}
         self.candidates: list[dict] = []
+        self.budget = 1 + o.population + o.generations * (o.population - o.elites)  # with the uniform reference
         self.answers = {"calls": 0, "usable": 0, "unusable": {}, "repairs": {}, "repaired_answers": 0,
                         "repair_mean_abs_change": 0.0, "repair_max_abs_change": 0.0, "fallbacks": 0}
         self.calls: list[dict] = []  # every LLM call, enough to replay the search (`Replay`)
@@ -440,11 +441,14 @@ class _Search:
         return value, False
 
     def add(self, rates: np.ndarray, origin: str, generation: int, parents: Optional[list] = None) -> dict:
+        start = time.perf_counter()
         value, cached = self.fitness(rates)
         candidate = {"id": len(self.candidates), "generation": generation, "origin": origin,
                      "parents": parents, "rates": [float(r) for r in rates], "fitness": value,
                      "cached": cached}
         self.candidates.append(candidate)
+        if self.ctx.on_candidate is not None:
+            self.ctx.on_candidate(candidate["id"], self.budget, time.perf_counter() - start)
         return candidate
 
     def repaired(self, rates) -> np.ndarray:
