@@ -23,12 +23,11 @@ from pathlib import Path
 
 import torch
 
+from bench.core import records
+
 # Keys that do not change the numbers a cell produces, so they stay out of its identity.
 NON_IDENTITY_KEYS = ("save_dir", "save_format", "device", "targets", "paper_protocol", "logger", "rerun", "cache")
 NON_IDENTITY_METHOD_KEYS = ("display",)  # how tables name a method changes no number
-# Keys added after results existed, with the value that reproduces those results: at that value they stay
-# out of the identity, so earlier results keep their hashes and a resumed sweep does not re-run them.
-LATER_KEYS = {("data", "calib", "batch"): 1}
 PACKAGES = ("torch", "transformers", "hydra-core", "omegaconf", "lm-eval", "submitit", "wandb", "gguf")
 
 
@@ -36,20 +35,9 @@ def config_hash(resolved: dict) -> str:
     identity = {k: v for k, v in resolved.items() if k not in NON_IDENTITY_KEYS}
     if isinstance(identity.get("method"), dict):
         identity["method"] = {k: v for k, v in identity["method"].items() if k not in NON_IDENTITY_METHOD_KEYS}
-    for path, default in LATER_KEYS.items():
-        identity = _without(identity, path, default)
+    identity = records.without_later_defaults(identity)
     canonical = json.dumps(identity, sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def _without(tree: dict, path: tuple, default) -> dict:
-    """`tree` without the key at `path` when it holds `default` (copied along the path, `tree` unchanged)."""
-    head, *rest = path
-    if not isinstance(tree, dict) or head not in tree:
-        return tree
-    if rest:
-        return {**tree, head: _without(tree[head], tuple(rest), default)}
-    return {k: v for k, v in tree.items() if k != head or v != default}
 
 
 def provenance() -> dict:

@@ -11,6 +11,7 @@ seeds of one row, sparsity and metric into mean / std / n.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Optional
 
 import pandas as pd
 
-from bench.core.records import CELLS_FILE, Result, read_manifest
+from bench.core.records import CELLS_FILE, Result, read_manifest, without_later_defaults
 from reports.select import method_label
 
 # Not part of a row's identity: the replicate axis, the sweep's column / section axes, and the keys that
@@ -44,15 +45,19 @@ def _flat(config: dict, prefix: str = "") -> dict[str, str]:
 
 def _identity(result: Result) -> dict[str, str]:
     config = {k: v for k, v in result.config.items() if k not in NOT_IDENTITY}
-    return _flat(config)
+    return _flat(without_later_defaults(config))
 
 
 def row_labels(results: list[Result]) -> dict[int, str]:
     """{id(result): row label}: the display name plus the keys that differ between the configs of the
     same model and method (ignoring seed and the sweep axes)."""
+    # a record written before its preset had a `display` name takes the name a newer record of the same
+    # method carries, so a sweep resumed across that change keeps one row per method
+    displays = {r.cell.method: r.cell.display for r in results if r.cell.display}
     groups: dict[tuple, list[Result]] = {}
     for result in results:
-        groups.setdefault((result.cell.model, method_label(result.cell)), []).append(result)
+        cell = dataclasses.replace(result.cell, display=result.cell.display or displays.get(result.cell.method))
+        groups.setdefault((result.cell.model, method_label(cell)), []).append(result)
     labels = {}
     for (_, base), members in groups.items():
         flats = [_identity(r) for r in members]

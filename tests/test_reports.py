@@ -16,6 +16,7 @@ import pytest
 from bench.core import records
 from bench.cell import run_cell
 from reports.__main__ import main as reports_main
+from reports import frame
 from reports.collect import build_report, collect
 from tests.conftest import TINY
 
@@ -409,3 +410,17 @@ def test_two_four_speedup_says_not_measured_on_cpu(tmp_path):
     column = details.header.index("N:M speed-up")
     assert {row[1]: row[column] for row in details.rows} == {"wanda (2:4)": "not measured (no GPU kernel on CPU)",
                                                              "magnitude": "-"}
+
+
+def test_a_sweep_resumed_across_new_keys_keeps_one_row_per_method():
+    # a record from before `display` and `data.calib.batch` existed, and one from after, seed apart
+    def result(seed, display, calib):
+        config = {"seed": seed, "method": {"name": "wanda", **({"display": display} if display else {})},
+                  "data": {"calib": calib}}
+        return records.Result("ok", f"h{seed}", records.CellKey("m", "wanda", 0.5, seed=seed, display=display),
+                              config=config, metrics={"ppl": {"wikitext2": 10.0 + seed}})
+    old, new = result(0, None, {"nsamples": 32}), result(1, "Wanda", {"nsamples": 32, "batch": 1})
+    assert set(frame.row_labels([old, new]).values()) == {"Wanda"}
+    batched = result(2, "Wanda", {"nsamples": 32, "batch": 4})  # not the old default: a row of its own
+    assert sorted(set(frame.row_labels([old, new, batched]).values())) == ["Wanda (data.calib.batch=-)",
+                                                                          "Wanda (data.calib.batch=4)"]

@@ -29,6 +29,28 @@ STATUSES = ("running", "ok", "failed", "interrupted")
 
 # --- metrics -------------------------------------------------------------------------------------
 
+# Config keys added after results existed, with the value that reproduces those results. At that value a
+# key is dropped from a config's identity (its hash, its table row), so an earlier record, which lacks the
+# key, stays the same cell: a resumed sweep does not re-run it and a table does not split its row.
+LATER_KEYS = {("data", "calib", "batch"): 1}
+
+
+def without_later_defaults(config: dict) -> dict:
+    """`config` without each of `LATER_KEYS` that holds its default (copied along the path, `config` unchanged)."""
+    for path, default in LATER_KEYS.items():
+        config = _without(config, path, default)
+    return config
+
+
+def _without(tree: dict, path: tuple, default) -> dict:
+    head, *rest = path
+    if not isinstance(tree, dict) or head not in tree:
+        return tree
+    if rest:
+        return {**tree, head: _without(tree[head], tuple(rest), default)}
+    return {k: v for k, v in tree.items() if k != head or v != default}
+
+
 @dataclass(frozen=True)
 class Metric:
     """A metric family: `name` or `name/<argument>` (a dataset, a task, a stage) in targets and tables."""
