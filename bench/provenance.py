@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 # Keys that do not change the numbers a cell produces, so they stay out of its identity.
-NON_IDENTITY_KEYS = ("save_dir", "save_format", "device", "targets", "paper_protocol", "logger", "rerun", "cache")
+NON_IDENTITY_KEYS = ("save_dir", "save_format", "device", "targets", "paper_protocol", "logger", "rerun", "cache",
+                     "resume_every_s")
 PACKAGES = ("torch", "transformers", "hydra-core", "omegaconf", "lm-eval", "submitit", "wandb", "gguf")
 
 
