@@ -166,15 +166,15 @@ def test_sweep_on_real_slurm(slurm_cluster, tmp_path):
 def test_timed_out_cell_is_requeued_and_resumes(slurm_cluster, tmp_path, make_config):
     """A cell slower than its one-minute time limit gets Submitit's warning signal, is requeued, and
     resumes from its last saved block: the result says from which, and equals an uninterrupted run."""
-    cell = ["model=llama-tiny", "model.architecture.num_hidden_layers=8", "method=sparsegpt", "sparsity=0.5",
+    cell = ["model=llama-tiny", "model.architecture.num_hidden_layers=10", "method=sparsegpt", "sparsity=0.5",
             "cache=false", "resume_every_s=0", *TINY]
     sweep_dir = tmp_path / "sweep"
     command = [sys.executable, "run.py", "-m", "hydra/launcher=slurm", *cell, f"save_dir={tmp_path / 'slurm'}",
-               "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=10",
+               "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=1",
                "hydra.launcher.max_num_timeout=5", f"hydra.sweep.dir={sweep_dir}"]
-    # Slurm checks time limits every 30 s and signals at the first check at most 30 s before the signal
-    # time: with a 60 s limit and a 10 s delay every run gets 20 to 50 s; 8 blocks of ~7 s never finish
-    # in the first run, and each later run prunes some.
+    # Slurm checks time limits every 30 s and sends the signal at the first check less than 30 s before
+    # it is due: with a 60 s limit and a 1 s delay, every run gets 29 to 59 s. Blocks slowed to ~6.5 s
+    # make the cell longer than that, so the first run never finishes it, and every later run goes on.
     env = {**slurm_cluster, "PYTHONPATH": f"{ROOT / 'tests' / 'slow_blocks'}:{ROOT}",
            "PRUNEBENCH_TEST_BLOCK_DELAY_S": "3"}
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
