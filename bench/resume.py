@@ -10,6 +10,9 @@ Under `<cell dir>/resume/`:
     inputs_<k>.safetensors   the inputs of block k: the outputs of the pruned blocks before it
     state.json               the commit: its key, the next block k and its inputs file
 
+The blocks' keyword arguments (attention masks, rotary tables) are not saved: the engine captures them
+again from the calibration samples, which no pruning changes (only the embeddings run for that).
+
 Every file is written to a staging name and renamed, and state.json is written last, so a kill at any
 moment leaves either the previous commit or the new one. Blocks are saved at most every
 `resume_every_s` seconds (the blocks pruned since are written together at the next save), so a fast
