@@ -3,7 +3,9 @@
 A failing cell records its exception and traceback in its result and returns normally, so one bad
 cell never takes the rest of a sweep down. An interrupted one (Ctrl-C, or Submitit requeuing it on
 preemption/timeout) records "interrupted" and re-raises; a killed one stays "running" with the host and
-pid that ran it, so `python -m reports status` can tell it is dead. Neither counts as done on resume.
+pid that ran it, so `python -m reports status` can tell it is dead. Neither counts as done on resume;
+run again into the same dir, either goes on from its last saved pruned block (bench/resume.py), and its
+result says so (`process.resumed_from_block`).
 
 The cell knows the method only through its typed capabilities (`methods.base`): whether the pruner is
 structured or quantizes, whether the method is the dense baseline, the allocator's block importance.
@@ -26,7 +28,8 @@ import transformers
 
 import methods
 from bench import cache as caching
-from bench import checkpoint, data, llm, models, progress, protocol, provenance, speed, streaming, tracking, zeroshot
+from bench import (checkpoint, data, llm, models, progress, protocol, provenance, resume, speed, streaming, tracking,
+                   zeroshot)
 from bench.config import RunConfig
 from bench.core import engine, families, perplexity, records
 from bench.core.records import CellKey, Failure, Result
@@ -82,7 +85,7 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
     run = tracking.start(cfg.logger, result, out_dir, sweep_dir)
     started = time.perf_counter()
     try:
-        _run(cfg, result, cache, out_dir, save_to)
+        _run(cfg, result, cache, out_dir, save_to, config_hash)
         _check_metrics(result.metrics)
         result.status = "ok"
     except ConfigError as exc:  # bad input found late (e.g. an LLM without a chat template): one line
@@ -104,6 +107,8 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
         progress.finish()
         if result.saved_to:  # the checkpoint's record gets the evaluation too
             checkpoint.write_recipe(Path(result.saved_to), result, result.config)
+    if result.ok:  # after its result is written: a kill in between costs a re-run, never the work
+        resume.clear(out_dir)
     tracking.log_cell(run, result)
     return result
 
@@ -199,7 +204,8 @@ def _on_step(name: str, index: int, total: int, seconds: float) -> None:
         tracking.log_step(name, index, seconds)
 
 
-def _run(cfg: RunConfig, result: Result, use_cache: bool, out_dir: Path, save_to: Optional[Path]) -> None:
+def _run(cfg: RunConfig, result: Result, use_cache: bool, out_dir: Path, save_to: Optional[Path],
+         config_hash: str) -> None:
     if save_to is not None:
         models.check_save_dir(save_to)  # before any work, not after an hour of pruning
     random.seed(cfg.seed)
@@ -228,8 +234,14 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool, out_dir: Path, save_to
         dense_sizes, dense_params = families.ffn_sizes(model), families.parameter_count(model)
         reference = copy.deepcopy(model) if cfg.eval.speed else None
     progress.stage("prune")
+    store = None if cfg.resume_every_s is None else resume.ResumeState(out_dir, config_hash, cfg.device,
+                                                                       cfg.resume_every_s)
     report = engine.prune(model, method, samples, cfg.sparsity, cfg.device, cache=shared,
-                          make_llm=llm.make_backend, on_step=_on_step, batch=cfg.data.calib.batch)
+                          make_llm=llm.make_backend, on_step=_on_step, batch=cfg.data.calib.batch, resume=store)
+    if store is not None:
+        result.warnings += store.warnings
+    if report.resumed_from is not None:
+        result.process["resumed_from_block"] = report.resumed_from
     result.timings.update(report.seconds)
     tracking.log_live({f"time/{stage}": seconds for stage, seconds in report.seconds.items()})
     _check_finite(model, f"after pruning with {cfg.method.name}")

@@ -162,6 +162,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     recovery: RecoveryOptions = field(default_factory=RecoveryOptions)
     threads: int = 2  # torch threads for the cell's numerics (bench/provenance.py: why it is fixed)
+    resume_every_s: Optional[float] = 300  # bench/resume.py: save the pruning pass this often; None: never
 
     def identity(self, resolved: dict) -> dict:
         """The resolved config a cell is hashed by: with the effective sparsity (dense ignores the
@@ -387,10 +388,14 @@ def validate(cfg: DictConfig) -> RunConfig:
         raise ConfigError(f"paper_protocol.{unknown} is not a protocol field; allowed: {', '.join(protocol.FIELDS)}")
     threads = raw.get("threads", 2)
     check_range("threads", threads, isinstance(threads, int) and threads >= 1, "an integer >= 1")
+    resume_every_s = raw.get("resume_every_s", 300)
+    check_range("resume_every_s", resume_every_s, resume_every_s is None or (
+        isinstance(resume_every_s, (int, float)) and not isinstance(resume_every_s, bool) and resume_every_s >= 0),
+        "seconds >= 0 (0: after every block), or null (never)")
     return RunConfig(model=model, method=method, data=data, eval=evaluation, sparsity=sparsity,
                      seed=seed, device=device, protocol=str(raw["protocol"]["name"]),
                      save_dir=_save_dir(raw.get("save_dir")), logger=logger, recovery=recovery,
-                     save_format=save_format, threads=threads)
+                     save_format=save_format, threads=threads, resume_every_s=resume_every_s)
 
 
 def _check_streamable(model: ModelConfig, method: MethodSpec, built, recovery: RecoveryOptions,

@@ -26,7 +26,8 @@ import torch
 from bench.core import records
 
 # Keys that do not change the numbers a cell produces, so they stay out of its identity.
-NON_IDENTITY_KEYS = ("save_dir", "save_format", "device", "targets", "paper_protocol", "logger", "rerun", "cache")
+NON_IDENTITY_KEYS = ("save_dir", "save_format", "device", "targets", "paper_protocol", "logger", "rerun", "cache",
+                     "resume_every_s")
 NON_IDENTITY_METHOD_KEYS = ("display",)  # how tables name a method changes no number
 PACKAGES = ("torch", "transformers", "hydra-core", "omegaconf", "lm-eval", "submitit", "wandb", "gguf")
 

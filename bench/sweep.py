@@ -306,6 +306,11 @@ def _take_sigterm():
 
 def _child(send, run: Callable[..., Result], args: tuple) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Slurm sends Submitit's preemption/timeout signal (USR2, or USR1 where configured) to every process
+    # of the job. The sweep process's handler requeues the job and then ends this child; the copy of that
+    # handler the fork inherited would requeue it a second time.
+    for preempt in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(preempt, signal.SIG_IGN)
     if sys.platform == "linux":  # die with the sweep process, even when it is SIGKILLed
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     send.send(run(*args))

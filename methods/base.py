@@ -9,9 +9,10 @@ and in which order.
                              what observe_block gathered, so the harness can cache it across cells
     bind(context)            only with `needs_search`: a `SearchContext` to score candidate rates
     allocate(sizes, target)  allocator: {linear name: sparsity}, parameter-weighted mean = target
+    finish()                 allocator: its record for the result (search history, ...), right after
+                             allocate: a resumable cell stores it with the rates before pruning
     prune_block(view, rates) pruner: every block in order, with statistics of `stats_level` taken on
                              the partly pruned model (the SparseGPT protocol)
-    finish()                 allocator: its record for the result (search history, ...)
 
 Capabilities are typed class attributes; the engine and the harness read nothing else.
 """

@@ -25,7 +25,7 @@ from reports.select import method_label
 # Not part of a row's identity: the replicate axis, the sweep's column / section axes, and the keys that
 # do not change a number (bench.provenance.NON_IDENTITY_KEYS, which a report may not import).
 NOT_IDENTITY = ("seed", "sparsity", "model", "targets", "save_dir", "save_format", "device", "logger", "rerun",
-                "cache")
+                "cache", "resume_every_s")
 # Keys already spelled out in the base label (`Wanda (2:4) + 4-bit`).
 IN_BASE_LABEL = ("method.name", "method.display", "method.sparsity_type", "method.wbits")
 LONG_COLUMNS = ["model", "row", "method", "sparsity", "sparsity_type", "seed", "config_hash", "protocol_id",

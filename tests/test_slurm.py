@@ -17,7 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from bench.cell import run_cell
+from bench.core import records
 from tests.conftest import ROOT, TINY
 
 pytestmark = pytest.mark.slurm
@@ -62,6 +66,8 @@ SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 AuthType=auth/none
+# also how long a requeued job waits before it may start again (default 120 s)
+AuthInfo=cred_expire=5
 CredType=cred/none
 SlurmUser=root
 SlurmdUser=root
@@ -74,6 +80,8 @@ SlurmdLogFile={state}/slurmd.log
 ProctrackType=proctrack/pgid
 TaskPlugin=task/none
 SelectType=select/cons_tres
+# the backfill scheduler starts a requeued job (default every 30 s)
+SchedulerParameters=bf_interval=5
 SelectTypeParameters=CR_CPU
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
@@ -178,3 +186,36 @@ def test_each_model_of_a_sweep_gets_its_own_request(slurm_cluster, tmp_path):
     status = subprocess.run([sys.executable, "-m", "reports", "status", str(sweep_dir)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert status.stdout.startswith("2 cells: 2 done, 0 running, 0 failed, 0 missing"), status.stdout
+
+
+def test_timed_out_cell_is_requeued_and_resumes(slurm_cluster, tmp_path, make_config):
+    """A cell slower than its one-minute time limit gets Submitit's warning signal, is requeued, and
+    resumes from its last saved block: the result says from which, and equals an uninterrupted run."""
+    cell = ["model=llama-tiny", "model.architecture.num_hidden_layers=10", "method=sparsegpt", "sparsity=0.5",
+            "cache=false", "resume_every_s=0", *TINY]
+    sweep_dir = tmp_path / "sweep"
+    command = [sys.executable, "run.py", "-m", "hydra/launcher=slurm", *cell, f"save_dir={tmp_path / 'slurm'}",
+               "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=1",
+               "hydra.launcher.max_num_timeout=5", f"hydra.sweep.dir={sweep_dir}"]
+    # Slurm checks time limits every 30 s and sends the signal at the first check less than 30 s before
+    # it is due: with a 60 s limit and a 1 s delay, every run gets 29 to 59 s. Blocks slowed to ~6.5 s
+    # make the cell longer than that, so the first run never finishes it, and every later run goes on.
+    env = {**slurm_cluster, "PYTHONPATH": f"{ROOT / 'tests' / 'slow_blocks'}:{ROOT}",
+           "PRUNEBENCH_TEST_BLOCK_DELAY_S": "3"}
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = "".join(log.read_text() for log in sorted(sweep_dir.glob(".submitit/*/*_log.*")))
+    result, = records.read_results(sweep_dir).records
+    assert result.ok, logs[-3000:]
+    assert "this job is timed-out" in logs and "Requeued job" in logs, logs[-3000:]
+    print(f"{logs.count('Starting with JobEnvironment')} runs, the last resumed at block "
+          f"{result.process['resumed_from_block']}")
+    assert result.process["resumed_from_block"] >= 1
+    assert not (Path(result.path).parent / "resume").exists()
+
+    cfg, resolved = make_config(*cell, f"save_dir={tmp_path / 'whole'}")
+    whole = run_cell(cfg, resolved, tmp_path / "whole_cell")
+    assert result.metrics["ppl"] == whole.metrics["ppl"]
+    expected, got = load_file(Path(whole.saved_to) / "model.safetensors"), \
+        load_file(Path(result.saved_to) / "model.safetensors")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)

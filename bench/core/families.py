@@ -79,6 +79,19 @@ class Arch:
             parent.intermediate_size = int(keep.numel())
 
     @torch.no_grad()
+    def load_block(self, block: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Load the saved state of a pruned block into `block` (as loaded, dense), giving it the saved
+        block's shape first: its FFN cut to the saved width (structured pruning) and the biases pruning
+        added (FLAP's compensation on LLaMA) created."""
+        width = state[f"{self.ffn_out}.weight"].shape[1]
+        if width != block.get_submodule(self.ffn_out).in_features:
+            self.shrink_ffn(block, torch.arange(width))
+        bias = state.get(f"{self.ffn_out}.bias")
+        if bias is not None and block.get_submodule(self.ffn_out).bias is None:
+            self.add_ffn_out_bias(block, torch.zeros_like(bias))
+        block.load_state_dict(state)
+
+    @torch.no_grad()
     def add_ffn_out_bias(self, block: nn.Module, delta: torch.Tensor) -> None:
         """Add `delta` to the FFN output bias, creating the bias where the family has none (LLaMA)."""
         out = block.get_submodule(self.ffn_out)

@@ -1,0 +1,148 @@
+"""Resume state of a cell's pruning pass, so that an interrupted cell (Slurm preemption or time limit and
+Submitit's requeue, a crash, Ctrl-C) goes on from its last saved block instead of from scratch.
+
+Under `<cell dir>/resume/`:
+
+    allocation.safetensors   what the pass took from the phase before it (`engine.Allocation`: rates,
+                             allocator record, block weights, the pruner's dense state), in bench.cache's
+                             file format; written before block 0, so a search never runs twice
+    block_<i>.safetensors    the state of pruned block i
+    inputs_<k>.safetensors   the inputs of block k: the outputs of the pruned blocks before it
+    state.json               the commit: its key, the next block k and its inputs file
+
+The blocks' keyword arguments (attention masks, rotary tables) are not saved: the engine captures them
+again from the calibration samples, which no pruning changes (only the embeddings run for that).
+
+Every file is written to a staging name and renamed, and state.json is written last, so a kill at any
+moment leaves either the previous commit or the new one. Blocks are saved at most every
+`resume_every_s` seconds (the blocks pruned since are written together at the next save), so a fast
+cell pays little: what is lost on an interruption is at most that long plus one block.
+
+The key is the cell's config hash, the code that prunes (engine, families, model loading, every method
+module) and the device: a state written under another key is never resumed from: the cell starts from
+scratch, says so in a warning, and overwrites it. A cell that finishes removes the folder (`clear`).
+Streamed cells (`model.stream`) are not resumable: they restart from scratch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pkgutil
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import methods
+from bench import cache as caching
+from bench.core.engine import Allocation, ResumePoint
+
+log = logging.getLogger(__name__)
+
+FOLDER = "resume"
+STATE_FILE = "state.json"
+ALLOCATION_FILE = "allocation.safetensors"
+# The harness modules whose code decides the pruned weights, besides every module of `methods`.
+PRUNING_MODULES = ("bench.core.engine", "bench.core.families", "bench.models", "bench.llm")
+
+
+def code_fingerprint() -> str:
+    names = [module.name for module in pkgutil.walk_packages(methods.__path__, "methods.")]
+    return caching.code_fingerprint([*PRUNING_MODULES, "methods", *names])
+
+
+def clear(cell_dir: Path) -> None:
+    """Remove a cell's resume state (the cell finished)."""
+    shutil.rmtree(Path(cell_dir) / FOLDER, ignore_errors=True)
+
+
+class ResumeState:
+    """The resume store of one cell, given to `engine.prune` as its `resume`."""
+
+    def __init__(self, cell_dir: Path, config_hash: str, device: str, every_s: float):
+        self.root = Path(cell_dir) / FOLDER
+        self.key = {"config_hash": config_hash, "code": code_fingerprint(), "device": device}
+        self.digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:24]
+        self.every_s = every_s
+        self.pending: dict[int, nn.Module] = {}  # pruned blocks not saved yet
+        self.last_save = time.monotonic()
+        self.warnings: list[str] = []
+
+    def load(self) -> Optional[ResumePoint]:
+        """The saved point of this key, or None (nothing saved, or saved under another key)."""
+        path = self.root / STATE_FILE
+        if not path.exists():
+            return None
+        try:
+            state = json.loads(path.read_text())
+            if state["key"] != self.key:
+                differ = ", ".join(k for k in self.key if state["key"].get(k) != self.key[k])
+                raise ValueError(f"it was saved for another {differ}")
+            allocation = Allocation(**caching.read_entry(self.root / ALLOCATION_FILE, self.digest))
+            missing = [i for i in range(state["next_block"]) if not self._block_path(i).exists()]
+            if missing:
+                raise FileNotFoundError(f"block files {missing} are missing")
+            inputs = None if state["inputs"] is None else load_file(self.root / state["inputs"])["inputs"]
+        except Exception as exc:  # unreadable, foreign or stale: never trusted
+            message = f"resume state {self.root} not used ({exc}); the cell started from scratch"
+            log.warning(message)
+            self.warnings.append(message)
+            return None
+        return ResumePoint(allocation=allocation, next_block=state["next_block"], inputs=inputs)
+
+    def block(self, index: int) -> dict[str, torch.Tensor]:
+        return load_file(self._block_path(index))
+
+    def save_allocation(self, allocation: Allocation) -> None:
+        """A fresh pass starts: whatever was saved before goes, then the allocation and a commit at block 0."""
+        (self.root / STATE_FILE).unlink(missing_ok=True)  # first: a kill while clearing leaves no commit
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.root.mkdir(parents=True)
+        caching.write_entry(self.root / ALLOCATION_FILE, self.digest, vars(allocation))
+        self._commit(0, None)
+
+    def save_block(self, index: int, block: nn.Module, next_inputs: Optional[torch.Tensor]) -> None:
+        """Block `index` is pruned; `next_inputs` feed block index + 1 (None after the last block)."""
+        self.pending[index] = block
+        if time.monotonic() - self.last_save < self.every_s:
+            return
+        for pending, module in self.pending.items():
+            state = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in module.state_dict().items()}
+            _write(self._block_path(pending), state)
+        self.pending = {}
+        inputs = None
+        if next_inputs is not None:
+            inputs = f"inputs_{index + 1}.safetensors"
+            _write(self.root / inputs, {"inputs": next_inputs.contiguous()})
+        self._commit(index + 1, inputs)
+
+    def _commit(self, next_block: int, inputs: Optional[str]) -> None:
+        state = {"key": self.key, "next_block": next_block, "inputs": inputs, "saved": time.time()}
+        handle, staging = tempfile.mkstemp(dir=self.root, suffix=".tmp")
+        with os.fdopen(handle, "w") as file:
+            json.dump(state, file)
+        os.replace(staging, self.root / STATE_FILE)
+        for stale in self.root.glob("inputs_*.safetensors"):
+            if stale.name != inputs:
+                stale.unlink()
+        self.last_save = time.monotonic()
+
+    def _block_path(self, index: int) -> Path:
+        return self.root / f"block_{index}.safetensors"
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    handle, staging = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, staging)
+        os.replace(staging, path)
+    finally:
+        Path(staging).unlink(missing_ok=True)
