@@ -7,8 +7,8 @@ is its own row, labelled by the keys that differ (`owl_wanda (lam=0.04)`); cells
   order; columns = sparsity (top header) x metric (perplexity per dataset, zero-shot accuracy per task
   in % with lm-eval's stderr, their average). The best pruned mean per column and model is bold. Numbers
   of different protocol ids get a protocol column.
-- Details table, one row per cell (and seed): measured sparsity, parameters removed, pruning time, peak
-  memory, speed-ups ("not measured" for N:M on CPU).
+- Details table, one row per cell (and seed): measured sparsity, parameters removed, allocation, pruning
+  and whole-cell time, peak memory, speed-ups ("not measured" for N:M on CPU).
 - Targets table, for `experiment=` presets: ours (over seeds), the paper's number, the difference, a
   verdict within the target's tolerance (`unit: relative` or `absolute` points), whether the paper's number
   lies within our seed band (mean ± 2 std), and where the protocols differ.
@@ -290,12 +290,20 @@ def _footnotes(unique: list[Result], corrupt: list[tuple[str, str]]) -> list[str
 DETAILS = (  # column label, how to read it from a result (None = not present)
     ("measured sparsity", lambda r: _pct(r.sparsity.get("measured"))),
     ("params removed", lambda r: _pct(r.sparsity.get("params_removed"))),
+    # an allocator's own cost (dense statistics, a search) apart from the pruning pass: the league's budgets
+    ("allocation time (s)", lambda r: _num(_total(r.timings, "allocate_observe", "allocate"), "{:.1f}")),
     ("pruning time (s)", lambda r: _num(r.timings.get("prune"), "{:.1f}")),
+    ("cell time (s)", lambda r: _num(r.timings.get("total"), "{:.0f}")),
     ("peak memory (MB)", lambda r: _num(r.peak_memory.get("cuda_mb", r.peak_memory.get("rss_mb")), "{:.0f}")),
     ("prefill speed-up", lambda r: _speedup(r, "speedup/prefill")),
     ("decode speed-up", lambda r: _speedup(r, "speedup/decode")),
     ("N:M speed-up", lambda r: _nm_speedup(r)),
 )
+
+
+def _total(timings: dict, *stages: str) -> Optional[float]:
+    present = [timings[stage] for stage in stages if stage in timings]
+    return sum(present) if present else None
 
 
 def _pct(value) -> Optional[str]:

@@ -17,7 +17,7 @@ from bench.core import records
 from bench.cell import run_cell
 from reports.__main__ import main as reports_main
 from reports import frame
-from reports.collect import build_report, collect
+from reports.collect import build_report, collect, details_table
 from tests.conftest import TINY
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -424,3 +424,16 @@ def test_a_sweep_resumed_across_new_keys_keeps_one_row_per_method():
     batched = result(2, "Wanda", {"nsamples": 32, "batch": 4})  # not the old default: a row of its own
     assert sorted(set(frame.row_labels([old, new, batched]).values())) == ["Wanda (data.calib.batch=-)",
                                                                           "Wanda (data.calib.batch=4)"]
+
+
+def test_details_give_an_allocators_own_time_apart_from_pruning_and_the_whole_cell():
+    def result(method, timings):
+        return records.Result("ok", method, records.CellKey("m", method, 0.7), timings=timings)
+    search = result("self_pruner", {"allocate_observe": 2.0, "allocate": 600.0, "prune": 100.0, "total": 750.0})
+    uniform = result("wanda", {"allocate": 0.0, "prune": 100.0, "total": 130.0})
+    unique = [search, uniform]
+    labels = {id(r): r.cell.method for r in unique}
+    table = details_table(unique, labels, [("m", "self_pruner"), ("m", "wanda")])
+    column = {name: i for i, name in enumerate(table.header)}
+    assert [row[column["allocation time (s)"]] for row in table.rows] == ["602.0", "0.0"]
+    assert [row[column["cell time (s)"]] for row in table.rows] == ["750", "130"]
