@@ -214,6 +214,8 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool, out_dir: Path, save_to
     if streaming.should_stream(cfg.model):
         _run_streamed(cfg, result, use_cache, save_to)
         return
+    # the zero-shot tasks and their data before the model and the prune: unreachable data fails in one line
+    tasks = zeroshot.load_tasks(cfg.eval.zeroshot) if cfg.eval.zeroshot is not None else None
     with _Stage(result, "load"):
         model, tokenizer = models.load(cfg.model)
     _check_positions(model, cfg)
@@ -273,7 +275,7 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool, out_dir: Path, save_to
     if cfg.eval.zeroshot is not None:
         with _Stage(result, "eval_zeroshot"):
             result.metrics["zeroshot"] = zeroshot.evaluate(model, tokenizer, cfg.eval.zeroshot, cfg.device, cfg.seed,
-                                                           out_dir)
+                                                           out_dir, tasks)
             # local task YAMLs carry the real task names: the record says they are mirrors
             result.metrics["zeroshot"]["mirror"] = cfg.eval.zeroshot.include_path is not None
         _log_measured(result, "acc", "acc_avg")

@@ -14,40 +14,65 @@ dir of local task YAMLs with the same task names (`include_path`), such as the o
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from torch import nn
 
 from bench import placement
 from bench.config import ZeroShotConfig
+from bench.core.vocab import ConfigError
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class LoadedTasks:
+    manager: Any  # lm-eval's TaskManager
+    tasks: list  # lm-eval Task objects, datasets loaded
+
+
+def load_tasks(cfg: ZeroShotConfig) -> LoadedTasks:
+    """The configured tasks with their datasets, built before the model loads: a task whose data cannot be
+    reached (offline without mirrors) or that lm-eval does not know is a one-line error before any pruning,
+    not a failure after it."""
+    from lm_eval.tasks import TaskManager  # seconds to import: only cells that evaluate zero-shot pay it
+
+    if cfg.include_path:
+        # include_defaults=False: indexing lm-eval's thousands of task YAMLs costs ~20 s per cell
+        manager = TaskManager(include_path=str(Path(cfg.include_path).expanduser().resolve()), include_defaults=False)
+    else:
+        manager = TaskManager()
+    try:
+        loaded = manager.load(list(cfg.tasks))
+    except Exception as exc:  # lm-eval and datasets raise many kinds (ConnectionError, KeyError, ValueError...)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        hint = "" if cfg.include_path else ("; offline, point eval.zeroshot.include_path at local task YAMLs "
+                                            "(python scripts/zeroshot_mirrors.py <dir> writes mirrors)")
+        raise ConfigError(f"eval.zeroshot.tasks={list(cfg.tasks)} cannot be loaded ({type(exc).__name__}: "
+                          f"{reason}){hint}") from None
+    return LoadedTasks(manager, list(loaded["tasks"].values()))
+
+
 def evaluate(model: nn.Module, tokenizer, cfg: ZeroShotConfig, device: str, seed: int = 0,
-             out_dir: Optional[Path] = None) -> dict:
-    """Run the configured tasks; returns {"tasks": {task: scores}, "average": mean reported metric, ...}.
-    With `out_dir`, lm-eval's own results JSON and per-task samples go to `out_dir/lm_eval/` (its
-    EvaluationTracker), so the numbers can be checked with lm-eval's tools."""
-    import lm_eval  # seconds to import: only cells that evaluate zero-shot pay it
+             out_dir: Optional[Path] = None, loaded: Optional[LoadedTasks] = None) -> dict:
+    """Run the configured tasks (`loaded` by `load_tasks`, else loaded here); returns {"tasks": {task:
+    scores}, "average": mean reported metric, ...}. With `out_dir`, lm-eval's own results JSON and per-task
+    samples go to `out_dir/lm_eval/` (its EvaluationTracker), so the numbers can be checked with lm-eval's
+    tools."""
+    import lm_eval
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
+    loaded = loaded or load_tasks(cfg)
     tracker = EvaluationTracker(output_path=str(Path(out_dir) / "lm_eval")) if out_dir is not None else None
 
     with placement.placed(model, device):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
-        if cfg.include_path:
-            # include_defaults=False: indexing lm-eval's thousands of task YAMLs costs ~20 s per cell
-            manager = TaskManager(include_path=str(Path(cfg.include_path).expanduser().resolve()),
-                                  include_defaults=False)
-        else:
-            manager = TaskManager()
-        out = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot,
-                                      limit=cfg.limit, task_manager=manager, log_samples=tracker is not None,
+        out = lm_eval.simple_evaluate(model=lm, tasks=loaded.tasks, num_fewshot=cfg.num_fewshot,
+                                      limit=cfg.limit, task_manager=loaded.manager, log_samples=tracker is not None,
                                       evaluation_tracker=tracker, random_seed=seed, numpy_random_seed=seed,
                                       torch_random_seed=seed, fewshot_random_seed=seed)
     if tracker is not None:

@@ -64,3 +64,25 @@ def test_bad_zeroshot_config_fails_naming_the_key(override, message, make_config
 def test_ppl_only_by_default(make_config):
     cfg, _ = make_config("model=llama-tiny", *TINY)
     assert cfg.eval.ppl is not None and cfg.eval.zeroshot is None
+
+
+def test_tasks_whose_data_cannot_be_loaded_fail_the_cell_before_the_model_loads(mirrors, make_config, tmp_path,
+                                                                                  monkeypatch):
+    from bench import models
+
+    loads = []
+    real_load = models.load
+    monkeypatch.setattr(models, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    # a task dir that lacks piqa's YAML: the same failure as lm-eval's hub tasks offline, without the network
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for path in mirrors.iterdir():
+        if not path.name.startswith("piqa"):
+            (partial / path.name).write_bytes(path.read_bytes())
+    cfg, resolved = make_config("model=llama-tiny", "method=magnitude", "sparsity=0.5", *TINY,
+                                "eval=[ppl,zeroshot]", "eval.zeroshot.tasks=[boolq,piqa]",
+                                f"eval.zeroshot.include_path={partial}")
+    result = run_cell(cfg, resolved, tmp_path / "cell")
+    assert result.status == "failed" and result.error.type == "ConfigError"
+    assert "eval.zeroshot.tasks=['boolq', 'piqa'] cannot be loaded" in result.error.message
+    assert "\n" not in result.error.message and loads == []  # before the model, so before any pruning
