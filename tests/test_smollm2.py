@@ -1,14 +1,15 @@
 """The real default model: the paper's ordering at 50% on SmolLM2-135M, under a protocol where the gap
-between SparseGPT and Wanda is many times the spread between calibration draws and machines.
+between SparseGPT and Wanda is many times the spread between calibration draws, thread counts and machines.
 
-Why this protocol (the README's quick protocol: 32 x 512 WikiText-2 validation calibration tokens,
-16 eval windows of 512): with the earlier 8 x 256 calibration (2048 tokens for Hessians of up to 1536
-columns, likely too few for SparseGPT's second-order update) SparseGPT and Wanda were level: SparseGPT 76.09 vs Wanda 75.00 (issue 12, seed 0), and Wanda's spread over calibration seeds
-there was measured here at 0.72 (seeds 0, 1, 2: 75.00, 75.19, 75.72; dense 37.92); at 70% it is 17%
-(seeds 0, 1: 672.3, 797.7), so a higher sparsity is no way out with so little calibration. Under the quick protocol the README's default
-sweep gave SparseGPT 65.56 / 65.94 and Wanda 79.06 / 79.12 on two machines (issue 12): a gap of ~13
-(20%) against 0.4 between machines and ~1% between seeds (at 8 x 256). The assert keeps a 10% margin,
-half the gap.
+The protocol is the README's quick one (32 x 512 WikiText-2 validation calibration tokens, 16 eval windows
+of 512). With the earlier 8 x 256 calibration, SparseGPT and Wanda were level (SparseGPT 76.09 vs Wanda
+75.00, issue 12), so that protocol could not carry an ordering test. Measured spread under the quick
+protocol, three calibration seeds (`python run.py -m hydra/launcher=local method=sparsegpt,wanda
+seed=0,1,2 sparsity=0.5 threads=1`, 2-core AMD EPYC):
+  SparseGPT 66.09 / 67.63 / 65.48 (mean 66.40, std 1.11); Wanda 79.12 / 79.52 / 79.17 (mean 79.27, std 0.22).
+threads=2 gives SparseGPT 66.90 at seed 0 (thread count moves it by 1.2%, inside the seed spread), and the
+issue's two machines gave 65.56 / 65.94 vs Wanda 79.06 / 79.12. Wanda / SparseGPT is 1.19 on the means and
+1.17 at the worst pair; MARGIN asks for 1.10: SparseGPT would have to rise ~5 seed stds to break it.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from bench.core.families import measured_sparsity
 
 pytestmark = pytest.mark.slow
 
-MARGIN = 1.10  # Wanda's ppl over SparseGPT's: ~1.20 in issue 12's runs, machines within 0.6%
+MARGIN = 1.10  # Wanda's ppl over SparseGPT's: 1.19 on seed means, 1.17 at the worst of 3 x 3 seeds
 
 
 @pytest.fixture(scope="module")
@@ -51,4 +52,4 @@ def test_sparsegpt_beats_wanda_beats_magnitude_at_50_percent(smollm2, make_confi
         ppl[name] = perplexity.perplexity(model, windows, "cpu")
     assert ppl["dense"] < ppl["sparsegpt"] < ppl["wanda"] < ppl["magnitude"], ppl
     assert MARGIN * ppl["sparsegpt"] < ppl["wanda"], (
-        f"SparseGPT should beat Wanda by > {MARGIN - 1:.0%} (measured ~20%, machines within 0.6%): {ppl}")
+        f"SparseGPT should beat Wanda by > {MARGIN - 1:.0%} (measured 17-19% over seeds): {ppl}")
