@@ -74,6 +74,7 @@ class ResumeState:
         self.pending: dict[int, nn.Module] = {}  # pruned blocks not saved yet
         self.last_save = time.monotonic()
         self.warnings: list[str] = []
+        self.failed = False  # a save could not be written: no more are tried
 
     def load(self) -> Optional[ResumePoint]:
         """The saved point of this key, or None (nothing saved, or saved under another key)."""
@@ -102,17 +103,36 @@ class ResumeState:
 
     def save_allocation(self, allocation: Allocation) -> None:
         """A fresh pass starts: whatever was saved before goes, then the allocation and a commit at block 0."""
+        self._guarded(self._save_allocation, allocation)
+
+    def save_block(self, index: int, block: nn.Module, next_inputs: Optional[torch.Tensor]) -> None:
+        """Block `index` is pruned; `next_inputs` feed block index + 1 (None after the last block)."""
+        if self.failed:
+            return
+        self.pending[index] = block
+        if time.monotonic() - self.last_save >= self.every_s:
+            self._guarded(self._save_blocks, index, next_inputs)
+
+    def _guarded(self, save, *args) -> None:
+        """A save that cannot be written (full disk, quota) costs resumability, never the cell: the last
+        commit stays valid (files of a half-done save are not in it) and no further save is tried."""
+        try:
+            save(*args)
+        except OSError as exc:
+            self.failed, self.pending = True, {}
+            message = (f"resume state not saved under {self.root} ({exc}); the cell goes on, but an interruption "
+                       f"from here on restarts it from its last saved block or from scratch")
+            log.warning(message)
+            self.warnings.append(message)
+
+    def _save_allocation(self, allocation: Allocation) -> None:
         (self.root / STATE_FILE).unlink(missing_ok=True)  # first: a kill while clearing leaves no commit
         shutil.rmtree(self.root, ignore_errors=True)
         self.root.mkdir(parents=True)
         caching.write_entry(self.root / ALLOCATION_FILE, self.digest, vars(allocation))
         self._commit(0, None)
 
-    def save_block(self, index: int, block: nn.Module, next_inputs: Optional[torch.Tensor]) -> None:
-        """Block `index` is pruned; `next_inputs` feed block index + 1 (None after the last block)."""
-        self.pending[index] = block
-        if time.monotonic() - self.last_save < self.every_s:
-            return
+    def _save_blocks(self, index: int, next_inputs: Optional[torch.Tensor]) -> None:
         for pending, module in self.pending.items():
             state = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in module.state_dict().items()}
             _write(self._block_path(pending), state)
