@@ -45,7 +45,9 @@ def _flat(config: dict, prefix: str = "") -> dict[str, str]:
 
 def _identity(result: Result) -> dict[str, str]:
     config = {k: v for k, v in result.config.items() if k not in NOT_IDENTITY}
-    return _flat(without_later_defaults(config))
+    flat = _flat(without_later_defaults(config))
+    flat.pop("method.seed", None)  # a search's seed follows the cell's (`${seed}`): a replicate, not a row
+    return flat
 
 
 def row_labels(results: list[Result]) -> dict[int, str]:

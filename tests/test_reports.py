@@ -437,3 +437,11 @@ def test_details_give_an_allocators_own_time_apart_from_pruning_and_the_whole_ce
     column = {name: i for i, name in enumerate(table.header)}
     assert [row[column["allocation time (s)"]] for row in table.rows] == ["602.0", "0.0"]
     assert [row[column["cell time (s)"]] for row in table.rows] == ["750", "130"]
+
+
+def test_a_searchs_own_seed_folds_into_the_seed_band_like_the_cells():
+    def result(seed):
+        config = {"seed": seed, "method": {"name": "self_pruner", "seed": seed}}
+        return records.Result("ok", f"h{seed}", records.CellKey("m", "self_pruner", 0.7, seed=seed),
+                              config=config, metrics={"ppl": {"wikitext2": 400.0 + seed}})
+    assert set(frame.row_labels([result(0), result(1), result(2)]).values()) == {"self_pruner"}
