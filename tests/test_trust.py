@@ -212,6 +212,7 @@ def test_a_user_checkpoint_is_named_after_its_folder_and_the_default_model_says_
 
 
 def test_offline_zero_shot_mirrors_are_labelled_as_mirrors(make_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(zeroshot, "load_tasks", lambda cfg: None)  # the label is under test, not lm-eval
     monkeypatch.setattr(zeroshot, "evaluate", lambda *args: {"tasks": {"boolq": {"value": 0.5}}, "average": 0.5})
     cfg, resolved = make_config(*CELL, "eval=[ppl,zeroshot]", "eval.zeroshot.tasks=[boolq]",
                                 f"eval.zeroshot.include_path={tmp_path}", "eval.speed=null")
