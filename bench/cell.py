@@ -204,6 +204,20 @@ def _on_step(name: str, index: int, total: int, seconds: float) -> None:
         tracking.log_step(name, index, seconds)
 
 
+def _cache_and_samples(cfg: RunConfig, result: Result, tokenizer, use_cache: bool):
+    """The cell's cache, its cached tokenizer and the calibration samples: the same for in-memory and
+    streamed cells."""
+    shared = caching.for_cell(use_cache, cfg.model, cfg.method)
+
+    def tokens(text: str) -> torch.Tensor:
+        return shared.tokens(text, lambda: data.tokenize(tokenizer, text))
+
+    with _Stage(result, "calib_data"):
+        draw = _calibration(cfg, result, tokenizer, tokens)
+        samples = draw(cfg.data.calib.nsamples, cfg.data.calib.seqlen, cfg.seed)
+    return shared, tokens, samples
+
+
 def _run(cfg: RunConfig, result: Result, use_cache: bool, out_dir: Path, save_to: Optional[Path],
          config_hash: str) -> None:
     if save_to is not None:
@@ -220,14 +234,7 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool, out_dir: Path, save_to
         model, tokenizer = models.load(cfg.model)
     _check_positions(model, cfg)
     _check_finite(model, "after loading")
-    shared = caching.for_cell(use_cache, cfg.model, cfg.method)
-
-    def tokens(text: str) -> torch.Tensor:
-        return shared.tokens(text, lambda: data.tokenize(tokenizer, text))
-
-    with _Stage(result, "calib_data"):
-        draw = _calibration(cfg, result, tokenizer, tokens)
-        samples = draw(cfg.data.calib.nsamples, cfg.data.calib.seqlen, cfg.seed)
+    shared, tokens, samples = _cache_and_samples(cfg, result, tokenizer, use_cache)
 
     method = methods.build(cfg.method)
     result.cell.wbits = method.pruner.bits
@@ -365,14 +372,7 @@ def _run_streamed(cfg: RunConfig, result: Result, use_cache: bool, save_to: Opti
     result.warnings.append(f"streamed from {source} ({streaming.checkpoint_bytes(source) / 2**30:.2f} GiB)")
     with _Stage(result, "load"):
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-    shared = caching.for_cell(use_cache, cfg.model, cfg.method)
-
-    def tokens(text: str) -> torch.Tensor:
-        return shared.tokens(text, lambda: data.tokenize(tokenizer, text))
-
-    with _Stage(result, "calib_data"):
-        draw = _calibration(cfg, result, tokenizer, tokens)
-        samples = draw(cfg.data.calib.nsamples, cfg.data.calib.seqlen, cfg.seed)
+    shared, tokens, samples = _cache_and_samples(cfg, result, tokenizer, use_cache)
     method = methods.build(cfg.method)
     result.cell.wbits = method.pruner.bits
     evaluated = source
