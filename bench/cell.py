@@ -205,8 +205,8 @@ def _on_step(name: str, index: int, total: int, seconds: float) -> None:
 
 
 def _cache_and_samples(cfg: RunConfig, result: Result, tokenizer, use_cache: bool):
-    """The cell's cache, its cached tokenizer and the calibration samples: the same for in-memory and
-    streamed cells."""
+    """The cell's cache, its cached tokenizer, the calibration sampler draw(nsamples, seqlen, seed) (recovery
+    draws its windows from it too) and the calibration samples: the same for in-memory and streamed cells."""
     shared = caching.for_cell(use_cache, cfg.model, cfg.method)
 
     def tokens(text: str) -> torch.Tensor:
@@ -215,7 +215,7 @@ def _cache_and_samples(cfg: RunConfig, result: Result, tokenizer, use_cache: boo
     with _Stage(result, "calib_data"):
         draw = _calibration(cfg, result, tokenizer, tokens)
         samples = draw(cfg.data.calib.nsamples, cfg.data.calib.seqlen, cfg.seed)
-    return shared, tokens, samples
+    return shared, tokens, draw, samples
 
 
 def _run(cfg: RunConfig, result: Result, use_cache: bool, out_dir: Path, save_to: Optional[Path],
@@ -234,7 +234,7 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool, out_dir: Path, save_to
         model, tokenizer = models.load(cfg.model)
     _check_positions(model, cfg)
     _check_finite(model, "after loading")
-    shared, tokens, samples = _cache_and_samples(cfg, result, tokenizer, use_cache)
+    shared, tokens, draw, samples = _cache_and_samples(cfg, result, tokenizer, use_cache)
 
     method = methods.build(cfg.method)
     result.cell.wbits = method.pruner.bits
@@ -372,7 +372,7 @@ def _run_streamed(cfg: RunConfig, result: Result, use_cache: bool, save_to: Opti
     result.warnings.append(f"streamed from {source} ({streaming.checkpoint_bytes(source) / 2**30:.2f} GiB)")
     with _Stage(result, "load"):
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-    shared, tokens, samples = _cache_and_samples(cfg, result, tokenizer, use_cache)
+    shared, tokens, draw, samples = _cache_and_samples(cfg, result, tokenizer, use_cache)
     method = methods.build(cfg.method)
     result.cell.wbits = method.pruner.bits
     evaluated = source
