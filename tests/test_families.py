@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import methods
 from bench import models
 from bench.cell import run_cell
-from bench.config import ConfigError, ModelConfig, zoo_entry
+from bench.config import ConfigError, zoo_entry
 from bench.core import engine, families, perplexity
 from tests.conftest import TINY
 

@@ -3,7 +3,6 @@ protocol and hardware produced it, targets are checked at start, and the defects
 fixed."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
