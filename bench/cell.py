@@ -275,10 +275,14 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool, out_dir: Path, save_to
             result.saved_to = str(models.save(model, tokenizer, save_to, result, result.config, cfg.save_format))
 
     if cfg.eval.ppl is not None:
-        _perplexities(cfg, result, model, tokens, shared)
-        if list(result.metrics["ppl"]) != cfg.eval.ppl.datasets:  # an eval corpus fell back to pydoc
-            actual = {**result.protocol["fields"], "eval_datasets": list(result.metrics["ppl"])}
-            result.protocol = _protocol(cfg, result.config, actual)
+        def measure(windows: torch.Tensor, desc: str) -> float:
+            def evaluate() -> float:
+                return perplexity.perplexity(model, windows, cfg.device, desc=desc,
+                                             layerwise=cfg.eval.ppl.layerwise, on_step=_on_step)
+            # the dense model's ppl is the same in every cell
+            return shared.dense_ppl(windows, cfg.device, evaluate) if cfg.method.dense else evaluate()
+
+        _perplexities(cfg, result, tokens, measure)
     if cfg.eval.zeroshot is not None:
         with _Stage(result, "eval_zeroshot"):
             result.metrics["zeroshot"] = zeroshot.evaluate(model, tokenizer, cfg.eval.zeroshot, cfg.device, cfg.seed,
@@ -294,30 +298,25 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool, out_dir: Path, save_to
     result.warnings += shared.warnings
 
 
-def _perplexities(cfg: RunConfig, result: Result, model, tokens, shared: caching.CellCache) -> None:
+def _perplexities(cfg: RunConfig, result: Result, tokens, measure: Callable[[torch.Tensor, str], float]) -> None:
+    """The perplexity of every eval corpus, by `measure(windows, desc)`: in memory or streamed from shards."""
     ppl_cfg = cfg.eval.ppl
-    result.metrics["ppl"] = {}
-    result.data["eval"] = {}
+    result.metrics["ppl"], result.data["eval"] = {}, {}
     for name in ppl_cfg.datasets:
         with _Stage(result, f"eval_ppl_{name}"):
             corpus = _corpus(cfg, name, ppl_cfg.split, "eval")
             _note_fallback(result, corpus, "evaluation")
             windows = data.eval_windows(tokens(corpus.text), ppl_cfg.seqlen, ppl_cfg.max_windows, corpus.name,
                                         key=corpus.key)
-            desc = f"ppl {corpus.name}"
-
-            def evaluate() -> float:
-                return perplexity.perplexity(model, windows, cfg.device, desc=desc, layerwise=ppl_cfg.layerwise,
-                                             on_step=_on_step)
-
-            # the dense model's ppl is the same in every cell
-            ppl = shared.dense_ppl(windows, cfg.device, evaluate) if cfg.method.dense else evaluate()
             key = name if corpus.fallback_for is None else f"{name}(pydoc fallback)"
-            result.metrics["ppl"][key] = ppl
+            ppl = result.metrics["ppl"][key] = measure(windows, f"ppl {corpus.name}")
             tracking.log_live({f"ppl/{key}": ppl})
             result.data["eval"][key] = {"dataset": corpus.name, "split": corpus.split, "source": corpus.source,
                                         "seqlen": ppl_cfg.seqlen, "windows": int(windows.shape[0])}
         log.info("%s %s %.0f%%: %s ppl = %.3f", cfg.model.name, cfg.method.name, 100 * cfg.sparsity, key, ppl)
+    if list(result.metrics["ppl"]) != ppl_cfg.datasets:  # an eval corpus fell back to pydoc
+        actual = {**result.protocol["fields"], "eval_datasets": list(result.metrics["ppl"])}
+        result.protocol = _protocol(cfg, result.config, actual)
 
 
 def _log_measured(result: Result, *families: str) -> None:
@@ -372,7 +371,7 @@ def _run_streamed(cfg: RunConfig, result: Result, use_cache: bool, save_to: Opti
     result.warnings.append(f"streamed from {source} ({streaming.checkpoint_bytes(source) / 2**30:.2f} GiB)")
     with _Stage(result, "load"):
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-    shared, tokens, draw, samples = _cache_and_samples(cfg, result, tokenizer, use_cache)
+    shared, tokens, _, samples = _cache_and_samples(cfg, result, tokenizer, use_cache)
     method = methods.build(cfg.method)
     result.cell.wbits = method.pruner.bits
     evaluated = source
@@ -388,20 +387,8 @@ def _run_streamed(cfg: RunConfig, result: Result, use_cache: bool, save_to: Opti
         result.saved_to = str(target.resolve())
         evaluated = target
     if cfg.eval.ppl is not None:
-        ppl_cfg = cfg.eval.ppl
-        result.metrics["ppl"], result.data["eval"] = {}, {}
-        for name in ppl_cfg.datasets:
-            with _Stage(result, f"eval_ppl_{name}"):
-                corpus = _corpus(cfg, name, ppl_cfg.split, "eval")
-                _note_fallback(result, corpus, "evaluation")
-                windows = data.eval_windows(tokens(corpus.text), ppl_cfg.seqlen, ppl_cfg.max_windows, corpus.name,
-                                            key=corpus.key)
-                key = name if corpus.fallback_for is None else f"{name}(pydoc fallback)"
-                result.metrics["ppl"][key] = streaming.streamed_perplexity(evaluated, windows, cfg.device, dtype,
-                                                                           on_step=_on_step)
-                tracking.log_live({f"ppl/{key}": result.metrics["ppl"][key]})
-                result.data["eval"][key] = {"dataset": corpus.name, "split": corpus.split, "source": corpus.source,
-                                            "seqlen": ppl_cfg.seqlen, "windows": int(windows.shape[0])}
+        _perplexities(cfg, result, tokens, lambda windows, desc: streaming.streamed_perplexity(
+            evaluated, windows, cfg.device, dtype, on_step=_on_step))
     result.cache = shared.report
 
 

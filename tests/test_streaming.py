@@ -70,6 +70,21 @@ def test_a_streamed_cell_equals_the_in_memory_cell(make_config, tmp_path):
     assert (tmp_path / "pruned" / streaming.INDEX_FILE).exists()
 
 
+def test_a_streamed_cell_records_the_corpus_it_fell_back_from_like_the_in_memory_cell(make_config, tmp_path):
+    from bench.cell import run_cell
+
+    dense = _saved_tiny(make_config, tmp_path / "dense")
+    common = (*TINY, "model=llama-tiny", f"model.path={dense}", "method=magnitude", "sparsity=0.5", "cache=false",
+              f"data.dir={tmp_path / 'no-corpora'}", "eval.ppl.datasets=[pydoc,ptb]")
+    fields = {}
+    for stream in ("false", "true"):
+        cfg, resolved = make_config(*common, f"model.stream={stream}", f"save_dir={tmp_path / stream}")
+        result = run_cell(cfg, resolved, tmp_path / f"cell-{stream}", rerun="all")
+        assert result.status == "ok", result.error
+        fields[stream] = result.protocol["fields"]
+    assert fields["true"]["eval_datasets"] == fields["false"]["eval_datasets"] == ["pydoc", "ptb(pydoc fallback)"]
+
+
 def test_stream_auto_streams_a_checkpoint_over_the_host_memory_budget(make_config, tmp_path):
     from bench.cell import run_cell
 
