@@ -140,29 +140,38 @@ def _block_means(allocated: dict[str, float]) -> dict[int, float]:
 
 
 def plot_layer_schedules(results: list[Result], path, labels: Optional[dict[int, str]] = None) -> list[Path]:
-    """Per-block allocated sparsity, one row per method (its first seed), block index on the x axis and
-    the target as a line; written as `path` with suffixes .png, .svg and .pdf."""
+    """Per-block allocated sparsity, one row per method, block index on the x axis and the target as a line;
+    with several seeds the bar is their mean and a dot marks each seed's own schedule (a search finds a
+    different one per seed). Written as `path` with suffixes .png, .svg and .pdf."""
     runs = [r for r in results if r.ok and r.sparsity.get("allocated")]
     if not runs:
         raise ValueError("no finished result with an allocated schedule to plot")
     name_of = (lambda r: labels[id(r)]) if labels else (lambda r: method_label(r.cell))
-    first = {}
+    seeds: dict[str, list[Result]] = defaultdict(list)
     for r in sorted(runs, key=lambda r: r.cell.seed):
-        first.setdefault(name_of(r), r)
-    fig, axes = plt.subplots(len(first), 1, figsize=(6.5, 0.4 + 1.5 * len(first)), sharex=True, sharey=True,
+        seeds[name_of(r)].append(r)
+    fig, axes = plt.subplots(len(seeds), 1, figsize=(6.5, 0.4 + 1.5 * len(seeds)), sharex=True, sharey=True,
                              squeeze=False)
-    for ax, (name, result) in zip(axes[:, 0], first.items()):
-        blocks = _block_means(result.sparsity["allocated"])
-        ax.bar(list(blocks), [100 * v for v in blocks.values()], color="tab:blue", width=0.7)
-        ax.axhline(100 * result.sparsity["target"], color="tab:red", linewidth=1.2, label="target")
+    lowest = 100.0
+    for ax, (name, replicates) in zip(axes[:, 0], seeds.items()):
+        schedules = [_block_means(r.sparsity["allocated"]) for r in replicates]
+        indices = list(schedules[0])
+        per_seed = [[100 * schedule[b] for b in indices] for schedule in schedules]
+        means = [sum(values) / len(values) for values in zip(*per_seed)]
+        ax.bar(indices, means, color="tab:blue", width=0.7)
+        if len(replicates) > 1:
+            for values in per_seed:
+                ax.plot(indices, values, linestyle="none", marker=".", markersize=3, color="black")
+        lowest = min(lowest, *(min(values) for values in per_seed))
+        ax.axhline(100 * replicates[0].sparsity["target"], color="tab:red", linewidth=1.2, label="target")
         ax.set_ylabel("sparsity (%)", fontsize=8)
-        ax.set_title(f"{name}: measured {result.sparsity['measured']:.1%}", fontsize=9, loc="left")
+        measured = sum(r.sparsity["measured"] for r in replicates) / len(replicates)
+        spread = f"; bars: mean of {len(replicates)} seeds, dots: each seed" if len(replicates) > 1 else ""
+        ax.set_title(f"{name}: measured {measured:.1%}{spread}", fontsize=9, loc="left")
         ax.grid(True, axis="y", alpha=0.3)
-        indices = list(blocks)
         step = max(1, -(-len(indices) // 16))  # at most ~16 labels: 30+ block numbers would run together
         ax.set_xticks(indices[::step])
-    low = min(min(_block_means(r.sparsity["allocated"]).values()) for r in first.values())
-    axes[0, 0].set_ylim(max(0.0, 100 * low - 10), 100)
+    axes[0, 0].set_ylim(max(0.0, lowest - 10), 100)
     axes[0, 0].legend(fontsize=8, loc="upper right")
     axes[-1, 0].set_xlabel("decoder block")
     fig.suptitle(f"{runs[0].cell.model}: per-block sparsity at {runs[0].cell.sparsity:.0%}", fontsize=10)

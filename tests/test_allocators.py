@@ -157,6 +157,19 @@ def test_schedule_plot_writes_png_and_svg(tmp_path):
         plot_layer_schedules([result("wanda", [], "failed")], tmp_path / "none")
 
 
+def test_schedule_plot_shows_every_seed_not_only_the_first(tmp_path):
+    def result(seed, rates):
+        allocated = {f"model.layers.{i}.fc": r for i, r in enumerate(rates)}
+        return Result("ok", "self_pruner", CellKey("m", "self_pruner", 0.7, seed=seed),
+                      sparsity={"target": 0.7, "measured": 0.7, "allocated": allocated})
+
+    first = result(0, [0.6, 0.8, 0.7, 0.7])
+    alone = plot_layer_schedules([first], tmp_path / "alone")[0].read_bytes()
+    same = plot_layer_schedules([first, result(1, [0.6, 0.8, 0.7, 0.7])], tmp_path / "same")[0].read_bytes()
+    other = plot_layer_schedules([first, result(1, [0.8, 0.6, 0.7, 0.7])], tmp_path / "other")[0].read_bytes()
+    assert len({alone, same, other}) == 3  # the second seed changes the figure, and its own schedule shows
+
+
 def test_relative_loss_ignores_the_scale_of_a_layer():
     torch.manual_seed(0)
     X = torch.randn(128, 16)
