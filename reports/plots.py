@@ -130,12 +130,15 @@ def plot_speedup_vs_params(records: list[Result], labels: dict[int, str], out_di
     return _save(fig, Path(out_dir), "speedup_vs_params")
 
 
-def _block_means(allocated: dict[str, float]) -> dict[int, float]:
-    """Mean allocated sparsity of each decoder block (the first integer in a linear's name)."""
+def block_means(allocated: dict[str, float]) -> dict[int, float]:
+    """Mean allocated sparsity of each decoder block (a linear's block: the first integer in its name), in
+    block order; exact for block-level allocators (uniform, OWL, the searches), a summary for per-linear ones
+    (loss-estimate). Linears outside the blocks (e.g. lm_head) have no block."""
     blocks = defaultdict(list)
     for name, rate in allocated.items():
         match = re.search(r"\.(\d+)\.", f".{name}.")
-        blocks[int(match.group(1)) if match else -1].append(rate)
+        if match:
+            blocks[int(match.group(1))].append(rate)
     return {block: sum(rates) / len(rates) for block, rates in sorted(blocks.items())}
 
 
@@ -154,7 +157,7 @@ def plot_layer_schedules(results: list[Result], path, labels: Optional[dict[int,
                              squeeze=False)
     lowest = 100.0
     for ax, (name, replicates) in zip(axes[:, 0], seeds.items()):
-        schedules = [_block_means(r.sparsity["allocated"]) for r in replicates]
+        schedules = [block_means(r.sparsity["allocated"]) for r in replicates]
         indices = list(schedules[0])
         per_seed = [[100 * schedule[b] for b in indices] for schedule in schedules]
         means = [sum(values) / len(values) for values in zip(*per_seed)]

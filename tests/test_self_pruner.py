@@ -19,7 +19,8 @@ from bench.core.records import CellKey, Result, write_result
 from bench.core.vocab import ConfigError
 from bench.llm import HttpChat, make_backend
 from methods.allocators.self_pruner import LLMConfig, LLMError, SearchFailed, _Search, parse_rates, repair
-from reports.plots_search import block_schedule, plot_schedules, plot_search
+from reports.plots import block_means, plot_layer_schedules
+from reports.plots_search import plot_search
 from tests.conftest import TINY
 
 # a minimal chat template for the byte-level tiny models, which ship none
@@ -228,16 +229,16 @@ def test_result_json_carries_the_search_and_plots(make_config, tmp_path):
     assert search["operators"] == "ga" and len(search["candidates"]) == search["candidates_total"]
     files = plot_search([tmp_path / "result.json"], tmp_path / "search")
     assert sorted(p.suffix for p in files) == [".png", ".svg"] and all(p.stat().st_size > 0 for p in files)
-    files = plot_schedules([tmp_path], tmp_path / "schedules")
-    assert sorted(p.suffix for p in files) == [".png", ".svg"] and all(p.stat().st_size > 0 for p in files)
+    files = plot_layer_schedules([result], tmp_path / "schedules")
+    assert sorted(p.suffix for p in files) == [".pdf", ".png", ".svg"] and all(p.stat().st_size > 0 for p in files)
     best = search["best"]["rates"]
-    assert block_schedule(result.sparsity["allocated"]) == pytest.approx(best)  # the searched block rates
+    assert list(block_means(result.sparsity["allocated"]).values()) == pytest.approx(best)  # the searched rates
 
 
-def test_block_schedule_averages_the_linears_of_each_block_in_block_order():
+def test_block_means_average_the_linears_of_each_block_in_block_order():
     allocated = {"model.layers.10.mlp.up_proj": 0.8, "model.layers.2.self_attn.q_proj": 0.4,
                  "model.layers.2.mlp.up_proj": 0.6, "lm_head": 0.0}
-    assert block_schedule(allocated) == pytest.approx([0.5, 0.8])
+    assert block_means(allocated) == pytest.approx({2: 0.5, 10: 0.8})
 
 
 
