@@ -57,6 +57,9 @@ def failed_cells(sweep_dir: Path) -> list[str]:
     return failures
 
 
+IN_PROCESS_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
+
 class SweepProgress(Callback):
     """Under the Submitit launchers (local, Slurm) the cells' own output goes to `.submitit/*` logs, so
     the submitting process watches the sweep dir and prints its status (`reports.status.watch`). The
@@ -74,7 +77,9 @@ class SweepProgress(Callback):
         self.__init__(**state)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        if "submitit" not in str(config.hydra.launcher.get("_target_", "")):
+        # any launcher but the basic one runs the cells elsewhere (our local/Slurm launchers' targets do not
+        # say "submitit": matching that word silenced the status when they replaced Submitit's own)
+        if str(config.hydra.launcher.get("_target_", "")) == IN_PROCESS_LAUNCHER:
             return
         sweep_dir = Path(str(config.hydra.sweep.dir))
         self.thread = threading.Thread(target=watch, name="sweep-progress", daemon=True,

@@ -174,8 +174,10 @@ def short_name(row: CellStatus, rows: list[CellStatus]) -> str:
 def watch(sweep_dir: Path, stop: threading.Event, interval: float = 5.0, heartbeat: float = 60.0,
           out: Callable[[str], None] = print) -> list[CellStatus]:
     """Print the sweep's status whenever it changes (or every `heartbeat` s) until `stop` is set or every
-    cell is done or failed; a failure's one-line reason is printed once, when it is first seen."""
+    cell is done or failed; a failure's one-line reason is printed once, when it is first seen. Once `stop`
+    is set it looks one last time, so the sweep's end state is the last thing shown."""
     started, last, last_time, reported, rows, ended_before = time.time(), None, 0.0, set(), [], None
+    stopping = False
     while True:
         now = time.time()
         try:
@@ -194,5 +196,6 @@ def watch(sweep_dir: Path, stop: threading.Event, interval: float = 5.0, heartbe
             out("\n".join(lines))
             last, last_time = state, now
         finished = rows and all(row.state in ("done", "failed") for row in rows)
-        if finished or stop.wait(interval):
+        if finished or stopping:
             return rows
+        stopping = stop.wait(interval)

@@ -43,6 +43,9 @@ def test_a_cell_gives_identical_numbers_with_and_without_cache_in_process_and_un
                            f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the live status reaches the console, its end state before the table
+    ended = proc.stdout.find("] 1 cells: 1 done, 0 running, 0 failed, 0 waiting")
+    assert 0 <= ended < proc.stdout.find("| model |"), proc.stdout[-2000:]
     (launched,) = records.read_results(tmp_path / "sweep").records
     assert launched.ok and cold.ok, (launched.error, cold.error)
     for other in (warm, off, launched):
