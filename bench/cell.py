@@ -390,6 +390,7 @@ def _run_streamed(cfg: RunConfig, result: Result, use_cache: bool, save_to: Opti
         _perplexities(cfg, result, tokens, lambda windows, desc: streaming.streamed_perplexity(
             evaluated, windows, cfg.device, dtype, on_step=_on_step))
     result.cache = shared.report
+    result.warnings += shared.warnings
 
 
 def _corpus(cfg: RunConfig, name: str, split: str, purpose: str) -> data.Corpus:

@@ -2,11 +2,14 @@
 the in-memory result (weights and perplexity), while only one block is ever materialised."""
 from __future__ import annotations
 
+import errno
+
 import pytest
 import torch
 import transformers
 
 import methods
+from bench import cache as caching
 from bench import data, models, streaming
 from bench.core import engine, perplexity
 from tests.conftest import TINY
@@ -83,6 +86,22 @@ def test_a_streamed_cell_records_the_corpus_it_fell_back_from_like_the_in_memory
         assert result.status == "ok", result.error
         fields[stream] = result.protocol["fields"]
     assert fields["true"]["eval_datasets"] == fields["false"]["eval_datasets"] == ["pydoc", "ptb(pydoc fallback)"]
+
+
+def test_a_streamed_cell_keeps_the_caches_warnings(make_config, tmp_path, monkeypatch):
+    from bench.cell import run_cell
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    dense = _saved_tiny(make_config, tmp_path / "dense")
+    monkeypatch.setattr(caching, "save_file", full_disk)
+    monkeypatch.setenv("PRUNEBENCH_CACHE", str(tmp_path / "cache"))
+    cfg, resolved = make_config(*TINY, "model=llama-tiny", f"model.path={dense}", "model.stream=true",
+                                "method=magnitude", "sparsity=0.5", f"save_dir={tmp_path / 'pruned'}")
+    result = run_cell(cfg, resolved, tmp_path / "cell", cache=True)
+    assert result.ok, result.error
+    assert any(w.startswith("cache: tokens not stored (ENOSPC") for w in result.warnings), result.warnings
 
 
 def test_stream_auto_streams_a_checkpoint_over_the_host_memory_budget(make_config, tmp_path):
