@@ -22,10 +22,11 @@ import pandas as pd
 from bench.core.records import CELLS_FILE, Result, read_manifest, without_later_defaults
 from reports.select import method_label
 
-# Not part of a row's identity: the replicate axis, the sweep's column / section axes, and the keys that
-# do not change a number (bench.provenance.NON_IDENTITY_KEYS, which a report may not import).
-NOT_IDENTITY = ("seed", "sparsity", "model", "targets", "save_dir", "save_format", "device", "logger", "rerun",
-                "cache", "resume_every_s")
+# Not part of a row's identity (dotted config keys; a key covers everything under it): the replicate axis
+# (a search's `method.seed` follows the cell's `${seed}`), the sweep's column / section axes, and the keys
+# that do not change a number (bench.provenance.NON_IDENTITY_KEYS, which a report may not import).
+NOT_IDENTITY = ("seed", "method.seed", "sparsity", "model", "targets", "save_dir", "save_format", "device", "logger",
+                "rerun", "cache", "resume_every_s")
 # Keys already spelled out in the base label (`Wanda (2:4) + 4-bit`).
 IN_BASE_LABEL = ("method.name", "method.display", "method.sparsity_type", "method.wbits")
 LONG_COLUMNS = ["model", "row", "method", "sparsity", "sparsity_type", "seed", "config_hash", "protocol_id",
@@ -44,10 +45,9 @@ def _flat(config: dict, prefix: str = "") -> dict[str, str]:
 
 
 def _identity(result: Result) -> dict[str, str]:
-    config = {k: v for k, v in result.config.items() if k not in NOT_IDENTITY}
-    flat = _flat(without_later_defaults(config))
-    flat.pop("method.seed", None)  # a search's seed follows the cell's (`${seed}`): a replicate, not a row
-    return flat
+    flat = _flat(without_later_defaults(result.config))
+    return {key: value for key, value in flat.items()
+            if not any(key == skip or key.startswith(f"{skip}.") for skip in NOT_IDENTITY)}
 
 
 def row_labels(results: list[Result]) -> dict[int, str]:
