@@ -28,10 +28,12 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from pydoc_data.topics import topics
+
+from bench.core.vocab import check_choice, check_range
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,36 @@ CORPORA = {
 # The custom corpus' formats: the `datasets` loader of that name, and how its rows are joined.
 CUSTOM_JOINS = {"text": "\n", "json": "\n\n"}
 CUSTOM_FORMATS = tuple(CUSTOM_JOINS)
+
+
+@dataclass
+class CalibConfig:
+    dataset: str = "wikitext2"
+    split: str = "validation"
+    nsamples: int = 32
+    seqlen: int = 512
+    batch: int = 1  # samples per block forward: throughput only (statistics are fp32 sums either way)
+
+    def __post_init__(self):
+        check_choice("data.calib.dataset", self.dataset, (*CORPORA, CUSTOM))
+        check_range("data.calib.nsamples", self.nsamples, self.nsamples >= 1, ">= 1")
+        check_range("data.calib.batch", self.batch, self.batch >= 1, ">= 1")
+
+
+@dataclass
+class DataConfig:
+    """The `data:` config group: the calibration corpus, where named corpora are read, the custom files."""
+
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    dir: Optional[str] = None  # local corpora dir; None -> $PRUNEBENCH_DATA, then the hub
+    allow_fallback: bool = True  # use the pydoc corpus when a default corpus is missing
+    path: Optional[Any] = None  # the `custom` corpus: a file, a glob, a list of them, or {split: files}
+    format: str = "text"  # of the custom files: text | json
+    field: str = "text"  # the JSON column holding the text
+    name: str = "custom"  # the custom corpus' label in results
+
+    def __post_init__(self):
+        check_choice("data.format", self.format, CUSTOM_FORMATS)
 
 
 def sampling(name: str) -> str:

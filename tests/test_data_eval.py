@@ -13,7 +13,7 @@ import torch
 
 from bench import data, models
 from bench.core import perplexity
-from bench.config import ModelConfig
+from bench.config import ModelConfig, PplConfig
 from bench.data import DataUnavailable
 
 
@@ -119,7 +119,7 @@ def test_each_corpus_loads_from_the_hub_as_its_description_says(monkeypatch):
 
 
 def test_a_new_corpus_is_one_description(tmp_path, monkeypatch):
-    """A corpus added to CORPORA loads, falls back and validates as a config value with no other change."""
+    """A corpus added to CORPORA loads, falls back and is a valid config value, with no other change."""
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "valid.txt").write_text("alpha beta\n gamma \n", encoding="utf-8")
     spec = data.CorpusSpec(files={"validation": "mine/valid.txt"}, read=lambda path: path.read_text().split("\n"),
@@ -128,5 +128,6 @@ def test_a_new_corpus_is_one_description(tmp_path, monkeypatch):
     assert data.load_corpus("mine", "validation", str(tmp_path), "calib").text == "alpha beta| gamma |"
     assert data.load_corpus("mine", "validation", str(tmp_path), "eval").text == "alpha beta# gamma #"
     assert data.load_corpus("mine", "test", str(tmp_path), "eval", allow_fallback=True).fallback_for == "mine"
+    assert data.CalibConfig(dataset="mine").dataset == "mine" and PplConfig(datasets=["mine"]).datasets == ["mine"]
     with pytest.raises(ValueError, match="dataset='nope' is not valid; allowed: wikitext2, ptb, c4, pydoc, mine, custom"):
         data.load_corpus("nope", "test", None, "eval")
