@@ -2,8 +2,11 @@
 
 `run.py` calls `validate(cfg)` once; everything below it receives these objects and never reads a
 config by string key. Every error names the key, the bad value and what is allowed, so a typo in a
-sweep fails at start instead of an hour into a job. Method keys are the components' own schemas
-(`methods.parse`); `compose` is the one way code outside run.py composes a config from conf/.
+sweep fails at start instead of an hour into a job. Each section is a dataclass that states its keys and
+defaults once and checks them in `__post_init__` (the data section's lives in bench/data.py, zero-shot's
+in bench/zeroshot.py, recovery's in methods/recovery.py); `validate` adds only the checks that need two
+sections. Method keys are the components' own schemas (`methods.parse`); `compose` is the one way code
+outside run.py composes a config from conf/.
 """
 from __future__ import annotations
 
