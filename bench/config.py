@@ -29,7 +29,7 @@ import methods
 from bench import protocol
 from bench.checkpoint import SAVE_FORMATS
 from bench.core import records
-from bench.data import CORPORA, CUSTOM, DataConfig, resolve_files
+from bench.data import CUSTOM, DataConfig, dataset_names, resolve_files
 from bench.zeroshot import ZeroShotConfig
 from bench.core.families import prunable_linears
 from bench.core.vocab import ConfigError, check_choice, check_range, typed
@@ -106,7 +106,7 @@ class PplConfig:
 
     def __post_init__(self):
         for name in self.datasets:
-            check_choice("eval.ppl.datasets", name, (*CORPORA, CUSTOM))
+            check_choice("eval.ppl.datasets", name, dataset_names())
         windows = self.max_windows
         check_range("eval.ppl.max_windows", windows, windows is None or windows >= 1, ">= 1, or null for all")
         check_choice("eval.ppl.layerwise", self.layerwise, STREAM_CHOICES)

@@ -136,7 +136,7 @@ class CalibConfig:
     batch: int = 1  # samples per block forward: throughput only (statistics are fp32 sums either way)
 
     def __post_init__(self):
-        check_choice("data.calib.dataset", self.dataset, (*CORPORA, CUSTOM))
+        check_choice("data.calib.dataset", self.dataset, dataset_names())
         check_range("data.calib.nsamples", self.nsamples, self.nsamples >= 1, ">= 1")
         check_range("data.calib.batch", self.batch, self.batch >= 1, ">= 1")
 
@@ -155,6 +155,11 @@ class DataConfig:
 
     def __post_init__(self):
         check_choice("data.format", self.format, CUSTOM_FORMATS)
+
+
+def dataset_names() -> tuple[str, ...]:
+    """What data.calib.dataset and eval.ppl.datasets may name: the described corpora, then the custom files."""
+    return (*CORPORA, CUSTOM)
 
 
 def sampling(name: str) -> str:
@@ -192,7 +197,7 @@ def load_corpus(name: str, split: str, directory: Optional[str], purpose: str,
     if name == CUSTOM:
         return load_custom(path, split, fmt, field, label)
     if name not in CORPORA:
-        raise ValueError(f"dataset={name!r} is not valid; allowed: {', '.join([*CORPORA, CUSTOM])}")
+        raise ValueError(f"dataset={name!r} is not valid; allowed: {', '.join(dataset_names())}")
     try:
         return _load(name, split, data_dir(directory), purpose)
     except DataUnavailable as exc:
