@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from bench.cell import run_cell
 from bench.config import ConfigError, validate
-from bench.sweep import rerun_mode, run_isolated
+from bench.isolate import run_isolated
+from bench.sweep import rerun_mode
 from reports.collect import collect
 
 log = logging.getLogger("prunebench")

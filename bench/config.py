@@ -2,8 +2,11 @@
 
 `run.py` calls `validate(cfg)` once; everything below it receives these objects and never reads a
 config by string key. Every error names the key, the bad value and what is allowed, so a typo in a
-sweep fails at start instead of an hour into a job. Method keys are the components' own schemas
-(`methods.parse`); `compose` is the one way code outside run.py composes a config from conf/.
+sweep fails at start instead of an hour into a job. Each section is a dataclass that states its keys and
+defaults once and checks them in `__post_init__` (the data section's lives in bench/data.py, zero-shot's
+in bench/zeroshot.py, recovery's in methods/recovery.py); `validate` adds only the checks that need two
+sections. Method keys are the components' own schemas (`methods.parse`); `compose` is the one way code
+outside run.py composes a config from conf/.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ import methods
 from bench import protocol
 from bench.checkpoint import SAVE_FORMATS
 from bench.core import records
-from bench.data import CUSTOM, CUSTOM_FORMATS, resolve_files
+from bench.data import CUSTOM, DataConfig, dataset_names, resolve_files
+from bench.zeroshot import ZeroShotConfig
 from bench.core.families import prunable_linears
 from bench.core.vocab import ConfigError, check_choice, check_range, typed
 from methods import MethodSpec
@@ -35,7 +39,6 @@ from methods.recovery import RecoveryOptions
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SOURCES = ("hub", "pypi_gguf", "random")
 DTYPES = ("float32", "float16", "bfloat16")
-DATASETS = ("wikitext2", "ptb", "c4", "pydoc", "custom")  # custom: the files in data.path
 DEVICES = ("cpu", "cuda")
 STREAM_CHOICES = ("auto", True, False)
 
@@ -48,6 +51,11 @@ class Resources:
     mem_gb: int = 16
     cpus: int = 2
     timeout_min: int = 120
+
+    def __post_init__(self):
+        for key, value in vars(self).items():  # interpolated into the launcher's job script
+            low = 0 if key == "gpus" else 1
+            check_range(f"model.resources.{key}", value, value >= low, f">= {low}")
 
 
 @dataclass
@@ -68,25 +76,24 @@ class ModelConfig:
     resources: Resources = field(default_factory=Resources)
     label: Optional[str] = None  # what the weights are, for tables (e.g. a quantized source); None: the name
 
-
-@dataclass
-class CalibConfig:
-    dataset: str = "wikitext2"
-    split: str = "validation"
-    nsamples: int = 32
-    seqlen: int = 512
-    batch: int = 1  # samples per block forward: throughput only (statistics are fp32 sums either way)
-
-
-@dataclass
-class DataConfig:
-    calib: CalibConfig = field(default_factory=CalibConfig)
-    dir: Optional[str] = None  # local corpora dir; None -> $PRUNEBENCH_DATA, then the hub
-    allow_fallback: bool = True  # use the pydoc corpus when a default corpus is missing
-    path: Optional[Any] = None  # the `custom` corpus: a file, a glob, a list of them, or {split: files}
-    format: str = "text"  # of the custom files: text | json
-    field: str = "text"  # the JSON column holding the text
-    name: str = "custom"  # the custom corpus' label in results
+    def __post_init__(self):
+        check_name("model.name", self.name)
+        if self.id is not None and self.id.startswith("-"):
+            raise ConfigError(f"model.id={self.id!r} is not valid; allowed: a hub id or package==version "
+                              f"(not starting with '-')")
+        if self.file is not None:
+            check_range("model.file", self.file, not self.file.startswith(("/", "-")) and ".." not in self.file,
+                        "a relative path inside the wheel, without '..'")
+        check_range("model.seqlen", self.seqlen, self.seqlen >= 1, ">= 1")
+        check_choice("model.source", self.source, SOURCES)
+        check_choice("model.dtype", self.dtype, DTYPES)
+        check_choice("model.stream", self.stream, STREAM_CHOICES)
+        if self.source == "random":
+            if not self.architecture:
+                raise ConfigError(f"model.architecture is empty for random model {self.name}; "
+                                  f"give the transformers config kwargs")
+            check_choice("model.architecture.model_type", self.architecture.get("model_type"),
+                         tuple(transformers.CONFIG_MAPPING.keys()))
 
 
 @dataclass
@@ -97,22 +104,12 @@ class PplConfig:
     max_windows: Optional[int] = None  # None = the whole split (paper protocol)
     layerwise: Any = "auto"  # true: block by block (SparseGPT's way for big models); auto: when it does not fit
 
-
-ZEROSHOT_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "rte")
-ZEROSHOT_METRICS = ("acc", "acc_norm")
-ACC_ONLY_TASKS = ("boolq", "winogrande", "rte")  # lm-eval reports no acc_norm for these
-
-
-@dataclass
-class ZeroShotConfig:
-    """lm-eval zero-shot tasks; `metric` picks acc or acc_norm per task, since papers differ."""
-
-    tasks: list = field(default_factory=lambda: list(ZEROSHOT_TASKS[:7]))
-    metric: dict = field(default_factory=dict)  # task -> acc | acc_norm; a task not listed uses acc
-    num_fewshot: int = 0
-    limit: Optional[int] = None  # examples per task; None = the whole split (paper protocol)
-    batch_size: int = 1
-    include_path: Optional[str] = None  # dir of local task YAMLs (offline mirrors); None = lm-eval's tasks
+    def __post_init__(self):
+        for name in self.datasets:
+            check_choice("eval.ppl.datasets", name, dataset_names())
+        windows = self.max_windows
+        check_range("eval.ppl.max_windows", windows, windows is None or windows >= 1, ">= 1, or null for all")
+        check_choice("eval.ppl.layerwise", self.layerwise, STREAM_CHOICES)
 
 
 @dataclass
@@ -123,6 +120,10 @@ class SpeedConfig:
     prefill_seqlen: int = 128
     decode_tokens: int = 32  # generated one at a time with a KV cache, after a prefill of prefill_seqlen
     repeats: int = 3  # median over interleaved dense/pruned repeats
+
+    def __post_init__(self):
+        for key, value in vars(self).items():
+            check_range(f"eval.speed.{key}", value, value >= 1, ">= 1")
 
 
 @dataclass
@@ -146,6 +147,10 @@ class LoggerConfig:
     mode: str = "offline"
     group: Optional[str] = None
 
+    def __post_init__(self):
+        check_choice("logger.name", self.name, LOGGERS)
+        check_choice("logger.mode", self.mode, WANDB_MODES)
+
 
 @dataclass
 class RunConfig:
@@ -153,16 +158,30 @@ class RunConfig:
     method: MethodSpec
     data: DataConfig
     eval: EvalConfig
-    sparsity: float
-    seed: int
-    device: str
     protocol: str
-    save_dir: Optional[str]
+    sparsity: float  # the dense baseline's is 0: it ignores the sweep's sparsity axis
+    seed: int = 0  # calibration sampling
+    device: str = "cpu"
+    save_dir: Optional[str] = None
     save_format: str = "dense"  # bench/checkpoint.py: dense | bitmask (non-zeros + bit mask)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     recovery: RecoveryOptions = field(default_factory=RecoveryOptions)
     threads: int = 2  # torch threads for the cell's numerics (bench/provenance.py: why it is fixed)
     resume_every_s: Optional[float] = 300  # bench/resume.py: save the pruning pass this often; None: never
+
+    def __post_init__(self):
+        self.sparsity = _sparsity(_number("sparsity", self.sparsity, float), self.method)
+        self.seed = _number("seed", self.seed, int)
+        check_choice("device", self.device, DEVICES)
+        check_choice("save_format", self.save_format, SAVE_FORMATS)
+        check_range("save_dir", self.save_dir, self.save_dir is None or (
+            isinstance(self.save_dir, str) and self.save_dir.strip() != "" and self.save_dir.isprintable()),
+            "a folder path (printable, not empty), or null")
+        check_range("threads", self.threads, isinstance(self.threads, int) and self.threads >= 1, "an integer >= 1")
+        every = self.resume_every_s
+        check_range("resume_every_s", every, every is None or (
+            isinstance(every, (int, float)) and not isinstance(every, bool) and every >= 0),
+            "seconds >= 0 (0: after every block), or null (never)")
 
     def identity(self, resolved: dict) -> dict:
         """The resolved config a cell is hashed by: with the effective sparsity (dense ignores the
@@ -251,16 +270,6 @@ def _known_layer_count(model: ModelConfig) -> Optional[int]:
     return len(prunable_linears(skeleton))
 
 
-def _zeroshot(zs: ZeroShotConfig) -> None:
-    for task in zs.tasks:
-        check_choice("eval.zeroshot.tasks", task, ZEROSHOT_TASKS)
-    for task, metric in zs.metric.items():
-        check_choice("eval.zeroshot.metric", task, ZEROSHOT_TASKS)
-        check_choice(f"eval.zeroshot.metric.{task}", metric, ("acc",) if task in ACC_ONLY_TASKS else ZEROSHOT_METRICS)
-    for key, value, low in (("num_fewshot", zs.num_fewshot, 0), ("limit", zs.limit, 1), ("batch_size", zs.batch_size, 1)):
-        check_range(f"eval.zeroshot.{key}", value, value is None or value >= low, f">= {low}")
-
-
 TARGET_UNITS = ("relative", "absolute")  # tolerance as a fraction of the reported value, or in its units
 
 
@@ -298,18 +307,6 @@ def validate(cfg: DictConfig) -> RunConfig:
         if key not in known:
             raise ConfigError(f"{key} is not a known key; allowed: {', '.join(known)}")
     model = typed("model", ModelConfig, raw["model"])
-    check_name("model.name", model.name)
-    if model.id is not None and model.id.startswith("-"):
-        raise ConfigError(f"model.id={model.id!r} is not valid; allowed: a hub id or package==version "
-                          f"(not starting with '-')")
-    if model.file is not None:
-        check_range("model.file", model.file, not model.file.startswith(("/", "-")) and ".." not in model.file,
-                    "a relative path inside the wheel, without '..'")
-    check_range("model.seqlen", model.seqlen, model.seqlen >= 1, ">= 1")
-    for key, value in vars(model.resources).items():  # interpolated into the launcher's job script
-        low = 0 if key == "gpus" else 1
-        check_range(f"model.resources.{key}", value, value >= low, f">= {low}")
-    check_choice("model.source", model.source, SOURCES)
     _name_from_checkpoint(model)
     if model.source == "hub" and model.path is None:
         try:
@@ -318,59 +315,29 @@ def validate(cfg: DictConfig) -> RunConfig:
             raise ConfigError(f"model.id={model.id!r} is not a hub id ({str(exc).splitlines()[0]}); allowed: "
                               f"'name' or 'org/name' of letters, digits, - _ . (or model.path=<local dir>)") from None
     check_name("model.name", model.name)
-    check_choice("model.dtype", model.dtype, DTYPES)
-    check_choice("model.stream", model.stream, STREAM_CHOICES)
-    if model.source == "random":
-        if not model.architecture:
-            raise ConfigError(f"model.architecture is empty for random model {model.name}; "
-                              f"give the transformers config kwargs")
-        check_choice("model.architecture.model_type", model.architecture.get("model_type"),
-                     tuple(transformers.CONFIG_MAPPING.keys()))
     linears = _known_layer_count(model)
     method = methods.parse(raw["method"])
     check_name("method.name", method.name)
-    data = typed("data", DataConfig, raw["data"])
-    check_choice("data.calib.dataset", data.calib.dataset, DATASETS)
-    check_choice("data.format", data.format, CUSTOM_FORMATS)
-    evaluation = typed("eval", EvalConfig, raw["eval"])
-    logger = typed("logger", LoggerConfig, raw.get("logger", {}))
-    check_choice("logger.name", logger.name, LOGGERS)
-    check_choice("logger.mode", logger.mode, WANDB_MODES)
-    recovery = typed("recovery", RecoveryOptions, raw.get("recovery", {}))
-    device = raw.get("device", "cpu")
-    check_choice("device", device, DEVICES)
-    save_format = raw.get("save_format", "dense")
-    check_choice("save_format", save_format, SAVE_FORMATS)
-
-    sparsity = _sparsity(_number("sparsity", raw["sparsity"], float), method)
-    seed = _number("seed", raw.get("seed", 0), int)
+    scalars = {key: raw[key] for key in ("sparsity", "seed", "device", "save_dir", "save_format", "threads",
+                                         "resume_every_s") if key in raw}
+    cfg = RunConfig(model=model, method=method, data=typed("data", DataConfig, raw["data"]),
+                    eval=typed("eval", EvalConfig, raw["eval"]), protocol=str(raw["protocol"]["name"]),
+                    logger=typed("logger", LoggerConfig, raw.get("logger", {})),
+                    recovery=typed("recovery", RecoveryOptions, raw.get("recovery", {})), **scalars)
+    data, evaluation, recovery = cfg.data, cfg.eval, cfg.recovery
     built = methods.build(method)  # checks that need the components together or the pattern
     if not method.dense:
-        built.allocator.check(sparsity, linears)
+        built.allocator.check(cfg.sparsity, linears)
     if model.stream is True:
-        _check_streamable(model, method, built, recovery, evaluation, raw.get("save_dir"))
+        _check_streamable(model, method, built, recovery, evaluation, cfg.save_dir)
     if recovery.enabled and not built.pruner.structured:
         raise ConfigError(f"recovery={recovery.name} merges LoRA updates into every weight, which would refill "
                           f"the zeros of pruner {method.pruner}; allowed with it: recovery=none "
                           f"(recovery is for structured pruners)")
-
     for key, seqlen in (("data.calib.seqlen", data.calib.seqlen),
                         ("eval.ppl.seqlen", evaluation.ppl.seqlen if evaluation.ppl else 1)):
         check_range(key, seqlen, 0 < seqlen <= model.seqlen,
                     f"1..{model.seqlen} (the context length of model {model.name})")
-    if evaluation.speed:
-        for key, value in vars(evaluation.speed).items():
-            check_range(f"eval.speed.{key}", value, value >= 1, ">= 1")
-    check_range("data.calib.nsamples", data.calib.nsamples, data.calib.nsamples >= 1, ">= 1")
-    check_range("data.calib.batch", data.calib.batch, data.calib.batch >= 1, ">= 1")
-    if evaluation.ppl:
-        for name in evaluation.ppl.datasets:
-            check_choice("eval.ppl.datasets", name, DATASETS)
-        windows = evaluation.ppl.max_windows
-        check_range("eval.ppl.max_windows", windows, windows is None or windows >= 1, ">= 1, or null for all")
-        check_choice("eval.ppl.layerwise", evaluation.ppl.layerwise, STREAM_CHOICES)
-    if evaluation.zeroshot:
-        _zeroshot(evaluation.zeroshot)
     if CUSTOM in [data.calib.dataset, *(evaluation.ppl.datasets if evaluation.ppl else ())]:
         paths = {f"data.path.{k}": v for k, v in data.path.items()} if isinstance(data.path, dict) else \
             {"data.path": data.path}
@@ -386,16 +353,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     unknown = protocol.check_paper_protocol(raw.get("paper_protocol") or {})
     if unknown is not None:
         raise ConfigError(f"paper_protocol.{unknown} is not a protocol field; allowed: {', '.join(protocol.FIELDS)}")
-    threads = raw.get("threads", 2)
-    check_range("threads", threads, isinstance(threads, int) and threads >= 1, "an integer >= 1")
-    resume_every_s = raw.get("resume_every_s", 300)
-    check_range("resume_every_s", resume_every_s, resume_every_s is None or (
-        isinstance(resume_every_s, (int, float)) and not isinstance(resume_every_s, bool) and resume_every_s >= 0),
-        "seconds >= 0 (0: after every block), or null (never)")
-    return RunConfig(model=model, method=method, data=data, eval=evaluation, sparsity=sparsity,
-                     seed=seed, device=device, protocol=str(raw["protocol"]["name"]),
-                     save_dir=_save_dir(raw.get("save_dir")), logger=logger, recovery=recovery,
-                     save_format=save_format, threads=threads, resume_every_s=resume_every_s)
+    return cfg
 
 
 def _check_streamable(model: ModelConfig, method: MethodSpec, built, recovery: RecoveryOptions,
@@ -426,11 +384,3 @@ def _sparsity(sparsity: float, method: MethodSpec) -> float:
         raise ConfigError(f"sparsity={sparsity} conflicts with method.sparsity_type={method.pattern}, "
                           f"which means sparsity={implied:g}; pass sparsity={implied:g}")
     return sparsity
-
-
-def _save_dir(value: object) -> Optional[str]:
-    if value is None:
-        return None
-    check_range("save_dir", value, isinstance(value, str) and value.strip() != "" and value.isprintable(),
-                "a folder path (printable, not empty), or null")
-    return value

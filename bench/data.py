@@ -2,10 +2,13 @@
 own files (the corpus `custom`: plain text or JSON/JSON Lines, read by the `datasets` library's own
 `text` / `json` loaders; see `load_custom`).
 
-Lookup order for a corpus: the local dir (`data.dir`, else `$PRUNEBENCH_DATA`), then the Hugging Face
-hub through `datasets`. The joins follow the SparseGPT/Wanda protocol so perplexities are comparable
-with the papers: WikiText-2 eval is "\\n\\n".join(rows), calibration " ".join(rows); PTB and C4 use
-" ".join; C4 eval takes the first 1100 validation documents.
+Each named corpus is a `CorpusSpec` in `CORPORA`: its file per split under the local dir, how a file's
+lines become rows, its hub source, how rows are joined for calibration and for evaluation, the
+evaluation's document and window caps, and its calibration sampler. The loader reads only that
+description; a new corpus is a new entry. Lookup order for a corpus: the local dir (`data.dir`, else
+`$PRUNEBENCH_DATA`), then the Hugging Face hub through `datasets`. The joins follow the SparseGPT/Wanda
+protocol so perplexities are comparable with the papers: WikiText-2 eval is "\\n\\n".join(rows),
+calibration " ".join(rows); PTB and C4 use " ".join; C4 eval takes the first 1100 validation documents.
 
 Tokenization and calibration sampling follow the reference code (SparseGPT's and Wanda's datautils):
 the tokenizer runs with its defaults, so a tokenizer that adds BOS (OPT, LLaMA, Gemma) puts one at the
@@ -23,30 +26,145 @@ import json
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from pydoc_data.topics import topics
 
+from bench.core.vocab import check_choice, check_range
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
-LOCAL_FILES = {
-    ("wikitext2", "validation"): "wikitext2/wiki.valid.raw",
-    ("wikitext2", "test"): "wikitext2/wiki.test.raw",
-    ("wikitext2", "train"): "wikitext2/wiki.train.raw",
-    ("ptb", "validation"): "ptb/ptb.valid.txt",
-    ("ptb", "test"): "ptb/ptb.test.txt",
-    ("ptb", "train"): "ptb/ptb.train.txt",
-    ("c4", "validation"): "c4/c4-validation.00000-of-00008.json.gz",
-    ("c4", "train"): "c4/c4-train.00000-of-01024.json.gz",
-}
 CUSTOM = "custom"  # the dataset name (data.calib.dataset, eval.ppl.datasets) of the files in data.path
-CUSTOM_FORMATS = ("text", "json")
-C4_EVAL_DOCS = 1100
-C4_EVAL_WINDOWS = 256
+BOS_RULE = "tokenizer default (BOS at the stream start where the tokenizer adds one)"
+# The calibration samplers, in the words the protocol records: `calibration_samples` (SparseGPT's) and
+# `document_samples` (the references' C4 sampler).
+STREAM_SAMPLING = "random windows of the joined text"
+C4_SAMPLING = "random document longer than seqlen, random window inside it"
+
+
+def _raw_lines(path: Path) -> list[str]:
+    """WikiText-2: the HF loader's row rule, every line with its newline, blank lines as ""."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    return [line if line.strip() else "" for line in lines]
+
+
+def _stripped_lines(path: Path) -> list[str]:
+    """PTB: HF `sentence` has no leading space or newline."""
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines(keepends=True)]
+
+
+def _json_lines_gz(path: Path) -> list[str]:
+    """C4: gzipped JSON Lines, the `text` of every record."""
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        return [json.loads(line)["text"] for line in handle]
+
+
+def _pydoc_rows(split: str) -> list[str]:
+    """CPython's documentation topics: first half of the topics is validation/train, second half test."""
+    keys = sorted(topics)
+    half = len(keys) // 2
+    return [topics[k] for k in (keys[half:] if split == "test" else keys[:half])]
+
+
+@dataclass(frozen=True)
+class Hub:
+    """Where `datasets.load_dataset` finds a corpus: `id` with its `config`, or with `shards` (the repo's
+    data file per split, read as that split); `column` holds the text."""
+
+    id: str
+    column: str
+    config: Optional[str] = None
+    shards: Optional[dict] = None
+    label: Optional[str] = None  # what results record as the source ("hub:<label>"); None: the id
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """A corpus shipped with Python itself: `rows(split)`, recorded as coming from `source`."""
+
+    source: str
+    rows: Callable[[str], list[str]]
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """A named corpus: where its rows come from and how they become calibration and evaluation text."""
+
+    files: dict = field(default_factory=dict)  # split -> file under the local dir
+    read: Optional[Callable[[Path], list[str]]] = None  # a local file -> its rows
+    hub: Optional[Hub] = None
+    builtin: Optional[Builtin] = None  # always present: never missing, so never a reason to fall back
+    calib_join: str = " "
+    eval_join: str = " "
+    eval_docs: Optional[int] = None  # evaluation text: the first this many rows (documents)
+    eval_windows: Optional[int] = None  # evaluation: at most this many windows
+    sampler: str = STREAM_SAMPLING  # C4_SAMPLING: rows are documents, and calibration samples one at a time
+
+
+C4_SHARDS = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz",
+             "test": "en/c4-validation.00000-of-00008.json.gz"}  # C4 has no test split: its validation shard
+CORPORA = {
+    "wikitext2": CorpusSpec(
+        files={"validation": "wikitext2/wiki.valid.raw", "test": "wikitext2/wiki.test.raw",
+               "train": "wikitext2/wiki.train.raw"},
+        read=_raw_lines, hub=Hub("wikitext", "text", config="wikitext-2-raw-v1", label="wikitext-2-raw-v1"),
+        eval_join="\n\n"),
+    "ptb": CorpusSpec(
+        files={"validation": "ptb/ptb.valid.txt", "test": "ptb/ptb.test.txt", "train": "ptb/ptb.train.txt"},
+        read=_stripped_lines, hub=Hub("ptb_text_only", "sentence", config="penn_treebank")),
+    "c4": CorpusSpec(
+        files={"validation": "c4/c4-validation.00000-of-00008.json.gz", "train": "c4/c4-train.00000-of-01024.json.gz"},
+        read=_json_lines_gz, hub=Hub("allenai/c4", "text", shards=C4_SHARDS),
+        eval_docs=1100, eval_windows=256, sampler=C4_SAMPLING),
+    "pydoc": CorpusSpec(builtin=Builtin("pydoc_data", _pydoc_rows), calib_join="\n\n", eval_join="\n\n"),
+}
+# The custom corpus' formats: the `datasets` loader of that name, and how its rows are joined.
+CUSTOM_JOINS = {"text": "\n", "json": "\n\n"}
+CUSTOM_FORMATS = tuple(CUSTOM_JOINS)
+
+
+@dataclass
+class CalibConfig:
+    dataset: str = "wikitext2"
+    split: str = "validation"
+    nsamples: int = 32
+    seqlen: int = 512
+    batch: int = 1  # samples per block forward: throughput only (statistics are fp32 sums either way)
+
+    def __post_init__(self):
+        check_choice("data.calib.dataset", self.dataset, dataset_names())
+        check_range("data.calib.nsamples", self.nsamples, self.nsamples >= 1, ">= 1")
+        check_range("data.calib.batch", self.batch, self.batch >= 1, ">= 1")
+
+
+@dataclass
+class DataConfig:
+    """The `data:` config group: the calibration corpus, where named corpora are read, the custom files."""
+
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    dir: Optional[str] = None  # local corpora dir; None -> $PRUNEBENCH_DATA, then the hub
+    allow_fallback: bool = True  # use the pydoc corpus when a default corpus is missing
+    path: Optional[Any] = None  # the `custom` corpus: a file, a glob, a list of them, or {split: files}
+    format: str = "text"  # of the custom files: text | json
+    field: str = "text"  # the JSON column holding the text
+    name: str = "custom"  # the custom corpus' label in results
+
+    def __post_init__(self):
+        check_choice("data.format", self.format, CUSTOM_FORMATS)
+
+
+def dataset_names() -> tuple[str, ...]:
+    """What data.calib.dataset and eval.ppl.datasets may name: the described corpora, then the custom files."""
+    return (*CORPORA, CUSTOM)
+
+
+def sampling(name: str) -> str:
+    """The calibration sampler of corpus `name`, in the words the protocol records."""
+    return CORPORA[name].sampler if name in CORPORA else STREAM_SAMPLING
 
 
 class DataUnavailable(RuntimeError):
@@ -61,7 +179,7 @@ class Corpus:
     source: str  # local path, "hub:<id>" or "pydoc_data"
     fallback_for: Optional[str] = None  # the corpus that was asked for, when we fell back
     key: Optional[str] = None  # custom corpora: the config key that names the files, for error messages
-    documents: Optional[list[str]] = None  # C4: the documents, which calibration samples one at a time
+    documents: Optional[list[str]] = None  # a document-sampled corpus (C4): calibration samples one at a time
 
 
 def data_dir(configured: Optional[str]) -> Optional[Path]:
@@ -78,10 +196,10 @@ def load_corpus(name: str, split: str, directory: Optional[str], purpose: str,
         raise ValueError(f"split={split!r} is not valid; allowed: {', '.join(SPLITS)}")
     if name == CUSTOM:
         return load_custom(path, split, fmt, field, label)
-    if name == "pydoc":
-        return _pydoc(split)
+    if name not in CORPORA:
+        raise ValueError(f"dataset={name!r} is not valid; allowed: {', '.join(dataset_names())}")
     try:
-        return _local_or_hub(name, split, data_dir(directory), purpose)
+        return _load(name, split, data_dir(directory), purpose)
     except DataUnavailable as exc:
         if not allow_fallback:
             raise
@@ -90,7 +208,7 @@ def load_corpus(name: str, split: str, directory: Optional[str], purpose: str,
         log.warning("FALLING BACK to the offline pydoc corpus for %s; numbers are NOT comparable with "
                     "papers. Set PRUNEBENCH_DATA or data.dir to a dir with %s.", purpose, name)
         log.warning("=" * 78)
-        corpus = _pydoc(split)
+        corpus = _load("pydoc", split, None, purpose)
         corpus.fallback_for = name
         return corpus
 
@@ -133,9 +251,9 @@ def load_custom(path: Union[str, list, dict, None], split: str, fmt: str = "text
         bad = next((v for v in values if not isinstance(v, str)), None)
         if bad is not None:
             raise ValueError(f"data.field={field!r} of {key}={path!r} holds a {type(bad).__name__}, not text")
-        text = "\n\n".join(values)
     else:
-        text = "\n".join(rows["text"])
+        values = rows["text"]  # the text loader's one column
+    text = CUSTOM_JOINS[fmt].join(values)
     if not text.strip():
         raise ValueError(f"{key}={path!r}: the {len(files)} file(s) hold no text")
     return Corpus(label, split, text, ",".join(files) if len(files) <= 3 else f"{files[0]},... ({len(files)} files)",
@@ -158,38 +276,36 @@ def resolve_files(path: Union[str, list, None], key: str = "data.path") -> list[
     return files
 
 
-def _local_or_hub(name: str, split: str, directory: Optional[Path], purpose: str) -> Corpus:
-    relative = LOCAL_FILES.get((name, split))
+def _load(name: str, split: str, directory: Optional[Path], purpose: str) -> Corpus:
+    """Corpus `name` as `CORPORA` describes it: built in, else its local file, else its hub source."""
+    spec = CORPORA[name]
+    if spec.builtin is not None:
+        return _corpus(name, split, spec, spec.builtin.rows(split), spec.builtin.source, purpose)
+    relative = spec.files.get(split)
     looked = []
     if directory is not None and relative is not None:
         path = directory / relative
         looked.append(str(path))
         if path.exists():
-            rows = _read_local(name, path)
-            return Corpus(name, split, _join(name, rows, purpose), str(path), documents=_documents(name, rows))
+            return _corpus(name, split, spec, spec.read(path), str(path), purpose)
     try:
-        rows, hub_id = _hub_rows(name, split)
+        rows, source = _hub_rows(spec.hub, split)
     except Exception as exc:  # datasets raises many types for "offline" / "no such split"
         looked.append(f"the hub ({type(exc).__name__})")
         raise DataUnavailable(
             f"corpus {name!r} split {split!r} not found; looked in: {'; '.join(looked) or 'no local dir set'}. "
             f"Put the file at <dir>/{relative or '?'} and set data.dir=<dir> or PRUNEBENCH_DATA=<dir>, "
             f"or allow hub access.") from None
-    return Corpus(name, split, _join(name, rows, purpose), f"hub:{hub_id}", documents=_documents(name, rows))
+    return _corpus(name, split, spec, rows, source, purpose)
 
 
-def _documents(name: str, rows: list[str]) -> Optional[list[str]]:
-    return list(rows) if name == "c4" else None
-
-
-def _read_local(name: str, path: Path) -> list[str]:
-    if name == "c4":
-        with gzip.open(path, "rt", encoding="utf-8") as handle:
-            return [json.loads(line)["text"] for line in handle]
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    if name == "wikitext2":  # the HF loader's row rule: blank lines become ""
-        return [line if line.strip() else "" for line in lines]
-    return [line.strip() for line in lines]  # PTB: HF `sentence` has no leading space or newline
+def _corpus(name: str, split: str, spec: CorpusSpec, rows: list[str], source: str, purpose: str) -> Corpus:
+    """The rows joined for `purpose` as `spec` says; a document-sampled corpus keeps every row as a document."""
+    if purpose == "eval":
+        text = spec.eval_join.join(rows[:spec.eval_docs] if spec.eval_docs is not None else rows)
+    else:
+        text = spec.calib_join.join(rows)
+    return Corpus(name, split, text, source, documents=list(rows) if spec.sampler == C4_SAMPLING else None)
 
 
 @functools.lru_cache(maxsize=1)
@@ -204,41 +320,19 @@ def _hub_reachable() -> bool:
         return False
 
 
-def _hub_rows(name: str, split: str) -> tuple[list[str], str]:
+def _hub_rows(hub: Optional[Hub], split: str) -> tuple[list[str], str]:
+    """The rows of `split` from the hub, and the source results record ("hub:...")."""
+    if hub is None:
+        raise LookupError("the corpus has no hub source")
     import datasets  # seconds to import: only runs that read a corpus from the hub pay it
 
     if not _hub_reachable():
         raise ConnectionError("huggingface.co is unreachable")
-
-    if name == "wikitext2":
-        return datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"], "wikitext-2-raw-v1"
-    if name == "ptb":
-        return (datasets.load_dataset("ptb_text_only", "penn_treebank", split=split)["sentence"],
-                "ptb_text_only")
-    shard = "en/c4-train.00000-of-01024.json.gz" if split == "train" else "en/c4-validation.00000-of-00008.json.gz"
-    rows = datasets.load_dataset("allenai/c4", data_files={split: shard}, split=split)["text"]
-    return rows, f"allenai/c4:{shard}"
-
-
-def _join(name: str, rows: list[str], purpose: str) -> str:
-    if name == "c4" and purpose == "eval":
-        rows = rows[:C4_EVAL_DOCS]
-    if name == "wikitext2" and purpose == "eval":
-        return "\n\n".join(rows)
-    return " ".join(rows)
-
-
-def _pydoc(split: str) -> Corpus:
-    """CPython's documentation topics: first half of the topics is validation/train, second half test."""
-    keys = sorted(topics)
-    half = len(keys) // 2
-    chosen = keys[half:] if split == "test" else keys[:half]
-    return Corpus("pydoc", split, "\n\n".join(topics[k] for k in chosen), "pydoc_data")
-
-
-BOS_RULE = "tokenizer default (BOS at the stream start where the tokenizer adds one)"
-C4_SAMPLING = "random document longer than seqlen, random window inside it"
-STREAM_SAMPLING = "random windows of the joined text"
+    if hub.shards is not None:
+        shard = hub.shards[split]
+        rows = datasets.load_dataset(hub.id, data_files={split: shard}, split=split)[hub.column]
+        return rows, f"hub:{hub.label or hub.id}:{shard}"
+    return datasets.load_dataset(hub.id, hub.config, split=split)[hub.column], f"hub:{hub.label or hub.id}"
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -284,10 +378,12 @@ def calibration_samples(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int
 def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: Optional[int], dataset: str,
                  key: Optional[str] = None) -> torch.Tensor:
     """Non-overlapping windows (n, seqlen) covering the text from its start; a trailing partial window is
-    dropped, as in the SparseGPT protocol. C4 is capped at 256 windows by that protocol."""
+    dropped, as in the SparseGPT protocol. A corpus whose description caps its windows (C4: 256, by that
+    protocol) is cut there."""
     count = ids.shape[1] // seqlen
-    if dataset == "c4":
-        count = min(count, C4_EVAL_WINDOWS)
+    cap = CORPORA[dataset].eval_windows if dataset in CORPORA else None
+    if cap is not None:
+        count = min(count, cap)
     if max_windows is not None:
         count = min(count, max_windows)
     if count == 0:

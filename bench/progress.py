@@ -3,7 +3,7 @@ result.json, rewritten (atomically) when a stage starts and as the stage's passe
 (`step`: "prune block 12/30", "search candidate 7/31", "ppl window 5/16"). `python -m reports status
 <dir> --watch` and the sweep's own console (`reports.callback.SweepProgress`) read it.
 
-One cell runs per process (Submitit, or the forked child of `bench.sweep.run_isolated`; the basic
+One cell runs per process (Submitit, or the forked child of `bench.isolate.run_isolated`; the basic
 launcher runs them one after another), so the cell being tracked is per process.
 """
 from __future__ import annotations

@@ -43,7 +43,7 @@ def fields(cfg: RunConfig) -> dict[str, Any]:
     out: dict[str, Any] = {
         "calib_dataset": calib.dataset, "calib_split": calib.split, "calib_nsamples": calib.nsamples,
         "calib_seqlen": calib.seqlen,
-        "calib_sampling": data.C4_SAMPLING if calib.dataset == "c4" else data.STREAM_SAMPLING,
+        "calib_sampling": data.sampling(calib.dataset),
         "model_source": "local" if cfg.model.path else cfg.model.source,
         "model_id": cfg.model.path or cfg.model.id or cfg.model.name,
         "model_dtype": cfg.model.dtype,

@@ -14,6 +14,8 @@
   already listed there are kept (merged), so a different sweep into an old dir loses none of them; and
   logs how many cells are already done.
 
+Each cell then runs in its own forked process (`bench.isolate.run_isolated`, called by run.py).
+
 Resume: a cell whose config hash already has an `ok` result under the sweep dir is skipped
 (`bench.cell.find_completed`); failed, missing and interrupted ("running" but dead) cells run again.
 `+rerun=all` re-runs every cell. To resume a sweep, re-run the same command with
@@ -21,15 +23,11 @@ Resume: a cell whose config hash already has an `ok` result under the sweep dir 
 """
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import logging
-import multiprocessing
 import os
 import shutil
-import signal
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -43,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from bench import llm, provenance
 from bench.config import ConfigError, validate
 from bench.core import records
-from bench.core.records import CellKey, CorruptResult, Failure, Result
+from bench.core.records import CorruptResult
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +49,6 @@ RERUN_MODES = ("failed", "all")  # failed: skip cells with an ok result (the def
 SLURM_LAUNCHER = "hydra_plugins.prunebench_launcher.SlurmLauncher"
 LOCAL_LAUNCHER = "hydra_plugins.prunebench_launcher.LocalLauncher"
 LOCK_FILE = ".prunebench.lock"
-_PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
 @dataclass
@@ -228,90 +225,3 @@ def slurm_partitions() -> list[tuple[str, bool]] | None:
         return None
     names = sorted({line.strip() for line in proc.stdout.splitlines() if line.strip()})
     return [(name.rstrip("*"), name.endswith("*")) for name in names]
-
-
-def run_isolated(out_dir: Path, run: Callable[..., Result], *args: Any) -> Result:
-    """`run(*args)` (a cell) in a forked child, so that a cell killed by the kernel (OOM killer) or by a
-    signal still leaves a result saying so, and the sweep's own process lives on to run the next cell.
-
-    Fork, not spawn: the parent has imported torch but run no op (no thread pool yet), and a fork costs
-    milliseconds where a spawn re-imports everything.
-
-    SIGTERM to this process (where nobody else handles it, e.g. Submitit) stops the child, marks the cell
-    "interrupted" and exits 143; the child also gets SIGTERM when this process dies any other way
-    (Linux), so no cell outlives its sweep."""
-    context = multiprocessing.get_context("fork")
-    receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=_child, args=(send, run, args))
-    previous = _take_sigterm()
-    child.start()
-    send.close()
-    try:
-        result = receive.recv()
-    except EOFError:  # the child died without sending its result
-        result = None
-    except BaseException as exc:  # Ctrl-C, SIGTERM, or Submitit's preemption/timeout handler in this process
-        child.terminate()
-        child.join(10)
-        child.kill()
-        child.join()
-        _mark(out_dir, "interrupted", type(exc).__name__, f"the sweep process was interrupted: {exc}")
-        raise
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    child.join()
-    if result is not None:
-        return result
-    code = child.exitcode
-    how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exited with {code}"
-    return _mark(out_dir, "failed", "Killed", f"cell process {how} before writing its result "
-                                              f"(SIGKILL is usually the out-of-memory killer)")
-
-
-def _mark(out_dir: Path, status: str, error_type: str, message: str) -> Result:
-    """Record in the cell's own result that its process ended without finishing it."""
-    try:
-        result = records.read_result(Path(out_dir) / records.RESULT_FILE)
-    except CorruptResult:  # it died before writing anything readable: report, but write nothing
-        return Result(status=status, config_hash="", cell=CellKey("", "", 0.0), error=Failure(error_type, message))
-    if result.ok:  # a finished result (this cell's, or one it skipped to) is never overwritten
-        return result
-    result.status, result.error = status, Failure(error_type, message)
-    records.write_result(out_dir, result)
-    return result
-
-
-class Terminated(SystemExit):
-    """SIGTERM reached the sweep process while a cell ran: it exits 143 (128 + SIGTERM), as if killed."""
-
-    def __str__(self) -> str:
-        return "received SIGTERM"
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated(128 + signum)
-
-
-def _take_sigterm():
-    """Install the SIGTERM handler of `run_isolated` where SIGTERM has its default action (not under
-    Submitit, which has its own, nor off the main thread); the previous handler, or None."""
-    try:
-        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-            return None
-        return signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not the main thread
-        return None
-
-
-def _child(send, run: Callable[..., Result], args: tuple) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    # Slurm sends Submitit's preemption/timeout signal (USR2, or USR1 where configured) to every process
-    # of the job. The sweep process's handler requeues the job and then ends this child; the copy of that
-    # handler the fork inherited would requeue it a second time.
-    for preempt in (signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(preempt, signal.SIG_IGN)
-    if sys.platform == "linux":  # die with the sweep process, even when it is SIGKILLed
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    send.send(run(*args))
-    send.close()

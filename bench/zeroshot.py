@@ -14,7 +14,7 @@ dir of local task YAMLs with the same task names (`include_path`), such as the o
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
@@ -22,10 +22,36 @@ from typing import Any, Optional
 from torch import nn
 
 from bench import placement
-from bench.config import ZeroShotConfig
-from bench.core.vocab import ConfigError
+from bench.core.vocab import ConfigError, check_choice, check_range
 
 log = logging.getLogger(__name__)
+
+ZEROSHOT_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "rte")
+ZEROSHOT_METRICS = ("acc", "acc_norm")
+ACC_ONLY_TASKS = ("boolq", "winogrande", "rte")  # lm-eval reports no acc_norm for these
+
+
+@dataclass
+class ZeroShotConfig:
+    """lm-eval zero-shot tasks; `metric` picks acc or acc_norm per task, since papers differ."""
+
+    tasks: list = field(default_factory=lambda: list(ZEROSHOT_TASKS[:7]))
+    metric: dict = field(default_factory=dict)  # task -> acc | acc_norm; a task not listed uses acc
+    num_fewshot: int = 0
+    limit: Optional[int] = None  # examples per task; None = the whole split (paper protocol)
+    batch_size: int = 1
+    include_path: Optional[str] = None  # dir of local task YAMLs (offline mirrors); None = lm-eval's tasks
+
+    def __post_init__(self):
+        for task in self.tasks:
+            check_choice("eval.zeroshot.tasks", task, ZEROSHOT_TASKS)
+        for task, metric in self.metric.items():
+            check_choice("eval.zeroshot.metric", task, ZEROSHOT_TASKS)
+            check_choice(f"eval.zeroshot.metric.{task}", metric,
+                         ("acc",) if task in ACC_ONLY_TASKS else ZEROSHOT_METRICS)
+        for key, low in (("num_fewshot", 0), ("limit", 1), ("batch_size", 1)):
+            value = getattr(self, key)
+            check_range(f"eval.zeroshot.{key}", value, value is None or value >= low, f">= {low}")
 
 
 @dataclass

@@ -8,6 +8,9 @@ import sys
 import pytest
 
 from bench import models
+from bench.config import LoggerConfig, ModelConfig, PplConfig, Resources, SpeedConfig
+from bench.data import CalibConfig, DataConfig
+from bench.zeroshot import ZeroShotConfig
 from bench.core.vocab import ConfigError
 from tests.conftest import ROOT
 
@@ -105,3 +108,26 @@ def test_a_checkpoint_dir_names_the_row_as_model_name_allows(folder, name, tmp_p
     (tmp_path / folder).mkdir()
     cfg, _ = make_config("model=opt-125m", f"model.path='{tmp_path / folder}'")
     assert cfg.model.name == name
+
+
+@pytest.mark.parametrize("schema, values, fragments", [
+    (ModelConfig, {"name": "m", "source": "pypi"}, ["model.source='pypi'", "hub, pypi_gguf, random"]),
+    (Resources, {"gpus": -1}, ["model.resources.gpus=-1", ">= 0"]),
+    (DataConfig, {"format": "xml"}, ["data.format='xml'", "text, json"]),
+    (CalibConfig, {"nsamples": 0}, ["data.calib.nsamples=0", ">= 1"]),
+    (PplConfig, {"layerwise": "yes"}, ["eval.ppl.layerwise='yes'", "auto, True, False"]),
+    (ZeroShotConfig, {"metric": {"boolq": "acc_norm"}}, ["eval.zeroshot.metric.boolq='acc_norm'", "allowed: acc"]),
+    (SpeedConfig, {"repeats": 0}, ["eval.speed.repeats=0", ">= 1"]),
+    (LoggerConfig, {"mode": "live"}, ["logger.mode='live'", "offline, online, disabled"]),
+])
+def test_every_section_checks_its_own_keys_when_built(schema, values, fragments):
+    """A section's dataclass is its schema: built directly (as tests and scripts do) it refuses a bad value
+    with the same one-line message as validate(); its defaults are the config's defaults."""
+    with pytest.raises(ConfigError) as info:
+        schema(**values)
+    assert all(fragment in str(info.value) for fragment in fragments), str(info.value)
+
+
+def test_top_level_keys_left_out_take_the_run_configs_defaults(make_config):
+    cfg, _ = make_config("model=llama-tiny", "~seed", "~device", "~threads", "~save_format", "~resume_every_s")
+    assert (cfg.seed, cfg.device, cfg.threads, cfg.save_format, cfg.resume_every_s) == (0, "cpu", 2, "dense", 300)

@@ -1,15 +1,19 @@
 """Data protocol details: the WikiText-2 join, calibration sampling, perplexity windows."""
 from __future__ import annotations
 
+import gzip
 import hashlib
+import json
 import math
+import random
 
+import datasets
 import pytest
 import torch
 
 from bench import data, models
 from bench.core import perplexity
-from bench.config import ModelConfig
+from bench.config import ModelConfig, PplConfig
 from bench.data import DataUnavailable
 
 
@@ -57,3 +61,73 @@ def test_missing_corpus_fails_loudly_unless_fallback_is_allowed(tmp_path):
     corpus = data.load_corpus("wikitext2", "test", str(tmp_path), "eval", allow_fallback=True)
     assert corpus.name == "pydoc" and corpus.fallback_for == "wikitext2"
     assert len(corpus.text) > 100_000
+
+
+def _synthetic_c4(folder) -> list[str]:
+    """A local C4 validation shard of 1500 seeded documents of 1-60 words."""
+    rng = random.Random(5)
+    words = "the a of pruning model sparse weight block layer token".split()
+    documents = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 60))) for _ in range(1500)]
+    (folder / "c4").mkdir()
+    with gzip.open(folder / "c4" / "c4-validation.00000-of-00008.json.gz", "wt") as handle:
+        handle.writelines(json.dumps({"text": text}) + "\n" for text in documents)
+    return documents
+
+
+def test_c4_is_read_as_its_description_says_and_its_document_samples_are_pinned(tmp_path):
+    """C4's description: documents joined by " ", the first 1100 for evaluation, at most 256 windows, and
+    the references' document sampler; the digest pins the sampler's draws (its use of the RNG)."""
+    documents = _synthetic_c4(tmp_path)
+    calib = data.load_corpus("c4", "validation", str(tmp_path), "calib")
+    evaluation = data.load_corpus("c4", "validation", str(tmp_path), "eval")
+    assert calib.text == " ".join(documents) and evaluation.text == " ".join(documents[:1100])
+    assert calib.documents == documents == evaluation.documents
+    tokenizer = models.byte_tokenizer()
+    samples = data.document_samples(tokenizer, calib.documents, 8, 64, seed=3)
+    assert hashlib.sha256(samples.numpy().tobytes()).hexdigest()[:16] == "34543e53e4ab29f9"
+    assert data.eval_windows(data.tokenize(tokenizer, evaluation.text), 8, None, "c4").shape == (256, 8)
+    assert data.sampling("c4") == data.C4_SAMPLING and data.sampling("ptb") == data.STREAM_SAMPLING
+
+
+@pytest.mark.parametrize("name, split, digest", [
+    ("wikitext2", "validation", "df6adaeec3ba0667"), ("ptb", "validation", "b4e38910966e3fbf"),
+    ("pydoc", "validation", "2c19f170cc5a2098")])
+def test_window_samples_of_the_offline_corpora_are_pinned(shared_data, name, split, digest):
+    corpus = data.load_corpus(name, split, str(shared_data), "calib")
+    samples = data.calibration_samples(data.tokenize(models.byte_tokenizer(), corpus.text[:200_000]), 8, 128, 0)
+    assert hashlib.sha256(samples.numpy().tobytes()).hexdigest()[:16] == digest
+
+
+def test_each_corpus_loads_from_the_hub_as_its_description_says(monkeypatch):
+    calls = []
+
+    def load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        return {"text": ["hub row"], "sentence": ["hub row"]}
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(data, "_hub_reachable", lambda: True)
+    monkeypatch.delenv("PRUNEBENCH_DATA", raising=False)
+    sources = [data.load_corpus(name, split, None, "calib").source
+               for name, split in (("wikitext2", "test"), ("ptb", "train"), ("c4", "train"), ("c4", "test"))]
+    assert sources == ["hub:wikitext-2-raw-v1", "hub:ptb_text_only", "hub:allenai/c4:en/c4-train.00000-of-01024.json.gz",
+                       "hub:allenai/c4:en/c4-validation.00000-of-00008.json.gz"]
+    assert calls == [(("wikitext", "wikitext-2-raw-v1"), {"split": "test"}),
+                     (("ptb_text_only", "penn_treebank"), {"split": "train"}),
+                     (("allenai/c4",), {"data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}, "split": "train"}),
+                     (("allenai/c4",), {"data_files": {"test": "en/c4-validation.00000-of-00008.json.gz"}, "split": "test"})]
+
+
+def test_a_new_corpus_is_one_description(tmp_path, monkeypatch):
+    """A corpus added to CORPORA loads, falls back and is a valid config value, with no other change."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "valid.txt").write_text("alpha beta\n gamma \n", encoding="utf-8")
+    spec = data.CorpusSpec(files={"validation": "mine/valid.txt"}, read=lambda path: path.read_text().split("\n"),
+                           calib_join="|", eval_join="#")
+    monkeypatch.setitem(data.CORPORA, "mine", spec)
+    assert data.load_corpus("mine", "validation", str(tmp_path), "calib").text == "alpha beta| gamma |"
+    assert data.load_corpus("mine", "validation", str(tmp_path), "eval").text == "alpha beta# gamma #"
+    assert data.load_corpus("mine", "test", str(tmp_path), "eval", allow_fallback=True).fallback_for == "mine"
+    assert data.CalibConfig(dataset="mine").dataset == "mine" and PplConfig(datasets=["mine"]).datasets == ["mine"]
+    with pytest.raises(ValueError, match="dataset='nope' is not valid; allowed: wikitext2, ptb, c4, pydoc, mine, custom"):
+        data.load_corpus("nope", "test", None, "eval")

@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 from bench import cache as caching
-from bench import models, sweep
+from bench import isolate, models, sweep
 from bench.cell import run_cell
 from bench.config import compose, validate
 from bench.core import engine, perplexity, records
@@ -299,7 +299,7 @@ def _crash(out_dir: Path) -> None:
 
 def test_marking_a_dead_cell_never_overwrites_an_ok_result(tmp_path):
     good = _ok_result(tmp_path)
-    result = sweep.run_isolated(tmp_path, _crash, tmp_path)
+    result = isolate.run_isolated(tmp_path, _crash, tmp_path)
     assert result.ok and _sha(tmp_path / records.RESULT_FILE) == good
 
 
@@ -474,7 +474,7 @@ def test_a_real_full_disk_keeps_every_finished_result(make_config, tmp_path):
         cfg, resolved = _tiny(make_config)
         os.environ["PRUNEBENCH_CACHE"] = str(disk / "cache")
         try:
-            result = sweep.run_isolated(disk / "sweep" / "1_new", run_cell, cfg, resolved, disk / "sweep" / "1_new",
+            result = isolate.run_isolated(disk / "sweep" / "1_new", run_cell, cfg, resolved, disk / "sweep" / "1_new",
                                         disk / "sweep", "failed", True)
         finally:
             del os.environ["PRUNEBENCH_CACHE"]
@@ -508,7 +508,7 @@ def test_a_second_sweep_into_a_locked_dir_is_refused_and_manifests_merge(tmp_pat
 SLOW_CELL = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from bench import sweep
+    from bench import isolate
     from bench.core import records
 
     def cell(out_dir):
@@ -517,7 +517,7 @@ SLOW_CELL = textwrap.dedent("""
                                                      process={"pid": os.getpid()}))
         time.sleep(600)
 
-    sweep.run_isolated(Path(sys.argv[1]), cell, Path(sys.argv[1]))
+    isolate.run_isolated(Path(sys.argv[1]), cell, Path(sys.argv[1]))
 """)
 
 

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 import methods
 from bench import cache as caching
-from bench import launcher, models, sweep
+from bench import isolate, launcher, models, sweep
 from bench.cell import run_cell
 from bench.config import CONF_DIR, compose
 from bench.core import engine, records
@@ -269,10 +269,10 @@ def _killed_midway(out_dir: Path) -> dict:
 
 
 def test_a_killed_cell_is_recorded_and_the_sweep_process_lives_on(tmp_path):
-    result = sweep.run_isolated(tmp_path, _killed_midway, tmp_path)
+    result = isolate.run_isolated(tmp_path, _killed_midway, tmp_path)
     assert result.status == "failed" and "killed by SIGKILL" in result.error.message
     assert json.loads((tmp_path / records.RESULT_FILE).read_text())["status"] == "failed"
-    assert sweep.run_isolated(tmp_path, lambda: {"status": "ok"}) == {"status": "ok"}
+    assert isolate.run_isolated(tmp_path, lambda: {"status": "ok"}) == {"status": "ok"}
 
 
 @pytest.mark.parametrize("method_name", ["owl_wanda", "loss_estimate", "cfsp"])
