@@ -35,8 +35,10 @@ def run(cfg: RunConfig, result: Result, observer: CellObserver, use_cache: bool,
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     _check_devices(cfg)
-    source: ModelSource = streaming.Streamed(cfg, result, observer, save_to) if streaming.should_stream(cfg.model) \
-        else InMemory(cfg, result, observer, save_to, out_dir, config_hash)
+    if streaming.should_stream(cfg.model):
+        source: ModelSource = streaming.Streamed(cfg, result, observer, save_to)
+    else:
+        source = InMemory(cfg, result, observer, save_to, out_dir, config_hash)
     tokenizer = source.load()
 
     shared = caching.for_cell(use_cache, cfg.model, cfg.method)
