@@ -53,9 +53,8 @@ def run(cfg: RunConfig, result: Result, observer: CellObserver, use_cache: bool,
     method = methods.build(cfg.method)
     result.cell.wbits = method.pruner.bits
     report = source.prune(method, samples, shared)
-    if report is not None:
-        result.allocator = report.details
-        result.warnings += report.details.get("warnings", [])  # e.g. a search whose LLM operators fell back
+    result.allocator = report.details
+    result.warnings += report.details.get("warnings", [])  # e.g. a search whose LLM operators fell back
     if cfg.recovery.enabled:  # windows from the calibration sampler, never the evaluation split
         source.recover(draw(cfg.recovery.windows, cfg.recovery.seqlen, cfg.seed + 1), samples,
                        method.allocator.block_weights)

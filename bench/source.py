@@ -41,9 +41,8 @@ class ModelSource(ABC):
         """Stage `load`; returns the tokenizer."""
 
     @abstractmethod
-    def prune(self, method, samples: torch.Tensor, shared: CellCache) -> Optional[engine.PruneReport]:
-        """Stage `prune` at the cell's sparsity: records its timings and `result.sparsity`; None when
-        nothing was pruned."""
+    def prune(self, method, samples: torch.Tensor, shared: CellCache) -> engine.PruneReport:
+        """Stage `prune` at the cell's sparsity: records its timings and `result.sparsity`."""
 
     @abstractmethod
     def save(self, tokenizer) -> None:

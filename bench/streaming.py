@@ -221,10 +221,10 @@ class Streamed(ModelSource):
         with self.observer.stage("load"):
             return transformers.AutoTokenizer.from_pretrained(self.source)
 
-    def prune(self, method, samples: torch.Tensor, shared: CellCache) -> Optional[engine.PruneReport]:
+    def prune(self, method, samples: torch.Tensor, shared: CellCache) -> engine.PruneReport:
         cfg = self.cfg
-        if cfg.method.dense:
-            return None
+        if cfg.method.dense:  # the dense checkpoint is model.path itself: no stage, no sparsity record
+            return engine.PruneReport(rates={}, seconds={})
         if method.pruner.structured:
             raise ConfigError(f"model.stream=auto chose streaming (the checkpoint exceeds model.host_memory_gb), "
                               f"which cannot run method={cfg.method.name}: it changes FFN shapes; allowed: "
