@@ -1,16 +1,15 @@
 """What a running cell is doing, for a console that watches the sweep: `progress.json` beside the cell's
 result.json, rewritten (atomically) when a stage starts and as the stage's passes finish their steps
 (`step`: "prune block 12/30", "search candidate 7/31", "ppl window 5/16"). `python -m reports status
-<dir> --watch` and the sweep's own console (`reports.callback.SweepProgress`) read it.
-
-One cell runs per process (Submitit, or the forked child of `bench.isolate.run_isolated`; the basic
-launcher runs them one after another), so the cell being tracked is per process.
+<dir> --watch` and the sweep's own console (`reports.callback.SweepProgress`) read it. The cell's
+observer (`bench.observer`) feeds it.
 """
 from __future__ import annotations
 
 import os
 import time
 from pathlib import Path
+from typing import Optional
 
 from bench.core.engine import PRUNE_STEPS
 from bench.core.perplexity import PPL_STEPS
@@ -22,51 +21,41 @@ STEP_UNITS = {**PRUNE_STEPS, **PPL_STEPS}
 # always written.
 STEP_INTERVAL = 1.0
 
-# This process's cell: {"dir", "started", "stages" (names entered), "stage", "stage_started",
-# "step" (the last written step or None), "written" (monotonic time of the last write)}
-_cell: dict = {}
 
+class Progress:
+    """The progress.json of one cell, from its start (stage "start") to `finish`."""
 
-def start(out_dir: Path) -> None:
-    _cell.clear()
-    _cell.update({"dir": Path(out_dir), "started": time.time(), "stages": []})
-    stage("start")
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / PROGRESS_FILE
+        self.started = time.time()
+        self.stages: list[str] = []  # names entered, in order
+        self.step_done: Optional[dict] = None  # the last written step of the current stage
+        self.written = 0.0  # monotonic time of the last write
+        self.stage("start")
 
+    def stage(self, name: str) -> None:
+        """Record that the cell entered stage `name` (load, calib_data, prune, eval_ppl_<set>, save, ...)."""
+        self.stages.append(name)
+        self.stage_started, self.step_done = time.time(), None
+        self._write()
 
-def stage(name: str) -> None:
-    """Record that the cell entered stage `name` (load, calib_data, prune, eval_ppl_<set>, save, ...)."""
-    if not _cell:
-        return
-    _cell["stages"].append(name)
-    _cell.update({"stage": name, "stage_started": time.time(), "step": None})
-    _write()
+    def step(self, name: str, index: int, total: int) -> None:
+        """Step `index` (from 0) of `total` of pass `name` (`STEP_UNITS`) is done."""
+        done = index + 1
+        same_pass = self.step_done is not None and self.step_done["pass"] == name
+        if same_pass and done < total and time.monotonic() - self.written < STEP_INTERVAL:
+            return
+        self.step_done = {"pass": name, "unit": STEP_UNITS[name], "done": done, "total": total}
+        self._write()
 
+    def _write(self) -> None:
+        payload = {"stage": self.stages[-1], "stage_started": self.stage_started, "cell_started": self.started,
+                   "pid": os.getpid(), "stages": self.stages}
+        if self.step_done is not None:
+            payload["step"] = self.step_done
+        write_json_atomic(self.path, payload)
+        self.written = time.monotonic()
 
-def step(name: str, index: int, total: int) -> None:
-    """Step `index` (from 0) of `total` of pass `name` (`STEP_UNITS`) is done (from the `on_step` of the
-    engine and of perplexity)."""
-    if not _cell:
-        return
-    last = _cell["step"]
-    done = index + 1
-    same_pass = last is not None and last["pass"] == name
-    if same_pass and done < total and time.monotonic() - _cell["written"] < STEP_INTERVAL:
-        return
-    _cell["step"] = {"pass": name, "unit": STEP_UNITS[name], "done": done, "total": total}
-    _write()
-
-
-def _write() -> None:
-    payload = {"stage": _cell["stage"], "stage_started": _cell["stage_started"], "cell_started": _cell["started"],
-               "pid": os.getpid(), "stages": _cell["stages"]}
-    if _cell["step"] is not None:
-        payload["step"] = _cell["step"]
-    write_json_atomic(_cell["dir"] / PROGRESS_FILE, payload)
-    _cell["written"] = time.monotonic()
-
-
-def finish() -> None:
-    """The cell ended: its result.json says how; progress.json goes."""
-    if _cell:
-        (_cell["dir"] / PROGRESS_FILE).unlink(missing_ok=True)
-        _cell.clear()
+    def finish(self) -> None:
+        """The cell ended: its result.json says how; progress.json goes."""
+        self.path.unlink(missing_ok=True)

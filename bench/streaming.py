@@ -7,6 +7,7 @@ pruned, written to its own shard of a new checkpoint and put back on meta (`Bloc
 Peak host memory is the non-block parameters + one block + the calibration activations + the method's
 per-block work (e.g. SparseGPT's Hessians), not the model. Perplexity of the pruned checkpoint is
 computed the same way, block by block (`streamed_perplexity`), so the model is never whole in memory.
+`Streamed` is this as the cell's model source (`bench.source`).
 
 The output is a normal sharded checkpoint (`model.safetensors.index.json` + shards + config.json),
 loadable by `AutoModelForCausalLM.from_pretrained`. Safetensors files are opened per block and closed
@@ -31,9 +32,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from bench.config import ModelConfig
+from bench import checkpoint
+from bench.cache import CellCache
+from bench.config import ModelConfig, RunConfig
 from bench.core import engine, perplexity
 from bench.core.families import arch_for
+from bench.core.records import Result
+from bench.core.vocab import ConfigError
+from bench.observer import CellObserver
+from bench.source import ModelSource
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -187,3 +194,57 @@ def streamed_perplexity(checkpoint: Path, windows: torch.Tensor, device: str = "
     """`bench.core.perplexity.perplexity` of a checkpoint, computed layer-wise with its blocks read from disk."""
     model = load_meta(checkpoint, dtype)
     return perplexity.perplexity(model, windows, device, stream=BlockStream(model, checkpoint), on_step=on_step)
+
+
+class Streamed(ModelSource):
+    """The cell's model never whole in memory: blocks are read from model.path's shards when the engine
+    reaches them, pruned, written to the cell's save folder and dropped; perplexity is computed
+    layer-wise from the written shards (of model.path, for the dense baseline, which prunes nothing).
+    config.validate refuses what cannot stream for model.stream=true; model.stream=auto finds out here."""
+
+    def __init__(self, cfg: RunConfig, result: Result, observer: CellObserver, save_to: Optional[Path]):
+        super().__init__(cfg, result, observer, save_to)
+        if save_to is None:
+            raise ConfigError("model.stream=auto chose streaming (the checkpoint exceeds model.host_memory_gb) and "
+                              "needs save_dir for the pruned checkpoint; set save_dir or model.stream=false")
+        if cfg.recovery.enabled or cfg.eval.zeroshot is not None:
+            raise ConfigError("model.stream=auto chose streaming (the checkpoint exceeds model.host_memory_gb), which "
+                              "cannot run recovery or eval.zeroshot (both need the whole model); allowed: "
+                              "recovery=none, eval=ppl, or model.stream=false")
+        self.source = Path(cfg.model.path).expanduser()
+        self.target = Path(save_to).expanduser()
+        self.dtype = getattr(torch, cfg.model.dtype)
+        self.evaluated = self.source  # the checkpoint perplexity reads: the pruned one once written
+        result.warnings.append(f"streamed from {self.source} ({checkpoint_bytes(self.source) / 2**30:.2f} GiB)")
+
+    def load(self):
+        with self.observer.stage("load"):
+            return transformers.AutoTokenizer.from_pretrained(self.source)
+
+    def prune(self, method, samples: torch.Tensor, shared: CellCache) -> engine.PruneReport:
+        cfg = self.cfg
+        if cfg.method.dense:  # the dense checkpoint is model.path itself: no stage, no sparsity record
+            return engine.PruneReport(rates={}, seconds={})
+        if method.pruner.structured:
+            raise ConfigError(f"model.stream=auto chose streaming (the checkpoint exceeds model.host_memory_gb), "
+                              f"which cannot run method={cfg.method.name}: it changes FFN shapes; allowed: "
+                              f"unstructured methods, or model.stream=false")
+        self.observer.enter("prune")
+        stream, report = prune_streamed(self.source, self.target, method, samples, cfg.sparsity, cfg.device,
+                                        self.dtype, cache=shared, on_step=self.observer.step,
+                                        batch=cfg.data.calib.batch)
+        self.observer.timed(report.seconds)
+        self.result.sparsity = {"target": cfg.sparsity, "measured": stream.sparsity, "allocated": report.rates}
+        self.evaluated = self.target
+        return report
+
+    def save(self, tokenizer) -> None:
+        """The pruned blocks are already written: the tokenizer and the recipe complete the checkpoint."""
+        if self.evaluated == self.source:  # nothing pruned, nothing written
+            return
+        tokenizer.save_pretrained(self.target)
+        checkpoint.write_recipe(self.target, self.result, self.result.config)
+        self.result.saved_to = str(self.target.resolve())
+
+    def perplexity(self, windows: torch.Tensor, desc: str, shared: CellCache) -> float:
+        return streamed_perplexity(self.evaluated, windows, self.cfg.device, self.dtype, on_step=self.observer.step)

@@ -1,8 +1,8 @@
 """Log a cell as a W&B run (`logger=wandb`), started with the cell (`start`, so W&B lists it while it
-runs), fed while it runs (`log_live`, `log_step`: each stage's seconds as it ends, each step of the
-pruning passes as it is done (dense statistics and pruning blocks, search candidates), each perplexity
-and the zero-shot scores as they are measured; W&B's own system monitor samples CPU, memory, disk and
-GPU meanwhile) and filled when it ends
+runs), fed while it runs (`Live`, through the cell's observer `bench.observer`: each stage's seconds as
+it ends, each step of the pruning passes as it is done (dense statistics and pruning blocks, search
+candidates), each perplexity and the zero-shot scores as they are measured; W&B's own system monitor
+samples CPU, memory, disk and GPU meanwhile) and filled when it ends
 (`log_cell`): its resolved config, its metrics as summary values under their registry names
 (`bench.core.records.METRICS`), the per-layer sparsity (history, one step per pruned linear, plus a
 table) and a table of its metrics. Every logged value is a number. Runs of one sweep share a group (the
@@ -24,9 +24,6 @@ from bench.core.engine import PRUNE_STEPS
 from bench.core.records import Result
 
 log = logging.getLogger(__name__)
-# The W&B run of this process's cell from `start` to `log_cell`: one cell runs per process (see
-# bench.progress), so the stages deep in the cell log to it without being handed it.
-_live = None
 
 
 def summary(result: Result) -> dict:
@@ -48,8 +45,6 @@ def run_name(result: Result) -> str:
 def start(cfg: LoggerConfig, result: Result, out_dir: Path, sweep_dir: Optional[Path]):
     """Start the cell's W&B run when the cell starts, so W&B shows it running; None when logging is off
     or W&B failed."""
-    global _live
-    _live = None
     if cfg.name != "wandb":
         return None
     try:
@@ -71,34 +66,36 @@ def start(cfg: LoggerConfig, result: Result, out_dir: Path, sweep_dir: Optional[
     except Exception as exc:  # noqa: BLE001 - W&B must never fail a cell
         log.warning("W&B logging failed; the cell's result.json is unaffected: %s: %s", type(exc).__name__, exc)
         return None
-    _live = run
     return run
 
 
-def log_live(values: dict) -> None:
-    """Log `values` (numbers) to the running cell's W&B run now; nothing when it logs to no run. A W&B
-    failure stops the live logging of this cell, with one warning."""
-    global _live
-    if _live is None:
-        return
-    try:
-        _live.log(values)
-    except Exception as exc:  # noqa: BLE001 - W&B must never fail a cell
-        log.warning("W&B live logging stopped; the cell's result.json is unaffected: %s: %s", type(exc).__name__, exc)
-        _live = None
+class Live:
+    """The running cell's W&B run (`start`'s, or None: nothing is logged), fed as the cell goes. A W&B
+    failure stops the live logging of this cell, with one warning; `log_cell` still gets the run."""
 
+    def __init__(self, run):
+        self.run = run
 
-def log_step(name: str, index: int, seconds: float) -> None:
-    """Step `index` of the pruning pass `name` (`PRUNE_STEPS`) took `seconds`."""
-    unit = PRUNE_STEPS[name]
-    log_live({f"{name}/{unit}": index, f"{name}/{unit}_seconds": seconds})
+    def log(self, values: dict) -> None:
+        """Log `values` (numbers) now."""
+        if self.run is None:
+            return
+        try:
+            self.run.log(values)
+        except Exception as exc:  # noqa: BLE001 - W&B must never fail a cell
+            log.warning("W&B live logging stopped; the cell's result.json is unaffected: %s: %s",
+                        type(exc).__name__, exc)
+            self.run = None
+
+    def step(self, name: str, index: int, seconds: float) -> None:
+        """Step `index` of the pruning pass `name` (`PRUNE_STEPS`) took `seconds`."""
+        unit = PRUNE_STEPS[name]
+        self.log({f"{name}/{unit}": index, f"{name}/{unit}_seconds": seconds})
 
 
 def log_cell(run, result: Result) -> Optional[Path]:
     """Log the finished cell into the run `start` opened and finish it; returns the W&B run dir, or None
     when logging is off or failed."""
-    global _live
-    _live = None
     if run is None:
         return None
     try:

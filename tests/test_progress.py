@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import cell as bench_cell
 from bench import models, progress
 from bench.cell import run_cell
+from bench.observer import CellObserver
 from bench.core import families, perplexity, records
 from reports.__main__ import main as reports_main
 from reports.status import CellStatus, stage_of, watch
@@ -112,17 +112,17 @@ def test_a_cell_reports_its_stages_and_removes_its_progress_file(make_config, tm
 
 
 def test_progress_json_names_the_step_each_pass_just_finished(make_config, tmp_path, monkeypatch):
-    """Read at every step boundary (from the cell's `on_step`), progress.json shows that step: block i/n
-    of the pruning pass, then window i/n of the perplexity."""
+    """Read at every step boundary (from the cell observer's `step`), progress.json shows that step: block
+    i/n of the pruning pass, then window i/n of the perplexity."""
     monkeypatch.setattr(progress, "STEP_INTERVAL", 0.0)  # every step written: the throttle is tested below
     seen = []
-    on_step = bench_cell._on_step
+    on_step = CellObserver.step
 
-    def spy(name, index, total, seconds):
-        on_step(name, index, total, seconds)
+    def spy(self, name, index, total, seconds):
+        on_step(self, name, index, total, seconds)
         seen.append((name, index, total, json.loads((tmp_path / records.PROGRESS_FILE).read_text())))
 
-    monkeypatch.setattr(bench_cell, "_on_step", spy)
+    monkeypatch.setattr(CellObserver, "step", spy)
     cfg, resolved = make_config("model=llama-tiny", "method=wanda", *TINY)
     assert run_cell(cfg, resolved, tmp_path).status == "ok"
     blocks, windows = cfg.model.architecture["num_hidden_layers"], 4
@@ -138,14 +138,14 @@ def test_steps_are_written_at_most_once_a_second_but_a_new_pass_and_a_last_step_
     clock, written = [100.0], []
     monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(progress, "write_json_atomic", lambda path, payload: written.append(payload.get("step")))
-    progress.start(tmp_path)
-    progress.stage("prune")
+    cell_progress = progress.Progress(tmp_path)
+    cell_progress.stage("prune")
     written.clear()
     for index in range(30):  # 30 blocks in 7.5 s
-        progress.step("prune", index, 30)
+        cell_progress.step("prune", index, 30)
         clock[0] += 0.25
-    progress.step("search", 0, 8)  # 0.25 s after the last write, but a new pass
-    progress.finish()
+    cell_progress.step("search", 0, 8)  # 0.25 s after the last write, but a new pass
+    cell_progress.finish()
     assert [(step["pass"], step["done"]) for step in written] == \
         [("prune", done) for done in (1, 5, 9, 13, 17, 21, 25, 29, 30)] + [("search", 1)]
 

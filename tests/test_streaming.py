@@ -10,7 +10,7 @@ import transformers
 
 import methods
 from bench import cache as caching
-from bench import data, models, streaming
+from bench import data, models, progress, streaming
 from bench.core import engine, perplexity
 from tests.conftest import TINY
 
@@ -116,6 +116,42 @@ def test_stream_auto_streams_a_checkpoint_over_the_host_memory_budget(make_confi
     assert any(w.startswith("streamed from") for w in result.warnings)
     cfg, _ = make_config("model=llama-tiny", f"model.path={dense}", *TINY)  # default budget: half the RAM
     assert not streaming.should_stream(cfg.model)
+
+
+def test_a_streamed_cell_goes_through_the_same_stages_as_the_in_memory_cell(make_config, tmp_path, monkeypatch):
+    """One recipe: progress.json and the timings name the same stages, streamed or not (the streamed cell
+    once never entered "prune", so a watcher saw its blocks under calib_data), but "save": a streamed cell
+    writes its checkpoint while it prunes."""
+    from bench.cell import run_cell
+
+    dense = _saved_tiny(make_config, tmp_path / "dense")
+    stages, write = [], progress.write_json_atomic
+    monkeypatch.setattr(progress, "write_json_atomic", lambda path, payload: (stages.append(payload["stages"][-1]),
+                                                                              write(path, payload)))
+    seen = {}
+    for stream in ("false", "true"):
+        stages.clear()
+        cfg, resolved = make_config(*TINY, "model=llama-tiny", f"model.path={dense}", f"model.stream={stream}",
+                                    "method=wanda", "sparsity=0.5", "cache=false", f"save_dir={tmp_path / stream}")
+        result = run_cell(cfg, resolved, tmp_path / f"cell-{stream}", rerun="all")
+        assert result.ok, result.error
+        seen[stream] = [s for s in dict.fromkeys(stages) if s != "save"], [s for s in result.timings if s != "save"]
+    assert seen["true"] == seen["false"]
+    assert seen["true"][0] == ["start", "load", "calib_data", "prune", "eval_ppl_pydoc"]
+
+
+def test_stream_auto_refuses_what_a_streamed_cell_cannot_do_before_any_work(make_config, tmp_path):
+    from bench.cell import run_cell
+
+    dense = _saved_tiny(make_config, tmp_path / "dense")
+    cfg, resolved = make_config(*TINY, "model=llama-tiny", f"model.path={dense}", "model.host_memory_gb=0.0001",
+                                "method=magnitude", "sparsity=0.5", f"save_dir={tmp_path / 'out'}",
+                                "eval=[ppl,zeroshot]", "eval.zeroshot.tasks=[piqa]")
+    result = run_cell(cfg, resolved, tmp_path / "cell")
+    assert result.status == "failed" and result.error.type == "ConfigError"
+    assert result.error.message.startswith("model.stream=auto chose streaming (the checkpoint exceeds "
+                                           "model.host_memory_gb), which cannot run recovery or eval.zeroshot")
+    assert "load" not in result.timings and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("overrides, message", [
