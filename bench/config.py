@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 import methods
 from bench import protocol
 from bench.checkpoint import SAVE_FORMATS
-from bench.core import records
+from bench.core.metrics import METRICS
 from bench.data import CUSTOM, CUSTOM_FORMATS, resolve_files
 from bench.core.families import prunable_linears
 from bench.core.vocab import ConfigError, check_choice, check_range, typed
@@ -164,9 +164,9 @@ class RunConfig:
     threads: int = 2  # torch threads for the cell's numerics (bench/provenance.py: why it is fixed)
     resume_every_s: Optional[float] = 300  # bench/resume.py: save the pruning pass this often; None: never
 
-    def identity(self, resolved: dict) -> dict:
-        """The resolved config a cell is hashed by: with the effective sparsity (dense ignores the
-        sweep's sparsity axis)."""
+    def recorded(self, resolved: dict) -> dict:
+        """The resolved config as the cell runs it (`Result.config`, what `bench.core.identity` hashes):
+        with the effective sparsity, so the dense baseline is one cell across the sweep's sparsity axis."""
         return {**resolved, "sparsity": self.sparsity}
 
 
@@ -272,8 +272,8 @@ def _targets(targets: list, evaluation: EvalConfig, method: MethodSpec, structur
                 f"{target.get('metric')})"
         name = str(target.get("metric"))
         family, _, arg = name.partition("/")
-        if family not in records.METRICS:
-            raise ConfigError(f"{where}: metric={name!r} is not known; allowed: {', '.join(records.METRICS)}")
+        if family not in METRICS:
+            raise ConfigError(f"{where}: metric={name!r} is not known; allowed: {', '.join(METRICS)}")
         check_choice(f"{where}: unit", target.get("unit"), TARGET_UNITS)
         check_range(f"{where}: tolerance", target.get("tolerance"),
                     isinstance(target.get("tolerance"), (int, float)) and target["tolerance"] >= 0, ">= 0")
