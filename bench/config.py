@@ -277,14 +277,15 @@ def _targets(targets: list, evaluation: EvalConfig, method: MethodSpec, structur
         check_choice(f"{where}: unit", target.get("unit"), TARGET_UNITS)
         check_range(f"{where}: tolerance", target.get("tolerance"),
                     isinstance(target.get("tolerance"), (int, float)) and target["tolerance"] >= 0, ">= 0")
-        if family == "ppl" and (evaluation.ppl is None or (arg or "wikitext2") not in evaluation.ppl.datasets):
+        section = METRICS[family].evaluated_by
+        if section == "ppl" and (evaluation.ppl is None or (arg or "wikitext2") not in evaluation.ppl.datasets):
             raise ConfigError(f"{where}: no configured eval produces {name}; eval.ppl.datasets="
                               f"{evaluation.ppl.datasets if evaluation.ppl else None} (add eval=ppl with that dataset)")
-        if family in ("acc", "acc_norm", "acc_avg", "acc_avg_drop") and (
+        if section == "zeroshot" and (
                 evaluation.zeroshot is None or (arg and arg not in evaluation.zeroshot.tasks)):
             raise ConfigError(f"{where}: no configured eval produces {name}; eval.zeroshot.tasks="
                               f"{evaluation.zeroshot.tasks if evaluation.zeroshot else None} (add eval=[ppl,zeroshot])")
-        if family == "speedup" and (evaluation.speed is None or (target.get("method") == method.name and not structured)):
+        if section == "speed" and (evaluation.speed is None or (target.get("method") == method.name and not structured)):
             raise ConfigError(f"{where}: no configured eval produces {name}; the speed-up is measured for structured "
                               f"pruners with eval.speed set (eval.speed={'set' if evaluation.speed else None}, "
                               f"method.pruner={method.pruner})")

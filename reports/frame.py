@@ -1,14 +1,15 @@
 """One pandas DataFrame of the result records, the source of every table, plot and verdict.
 
-Row identity (`bench.core.identity.row_identity`): every distinct resolved config (`Result.config`) is its
-own row, except that `seed` is a replicate (cells differing only in seed are aggregated into mean, std
-and n) and `sparsity` and `model` are the sweep's axes (columns and table sections). The row label is the method's display name followed
-by the config keys whose values differ between rows of the same method, e.g. `OWL (Wanda) (lam=0.04)`, so
-a `method.lam=0.04,0.08` sweep shows two rows instead of silently keeping one.
+Row identity (`bench.core.identity.row_identity`): every distinct resolved config (`Result.config`) is
+its own row, except that `seed` is a replicate (cells differing only in seed are aggregated into mean,
+std and n) and `sparsity` and `model` are the sweep's axes (columns and table sections). The row label
+is the method's display name followed by the config keys whose values differ between rows of the same
+method, e.g. `OWL (Wanda) (lam=0.04)`, so a `method.lam=0.04,0.08` sweep shows two rows instead of
+silently keeping one.
 
-`long_frame` has one row per cell x metric with raw numbers (what the CSV holds), metrics computed
-against the baseline cell (`acc_avg_drop`) among them; `aggregate` folds the
-seeds of one row, sparsity and metric into mean / std / n.
+`long_frame` has one row per cell x metric with raw numbers (what the CSV holds), the metrics computed
+against a cell's baseline (`acc_avg_drop`) among them; `aggregate` folds the seeds of one row, sparsity
+and metric into mean / std / n.
 """
 from __future__ import annotations
 

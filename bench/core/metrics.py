@@ -32,6 +32,7 @@ class Metric:
     default_arg: str = ""
     table: str = "results"  # one of TABLES
     column: Optional[Callable[[dict, str], str]] = None  # a label that depends on the record, instead of `label`
+    evaluated_by: str = ""  # the `eval.` section whose evaluation writes it (config checks targets against it)
 
     @property
     def lower_is_better(self) -> bool:
@@ -70,18 +71,20 @@ def _speedup(metrics: dict, stage: str) -> Optional[float]:
 
 
 METRICS = {m.name: m for m in (
-    Metric("ppl", "lower", "", "{arg} ppl", 2, _ppl, lambda m: list(m.get("ppl", {})), arg="dataset"),
+    Metric("ppl", "lower", "", "{arg} ppl", 2, _ppl, lambda m: list(m.get("ppl", {})), arg="dataset",
+           evaluated_by="ppl"),
     # the task's configured acc or acc_norm, labelled by which
     Metric("acc", "higher", "%", "{arg} acc", 1, _accuracy("acc"), lambda m: list(_tasks(m)), arg="task",
-           column=lambda m, task: f"{task} {_tasks(m)[task]['metric']}"),
-    Metric("acc_norm", "higher", "%", "{arg} acc_norm", 1, _accuracy("acc_norm"), arg="task", table=""),
+           column=lambda m, task: f"{task} {_tasks(m)[task]['metric']}", evaluated_by="zeroshot"),
+    Metric("acc_norm", "higher", "%", "{arg} acc_norm", 1, _accuracy("acc_norm"), lambda m: list(_tasks(m)),
+           arg="task", table="", evaluated_by="zeroshot"),
     Metric("acc_avg", "higher", "%", "avg acc", 1, _acc_avg,
-           lambda m: [""] if "average" in m.get("zeroshot", {}) else []),
+           lambda m: [""] if "average" in m.get("zeroshot", {}) else [], evaluated_by="zeroshot"),
     Metric("speedup", "higher", "x", "{arg} speed-up", 2, _speedup,
            lambda m: [s for s in ("prefill", "decode") if f"{s}_speedup" in m.get("speed", {})],
-           arg="stage", default_arg="prefill", table="details"),
+           arg="stage", default_arg="prefill", table="details", evaluated_by="speed"),
     # percentage points of average zero-shot accuracy lost against the baseline cell
-    Metric("acc_avg_drop", "lower", "pp", "avg acc drop", 2, against="acc_avg"),
+    Metric("acc_avg_drop", "lower", "pp", "avg acc drop", 2, against="acc_avg", evaluated_by="zeroshot"),
 )}
 
 

@@ -2,9 +2,9 @@
 
 The harness writes records (`write_result`); tables, plots, W&B, status and verdicts read them
 (`read_results`) and look metrics up in `bench.core.metrics.METRICS` instead of guessing from names.
-Files are written atomically (`write_atomic`: staging file + rename), so a reader never sees half a record. A file that is not a record
-(truncated, foreign JSON, a newer schema) is reported by the reader as corrupt, never dropped silently
-and never mistaken for a result.
+Files are written atomically (`write_atomic`: staging file + rename), so a reader never sees half a
+record. A file that is not a record (truncated, foreign JSON, a newer schema) is reported by the reader
+as corrupt, never dropped silently and never mistaken for a result.
 """
 from __future__ import annotations
 
