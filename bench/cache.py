@@ -36,10 +36,8 @@ import hashlib
 import importlib
 import json
 import logging
-import os
 import shutil
 import sys
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -52,6 +50,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from bench.config import ModelConfig
+from bench.core import records
 from bench.models import cache_dir
 from methods import ALLOCATORS, PRUNERS, MethodSpec
 
@@ -159,14 +158,8 @@ def read_entry(path: Path, key_digest: str) -> Any:
 def write_entry(path: Path, key_digest: str, value: Any) -> None:
     tensors: dict[str, torch.Tensor] = {}
     structure = json.dumps(encode(value, tensors), allow_nan=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, staging, metadata={"key": key_digest, "value": structure})
-        os.replace(staging, path)
-    finally:
-        Path(staging).unlink(missing_ok=True)
+    records.write_atomic(path, lambda staging: save_file(tensors, str(staging),
+                                                        metadata={"key": key_digest, "value": structure}))
 
 
 class DiskCache:

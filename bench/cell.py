@@ -23,7 +23,7 @@ from typing import Optional
 
 from bench import checkpoint, pipeline, progress, provenance, resume, tracking
 from bench.config import RunConfig
-from bench.core import records
+from bench.core import identity, records
 from bench.core.records import CellKey, Failure, Result
 from bench.core.vocab import ConfigError
 from bench.observer import CellObserver
@@ -46,8 +46,8 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
     """`rerun="failed"` returns an existing ok result with the same config hash instead of running;
     `rerun="all"` always runs. `cache`: reuse what other cells computed (bench/cache.py)."""
     out_dir = Path(out_dir)
-    resolved = cfg.identity(resolved)
-    config_hash = provenance.config_hash(resolved)
+    resolved = cfg.recorded(resolved)
+    config_hash = identity.config_hash(resolved)
     save_to = _save_target(cfg, out_dir, sweep_dir)
     previous = None if rerun == "all" else find_completed(sweep_dir or out_dir, config_hash)
     if previous is not None and save_to is not None and previous.saved_to != str(save_to):
@@ -64,7 +64,7 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
         status="running", config_hash=config_hash,
         cell=CellKey(model=cfg.model.name, method=cfg.method.name, sparsity=cfg.sparsity,
                      sparsity_type=str(cfg.method.pattern), protocol=cfg.protocol, seed=cfg.seed,
-                     wbits=None, display=cfg.method.display),
+                     wbits=None, display=cfg.method.display, baseline=cfg.method.dense),
         config=resolved, provenance=provenance.provenance(), protocol=pipeline.protocol_record(cfg, resolved),
         process={"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                  "started": time.time()})

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 import methods
 from bench import protocol
 from bench.checkpoint import SAVE_FORMATS
-from bench.core import records
+from bench.core.metrics import METRICS
 from bench.data import CUSTOM, DataConfig, dataset_names, resolve_files
 from bench.zeroshot import ZeroShotConfig
 from bench.core.families import prunable_linears
@@ -183,9 +183,9 @@ class RunConfig:
             isinstance(every, (int, float)) and not isinstance(every, bool) and every >= 0),
             "seconds >= 0 (0: after every block), or null (never)")
 
-    def identity(self, resolved: dict) -> dict:
-        """The resolved config a cell is hashed by: with the effective sparsity (dense ignores the
-        sweep's sparsity axis)."""
+    def recorded(self, resolved: dict) -> dict:
+        """The resolved config as the cell runs it (`Result.config`, what `bench.core.identity` hashes):
+        with the effective sparsity, so the dense baseline is one cell across the sweep's sparsity axis."""
         return {**resolved, "sparsity": self.sparsity}
 
 
@@ -281,19 +281,20 @@ def _targets(targets: list, evaluation: EvalConfig, method: MethodSpec, structur
                 f"{target.get('metric')})"
         name = str(target.get("metric"))
         family, _, arg = name.partition("/")
-        if family not in records.METRICS:
-            raise ConfigError(f"{where}: metric={name!r} is not known; allowed: {', '.join(records.METRICS)}")
+        if family not in METRICS:
+            raise ConfigError(f"{where}: metric={name!r} is not known; allowed: {', '.join(METRICS)}")
         check_choice(f"{where}: unit", target.get("unit"), TARGET_UNITS)
         check_range(f"{where}: tolerance", target.get("tolerance"),
                     isinstance(target.get("tolerance"), (int, float)) and target["tolerance"] >= 0, ">= 0")
-        if family == "ppl" and (evaluation.ppl is None or (arg or "wikitext2") not in evaluation.ppl.datasets):
+        section = METRICS[family].evaluated_by
+        if section == "ppl" and (evaluation.ppl is None or (arg or "wikitext2") not in evaluation.ppl.datasets):
             raise ConfigError(f"{where}: no configured eval produces {name}; eval.ppl.datasets="
                               f"{evaluation.ppl.datasets if evaluation.ppl else None} (add eval=ppl with that dataset)")
-        if family in ("acc", "acc_norm", "acc_avg", "acc_avg_drop") and (
+        if section == "zeroshot" and (
                 evaluation.zeroshot is None or (arg and arg not in evaluation.zeroshot.tasks)):
             raise ConfigError(f"{where}: no configured eval produces {name}; eval.zeroshot.tasks="
                               f"{evaluation.zeroshot.tasks if evaluation.zeroshot else None} (add eval=[ppl,zeroshot])")
-        if family == "speedup" and (evaluation.speed is None or (target.get("method") == method.name and not structured)):
+        if section == "speed" and (evaluation.speed is None or (target.get("method") == method.name and not structured)):
             raise ConfigError(f"{where}: no configured eval produces {name}; the speed-up is measured for structured "
                               f"pruners with eval.speed set (eval.speed={'set' if evaluation.speed else None}, "
                               f"method.pruner={method.pruner})")

@@ -1,6 +1,6 @@
-"""What a result carries besides its numbers: the identity of a cell (its config hash), the versions,
-commit, platform and hardware that produced it, and its peak memory. The record itself is
-`bench.core.records`.
+"""What a result carries besides its numbers: the versions, commit, platform and hardware that produced
+it, and its peak memory. The record itself is `bench.core.records`, a cell's identity (its config hash)
+`bench.core.identity`.
 
 Numbers are bit-identical between runs only with the same numerics: MKL's kernel path (MKL_CBWR, pinned
 in `bench/__init__.py`) and the thread count (LAPACK's Cholesky inverse in SparseGPT and torch's full
@@ -10,8 +10,6 @@ Slurm job on a bigger node all compute alike; `hardware()` records what the numb
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import platform
 import re
@@ -23,22 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench.core import records
-
-# Keys that do not change the numbers a cell produces, so they stay out of its identity.
-NON_IDENTITY_KEYS = ("save_dir", "save_format", "device", "targets", "paper_protocol", "logger", "rerun", "cache",
-                     "resume_every_s")
-NON_IDENTITY_METHOD_KEYS = ("display",)  # how tables name a method changes no number
 PACKAGES = ("torch", "transformers", "hydra-core", "omegaconf", "lm-eval", "submitit", "wandb", "gguf")
-
-
-def config_hash(resolved: dict) -> str:
-    identity = {k: v for k, v in resolved.items() if k not in NON_IDENTITY_KEYS}
-    if isinstance(identity.get("method"), dict):
-        identity["method"] = {k: v for k, v in identity["method"].items() if k not in NON_IDENTITY_METHOD_KEYS}
-    identity = records.without_later_defaults(identity)
-    canonical = json.dumps(identity, sort_keys=True, default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def provenance() -> dict:

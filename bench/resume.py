@@ -28,10 +28,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import pkgutil
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -42,6 +40,7 @@ from torch import nn
 
 import methods
 from bench import cache as caching
+from bench.core import records
 from bench.core.engine import Allocation, ResumePoint
 
 log = logging.getLogger(__name__)
@@ -145,10 +144,7 @@ class ResumeState:
 
     def _commit(self, next_block: int, inputs: Optional[str]) -> None:
         state = {"key": self.key, "next_block": next_block, "inputs": inputs, "saved": time.time()}
-        handle, staging = tempfile.mkstemp(dir=self.root, suffix=".tmp")
-        with os.fdopen(handle, "w") as file:
-            json.dump(state, file)
-        os.replace(staging, self.root / STATE_FILE)
+        records.write_atomic(self.root / STATE_FILE, json.dumps(state))
         for stale in self.root.glob("inputs_*.safetensors"):
             if stale.name != inputs:
                 stale.unlink()
@@ -159,10 +155,4 @@ class ResumeState:
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    handle, staging = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, staging)
-        os.replace(staging, path)
-    finally:
-        Path(staging).unlink(missing_ok=True)
+    records.write_atomic(path, lambda staging: save_file(tensors, str(staging)))

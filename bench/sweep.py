@@ -38,9 +38,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from bench import llm, provenance
+from bench import llm
 from bench.config import ConfigError, validate
-from bench.core import records
+from bench.core import identity, records
 from bench.core.records import CorruptResult
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def expand(task_overrides: list[str], compose: Callable[[list[str]], DictConfig]
             rerun_mode(task)
         except ConfigError as exc:
             raise ConfigError(f"cell [{' '.join(overrides)}]: {exc}") from None
-        cells.append(Cell(overrides, config, resolved, provenance.config_hash(run_cfg.identity(resolved))))
+        cells.append(Cell(overrides, config, resolved, identity.config_hash(run_cfg.recorded(resolved))))
     return cells
 
 

@@ -4,7 +4,7 @@ it ends, each step of the pruning passes as it is done (dense statistics and pru
 candidates), each perplexity and the zero-shot scores as they are measured; W&B's own system monitor
 samples CPU, memory, disk and GPU meanwhile) and filled when it ends
 (`log_cell`): its resolved config, its metrics as summary values under their registry names
-(`bench.core.records.METRICS`), the per-layer sparsity (history, one step per pruned linear, plus a
+(`bench.core.metrics.METRICS`), the per-layer sparsity (history, one step per pruned linear, plus a
 table) and a table of its metrics. Every logged value is a number. Runs of one sweep share a group (the
 sweep dir's name), which the W&B Report of `python -m reports wandb-report` filters on.
 

@@ -1,53 +1,33 @@
 """One pandas DataFrame of the result records, the source of every table, plot and verdict.
 
-Row identity: every distinct resolved config (`Result.config`) is its own row, except that `seed` is a
-replicate (cells differing only in seed are aggregated into mean, std and n) and `sparsity` and `model`
-are the sweep's axes (columns and table sections). The row label is the method's display name followed
-by the config keys whose values differ between rows of the same method, e.g. `OWL (Wanda) (lam=0.04)`, so
-a `method.lam=0.04,0.08` sweep shows two rows instead of silently keeping one.
+Row identity (`bench.core.identity.row_identity`): every distinct resolved config (`Result.config`) is
+its own row, except that `seed` is a replicate (cells differing only in seed are aggregated into mean,
+std and n) and `sparsity` and `model` are the sweep's axes (columns and table sections). The row label
+is the method's display name followed by the config keys whose values differ between rows of the same
+method, e.g. `OWL (Wanda) (lam=0.04)`, so a `method.lam=0.04,0.08` sweep shows two rows instead of
+silently keeping one.
 
-`long_frame` has one row per cell x metric with raw numbers (what the CSV holds); `aggregate` folds the
-seeds of one row, sparsity and metric into mean / std / n.
+`long_frame` has one row per cell x metric with raw numbers (what the CSV holds), the metrics computed
+against a cell's baseline (`acc_avg_drop`) among them; `aggregate` folds the seeds of one row, sparsity
+and metric into mean / std / n.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Optional
 
 import pandas as pd
 
-from bench.core.records import CELLS_FILE, Result, read_manifest, without_later_defaults
+from bench.core.identity import row_identity
+from bench.core.records import CELLS_FILE, Result, baselines, read_manifest
 from reports.select import method_label
 
-# Not part of a row's identity (dotted config keys; a key covers everything under it): the replicate axis
-# (a search's `method.seed` follows the cell's `${seed}`), the sweep's column / section axes, and the keys
-# that do not change a number (bench.provenance.NON_IDENTITY_KEYS, which a report may not import).
-NOT_IDENTITY = ("seed", "method.seed", "sparsity", "model", "targets", "save_dir", "save_format", "device", "logger",
-                "rerun", "cache", "resume_every_s")
 # Keys already spelled out in the base label (`Wanda (2:4) + 4-bit`).
-IN_BASE_LABEL = ("method.name", "method.display", "method.sparsity_type", "method.wbits")
-LONG_COLUMNS = ["model", "row", "method", "sparsity", "sparsity_type", "seed", "config_hash", "protocol_id",
+IN_BASE_LABEL = ("method.name", "method.sparsity_type", "method.wbits")
+LONG_COLUMNS = ["model", "row", "method", "baseline", "sparsity", "sparsity_type", "seed", "config_hash", "protocol_id",
                 "status", "metric", "value", "stderr", "order"]
-
-
-def _flat(config: dict, prefix: str = "") -> dict[str, str]:
-    out = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flat(value, name + "."))
-        else:
-            out[name] = json.dumps(value, sort_keys=True) if isinstance(value, list) else str(value)
-    return out
-
-
-def _identity(result: Result) -> dict[str, str]:
-    flat = _flat(without_later_defaults(result.config))
-    return {key: value for key, value in flat.items()
-            if not any(key == skip or key.startswith(f"{skip}.") for skip in NOT_IDENTITY)}
 
 
 def row_labels(results: list[Result]) -> dict[int, str]:
@@ -62,7 +42,7 @@ def row_labels(results: list[Result]) -> dict[int, str]:
         groups.setdefault((result.cell.model, method_label(cell)), []).append(result)
     labels = {}
     for (_, base), members in groups.items():
-        flats = [_identity(r) for r in members]
+        flats = [row_identity(r.config) for r in members]
         keys = sorted({k for f in flats for k in f} - set(IN_BASE_LABEL))
         differing = [k for k in keys if len({f.get(k, "-") for f in flats}) > 1]
         for result, flat in zip(members, flats):
@@ -90,16 +70,16 @@ def sweep_order(results: list[Result], sweep_dir: Optional[Path]) -> dict[int, i
 
 def long_frame(results: list[Result], sweep_dir: Optional[Path] = None) -> pd.DataFrame:
     """One row per cell x metric (a failed or running cell: one row without a metric), raw numbers."""
-    labels, order = row_labels(results), sweep_order(results, sweep_dir)
+    labels, order, compared = row_labels(results), sweep_order(results, sweep_dir), baselines(results)
     rows = []
     for result in results:
         cell = result.cell
-        base = {"model": cell.model, "row": labels[id(result)], "method": cell.method,
-                "sparsity": 0.0 if cell.method == "dense" else cell.sparsity, "sparsity_type": cell.sparsity_type,
+        base = {"model": cell.model, "row": labels[id(result)], "method": cell.method, "baseline": cell.baseline,
+                "sparsity": 0.0 if cell.baseline else cell.sparsity, "sparsity_type": cell.sparsity_type,
                 "seed": cell.seed, "config_hash": result.config_hash,
                 "protocol_id": result.protocol.get("id") or cell.protocol, "status": result.status,
                 "order": order[id(result)]}
-        values = result.metric_values() if result.ok else {}
+        values = result.metric_values(compared.get(id(result))) if result.ok else {}
         for name, value in values.items():
             rows.append({**base, "metric": name, "value": value, "stderr": _stderr(result, name)})
         if not values:

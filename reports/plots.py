@@ -19,7 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-from bench.core.records import Result, metric  # noqa: E402
+from bench.core.metrics import metric  # noqa: E402
+from bench.core.records import Result  # noqa: E402
 from reports.frame import aggregate, long_frame, row_labels  # noqa: E402
 from reports.select import method_label  # noqa: E402
 
@@ -55,7 +56,7 @@ def _plain_log_axis(ax) -> None:
 
 def _metric_panels(agg: pd.DataFrame, long: pd.DataFrame, out_dir: Path, metrics: list[str], stem: str,
                    log_y: bool) -> list[Path]:
-    dense_rows = set(map(tuple, long.loc[long["method"] == "dense", ["model", "row"]].to_numpy()))
+    dense_rows = set(map(tuple, long.loc[long["baseline"], ["model", "row"]].to_numpy()))
     paths = []
     for model in agg["model"].drop_duplicates():
         mine = agg[agg["model"] == model]
@@ -185,7 +186,7 @@ def plot_layer_schedules(results: list[Result], path, labels: Optional[dict[int,
 
 def plot_all_layer_schedules(records: list[Result], labels: dict[int, str], out_dir: Path) -> list[Path]:
     """One schedule figure per model and sparsity where some allocator was not uniform."""
-    scheduled = [r for r in records if r.ok and r.cell.method != "dense" and r.sparsity.get("allocated")]
+    scheduled = [r for r in records if r.ok and not r.cell.baseline and r.sparsity.get("allocated")]
     written = []
     for model, sparsity in sorted({(r.cell.model, r.cell.sparsity) for r in scheduled}):
         runs = [r for r in scheduled if (r.cell.model, r.cell.sparsity) == (model, sparsity)]

@@ -17,5 +17,5 @@ def method_label(cell: CellKey) -> str:
     """The method's display name (its preset's `display`; the method name in older records), with its
     N:M or structured pattern and its quantization."""
     name = cell.display or cell.method
-    label = name if cell.sparsity_type == "unstructured" or cell.method == "dense" else f"{name} ({cell.sparsity_type})"
+    label = name if cell.sparsity_type == "unstructured" or cell.baseline else f"{name} ({cell.sparsity_type})"
     return label if cell.wbits is None else f"{label} + {cell.wbits}-bit"  # quantized: its own row

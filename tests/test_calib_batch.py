@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import methods
-from bench import models, provenance
+from bench import models
 from bench.config import zoo_entry
-from bench.core import engine, families
+from bench.core import engine, families, identity
 from tests.conftest import TINY
 
 
@@ -70,6 +70,6 @@ def test_batch_1_keeps_the_cell_identity_of_earlier_results(make_config):
     _, batched = make_config("model=llama-tiny", "data.calib.batch=4", *TINY)
     earlier = copy.deepcopy(default)
     del earlier["data"]["calib"]["batch"]  # a result written before the key existed
-    assert provenance.config_hash(default) == provenance.config_hash(earlier)
-    assert provenance.config_hash(batched) != provenance.config_hash(default)
+    assert identity.config_hash(default) == identity.config_hash(earlier)
+    assert identity.config_hash(batched) != identity.config_hash(default)
     assert default["data"]["calib"]["batch"] == 1

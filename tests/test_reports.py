@@ -36,7 +36,8 @@ TARGETS = [
 
 
 def fake(root: Path, model: str, method: str, sparsity: float, ppl=None, accs=None, status="ok", loaded=True,
-         seed=0, options=None, targets=TARGETS, protocol_id=None, sparsity_type="unstructured", display=None):
+         seed=0, options=None, targets=TARGETS, protocol_id=None, sparsity_type="unstructured", display=None,
+         speed=None):
     cell = {"model": model, "method": method, "sparsity": sparsity, "sparsity_type": sparsity_type,
             "protocol": "quick", "seed": seed, **({"display": display} if display else {})}
     options = options or {}
@@ -52,6 +53,8 @@ def fake(root: Path, model: str, method: str, sparsity: float, ppl=None, accs=No
     if status == "ok":
         result["sparsity"] = {"measured": sparsity, "per_layer": {"model.layers.0.mlp.up_proj": sparsity}}
         result["metrics"]["ppl"] = {"pydoc": ppl}
+        if speed:
+            result["metrics"]["speed"] = speed
         if accs:
             tasks = {t: {"metric": m, "value": v, "acc": v, "acc_norm": v, "stderr": 0.02, "version": 1.0,
                          "samples": 20}
@@ -288,7 +291,12 @@ def test_csv_is_long_with_raw_numbers_and_a_wide_table(seeds_and_lams):
 
     long = pd.read_csv(seeds_and_lams / "table.csv")
     assert {"config_hash", "protocol_id", "seed", "metric", "value"} <= set(long.columns)
-    assert len(long) == 6 * 4 and long["value"].dtype == float  # one row per cell x metric, numbers not strings
+    # one row per cell x metric, numbers not strings; acc_avg_drop where a cell has a baseline of its seed
+    # (the dense cell ran seed 0: itself, wanda's seed 0 and both owl_wanda cells)
+    assert len(long) == 6 * 4 + 4 and long["value"].dtype == float
+    drops = long[long["metric"] == "acc_avg_drop"]
+    assert sorted(zip(drops["row"], drops["seed"])) == [("dense", 0), ("owl_wanda (lam=0.04)", 0),
+                                                        ("owl_wanda (lam=0.08)", 0), ("wanda", 0)]
     wide = pd.read_csv(seeds_and_lams / "table_wide.csv").set_index("row")
     assert wide.loc["wanda", "50% ppl/pydoc n"] == 3
     assert wide.loc["wanda", "50% ppl/pydoc mean"] == pytest.approx(251.8267, abs=1e-4)
@@ -323,7 +331,7 @@ def test_latex_is_booktabs_with_two_level_header_and_compiles(seeds_and_lams, tm
     collect(seeds_and_lams, formats=("tex",))
     tex = (seeds_and_lams / "table.tex").read_text()
     assert "\\toprule" in tex and "\\caption{" in tex and "\\label{tab:prunebench-results}" in tex
-    assert "\\multicolumn{4}{c}{50\\%}" in tex  # sparsity spans its metrics
+    assert "\\multicolumn{5}{c}{50\\%}" in tex  # sparsity spans its metrics
     assert "251.83 $\\pm$ 2.30 (3)" in tex and "owl\\_wanda (lam=0.04)" in tex
     pdflatex = shutil.which("pdflatex")
     if pdflatex is None:
@@ -402,14 +410,17 @@ def test_tables_name_methods_by_their_presets_display_name(make_config, tmp_path
     assert set(report.long["row"]) == set(rows)
 
 
-def test_two_four_speedup_says_not_measured_on_cpu(tmp_path):
-    root = tmp_path / "nm"
+def test_details_show_the_speedups_cells_write_and_no_column_without_a_writer(tmp_path):
+    # the speed-ups are the registry's details metrics, written by structured cells (bench.speed); an N:M
+    # column read a key nothing wrote, so it could only ever say "not measured"
+    root = tmp_path / "speed"
     fake(root, "llama-tiny", "wanda", 0.5, 20.0, targets=[], sparsity_type="2:4")
-    fake(root, "llama-tiny", "magnitude", 0.5, 30.0, targets=[])
+    fake(root, "llama-tiny", "cfsp", 0.4, 30.0, targets=[], speed={"prefill_speedup": 1.25, "decode_speedup": 1.1})
     details = collect(root, write=False).details
-    column = details.header.index("N:M speed-up")
-    assert {row[1]: row[column] for row in details.rows} == {"wanda (2:4)": "not measured (no GPU kernel on CPU)",
-                                                             "magnitude": "-"}
+    columns = [details.header.index(f"{stage} speed-up") for stage in ("prefill", "decode")]
+    assert {row[1]: [row[c] for c in columns] for row in details.rows} == {"wanda (2:4)": ["-", "-"],
+                                                                           "cfsp": ["1.25x", "1.10x"]}
+    assert not any("N:M" in head for head in details.header)
 
 
 def test_a_sweep_resumed_across_new_keys_keeps_one_row_per_method():

@@ -20,6 +20,7 @@ from bench import data, models, protocol, zeroshot
 from bench.cell import run_cell
 from bench.config import ConfigError, ModelConfig, validate
 from bench.core import records
+from bench.core.metrics import metric
 from methods import masks, recovery
 from tests.conftest import ROOT, TINY, compose_config
 
@@ -172,9 +173,9 @@ def test_shipped_presets_ask_only_for_metrics_their_evals_produce(experiment, ov
 def test_accuracy_drop_is_against_the_dense_result():
     def result(average):
         return records.Result("ok", "h", records.CellKey("m", "x", 0.5), metrics={"zeroshot": {"average": average}})
-    assert records.accuracy_drop(result(0.60), result(0.65)) == pytest.approx(5.0)
-    assert records.accuracy_drop(result(0.60), records.Result("ok", "h", records.CellKey("m", "dense", 0))) is None
-    assert records.metric("acc_avg_drop").unit == "pp" and result(0.6).value("acc_avg_drop") is None
+    assert result(0.60).value("acc_avg_drop", result(0.65)) == pytest.approx(5.0)
+    assert result(0.60).value("acc_avg_drop", records.Result("ok", "h", records.CellKey("m", "dense", 0))) is None
+    assert metric("acc_avg_drop").unit == "pp" and result(0.6).value("acc_avg_drop") is None
 
 
 # --- defects found in review ---------------------------------------------------------------------

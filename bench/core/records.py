@@ -1,11 +1,10 @@
-"""The result record: one `result.json` per cell, its schema, its one writer and its one reader, and the
-registry that says what every metric means.
+"""The result record: one `result.json` per cell, its schema, its one writer and its one reader.
 
 The harness writes records (`write_result`); tables, plots, W&B, status and verdicts read them
-(`read_results`) and look metrics up in `METRICS` instead of guessing from names. Files are written
-atomically (staging file + rename), so a reader never sees half a record. A file that is not a record
-(truncated, foreign JSON, a newer schema) is reported by the reader as corrupt, never dropped silently
-and never mistaken for a result.
+(`read_results`) and look metrics up in `bench.core.metrics.METRICS` instead of guessing from names.
+Files are written atomically (`write_atomic`: staging file + rename), so a reader never sees half a
+record. A file that is not a record (truncated, foreign JSON, a newer schema) is reported by the reader
+as corrupt, never dropped silently and never mistaken for a result.
 """
 from __future__ import annotations
 
@@ -16,113 +15,18 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
-# 3: CellKey.display; 2: typed record; 1 (first build) had the same fields as 2. Older ones are read as 3.
-SCHEMA_VERSION = 3
-READABLE_SCHEMAS = (1, 2, 3)
+from bench.core import identity, metrics as registry
+
+# 4: CellKey.baseline; 3: CellKey.display; 2: typed record; 1 (first build) had the same fields as 2.
+# Older ones are read as 4.
+SCHEMA_VERSION = 4
+READABLE_SCHEMAS = (1, 2, 3, 4)
 RESULT_FILE = "result.json"
 CELLS_FILE = "cells.json"
 PROGRESS_FILE = "progress.json"  # beside a running cell's result.json: its current stage (bench.progress)
 STATUSES = ("running", "ok", "failed", "interrupted")
-
-
-# --- metrics -------------------------------------------------------------------------------------
-
-# Config keys added after results existed, with the value that reproduces those results. At that value a
-# key is dropped from a config's identity (its hash, its table row), so an earlier record, which lacks the
-# key, stays the same cell: a resumed sweep does not re-run it and a table does not split its row.
-LATER_KEYS = {("data", "calib", "batch"): 1}
-
-
-def without_later_defaults(config: dict) -> dict:
-    """`config` without each of `LATER_KEYS` that holds its default (copied along the path, `config` unchanged)."""
-    for path, default in LATER_KEYS.items():
-        config = _without(config, path, default)
-    return config
-
-
-def _without(tree: dict, path: tuple, default) -> dict:
-    head, *rest = path
-    if not isinstance(tree, dict) or head not in tree:
-        return tree
-    if rest:
-        return {**tree, head: _without(tree[head], tuple(rest), default)}
-    return {k: v for k, v in tree.items() if k != head or v != default}
-
-
-@dataclass(frozen=True)
-class Metric:
-    """A metric family: `name` or `name/<argument>` (a dataset, a task, a stage) in targets and tables."""
-
-    name: str
-    direction: str  # "lower" or "higher" is better
-    unit: str  # "" (a plain number), "%", "pp" (percentage points) or "x" (a ratio)
-    label: str  # column label; {arg} is the argument after the slash
-    decimals: int
-    read: Callable[[dict, str], Optional[float]]  # (record metrics, argument) -> value in display units
-    default_arg: str = ""
-
-    @property
-    def lower_is_better(self) -> bool:
-        return self.direction == "lower"
-
-    def format(self, value: float) -> str:
-        return f"{value:.{self.decimals}f}" + ("x" if self.unit == "x" else "")
-
-
-def _ppl(metrics: dict, dataset: str) -> Optional[float]:
-    return metrics.get("ppl", {}).get(dataset)
-
-
-def _accuracy(kind: str) -> Callable[[dict, str], Optional[float]]:
-    def read(metrics: dict, task: str) -> Optional[float]:
-        scores = metrics.get("zeroshot", {}).get("tasks", {}).get(task)
-        value = None if scores is None else scores["value" if kind == "acc" else "acc_norm"]
-        return None if value is None else 100 * value
-    return read
-
-
-def _acc_avg(metrics: dict, _: str) -> Optional[float]:
-    zeroshot = metrics.get("zeroshot", {})
-    return None if "average" not in zeroshot else 100 * zeroshot["average"]
-
-
-def _speedup(metrics: dict, stage: str) -> Optional[float]:
-    return metrics.get("speed", {}).get(f"{stage}_speedup")
-
-
-def _across_records(metrics: dict, _: str) -> None:
-    """A metric no single record holds: it compares two (see `accuracy_drop`)."""
-    return None
-
-
-METRICS = {m.name: m for m in (
-    Metric("ppl", "lower", "", "{arg} ppl", 2, _ppl),
-    Metric("acc", "higher", "%", "{arg} acc", 1, _accuracy("acc")),  # the task's configured acc or acc_norm
-    Metric("acc_norm", "higher", "%", "{arg} acc_norm", 1, _accuracy("acc_norm")),
-    Metric("acc_avg", "higher", "%", "avg acc", 1, _acc_avg),
-    Metric("speedup", "higher", "x", "{arg} speed-up", 2, _speedup, default_arg="prefill"),
-    # percentage points of acc_avg lost against the dense cell of the same sweep and protocol
-    Metric("acc_avg_drop", "lower", "pp", "avg acc drop", 2, _across_records),
-)}
-NEEDS_DENSE = ("acc_avg_drop",)  # metrics computed from a record and the dense record beside it
-
-
-def accuracy_drop(result: "Result", dense: "Result") -> Optional[float]:
-    """`acc_avg_drop` of `result`: the dense cell's average zero-shot accuracy minus the result's, in
-    percentage points (positive: pruning lost accuracy); None when either has no zero-shot average."""
-    ours, baseline = result.value("acc_avg"), dense.value("acc_avg")
-    return None if ours is None or baseline is None else baseline - ours
-
-
-def metric(name: str) -> Metric:
-    """The registry entry of `ppl/wikitext2`, `acc/boolq`, `acc_avg`, `speedup/decode`, ..."""
-    family = name.partition("/")[0]
-    if family not in METRICS:
-        raise KeyError(f"metric {name!r} is not known; allowed: "
-                       f"{', '.join(m.name + ('' if m.name in ('acc_avg', 'acc_avg_drop') else '/<arg>') for m in METRICS.values())}")
-    return METRICS[family]
 
 
 # --- the record ----------------------------------------------------------------------------------
@@ -139,6 +43,9 @@ class CellKey:
     seed: int = 0
     wbits: Optional[int] = None
     display: Optional[str] = None  # the method's display name (`method.display`); None in records before schema 3
+    # the dense baseline the other cells are compared with (the method prunes nothing); records before
+    # schema 4 lack it: theirs is the method named "dense"
+    baseline: bool = False
 
 
 @dataclass
@@ -175,21 +82,16 @@ class Result:
     def ok(self) -> bool:
         return self.status == "ok"
 
-    def value(self, name: str) -> Optional[float]:
-        """The value of metric `name` (see `METRICS`) in display units, or None when not measured."""
-        entry = metric(name)
-        arg = name.partition("/")[2] or entry.default_arg
-        return entry.read(self.metrics, arg)
+    def value(self, name: str, baseline: Optional["Result"] = None) -> Optional[float]:
+        """The value of metric `name` (see `bench.core.metrics`) in display units, or None when not
+        measured; a metric computed against the baseline needs its `baseline` record."""
+        return registry.value(name, self.metrics, None if baseline is None else baseline.metrics)
 
-    def metric_values(self) -> dict[str, float]:
+    def metric_values(self, baseline: Optional["Result"] = None) -> dict[str, float]:
         """Every measured metric under its registry name (`ppl/wikitext2`, `acc/boolq`, `acc_avg`,
-        `speedup/prefill`, ...), in display units."""
-        zeroshot = self.metrics.get("zeroshot", {})
-        names = [f"ppl/{dataset}" for dataset in self.metrics.get("ppl", {})]
-        names += [f"acc/{task}" for task in zeroshot.get("tasks", {})] + (["acc_avg"] if "average" in zeroshot else [])
-        names += [f"speedup/{stage}" for stage in ("prefill", "decode")
-                  if f"{stage}_speedup" in self.metrics.get("speed", {})]
-        return {name: self.value(name) for name in names}
+        `speedup/prefill`, ...; with the `baseline` record, `acc_avg_drop`), in display units."""
+        theirs = None if baseline is None else baseline.metrics
+        return {name: registry.value(name, self.metrics, theirs) for name in registry.names(self.metrics, theirs)}
 
     def to_dict(self) -> dict:
         payload = dataclasses.asdict(self)
@@ -215,7 +117,7 @@ class Result:
         known = {f.name for f in dataclasses.fields(Result)} - {"path"}
         try:
             values = {k: v for k, v in payload.items() if k in known}
-            values["cell"] = CellKey(**payload["cell"])
+            values["cell"] = CellKey(**{"baseline": payload["cell"].get("method") == "dense", **payload["cell"]})
             values["error"] = None if payload.get("error") is None else Failure(**payload["error"])
             values["schema"] = SCHEMA_VERSION
             return Result(**values)
@@ -241,20 +143,30 @@ def finite(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Strict JSON (no NaN/Infinity: see `finite`), written to a staging file and renamed into place."""
+def write_atomic(path: Path, content: Union[str, bytes, Callable[[Path], None]]) -> None:
+    """`content` (text, bytes, or a function that writes a file at the path it is given) written to a
+    staging file beside `path`, flushed to disk, then renamed into place: a reader, or a cell resumed
+    after a crash, finds the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
     try:
-        with os.fdopen(handle, "w") as out:
-            json.dump(finite(payload), out, indent=2, sort_keys=False, default=str, allow_nan=False)
-            out.flush()
-            os.fsync(out.fileno())
+        if callable(content):
+            content(Path(staging))
+        else:
+            Path(staging).write_bytes(content.encode() if isinstance(content, str) else content)
+        with open(staging, "rb") as written:
+            os.fsync(written.fileno())
         os.replace(staging, path)
     except BaseException:
         Path(staging).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Strict JSON (no NaN/Infinity: see `finite`), written atomically."""
+    write_atomic(path, json.dumps(finite(payload), indent=2, sort_keys=False, default=str, allow_nan=False))
 
 
 def write_result(directory: Path, result: Result) -> Path:
@@ -314,3 +226,18 @@ def read_manifest(sweep_dir: Path) -> Optional[list[dict]]:
                                               and isinstance(c.get("overrides"), list) for c in cells):
         raise CorruptResult(f"{path}: not a list of cells with overrides and config_hash")
     return cells
+
+
+def baselines(results: list[Result]) -> dict[int, Result]:
+    """{id(result): its baseline record} for every result that has one among `results`: an ok baseline
+    cell of the same model, seed and protocol, with the same data and evaluation
+    (`identity.BASELINE_SHARES`); the first such, in the order given."""
+    def key(result: Result) -> tuple:
+        return (result.cell.model, result.cell.seed, result.protocol.get("id") or result.cell.protocol,
+                identity.baseline_identity(result.config))
+
+    found: dict[tuple, Result] = {}
+    for result in results:
+        if result.ok and result.cell.baseline:
+            found.setdefault(key(result), result)
+    return {id(r): found[key(r)] for r in results if key(r) in found}
