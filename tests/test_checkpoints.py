@@ -217,8 +217,8 @@ def test_every_family_that_prunes_saves_checkpoints_that_reload_exactly(preset, 
 
 def test_run_py_saves_a_structured_qwen2_that_reloads(tmp_path):
     """Before: the cell pruned the whole model, then failed with KeyError: 'qwen2' and lost its result."""
-    proc = subprocess.run([sys.executable, "run.py", "model=qwen2-tiny", "method=cfsp", "sparsity=0.4",
-                           "method.round_to=1", f"save_dir={tmp_path / 'ckpt'}", "cache=false", *TINY,
+    command = ["model=qwen2-tiny", "method=cfsp", "sparsity=0.4", "method.round_to=1", f"save_dir={tmp_path / 'ckpt'}"]
+    proc = subprocess.run([sys.executable, "run.py", *command, "cache=false", "eval.speed=null", *TINY,
                            f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

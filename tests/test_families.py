@@ -53,8 +53,8 @@ def test_every_family_knows_its_ffn_width_key_and_the_block_of_every_tensor():
         if arch.width_key is not None:
             assert getattr(model.config, arch.width_key) == blocks[0].get_submodule(arch.ffn_out).in_features
         for index, block in enumerate(blocks):
-            assert {families.block_of(f"{arch.block_name(index)}.{name}") for name, _ in block.named_parameters()} \
-                == {index}, preset
+            names = [f"{arch.block_name(index)}.{name}" for name, _ in block.named_parameters()]
+            assert {families.block_of(name) for name in names} == {index}, preset
         outside = [name for name, _ in model.named_parameters() if not name.startswith(arch.blocks_path + ".")]
         assert outside and {families.block_of(name) for name in outside} == {None}, preset
 
