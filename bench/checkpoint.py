@@ -1,11 +1,16 @@
-"""What a saved checkpoint contains, so that any tool loads it without prunebench.
+"""What a saved checkpoint contains, so that any tool loads it without prunebench, and how prunebench
+loads it back. What it needs of a family comes from the family's adapter (`Arch`: the FFN width's config
+key, where the blocks and FFN linears are) and from the model itself (its transformers class): a family
+that prunes saves with no entry of its own.
 
 - Dense-shaped models (unstructured, N:M, quantized-dequantized): the standard `save_pretrained` layout.
 - Structured models whose blocks all kept the same FFN width: the standard layout too, with the family's
-  width key (`intermediate_size`, `ffn_dim`) set to that width, so plain `from_pretrained` builds it.
+  width key (`Arch.width_key`: `intermediate_size`, `ffn_dim`, ...) set to that width, so plain
+  `from_pretrained` builds it.
 - Per-block FFN widths (or a width the family's config cannot express, BLOOM's 4 x hidden): the model code
   ships with the checkpoint (`modeling_prunebench.py`, `auto_map`), the convention of per-layer-width
-  models on the hub: `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.
+  models on the hub: `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`. That file is
+  `bench/core/pruned_model.py` verbatim plus a tail subclassing the model's own class.
 - `save_format=bitmask`: every prunable weight `<linear>.weight` stored as its non-zeros plus a bit mask,
   as compressed-tensors' sparse-bitmask compressor (<= 0.14.0.1) stores it: tensors `<linear>.compressed`,
   `.bitmask`, `.shape`, `.row_offsets` (that release's `BitmaskCompressor.decompress` reads them:
@@ -18,6 +23,7 @@ harness turns off for its own evaluation, not a property of the weights.
 """
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Optional
@@ -28,69 +34,104 @@ import transformers
 import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.initialization import no_init_weights
 
-from bench.core import families, records
+from bench.core import families, pruned_model, records
+from bench.core.pruned_model import FFN_SIZES_KEY, SPARSITY_KEY
 from bench.core.records import Result
 from bench.core.vocab import check_choice
 
 SAVE_FORMATS = ("dense", "bitmask")
 MODELING_FILE = "modeling_prunebench.py"
+AUTO_MAP = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.PrunedForCausalLM"}
 RECIPE_FILE = "recipe.yaml"
 RECORD_FILE = "prunebench.json"
-WIDTH_KEYS = {"llama": "intermediate_size", "opt": "ffn_dim"}  # BLOOM's width is 4 x hidden_size, fixed
-BASES = {"llama": ("llama", "LlamaForCausalLM"), "opt": ("opt", "OPTForCausalLM"), "bloom": ("bloom", "BloomForCausalLM")}
-SPARSITY_KEY = "prunebench_sparsity_config"
+_ABSENT = object()
 
 
 def write_checkpoint(model: nn.Module, tokenizer, directory: Path, result: Optional[Result], resolved: dict,
                      save_format: str = "dense") -> Path:
-    """Write the checkpoint of `model` into the fresh `directory`: weights, config, tokenizer, recipe."""
+    """Write the checkpoint of `model` into the fresh `directory`: weights, config, tokenizer, recipe.
+    The in-memory model's config is left as it was."""
     check_choice("save_format", save_format, SAVE_FORMATS)
     directory = Path(directory)
     arch = families.arch_for(model)
-    sizes = families.ffn_sizes(model)
     config = model.config
-    saved = {"use_cache": config.use_cache, families.FFN_SIZES_KEY: getattr(config, families.FFN_SIZES_KEY, None)}
-    config.use_cache = True
-    if len(set(sizes)) == 1 and arch.family in WIDTH_KEYS:
-        saved[WIDTH_KEYS[arch.family]] = getattr(config, WIDTH_KEYS[arch.family])
-        setattr(config, WIDTH_KEYS[arch.family], sizes[0])  # the standard config describes the model
-        if hasattr(config, families.FFN_SIZES_KEY):
-            delattr(config, families.FFN_SIZES_KEY)
-    else:
-        families.annotate_ffn_sizes(model)
-    remote = save_format == "bitmask" or not _standard_class_fits(model)
-    if remote:
-        module, base = BASES[arch.family]
-        config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.PrunedForCausalLM"}
+    saved = {key: getattr(config, key, _ABSENT) for key in ("use_cache", FFN_SIZES_KEY, "auto_map", arch.width_key)
+             if key is not None}
     try:
-        model.save_pretrained(directory)
+        config.use_cache = True
+        remote = not _describe_widths(model, arch) or save_format == "bitmask"
+        if remote:
+            config.auto_map = AUTO_MAP
+        # transformers would rename some tensors to a family's legacy layout (GPT-NeoX's lm_head as embed_out)
+        # and rename them back only for its own classes; the shipped code loads the model's own names
+        model.save_pretrained(directory, save_original_format=not remote)
     finally:
         for key, value in saved.items():
-            if value is None:
+            if value is _ABSENT:
                 if hasattr(config, key):
                     delattr(config, key)
             else:
                 setattr(config, key, value)
-        if remote:
-            del config.auto_map
     tokenizer.save_pretrained(directory)
     if remote:
-        (directory / MODELING_FILE).write_text(_modeling_code(arch, module, base))
+        (directory / MODELING_FILE).write_text(modeling_code(model, arch))
     if save_format == "bitmask":
         _compress(directory, set(families.prunable_linears(model)), result)
     write_recipe(directory, result, resolved)
     return directory
 
 
-def _standard_class_fits(model: nn.Module) -> bool:
-    """Whether the family's own class, built from the config as saved, has exactly the model's tensors
-    (names and shapes): per-block widths or a bias pruning added (FLAP's compensation on LLaMA) do not, and
-    plain `from_pretrained` would fail or, worse, silently drop the bias."""
+def _describe_widths(model: nn.Module, arch: families.Arch) -> bool:
+    """Make the config say the model's FFN widths: the family's width key when every block kept the same
+    width, else (or where the config has no such key) `FFN_SIZES_KEY`. Whether the family's own class, built
+    from the config as saved, then has exactly the model's tensors (names and shapes): per-block widths or
+    a bias pruning added (FLAP's compensation on LLaMA) do not, and plain `from_pretrained` would fail or,
+    worse, silently drop the bias."""
+    config = model.config
+    if hasattr(config, FFN_SIZES_KEY):
+        delattr(config, FFN_SIZES_KEY)
+    sizes = None if arch.fused_ffn_in else families.ffn_sizes(model)  # fused: never shrunk (check_structured)
+    if sizes and arch.width_key is not None and len(set(sizes)) == 1:
+        setattr(config, arch.width_key, sizes[0])
     with torch.device("meta"):
-        fresh = transformers.AutoModelForCausalLM.from_config(model.config)
+        fresh = transformers.AutoModelForCausalLM.from_config(config)
+    if sizes and families.ffn_sizes(fresh) != sizes:
+        setattr(config, FFN_SIZES_KEY, sizes)
     ours, theirs = model.state_dict(), fresh.state_dict()
     return set(ours) == set(theirs) and all(ours[k].shape == theirs[k].shape for k in ours)
+
+
+def modeling_code(model: nn.Module, arch: families.Arch) -> str:
+    """`modeling_prunebench.py` for this model: the standalone loader, and the model's own class with the
+    adapter's block and FFN names."""
+    base = type(model)
+    return (inspect.getsource(pruned_model)
+            + f"\n\n# {arch.family}: the model's own class, with where its adapter finds blocks and FFN linears\n"
+            + f"from {base.__module__} import {base.__name__}\n\n\n"
+            + f"class PrunedForCausalLM(PrunedMixin, {base.__name__}):\n"
+            + f"    BLOCKS = {arch.blocks_path!r}\n    FFN_IN = {arch.ffn_in!r}\n    FFN_OUT = {arch.ffn_out!r}\n")
+
+
+def ships_model_code(config: transformers.PretrainedConfig) -> bool:
+    """Whether a checkpoint's config names the model code prunebench ships with it."""
+    return (getattr(config, "auto_map", None) or {}).get("AutoModelForCausalLM") == AUTO_MAP["AutoModelForCausalLM"]
+
+
+def load(path: str | Path, dtype: torch.dtype) -> nn.Module:
+    """A checkpoint that ships our model code, loaded without running that copy: the family's class built
+    from the config, each block's FFN cut to its saved width, and the weights (bitmask ones decompressed)
+    loaded into it, by the same functions the shipped code runs."""
+    config = transformers.AutoConfig.from_pretrained(path)
+    with no_init_weights():  # every tensor is overwritten below
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # skipped under no_init_weights
+    arch = families.arch_for(model)
+    pruned_model.set_ffn_widths(arch.blocks(model), getattr(config, FFN_SIZES_KEY, None) or [], arch.ffn_in,
+                                arch.ffn_out)
+    pruned_model.load_weights(model, path)
+    return model
 
 
 def write_recipe(directory: Path, result: Optional[Result], resolved: dict) -> None:
@@ -131,93 +172,3 @@ def _compress(directory: Path, linears: set[str], result: Optional[Result]) -> N
                             "sparsity_structure": None if result is None else result.cell.sparsity_type,
                             "global_sparsity": None if result is None else result.sparsity.get("measured")}
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def _modeling_code(arch: families.Arch, module: str, base: str) -> str:
-    return MODELING_TEMPLATE.format(module=module, base=base, blocks=arch.blocks_path, ffn_in=arch.ffn_in,
-                                    ffn_out=arch.ffn_out, widths=families.FFN_SIZES_KEY, sparsity=SPARSITY_KEY)
-
-
-MODELING_TEMPLATE = '''"""Model code shipped with a prunebench checkpoint (no prunebench import needed):
-AutoModelForCausalLM.from_pretrained(this_dir, trust_remote_code=True).
-
-- config.{widths}: the FFN width of every decoder block (structured pruning removed channels), so
-  each block's MLP is built at its own width;
-- config.{sparsity}: prunable weights stored as non-zeros + bit mask (compressed-tensors'
-  sparse-bitmask layout), decompressed here on load.
-"""
-from pathlib import Path
-
-import numpy as np
-import torch
-from safetensors.torch import load_file
-from torch import nn
-from transformers import AutoConfig
-from transformers.models.{module} import {base}
-
-BLOCKS = "{blocks}"
-FFN_IN = {ffn_in!r}
-FFN_OUT = "{ffn_out}"
-
-
-def _resized(linear, in_features, out_features, bias):
-    return nn.Linear(in_features, out_features, bias=bias, dtype=linear.weight.dtype)
-
-
-def _decompress(state):
-    out = {{}}
-    for key in list(state):
-        if key.endswith(".compressed"):
-            name = key[: -len(".compressed")]
-            shape = tuple(state[name + ".shape"].tolist())
-            bits = np.unpackbits(state[name + ".bitmask"].numpy(), axis=1, bitorder="little")[:, : shape[1]]
-            mask = torch.from_numpy(bits.astype(bool))
-            dense = torch.zeros(shape, dtype=state[key].dtype)
-            dense[mask] = state[key]
-            out[name + ".weight"] = dense
-        elif not any(key.endswith(s) for s in (".bitmask", ".shape", ".row_offsets")):
-            out[key] = state[key]
-    return out
-
-
-class PrunedForCausalLM({base}):
-    def __init__(self, config):
-        super().__init__(config)
-        blocks = self.get_submodule(BLOCKS)
-        for block, width in zip(blocks, getattr(config, "{widths}", None) or []):
-            for name in FFN_IN:
-                parent, _, leaf = name.rpartition(".")
-                owner = block.get_submodule(parent) if parent else block
-                old = getattr(owner, leaf)
-                setattr(owner, leaf, _resized(old, old.in_features, width, old.bias is not None))
-            parent, _, leaf = FFN_OUT.rpartition(".")
-            owner = block.get_submodule(parent) if parent else block
-            old = getattr(owner, leaf)
-            setattr(owner, leaf, _resized(old, width, old.out_features, old.bias is not None))
-            if hasattr(owner, "intermediate_size"):
-                owner.intermediate_size = width
-
-    @classmethod
-    def from_pretrained(cls, path, *args, config=None, **kwargs):
-        config = config if config is not None else AutoConfig.from_pretrained(path)
-        state = {{}}
-        for file in sorted(Path(path).glob("*.safetensors")):
-            state.update(load_file(file))
-        state = _decompress(state)
-        model = cls(config)
-        for key, tensor in state.items():  # biases pruning added where the family has none (FLAP)
-            owner, _, leaf = key.rpartition(".")
-            module = model.get_submodule(owner)
-            if leaf == "bias" and isinstance(module, nn.Linear) and module.bias is None:
-                module.bias = nn.Parameter(torch.zeros_like(tensor))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        model.tie_weights()
-        tied = {{n for n, _ in model.named_parameters(remove_duplicate=False)}} - set(dict(model.named_parameters()))
-        if unexpected or set(missing) - tied:
-            raise RuntimeError(f"{{path}}: weights do not match the config: missing {{sorted(set(missing) - tied)}}, "
-                               f"unexpected {{sorted(unexpected)}}")
-        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-        if isinstance(dtype, torch.dtype):
-            model = model.to(dtype)
-        return model.eval()
-'''

@@ -29,7 +29,6 @@ from tokenizers.models import BPE
 
 from bench import checkpoint
 from bench.config import ModelConfig
-from bench.core import families
 from bench.core.vocab import ConfigError
 
 log = logging.getLogger(__name__)
@@ -45,8 +44,8 @@ def load(cfg: ModelConfig) -> tuple[nn.Module, "transformers.PreTrainedTokenizer
     if cfg.path is not None or cfg.source == "hub":
         where = str(Path(cfg.path).expanduser()) if cfg.path else cfg.id
         log.info("loading %s from %s", cfg.name, where)
-        if families.FFN_SIZES_KEY in transformers.AutoConfig.from_pretrained(where).to_dict():
-            model = families.load_shrunk(where, dtype)  # structurally pruned: per-block FFN widths
+        if checkpoint.ships_model_code(transformers.AutoConfig.from_pretrained(where)):
+            model = checkpoint.load(where, dtype)  # per-block FFN widths, added biases or bitmask weights
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
         tokenizer = transformers.AutoTokenizer.from_pretrained(where)

@@ -7,7 +7,6 @@ to plot writes nothing.
 """
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
@@ -19,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
+from bench.core.families import block_of  # noqa: E402
 from bench.core.metrics import metric  # noqa: E402
 from bench.core.records import Result  # noqa: E402
 from reports.frame import aggregate, long_frame, row_labels  # noqa: E402
@@ -137,9 +137,8 @@ def block_means(allocated: dict[str, float]) -> dict[int, float]:
     (loss-estimate). Linears outside the blocks (e.g. lm_head) have no block."""
     blocks = defaultdict(list)
     for name, rate in allocated.items():
-        match = re.search(r"\.(\d+)\.", f".{name}.")
-        if match:
-            blocks[int(match.group(1))].append(rate)
+        if block_of(name) is not None:
+            blocks[block_of(name)].append(rate)
     return {block: sum(rates) / len(rates) for block, rates in sorted(blocks.items())}
 
 

@@ -27,6 +27,7 @@ from bench import streaming
 from bench.cell import run_cell
 from bench.config import compose, validate
 from bench.models import byte_tokenizer
+from bench.core.families import block_of
 from bench.core.vocab import UNSTRUCTURED
 from methods.allocators.uniform import Uniform
 from methods.base import Method
@@ -51,8 +52,8 @@ def write_synthetic(directory: Path, layers: int, hidden: int, ffn: int, heads: 
     generator = torch.Generator().manual_seed(seed)
     groups: dict[str, list[tuple[str, torch.Size]]] = {}
     for name, param in skeleton.named_parameters():
-        parts = name.split(".")
-        file = f"block-{int(parts[2]):05d}.safetensors" if parts[:2] == ["model", "layers"] else "rest.safetensors"
+        block = block_of(name)
+        file = "rest.safetensors" if block is None else f"block-{block:05d}.safetensors"
         groups.setdefault(file, []).append((name, param.shape))
     weight_map, size = {}, 0
     for file, entries in groups.items():

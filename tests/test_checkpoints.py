@@ -1,7 +1,10 @@
-"""Checkpoints any tool can load: each is reloaded in a fresh interpreter that cannot import prunebench,
-with plain transformers, and must give the same logits bit for bit."""
+"""Checkpoints any tool can load: each is reloaded with plain transformers (in a fresh interpreter that
+cannot import prunebench, or in-process for the sweep over every family) and must give the same logits
+bit for bit; prunebench's own loader must too."""
 from __future__ import annotations
 
+import ast
+import inspect
 import json
 import os
 import subprocess
@@ -10,14 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 import yaml
 from safetensors import safe_open
 
+import methods
 from bench import checkpoint, models
 from bench.cell import run_cell
-from bench.config import ConfigError
-from bench.core import families
-from tests.conftest import TINY
+from bench.config import ConfigError, ModelConfig
+from bench.core import engine, families, pruned_model, records
+from tests.conftest import ROOT, TINY
+from tests.test_families import FAMILY_PRESETS
 
 IDS = torch.tensor([[5, 17, 200, 33, 91, 4, 250, 12]])
 RELOAD = """
@@ -42,6 +48,10 @@ def reload_logits(directory: Path, tmp_path: Path, remote_code: bool) -> tuple[t
     return torch.load(tmp_path / "logits.pt"), run.stdout.strip()
 
 
+def load_with_prunebench(directory: Path):
+    return models.load(ModelConfig(name="reloaded", source="hub", path=str(directory)))[0]
+
+
 def tiny(make_config, name: str):
     cfg, _ = make_config(f"model={name}", *TINY)
     return models.load(cfg.model)
@@ -60,7 +70,8 @@ def logits(model) -> torch.Tensor:
         return model(IDS).logits
 
 
-@pytest.mark.parametrize("name,width_key", [("llama-tiny", "intermediate_size"), ("opt-tiny", "ffn_dim")])
+@pytest.mark.parametrize("name,width_key", [("llama-tiny", "intermediate_size"), ("opt-tiny", "ffn_dim"),
+                                            ("falcon-tiny", "ffn_hidden_size")])
 def test_uniform_width_loads_with_plain_from_pretrained(make_config, tmp_path, name, width_key):
     model, tokenizer = tiny(make_config, name)
     shrink(model, [128, 128])
@@ -68,7 +79,7 @@ def test_uniform_width_loads_with_plain_from_pretrained(make_config, tmp_path, n
     target = models.save(model, tokenizer, tmp_path / "ckpt")
     config = json.loads((target / "config.json").read_text())
     # before: the dense width and a prunebench-only key; from_pretrained failed with a size mismatch
-    assert config[width_key] == 128 and families.FFN_SIZES_KEY not in config and "auto_map" not in config
+    assert config[width_key] == 128 and pruned_model.FFN_SIZES_KEY not in config and "auto_map" not in config
     assert config["use_cache"] is True and model.config.use_cache is False  # the in-memory model is untouched
     reloaded, printed = reload_logits(target, tmp_path, remote_code=False)
     assert torch.equal(reloaded, expected), printed
@@ -86,7 +97,7 @@ def test_per_block_widths_load_with_the_shipped_model_code(make_config, tmp_path
     assert (target / checkpoint.MODELING_FILE).exists()
     reloaded, printed = reload_logits(target, tmp_path, remote_code=True)
     assert torch.equal(reloaded, expected) and printed.startswith("PrunedForCausalLM")
-    assert torch.equal(logits(families.load_shrunk(target, torch.float32)), expected)  # prunebench's own loader
+    assert torch.equal(logits(load_with_prunebench(target)), expected)
 
 
 def two_four(model) -> None:
@@ -111,7 +122,7 @@ def test_two_four_bitmask_checkpoint_is_smaller_and_reloads_exactly(make_config,
     # half the linear weights' values are gone; one bit per entry comes back
     assert size["dense"] - size["bitmask"] > 0.4 * linear_bytes, size
     config = json.loads((packed / "config.json").read_text())
-    assert config[checkpoint.SPARSITY_KEY]["format"] == "sparse-bitmask"
+    assert config[pruned_model.SPARSITY_KEY]["format"] == "sparse-bitmask"
     stored = set().union(*(safe_open(f, "pt").keys() for f in packed.glob("*.safetensors")))
     for linear in families.prunable_linears(model):  # compressed-tensors' sparse-bitmask names
         assert {f"{linear}.{part}" for part in ("compressed", "bitmask", "shape", "row_offsets")} <= stored
@@ -127,6 +138,8 @@ def test_bitmask_layout_roundtrips():
     assert packed["compressed"].tolist() == [1.5, -2.0, 3.0, 4.0] * 2
     assert packed["row_offsets"].tolist() == [0, 4] and packed["shape"].tolist() == [2, 9]
     assert packed["bitmask"].shape == (2, 2)  # 9 bits per row in 2 bytes
+    unpacked = pruned_model.decompress({f"w.{part}": value for part, value in packed.items()} | {"b": weight[0]})
+    assert unpacked.keys() == {"w.weight", "b"} and torch.equal(unpacked["w.weight"], weight)
 
 
 def test_a_cell_saves_its_recipe_and_record(make_config, tmp_path):
@@ -159,3 +172,58 @@ def test_a_bias_pruning_added_ships_the_model_code_instead_of_being_dropped(make
     assert "auto_map" in json.loads((target / "config.json").read_text())
     reloaded, _ = reload_logits(target, tmp_path, remote_code=True)
     assert torch.equal(reloaded, expected)
+
+
+def test_the_shipped_model_code_imports_nothing_of_prunebench():
+    tree = ast.parse(inspect.getsource(pruned_model))
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported == {"pathlib", "numpy", "torch", "safetensors", "transformers"}
+
+
+def pruned(make_config, preset: str, *overrides: str):
+    cfg, _ = make_config(f"model={preset}", *overrides, *TINY)
+    model, tokenizer = models.load(cfg.model)
+    samples = torch.randint(0, 256, (cfg.data.calib.nsamples, cfg.data.calib.seqlen),
+                            generator=torch.Generator().manual_seed(0))
+    engine.prune(model, methods.build(cfg.method), samples, cfg.sparsity, "cpu")
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("preset", list(FAMILY_PRESETS))
+def test_every_family_that_prunes_saves_checkpoints_that_reload_exactly(preset, make_config, tmp_path):
+    """Before: every family but OPT, BLOOM and LLaMA failed to save a structured or bitmask checkpoint
+    (KeyError on its model_type), after the whole prune. A family whose FFN input is fused (Phi-3) is
+    never pruned structurally, so it saves the bitmask checkpoint alone."""
+    cases = {"bitmask": ("method=wanda", "method.sparsity_type=2:4")}
+    if FAMILY_PRESETS[preset]:
+        cases["structured"] = ("method=cfsp", "sparsity=0.4", "method.round_to=1")
+    for kind, overrides in cases.items():
+        model, tokenizer = pruned(make_config, preset, *overrides)
+        if kind == "structured":
+            assert len(set(families.ffn_sizes(model))) > 1  # per-block widths: the shipped model code
+        expected, state = logits(model), model.state_dict()
+        target = models.save(model, tokenizer, tmp_path / f"{preset}-{kind}",
+                             save_format="bitmask" if kind == "bitmask" else "dense")
+        assert json.loads((target / "config.json").read_text())["auto_map"] == checkpoint.AUTO_MAP
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(target, trust_remote_code=True)
+        assert type(reloaded).__name__ == "PrunedForCausalLM" and isinstance(reloaded, type(model))
+        assert reloaded.state_dict().keys() == state.keys(), kind
+        assert all(torch.equal(tensor, state[name]) for name, tensor in reloaded.state_dict().items()), kind
+        assert torch.equal(logits(reloaded), expected), kind
+        assert torch.equal(logits(load_with_prunebench(target)), expected), kind
+
+
+def test_run_py_saves_a_structured_qwen2_that_reloads(tmp_path):
+    """Before: the cell pruned the whole model, then failed with KeyError: 'qwen2' and lost its result."""
+    command = ["model=qwen2-tiny", "method=cfsp", "sparsity=0.4", "method.round_to=1", f"save_dir={tmp_path / 'ckpt'}"]
+    proc = subprocess.run([sys.executable, "run.py", *command, "cache=false", "eval.speed=null", *TINY,
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = records.read_result(tmp_path / "run" / records.RESULT_FILE)
+    assert result.status == "ok" and result.saved_to == str(tmp_path / "ckpt")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(result.saved_to, trust_remote_code=True)
+    assert families.ffn_sizes(reloaded) == result.sparsity["ffn_sizes"]
+    assert torch.equal(logits(reloaded), logits(load_with_prunebench(Path(result.saved_to))))

@@ -40,6 +40,25 @@ def test_inference_reproduces_the_former_hand_written_adapters():
             (blocks, groups, ffn_in, ffn_out, norm), preset
 
 
+def test_every_family_knows_its_ffn_width_key_and_the_block_of_every_tensor():
+    """What checkpoints need (the config key of the FFN width; None where the config cannot set it) and
+    `block_of`, the one reading of a name's block, hold for every family: block tensors get their index,
+    the rest (embeddings, final norm, lm_head) none."""
+    width_keys = {"opt-tiny": "ffn_dim", "bloom-tiny": None, "falcon-tiny": "ffn_hidden_size"}
+    for preset in FAMILY_PRESETS:
+        model = _model(preset)
+        arch = families.arch_for(model)
+        assert arch.width_key == width_keys.get(preset, "intermediate_size"), preset
+        blocks = arch.blocks(model)
+        if arch.width_key is not None:
+            assert getattr(model.config, arch.width_key) == blocks[0].get_submodule(arch.ffn_out).in_features
+        for index, block in enumerate(blocks):
+            names = [f"{arch.block_name(index)}.{name}" for name, _ in block.named_parameters()]
+            assert {families.block_of(name) for name in names} == {index}, preset
+        outside = [name for name, _ in model.named_parameters() if not name.startswith(arch.blocks_path + ".")]
+        assert outside and {families.block_of(name) for name in outside} == {None}, preset
+
+
 def test_fused_projections_are_grouped_and_phi3_refuses_structured_pruning():
     phi3 = families.arch_for(_model("phi3-tiny"))
     assert phi3.groups == (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",))

@@ -14,7 +14,7 @@ import pytest
 import methods
 from bench import data, models
 from bench.core import engine
-from bench.core.families import prunable_linears
+from bench.core.families import block_of, prunable_linears
 from bench.core.records import CellKey, Result, write_result
 from bench.core.vocab import ConfigError
 from bench.llm import HttpChat, make_backend
@@ -251,7 +251,7 @@ def test_structured_search_removes_ffn_channels_at_the_searched_block_rates(make
     result = run_cell(cfg, resolved, tmp_path)
     assert result.status == "ok", result.error
     widths, allocated = result.sparsity["ffn_sizes"], result.sparsity["allocated"]
-    down = {int(name.split(".")[2]): rate for name, rate in allocated.items() if name.endswith("down_proj")}
+    down = {block_of(name): rate for name, rate in allocated.items() if name.endswith("down_proj")}
     assert [round(192 * (1 - down[block])) for block in sorted(down)] == widths
     assert abs(result.sparsity["measured"] - 0.25) < 1 / 192 + 1e-9
     assert result.sparsity["params_removed"] > 0

@@ -14,6 +14,7 @@ from bench.core import engine
 from bench.core import families as arch
 from bench.cell import run_cell
 from bench.config import ModelConfig
+from bench.core.pruned_model import FFN_SIZES_KEY
 from bench.core.vocab import ConfigError
 from methods.allocators.cfsp_coarse import round_channels
 from methods.recovery import lora_ranks
@@ -148,7 +149,7 @@ def test_lora_recovery_merges_back_into_a_plain_smaller_model(make_config, tmp_p
     assert recovery["steps"] == 4 and recovery["trainable_params"] > 0
     assert len(recovery["ranks_per_block"]) == 2
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    assert config[arch.FFN_SIZES_KEY] == result.sparsity["ffn_sizes"]
+    assert config[FFN_SIZES_KEY] == result.sparsity["ffn_sizes"]
     with safe_open(tmp_path / "ckpt" / "model.safetensors", "pt") as checkpoint:
         assert not any("lora" in key for key in checkpoint.keys())
 

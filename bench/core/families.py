@@ -1,31 +1,25 @@
-"""Family adapters: where a model family keeps its decoder blocks, prunable linears and final norm.
+"""Family adapters: where a model family keeps its decoder blocks, prunable linears, final norm and the
+config key of its FFN width.
 
 A family is keyed by the checkpoint's `config.model_type`, the one name that cannot disagree with the
 weights. Each adapter lists the block's linears in *input groups*: linears that read the same tensor (q/k/v,
 gate/up) share one input statistic, so the engine computes X^T X once per group. Everything else in
-the harness is family-agnostic.
+the harness, checkpoints included (bench/checkpoint.py), is family-agnostic: what it needs of a family
+comes from its adapter, and the transformers class from the model itself.
 
 Structured pruning shrinks FFNs physically (`Arch.shrink_ffn`): an FFN channel is a row of every
-`ffn_in` linear and a column of `ffn_out`, so blocks end up with different intermediate sizes. No
-transformers family supports per-layer FFN widths in its config, so a saved shrunk model carries its
-widths as `config.prunebench_ffn_sizes` and is reloaded by `load_shrunk` (which `bench.models.load`
-calls for such checkpoints): the stock loader would refuse the mismatched shapes.
+`ffn_in` linear and a column of `ffn_out`, so blocks end up with different intermediate sizes.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
-import transformers
-from safetensors.torch import load_file
 from torch import nn
-from transformers.initialization import no_init_weights
 
+from bench.core.pruned_model import keep_ffn_channels
 from bench.core.vocab import ConfigError
-
-FFN_SIZES_KEY = "prunebench_ffn_sizes"
 
 
 @dataclass(frozen=True)
@@ -39,6 +33,9 @@ class Arch:
     # never applies it by hand: the model's own forward does (bench/core/perplexity.py)
     final_norm: Optional[str]
     fused_ffn_in: tuple = ()  # ffn_in linears stacking several projections (gate_up): structured refused
+    # the config key of the FFN width (intermediate_size, ffn_dim, ...); None where the config cannot set
+    # it (BLOOM's is 4 x hidden_size): a checkpoint of shrunk blocks then ships its model code
+    width_key: Optional[str] = None
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         module = model
@@ -69,14 +66,7 @@ class Arch:
         """Keep only the FFN channels `keep` (indices): rows of the ffn_in linears, columns of ffn_out."""
         if keep.numel() == 0:
             raise ValueError("structured pruning would remove every FFN channel of a block; lower the sparsity")
-        keep = keep.sort().values
-        for name in self.ffn_in:
-            _keep_features(block.get_submodule(name), keep, dim=0)
-        out = block.get_submodule(self.ffn_out)
-        _keep_features(out, keep, dim=1)
-        parent = block.get_submodule(self.ffn_out.rpartition(".")[0]) if "." in self.ffn_out else block
-        if hasattr(parent, "intermediate_size"):  # LlamaMLP keeps it as an attribute; keep it truthful
-            parent.intermediate_size = int(keep.numel())
+        keep_ffn_channels(block, self.ffn_in, self.ffn_out, keep.sort().values)
 
     @torch.no_grad()
     def load_block(self, block: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -108,6 +98,7 @@ FFN_IN = ("gate_proj", "up_proj", "fc1", "dense_h_to_4h", "gate_up_proj")
 FFN_OUT = ("down_proj", "fc2", "dense_4h_to_h")
 FUSED_FFN_IN = ("gate_up_proj",)  # gate and up stacked in one linear (Phi-3): no per-channel row set
 FINAL_NORMS = ("norm", "final_layer_norm", "ln_f", "final_layernorm")
+FFN_WIDTH_KEYS = ("intermediate_size", "ffn_dim", "ffn_hidden_size")  # the first the config sets is the width
 
 # Families whose adapter cannot be inferred from names. None today: OPT, BLOOM, LLaMA, Mistral,
 # Qwen2/3, Gemma 2/3, Phi-3, GPT-NeoX and Falcon are all inferred (tests/test_families.py). GPT-2-style
@@ -126,7 +117,8 @@ def infer_arch(model: nn.Module) -> Arch:
     """The adapter read off the model: the decoder blocks are the ModuleList with
     `config.num_hidden_layers` entries nearest the root; the linears of block 0 get their roles from
     their leaf names (ATTN_IN, ATTN_OUT, FFN_IN, FFN_OUT); the final norm is the module named one of
-    FINAL_NORMS outside the blocks, if any. A block it cannot place is a ConfigError naming model_type."""
+    FINAL_NORMS outside the blocks, if any; the FFN width's config key is the first of FFN_WIDTH_KEYS the
+    config sets. A block it cannot place is a ConfigError naming model_type."""
     model_type = model.config.model_type
     depth = getattr(model.config, "num_hidden_layers", None)
     lists = [name for name, module in model.named_modules()
@@ -165,7 +157,8 @@ def infer_arch(model: nn.Module) -> Arch:
     fused = [name for name in roles[FFN_IN] if name.rpartition(".")[2] in FUSED_FFN_IN]
     return Arch(family=model_type, blocks_path=blocks_path,
                 groups=tuple(tuple(roles[role]) for role in roles), ffn_in=tuple(roles[FFN_IN]),
-                ffn_out=roles[FFN_OUT][0], final_norm=norms[0] if norms else None, fused_ffn_in=tuple(fused))
+                ffn_out=roles[FFN_OUT][0], final_norm=norms[0] if norms else None, fused_ffn_in=tuple(fused),
+                width_key=next((k for k in FFN_WIDTH_KEYS if isinstance(getattr(model.config, k, None), int)), None))
 
 
 def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -176,6 +169,13 @@ def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
         for name, linear in arch.linears(block).items():
             out[f"{arch.block_name(index)}.{name}"] = linear
     return out
+
+
+def block_of(name: str) -> Optional[int]:
+    """The decoder block a linear (or any module or tensor) belongs to, from its full name: the first
+    all-digit part, its index in the ModuleList of blocks, which is the list nearest the root (infer_arch);
+    None outside the blocks (embeddings, final norm, lm_head). Names alone suffice, so records use it too."""
+    return next((int(part) for part in name.split(".") if part.isdigit()), None)
 
 
 def ffn_sizes(model: nn.Module) -> list[int]:
@@ -198,62 +198,6 @@ def structured_sparsity(model: nn.Module, dense_sizes: list[int], dense_params: 
         "params": {"dense": dense_params, "pruned": parameter_count(model)},
         "ffn_sizes": sizes,
     }
-
-
-def annotate_ffn_sizes(model: nn.Module) -> None:
-    """Record per-block FFN widths in the config when they differ from what the config implies."""
-    if arch_for(model).fused_ffn_in:
-        return  # never shrunk (check_structured)
-    sizes = ffn_sizes(model)
-    if any(size != _config_ffn_width(model.config) for size in sizes):
-        setattr(model.config, FFN_SIZES_KEY, sizes)
-
-
-def load_shrunk(path: str | Path, dtype: torch.dtype) -> nn.Module:
-    """Rebuild a checkpoint written from a physically shrunk model: the model is built from its config,
-    every block's FFN cut to the recorded width, and the saved tensors loaded into it."""
-    config = transformers.AutoConfig.from_pretrained(path)
-    with no_init_weights():  # every tensor is overwritten below
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.tie_weights()  # skipped under no_init_weights
-    arch = arch_for(model)
-    for block, size in zip(arch.blocks(model), getattr(config, FFN_SIZES_KEY)):
-        arch.shrink_ffn(block, torch.arange(size))
-    state = {}
-    for file in sorted(Path(path).glob("*.safetensors")):
-        state.update(load_file(file))
-    if not state:
-        raise FileNotFoundError(f"{path}: no *.safetensors weights")
-    for key, tensor in state.items():  # biases added by pruning (FLAP compensation on LLaMA)
-        owner, _, leaf = key.rpartition(".")
-        module = model.get_submodule(owner)
-        if leaf == "bias" and isinstance(module, nn.Linear) and module.bias is None:
-            module.bias = nn.Parameter(torch.zeros_like(tensor, dtype=dtype))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {name for name, p in model.named_parameters(remove_duplicate=False)} - set(dict(model.named_parameters()))
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(f"{path}: checkpoint does not match its config (missing {sorted(set(missing) - tied)}, "
-                           f"unexpected {sorted(unexpected)})")
-    return model
-
-
-def _config_ffn_width(config) -> int:
-    for key in ("intermediate_size", "ffn_dim", "ffn_hidden_size"):
-        if getattr(config, key, None):
-            return getattr(config, key)
-    return 4 * config.hidden_size  # BLOOM
-
-
-def _keep_features(linear: nn.Linear, keep: torch.Tensor, dim: int) -> None:
-    weight = linear.weight.data.index_select(dim, keep.to(linear.weight.device))
-    linear.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
-    if dim == 0:
-        if linear.bias is not None:
-            linear.bias = nn.Parameter(linear.bias.data.index_select(0, keep.to(linear.bias.device)),
-                                       requires_grad=linear.bias.requires_grad)
-        linear.out_features = weight.shape[0]
-    else:
-        linear.in_features = weight.shape[1]
 
 
 @torch.no_grad()

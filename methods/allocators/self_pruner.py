@@ -72,7 +72,7 @@ from omegaconf import MISSING
 from tqdm import tqdm
 
 from bench.core import engine, perplexity
-from bench.core.families import arch_for
+from bench.core.families import arch_for, block_of
 from bench.core.records import RESULT_FILE, CorruptResult, read_result
 from bench.core.vocab import ConfigError, check_choice, check_range
 from methods.base import Allocator, Method
@@ -381,12 +381,11 @@ class _Search:
         self.o = o = allocator.options
         self.allocator, self.llm, self.ctx, self.target = allocator, allocator.llm, allocator.context, target
         arch = arch_for(self.ctx.model)
-        prefixes = [f"{arch.block_name(i)}." for i in range(len(arch.blocks(self.ctx.model)))]
-        self.block_of = {name: next(i for i, p in enumerate(prefixes) if name.startswith(p)) for name in sizes}
-        self.weights = np.zeros(len(prefixes))
+        self.n = len(arch.blocks(self.ctx.model))
+        self.block_of = {name: block_of(name) for name in sizes}
+        self.weights = np.zeros(self.n)
         for name, size in sizes.items():
             self.weights[self.block_of[name]] += size
-        self.n = len(prefixes)
         # rounded: 0.7 + 0.2 is 0.8999999999999999, which would count the grammar's own "0.90" as clipped
         self.low = round(max(0.0, target - o.max_deviation), 9)
         self.high = round(min(RATE_CEILING, target + o.max_deviation), 9)
