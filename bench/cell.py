@@ -26,15 +26,14 @@ from typing import Callable, Optional
 import torch
 import transformers
 
-import methods
 from bench import cache as caching
 from bench import (checkpoint, data, llm, models, progress, protocol, provenance, resume, speed, streaming, tracking,
                    zeroshot)
 from bench.config import RunConfig
-from bench.core import engine, families, perplexity, records
+from bench.core import families, perplexity, records
 from bench.core.records import CellKey, Failure, Result
 from bench.core.vocab import ConfigError
-from methods import recovery
+from methods import catalog, lifecycle, recovery
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +199,7 @@ def _on_step(name: str, index: int, total: int, seconds: float) -> None:
     """The `on_step` of the engine and of perplexity: progress.json hears of every step, the W&B run of
     the pruning passes' (perplexity's windows would only crowd its charts)."""
     progress.step(name, index, total)
-    if name in engine.PRUNE_STEPS:
+    if name in lifecycle.PRUNE_STEPS:
         tracking.log_step(name, index, seconds)
 
 
@@ -236,7 +235,7 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool, out_dir: Path, save_to
     _check_finite(model, "after loading")
     shared, tokens, draw, samples = _cache_and_samples(cfg, result, tokenizer, use_cache)
 
-    method = methods.build(cfg.method)
+    method = catalog.build(cfg.method)
     result.cell.wbits = method.pruner.bits
     structured = method.pruner.structured  # FFN channels removed physically
     if structured:
@@ -245,7 +244,7 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool, out_dir: Path, save_to
     progress.stage("prune")
     store = None if cfg.resume_every_s is None else resume.ResumeState(out_dir, config_hash, cfg.device,
                                                                        cfg.resume_every_s)
-    report = engine.prune(model, method, samples, cfg.sparsity, cfg.device, cache=shared,
+    report = lifecycle.prune(model, method, samples, cfg.sparsity, cfg.device, cache=shared,
                           make_llm=llm.make_backend, on_step=_on_step, batch=cfg.data.calib.batch, resume=store)
     if store is not None:
         result.warnings += store.warnings
@@ -372,7 +371,7 @@ def _run_streamed(cfg: RunConfig, result: Result, use_cache: bool, save_to: Opti
     with _Stage(result, "load"):
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     shared, tokens, _, samples = _cache_and_samples(cfg, result, tokenizer, use_cache)
-    method = methods.build(cfg.method)
+    method = catalog.build(cfg.method)
     result.cell.wbits = method.pruner.bits
     evaluated = source
     if not cfg.method.dense:

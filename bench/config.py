@@ -3,7 +3,7 @@
 `run.py` calls `validate(cfg)` once; everything below it receives these objects and never reads a
 config by string key. Every error names the key, the bad value and what is allowed, so a typo in a
 sweep fails at start instead of an hour into a job. Method keys are the components' own schemas
-(`methods.parse`); `compose` is the one way code outside run.py composes a config from conf/.
+(`methods.catalog.parse`); `compose` is the one way code outside run.py composes a config from conf/.
 """
 from __future__ import annotations
 
@@ -22,14 +22,14 @@ from huggingface_hub.utils import validate_repo_id
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-import methods
 from bench import protocol
 from bench.checkpoint import SAVE_FORMATS
 from bench.core import records
 from bench.data import CUSTOM, CUSTOM_FORMATS, resolve_files
 from bench.core.families import prunable_linears
 from bench.core.vocab import ConfigError, check_choice, check_range, typed
-from methods import MethodSpec
+from methods import catalog
+from methods.catalog import MethodSpec
 from methods.recovery import RecoveryOptions
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -327,7 +327,7 @@ def validate(cfg: DictConfig) -> RunConfig:
         check_choice("model.architecture.model_type", model.architecture.get("model_type"),
                      tuple(transformers.CONFIG_MAPPING.keys()))
     linears = _known_layer_count(model)
-    method = methods.parse(raw["method"])
+    method = catalog.parse(raw["method"])
     check_name("method.name", method.name)
     data = typed("data", DataConfig, raw["data"])
     check_choice("data.calib.dataset", data.calib.dataset, DATASETS)
@@ -344,7 +344,7 @@ def validate(cfg: DictConfig) -> RunConfig:
 
     sparsity = _sparsity(_number("sparsity", raw["sparsity"], float), method)
     seed = _number("seed", raw.get("seed", 0), int)
-    built = methods.build(method)  # checks that need the components together or the pattern
+    built = catalog.build(method)  # checks that need the components together or the pattern
     if not method.dense:
         built.allocator.check(sparsity, linears)
     if model.stream is True:

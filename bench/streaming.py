@@ -34,6 +34,7 @@ from torch import nn
 from bench.config import ModelConfig
 from bench.core import engine, perplexity
 from bench.core.families import arch_for
+from methods import lifecycle
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -148,16 +149,16 @@ def _return_freed_memory() -> None:
 
 def prune_streamed(checkpoint: Path, target: Path, method, samples: torch.Tensor, sparsity: float,
                    device: str = "cpu", dtype: torch.dtype = torch.float32,
-                   cache=None, on_step: engine.OnStep = None, batch: int = 1) -> tuple[BlockStream, engine.PruneReport]:
+                   cache=None, on_step: engine.OnStep = None, batch: int = 1) -> tuple[BlockStream, lifecycle.PruneReport]:
     """Prune the checkpoint in `checkpoint` block by block into a new sharded checkpoint in `target`
-    (`on_step`, `batch`: see `engine.prune`)."""
+    (`on_step`, `batch`: see `lifecycle.prune`)."""
     if sparsity == 0:
         raise ValueError("sparsity=0: nothing to prune; use the checkpoint as it is")
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     model = load_meta(checkpoint, dtype)
     stream = BlockStream(model, checkpoint, target)
-    report = engine.prune(model, method, samples, sparsity, device, cache=cache, stream=stream, on_step=on_step,
+    report = lifecycle.prune(model, method, samples, sparsity, device, cache=cache, stream=stream, on_step=on_step,
                           batch=batch)
     stream.finish(model)
     return stream, report
