@@ -134,7 +134,7 @@ class ChannelPruner(Pruner):
     """Base of structured pruners: score every FFN channel of a block, then remove the lowest-scored
     channels physically (`Arch.shrink_ffn`), so the model gets smaller and faster.
 
-    Scores are taken on the dense model, in the engine's observe-only pass (`needs_dense_pass`), as the
+    Scores are taken on the dense model, in the lifecycle's observe-only pass (`needs_dense_pass`), as the
     CFSP/FLAP/Wanda-SP reference code does; a data-free scorer sets `needs_dense_pass = False` and is
     scored when its block is pruned. `selection = "per_block"` removes round(rate x width) channels of
     each block (rate from the allocator); `"global"` z-scores each block's channel scores and removes

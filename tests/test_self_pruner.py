@@ -97,7 +97,7 @@ def test_the_search_reports_each_candidate_to_the_engines_on_step(make_config):
     model, samples = _tiny_model_and_samples(cfg)
     steps = []
     report = lifecycle.prune(model, catalog.build(cfg.method), samples, 0.5, "cpu",
-                          on_step=lambda name, index, total, seconds: steps.append((name, index, total)))
+                             on_step=lambda name, index, total, seconds: steps.append((name, index, total)))
     budget = 1 + 3 + 2 * 2
     assert report.details["search"]["candidates_total"] == budget
     blocks = cfg.model.architecture["num_hidden_layers"]

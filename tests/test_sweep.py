@@ -290,7 +290,7 @@ def test_dense_statistics_of_real_methods_are_cached_and_give_the_same_pruning(m
                 original = component.observe_block
                 component.observe_block = lambda view, original=original: (observed.append(view.index), original(view))
         report = lifecycle.prune(model, method, samples, 0.5, "cpu",
-                              cache=caching.for_cell(True, cfg.model, cfg.method, root=tmp_path))
+                                 cache=caching.for_cell(True, cfg.model, cfg.method, root=tmp_path))
         runs.append((report.rates, observed, {k: v.clone() for k, v in model.state_dict().items()}))
     assert runs[0][1] and not runs[1][1]  # the second run took the dense statistics from the cache
     assert runs[0][0] == runs[1][0]

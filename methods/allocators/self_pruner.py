@@ -41,7 +41,7 @@ config (conf/method/self_pruner.yaml) and is ours:
   the next `fitness_windows` calibration samples (same length): a held-out slice of the calibration
   text, never the evaluation split. `fitness: ppl` is their perplexity (the paper's); `fitness: kl` the
   mean over tokens of KL(dense || pruned) of the next-token distributions (EvoPress's fitness), the dense
-  distributions computed once per search. The winner is then applied by the engine with the full
+  distributions computed once per search. The winner is then applied by the lifecycle with the full
   calibration set. Deep copies (not weight snapshots) so structured pruners that remove channels
   physically work unchanged.
 - The LLM: by default the model being pruned (`llm.model: ${model.name}`), dense, loaded a second time:

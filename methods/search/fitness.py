@@ -1,8 +1,5 @@
-"""The fitness of candidate rates: deep-copy the dense model, prune it with the rates on a slice of the
-calibration samples, and score it on the next slice (a held-out part of the calibration text, never the
-evaluation split): its perplexity (`ppl`, Self-Pruner's) or the mean token KL(dense || pruned) of the
-next-token distributions (`kl`, EvoPress's), the dense distributions computed once per search. Deep
-copies (not weight snapshots) so structured pruners that remove channels physically work unchanged.
+"""The fitness of candidate rates: the model pruned with them on a slice of the calibration samples,
+scored on the next slice (`ppl` or `kl`; the choices are documented in `methods.allocators.self_pruner`).
 """
 from __future__ import annotations
 
