@@ -20,10 +20,14 @@ T = TypeVar("T", bound=type)
 def _register(table: dict[str, type], kind: str, name: str) -> Callable[[T], T]:
     def add(cls: T) -> T:
         if name in table and table[name] is not cls:
-            raise ValueError(f"{kind} {name!r} is registered twice: {table[name].__qualname__} and {cls.__qualname__}")
+            raise ValueError(f"{kind} {name!r} is registered twice: {_path(table[name])} and {_path(cls)}")
         table[name] = cls
         return cls
     return add
+
+
+def _path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def register_allocator(name: str) -> Callable[[T], T]:
