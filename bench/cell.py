@@ -245,7 +245,7 @@ def _run(cfg: RunConfig, result: Result, use_cache: bool, out_dir: Path, save_to
     store = None if cfg.resume_every_s is None else resume.ResumeState(out_dir, config_hash, cfg.device,
                                                                        cfg.resume_every_s)
     report = lifecycle.prune(model, method, samples, cfg.sparsity, cfg.device, cache=shared,
-                          make_llm=llm.make_backend, on_step=_on_step, batch=cfg.data.calib.batch, resume=store)
+                             make_llm=llm.make_backend, on_step=_on_step, batch=cfg.data.calib.batch, resume=store)
     if store is not None:
         result.warnings += store.warnings
     if report.resumed_from is not None:

@@ -149,7 +149,8 @@ def _return_freed_memory() -> None:
 
 def prune_streamed(checkpoint: Path, target: Path, method, samples: torch.Tensor, sparsity: float,
                    device: str = "cpu", dtype: torch.dtype = torch.float32,
-                   cache=None, on_step: engine.OnStep = None, batch: int = 1) -> tuple[BlockStream, lifecycle.PruneReport]:
+                   cache=None, on_step: engine.OnStep = None,
+                   batch: int = 1) -> tuple[BlockStream, lifecycle.PruneReport]:
     """Prune the checkpoint in `checkpoint` block by block into a new sharded checkpoint in `target`
     (`on_step`, `batch`: see `lifecycle.prune`)."""
     if sparsity == 0:
@@ -159,7 +160,7 @@ def prune_streamed(checkpoint: Path, target: Path, method, samples: torch.Tensor
     model = load_meta(checkpoint, dtype)
     stream = BlockStream(model, checkpoint, target)
     report = lifecycle.prune(model, method, samples, sparsity, device, cache=cache, stream=stream, on_step=on_step,
-                          batch=batch)
+                             batch=batch)
     stream.finish(model)
     return stream, report
 
