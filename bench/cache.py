@@ -52,7 +52,8 @@ from safetensors.torch import save_file
 from bench.config import ModelConfig
 from bench.core import records
 from bench.models import cache_dir
-from methods import ALLOCATORS, PRUNERS, MethodSpec
+from methods.catalog import MethodSpec
+from methods.registry import ALLOCATORS, PRUNERS
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ STAGE_MODULES = {
     "tokens": ("bench.data", "bench.models"),
     "block0": ("bench.core.engine", "bench.core.families", "bench.models"),
     "dense_ppl": ("bench.core.perplexity", "bench.data", "bench.models"),
-    "dense_state": ("bench.core.engine", "bench.core.families", "bench.models", "methods.base"),
+    "dense_state": ("bench.core.engine", "bench.core.families", "bench.models", "methods.base", "methods.lifecycle"),
 }
 
 

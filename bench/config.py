@@ -5,7 +5,7 @@ config by string key. Every error names the key, the bad value and what is allow
 sweep fails at start instead of an hour into a job. Each section is a dataclass that states its keys and
 defaults once and checks them in `__post_init__` (the data section's lives in bench/data.py, zero-shot's
 in bench/zeroshot.py, recovery's in methods/recovery.py); `validate` adds only the checks that need two
-sections. Method keys are the components' own schemas (`methods.parse`); `compose` is the one way code
+sections. Method keys are the components' own schemas (`methods.catalog.parse`); `compose` is the one way code
 outside run.py composes a config from conf/.
 """
 from __future__ import annotations
@@ -25,7 +25,6 @@ from huggingface_hub.utils import validate_repo_id
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-import methods
 from bench import protocol
 from bench.checkpoint import SAVE_FORMATS
 from bench.core.metrics import METRICS
@@ -33,7 +32,8 @@ from bench.data import CUSTOM, DataConfig, dataset_names, resolve_files
 from bench.zeroshot import ZeroShotConfig
 from bench.core.families import prunable_linears
 from bench.core.vocab import ConfigError, check_choice, check_range, typed
-from methods import MethodSpec
+from methods import catalog
+from methods.catalog import MethodSpec
 from methods.recovery import RecoveryOptions
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -317,7 +317,7 @@ def validate(cfg: DictConfig) -> RunConfig:
                               f"'name' or 'org/name' of letters, digits, - _ . (or model.path=<local dir>)") from None
     check_name("model.name", model.name)
     linears = _known_layer_count(model)
-    method = methods.parse(raw["method"])
+    method = catalog.parse(raw["method"])
     check_name("method.name", method.name)
     scalars = {key: raw[key] for key in ("sparsity", "seed", "device", "save_dir", "save_format", "threads",
                                          "resume_every_s") if key in raw}
@@ -326,7 +326,7 @@ def validate(cfg: DictConfig) -> RunConfig:
                     logger=typed("logger", LoggerConfig, raw.get("logger", {})),
                     recovery=typed("recovery", RecoveryOptions, raw.get("recovery", {})), **scalars)
     data, evaluation, recovery = cfg.data, cfg.eval, cfg.recovery
-    built = methods.build(method)  # checks that need the components together or the pattern
+    built = catalog.build(method)  # checks that need the components together or the pattern
     if not method.dense:
         built.allocator.check(cfg.sparsity, linears)
     if model.stream is True:

@@ -1,8 +1,8 @@
 """Chat LLM backends behind one small interface: `chat(messages, seed, schema=None) -> str`.
 
-`schema` (a `RatesSchema(n, low, high)`, defined by the Self-Pruner allocator whose answers it
-describes) asks for an answer of the form `{"rates": [r_1, ..., r_n]}` with exactly n numbers, each in
-[low, high]. What each backend guarantees about it:
+Both implement `ChatLLM`, the chat contract of `methods.search.chat`. `schema` (a `RatesSchema(n, low,
+high)`, of the same contract) asks for an answer of the form `{"rates": [r_1, ..., r_n]}` with exactly n
+numbers, each in [low, high]. What each backend guarantees about it:
 
 - `LocalChat`: any model of the zoo (`conf/model/<name>.yaml`, loaded through `bench.models.load`),
   prompted through its tokenizer's chat template (or one given in config), sampled with a seeded
@@ -25,7 +25,7 @@ describes) asks for an answer of the form `{"rates": [r_1, ..., r_n]}` with exac
   `max_response_bytes` is refused; plain http to a non-loopback host logs a warning.
 
 Neither backend repairs values (clipping, mean shift): that stays with the caller
-(`methods.allocators.self_pruner.repair`). Both check what they can at construction (the model has a
+(`methods.search.evolution.repair`). Both check what they can at construction (the model has a
 chat template; the URL is http(s); the key is set; the endpoint answers and accepts the key), so a bad
 setup fails before any pruning work starts.
 """
@@ -38,7 +38,7 @@ import os
 import threading
 import time
 import urllib.parse
-from typing import Optional, Protocol
+from typing import Optional
 
 import httpx2 as httpx  # the openai client's HTTP library from openai 3.x on
 import torch
@@ -48,15 +48,9 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from bench import models
 from bench.config import zoo_entry
 from bench.core.vocab import ConfigError
-from methods.allocators.self_pruner import LLMConfig, LLMError, RatesSchema
+from methods.search.chat import ChatLLM, LLMConfig, LLMError, RatesSchema
 
 log = logging.getLogger(__name__)
-
-
-class ChatLLM(Protocol):
-    description: str
-
-    def chat(self, messages: list[dict], seed: int, schema: Optional[RatesSchema] = None) -> str: ...
 
 
 def make_backend(cfg: LLMConfig, key: str = "method.llm") -> ChatLLM:

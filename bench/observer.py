@@ -8,7 +8,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from bench.core.engine import PRUNE_STEPS
+from methods.lifecycle import PRUNE_STEPS
 from bench.core.records import Result
 from bench.progress import Progress
 from bench.tracking import Live

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-import methods
+from methods import catalog
 from bench import cache as caching
 from bench import data, models, protocol, streaming
 from bench.config import RunConfig
@@ -50,7 +50,7 @@ def run(cfg: RunConfig, result: Result, observer: CellObserver, use_cache: bool,
         draw = _calibration(cfg, result, tokenizer, tokens)
         samples = draw(cfg.data.calib.nsamples, cfg.data.calib.seqlen, cfg.seed)
 
-    method = methods.build(cfg.method)
+    method = catalog.build(cfg.method)
     result.cell.wbits = method.pruner.bits
     report = source.prune(method, samples, shared)
     result.allocator = report.details

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from bench.core.engine import PRUNE_STEPS
 from bench.core.perplexity import PPL_STEPS
 from bench.core.records import PROGRESS_FILE, write_json_atomic
+from methods.lifecycle import PRUNE_STEPS
 
 STEP_UNITS = {**PRUNE_STEPS, **PPL_STEPS}
 # Steps of a pass are written at most this often (seconds): a pass of many quick blocks or windows

@@ -3,7 +3,7 @@ Submitit's requeue, a crash, Ctrl-C) goes on from its last saved block instead o
 
 Under `<cell dir>/resume/`:
 
-    allocation.safetensors   what the pass took from the phase before it (`engine.Allocation`: rates,
+    allocation.safetensors   what the pass took from the phase before it (`lifecycle.Allocation`: rates,
                              allocator record, block weights, the pruner's dense state), in bench.cache's
                              file format; written before block 0, so a search never runs twice
     block_<i>.safetensors    the state of pruned block i
@@ -41,7 +41,7 @@ from torch import nn
 import methods
 from bench import cache as caching
 from bench.core import records
-from bench.core.engine import Allocation, ResumePoint
+from methods.lifecycle import Allocation, ResumePoint
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def clear(cell_dir: Path) -> None:
 
 
 class ResumeState:
-    """The resume store of one cell, given to `engine.prune` as its `resume`."""
+    """The resume store of one cell, given to `lifecycle.prune` as its `resume`."""
 
     def __init__(self, cell_dir: Path, config_hash: str, device: str, every_s: float):
         self.root = Path(cell_dir) / FOLDER

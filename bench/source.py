@@ -16,11 +16,11 @@ import torch
 from bench import llm, models, resume, speed, zeroshot
 from bench.cache import CellCache
 from bench.config import RunConfig
-from bench.core import engine, families, perplexity
+from bench.core import families, perplexity
 from bench.core.records import Result
 from bench.core.vocab import ConfigError
 from bench.observer import CellObserver
-from methods import recovery
+from methods import lifecycle, recovery
 
 # A structured method whose channel rounding moves the achieved sparsity further than this from the
 # target gets a warning in its result (and so in the table's footnotes).
@@ -41,7 +41,7 @@ class ModelSource(ABC):
         """Stage `load`; returns the tokenizer."""
 
     @abstractmethod
-    def prune(self, method, samples: torch.Tensor, shared: CellCache) -> engine.PruneReport:
+    def prune(self, method, samples: torch.Tensor, shared: CellCache) -> lifecycle.PruneReport:
         """Stage `prune` at the cell's sparsity: records its timings and `result.sparsity`."""
 
     @abstractmethod
@@ -83,7 +83,7 @@ class InMemory(ModelSource):
         _check_finite(self.model, "after loading")
         return tokenizer
 
-    def prune(self, method, samples: torch.Tensor, shared: CellCache) -> engine.PruneReport:
+    def prune(self, method, samples: torch.Tensor, shared: CellCache) -> lifecycle.PruneReport:
         cfg, result, model = self.cfg, self.result, self.model
         if method.pruner.structured:  # FFN channels removed physically: measured against the dense widths
             self.dense = families.ffn_sizes(model), families.parameter_count(model)
@@ -91,9 +91,9 @@ class InMemory(ModelSource):
         self.observer.enter("prune")
         store = None if cfg.resume_every_s is None else resume.ResumeState(self.out_dir, self.config_hash, cfg.device,
                                                                            cfg.resume_every_s)
-        report = engine.prune(model, method, samples, cfg.sparsity, cfg.device, cache=shared,
-                              make_llm=llm.make_backend, on_step=self.observer.step, batch=cfg.data.calib.batch,
-                              resume=store)
+        report = lifecycle.prune(model, method, samples, cfg.sparsity, cfg.device, cache=shared,
+                                 make_llm=llm.make_backend, on_step=self.observer.step, batch=cfg.data.calib.batch,
+                                 resume=store)
         if store is not None:
             result.warnings += store.warnings
         if report.resumed_from is not None:

@@ -41,6 +41,7 @@ from bench.core.records import Result
 from bench.core.vocab import ConfigError
 from bench.observer import CellObserver
 from bench.source import ModelSource
+from methods import lifecycle
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -155,17 +156,18 @@ def _return_freed_memory() -> None:
 
 def prune_streamed(checkpoint: Path, target: Path, method, samples: torch.Tensor, sparsity: float,
                    device: str = "cpu", dtype: torch.dtype = torch.float32,
-                   cache=None, on_step: engine.OnStep = None, batch: int = 1) -> tuple[BlockStream, engine.PruneReport]:
+                   cache=None, on_step: engine.OnStep = None,
+                   batch: int = 1) -> tuple[BlockStream, lifecycle.PruneReport]:
     """Prune the checkpoint in `checkpoint` block by block into a new sharded checkpoint in `target`
-    (`on_step`, `batch`: see `engine.prune`)."""
+    (`on_step`, `batch`: see `lifecycle.prune`)."""
     if sparsity == 0:
         raise ValueError("sparsity=0: nothing to prune; use the checkpoint as it is")
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     model = load_meta(checkpoint, dtype)
     stream = BlockStream(model, checkpoint, target)
-    report = engine.prune(model, method, samples, sparsity, device, cache=cache, stream=stream, on_step=on_step,
-                          batch=batch)
+    report = lifecycle.prune(model, method, samples, sparsity, device, cache=cache, stream=stream, on_step=on_step,
+                             batch=batch)
     stream.finish(model)
     return stream, report
 
@@ -221,10 +223,10 @@ class Streamed(ModelSource):
         with self.observer.stage("load"):
             return transformers.AutoTokenizer.from_pretrained(self.source)
 
-    def prune(self, method, samples: torch.Tensor, shared: CellCache) -> engine.PruneReport:
+    def prune(self, method, samples: torch.Tensor, shared: CellCache) -> lifecycle.PruneReport:
         cfg = self.cfg
         if cfg.method.dense:  # the dense checkpoint is model.path itself: no stage, no sparsity record
-            return engine.PruneReport(rates={}, seconds={})
+            return lifecycle.PruneReport(rates={}, seconds={})
         if method.pruner.structured:
             raise ConfigError(f"model.stream=auto chose streaming (the checkpoint exceeds model.host_memory_gb), "
                               f"which cannot run method={cfg.method.name}: it changes FFN shapes; allowed: "

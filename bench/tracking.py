@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Optional
 
 from bench.config import LoggerConfig
-from bench.core.engine import PRUNE_STEPS
 from bench.core.records import Result
+from methods.lifecycle import PRUNE_STEPS
 
 log = logging.getLogger(__name__)
 

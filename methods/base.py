@@ -1,4 +1,4 @@
-"""The method lifecycle: what the engine (`bench.core.engine.prune`) calls on an allocator and a pruner,
+"""The method lifecycle: what the driver (`methods.lifecycle.prune`) calls on an allocator and a pruner,
 and in which order.
 
     Options(**keys)          each component's keys under `method.`; `__post_init__` checks each key
@@ -14,10 +14,13 @@ and in which order.
     prune_block(view, rates) pruner: every block in order, with statistics of `stats_level` taken on
                              the partly pruned model (the SparseGPT protocol)
 
-Capabilities are typed class attributes; the engine and the harness read nothing else.
+Capabilities are typed class attributes; the lifecycle and the harness read nothing else. The hooks a
+component must implement are abstract methods (`allocate`; `prune_block`, or `prune_linear` /
+`channel_scores` below it); the dense-pass and search hooks are needed only with their flags.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,7 +34,7 @@ class NoOptions:
     """The schema of a component without keys of its own."""
 
 
-class Component:
+class Component(ABC):
     Options: type = NoOptions
     needs_dense_pass: bool = False  # observe_block is called on every block of the dense model first
     observe_level: str = "none"  # input statistics observe_block reads: none | diag | full
@@ -63,10 +66,12 @@ class Allocator(Component):
         when unknown before the model loads)."""
 
     def bind(self, context) -> None:
+        """`context`: a `methods.lifecycle.SearchContext`."""
         raise NotImplementedError(f"{type(self).__name__} sets needs_search but has no bind")
 
+    @abstractmethod
     def allocate(self, sizes: dict[str, int], target: float) -> dict[str, float]:
-        raise NotImplementedError
+        """{linear name: sparsity} for the linears of `sizes` (name -> parameter count)."""
 
     def finish(self) -> dict:
         """The allocator's own record for the result (empty when it has nothing to add)."""
@@ -100,8 +105,9 @@ class Pruner(Component):
             raise ConfigError(f"method.sparsity_type={pattern}: pruner {type(self).__name__} supports only "
                               f"unstructured")
 
+    @abstractmethod
     def prune_block(self, view, rates: dict[str, float]) -> None:
-        raise NotImplementedError
+        """Prune one block (`view`: a `bench.core.engine.BlockView`) at the rates of its linears."""
 
 
 @dataclass
@@ -118,15 +124,17 @@ class LinearPruner(Pruner):
         for name, linear in view.linears.items():
             self.prune_linear(linear.weight.data, view.stats.get(name), rates[name])
 
+    @abstractmethod
     def prune_linear(self, weight, stats, sparsity: float) -> None:
-        raise NotImplementedError
+        """Zero weights of one linear in place; `stats` its input statistics (None when `stats_level` is
+        none)."""
 
 
 class ChannelPruner(Pruner):
     """Base of structured pruners: score every FFN channel of a block, then remove the lowest-scored
     channels physically (`Arch.shrink_ffn`), so the model gets smaller and faster.
 
-    Scores are taken on the dense model, in the engine's observe-only pass (`needs_dense_pass`), as the
+    Scores are taken on the dense model, in the lifecycle's observe-only pass (`needs_dense_pass`), as the
     CFSP/FLAP/Wanda-SP reference code does; a data-free scorer sets `needs_dense_pass = False` and is
     scored when its block is pruned. `selection = "per_block"` removes round(rate x width) channels of
     each block (rate from the allocator); `"global"` z-scores each block's channel scores and removes
@@ -144,9 +152,9 @@ class ChannelPruner(Pruner):
         self.scores: dict[int, torch.Tensor] = {}  # block index -> channel scores (dense model)
         self.global_removed: Optional[dict[int, torch.Tensor]] = None
 
+    @abstractmethod
     def channel_scores(self, view) -> torch.Tensor:
         """(width,) importance of each FFN channel of the block; lower is removed first."""
-        raise NotImplementedError
 
     def compensate(self, view, removed: torch.Tensor) -> None:
         """Called before removal with the removed channel indices (FLAP's bias compensation)."""

@@ -17,11 +17,11 @@ from contextlib import contextmanager
 
 import torch
 
-import methods
 from bench import data, models, provenance
 from bench.config import compose, validate
 from bench.core import engine
 from methods.pruners.sparsegpt import SparseGPT
+from methods import catalog, lifecycle
 
 
 @contextmanager
@@ -79,7 +79,7 @@ def main(argv=None) -> None:
             timed(engine, "run_block", totals, "block forwards (with hooks, then pruned)"), \
             timed(engine._Accumulator, "__call__", totals, "Hessian accumulation (inside forwards)"), \
             timed(SparseGPT, "prune_linear", totals, "OBS solves"):
-        engine.prune(model, methods.build(cfg.method), samples, args.sparsity, "cpu")
+        lifecycle.prune(model, catalog.build(cfg.method), samples, args.sparsity, "cpu")
     total = time.perf_counter() - start
 
     print(f"\nSparseGPT {args.sparsity:.0%}: {total:.1f} s total")

@@ -23,10 +23,9 @@ from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.config import SparsityCompressionConfig
 from safetensors.torch import load_file
 
-import methods
 from bench import checkpoint, models
 from bench.config import compose, validate
-from bench.core import engine
+from methods import catalog, lifecycle
 
 
 def _state(directory: Path) -> dict[str, torch.Tensor]:
@@ -43,7 +42,7 @@ def main() -> None:
 
     cfg = validate(compose(["model=llama-tiny", "method=magnitude", "method.sparsity_type=2:4"]))
     model, tokenizer = models.load(cfg.model)
-    engine.prune(model, methods.build(cfg.method), torch.empty(0), cfg.sparsity, "cpu")  # magnitude: data-free
+    lifecycle.prune(model, catalog.build(cfg.method), torch.empty(0), cfg.sparsity, "cpu")  # magnitude: data-free
     dense_dir = models.save(model, tokenizer, args.out / "dense")
     packed_dir = models.save(model, tokenizer, args.out / "bitmask", save_format="bitmask")
     dense, ours = _state(dense_dir), _state(packed_dir)

@@ -8,10 +8,10 @@ import copy
 import pytest
 import torch
 
-import methods
 from bench import models
 from bench.config import zoo_entry
 from bench.core import engine, families, identity
+from methods import catalog, lifecycle
 from tests.conftest import TINY
 
 
@@ -43,7 +43,7 @@ def test_batch_4_prunes_like_batch_1(method, make_config):
     pruned = {}
     for batch in (1, 4):  # 6 samples: batches of 4 and 2
         model = copy.deepcopy(dense)
-        engine.prune(model, methods.build(cfg.method), _samples(), 0.5, "cpu", batch=batch)
+        lifecycle.prune(model, catalog.build(cfg.method), _samples(), 0.5, "cpu", batch=batch)
         pruned[batch] = model
     one, four, before = (families.prunable_linears(m) for m in (pruned[1], pruned[4], dense))
     assert any(not torch.equal(linear.weight, before[name].weight) for name, linear in one.items())  # it pruned

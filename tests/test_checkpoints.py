@@ -17,11 +17,11 @@ import transformers
 import yaml
 from safetensors import safe_open
 
-import methods
 from bench import checkpoint, models
 from bench.cell import run_cell
 from bench.config import ConfigError, ModelConfig
-from bench.core import engine, families, pruned_model, records
+from bench.core import families, pruned_model, records
+from methods import catalog, lifecycle
 from tests.conftest import ROOT, TINY
 from tests.test_families import FAMILY_PRESETS
 
@@ -187,7 +187,7 @@ def pruned(make_config, preset: str, *overrides: str):
     model, tokenizer = models.load(cfg.model)
     samples = torch.randint(0, 256, (cfg.data.calib.nsamples, cfg.data.calib.seqlen),
                             generator=torch.Generator().manual_seed(0))
-    engine.prune(model, methods.build(cfg.method), samples, cfg.sparsity, "cpu")
+    lifecycle.prune(model, catalog.build(cfg.method), samples, cfg.sparsity, "cpu")
     return model, tokenizer
 
 

@@ -25,6 +25,7 @@ from bench.cell import run_cell
 from bench.config import compose, validate
 from bench.core import engine, perplexity, records
 from bench.core.vocab import ConfigError
+from methods import lifecycle
 from reports.collect import collect
 from reports.status import render, status
 from tests.conftest import ROOT, TINY
@@ -342,7 +343,7 @@ def test_nan_weights_fail_the_cell_with_the_reason(when, make_config, tmp_path, 
         with torch.no_grad():
             model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
 
-    load, prune = models.load, engine.prune
+    load, prune = models.load, lifecycle.prune
 
     def poisoned_load(cfg):
         model, tokenizer = load(cfg)
@@ -357,7 +358,7 @@ def test_nan_weights_fail_the_cell_with_the_reason(when, make_config, tmp_path, 
     if when == "after loading":
         monkeypatch.setattr(models, "load", poisoned_load)
     else:
-        monkeypatch.setattr(engine, "prune", poisoned_prune)
+        monkeypatch.setattr(lifecycle, "prune", poisoned_prune)
     cfg, resolved = _tiny(make_config)
     result = run_cell(cfg, resolved, tmp_path)
     assert result.status == "failed" and result.error.type == "FloatingPointError"

@@ -1,13 +1,17 @@
 """The layering is a contract (pyproject.toml, import-linter): the core imports nothing else of ours,
 methods stand on the core alone, the harness and reports never import each other. A new upward import,
-a harness module left out of the contract, or an import hidden inside a function fails here."""
+a harness module left out of the contract, an import cycle, or an import hidden inside a function fails
+here."""
 from __future__ import annotations
 
 import ast
 import subprocess
 import sys
 import tomllib
+from collections import deque
 from pathlib import Path
+
+import grimp
 
 from tests.conftest import ROOT
 
@@ -50,3 +54,37 @@ def test_no_import_of_ours_hides_inside_a_function():
                     hidden += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names
                                if n.split(".")[0] in PACKAGES]
     assert not hidden, hidden
+
+
+def _shortest_cycle(edges: dict[str, set[str]], start: str):
+    """The shortest import chain from `start` back to itself, or None."""
+    previous, todo = {}, deque([start])
+    while todo:
+        module = todo.popleft()
+        for target in sorted(edges.get(module, ())):
+            if target == start:
+                chain = [module]
+                while chain[-1] != start:
+                    chain.append(previous[chain[-1]])
+                return [start, *reversed(chain[:-1]), start]
+            if target not in previous:
+                previous[target] = module
+                todo.append(target)
+    return None
+
+
+def test_no_import_cycles_package_inits_included():
+    """Python runs a package's init before any module of the package, so every module also imports its
+    parent packages: a package init that imports its own modules (a registry filled by eager imports)
+    closes a cycle with each of them. `if TYPE_CHECKING` imports run never and do not count."""
+    graph = grimp.build_graph(*PACKAGES, exclude_type_checking_imports=True, cache_dir=None)
+    edges = {}
+    for module in graph.modules:
+        targets = set(graph.find_modules_directly_imported_by(module))
+        for name in [module, *targets]:
+            parts = name.split(".")
+            targets.update(".".join(parts[:i]) for i in range(1, len(parts)))
+        targets.discard(module)
+        edges[module] = targets
+    cycles = [" -> ".join(chain) for chain in map(lambda m: _shortest_cycle(edges, m), sorted(edges)) if chain]
+    assert not cycles, cycles[:5]

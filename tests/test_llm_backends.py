@@ -23,7 +23,7 @@ import pytest
 
 from bench.core.vocab import ConfigError
 from bench.llm import HttpChat, make_backend
-from methods.allocators.self_pruner import LLMConfig, LLMError, RatesSchema, parse_rates
+from methods.search.chat import LLMConfig, LLMError, RatesSchema, parse_rates
 from tests.test_self_pruner import TEMPLATE
 
 KEY_ENV = "PRUNEBENCH_TEST_KEY"
@@ -443,7 +443,7 @@ def test_smollm2_constrained_answers_parse():
 
 
 def test_the_search_gets_only_usable_answers_from_a_random_model(make_config):
-    """End to end through engine.prune: every LLM operator's answer is used, none falls back to the GA."""
+    """End to end through lifecycle.prune: every LLM operator's answer is used, none falls back to the GA."""
     from tests.test_self_pruner import _search
 
     _, search, _ = _search(make_config, "method=self_pruner", "method.llm.model=llama-tiny",

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-import methods
 from bench import models
 from bench.cell import run_cell
-from bench.core import engine, families
+from bench.core import families
+from methods import catalog, lifecycle
 from tests.conftest import TINY
 
 
@@ -45,14 +45,13 @@ def test_nm_pruned_checkpoint_reloads_identically(make_config, tmp_path):
         assert (nonzeros <= 2).all(), name
     # the reloaded model is the pruned one: re-running the cell's pruning gives the same weights
     from bench import models
-    import methods
     from bench import data
-    from bench.core import engine
+    from methods import catalog, lifecycle
 
     model, tokenizer = models.load(cfg.model)
     corpus = data.load_corpus("pydoc", "validation", None, "calib")
     samples = data.calibration_samples(data.tokenize(tokenizer, corpus.text), 4, 64, cfg.seed)
-    engine.prune(model, methods.build(cfg.method), samples, 0.5, "cpu")
+    lifecycle.prune(model, catalog.build(cfg.method), samples, 0.5, "cpu")
     ids = samples[:1]
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
@@ -95,5 +94,5 @@ def test_engine_reports_each_block_of_each_pass_as_it_is_done(method, extra, sta
             assert pruned(index) and (index + 1 == len(blocks) or not pruned(index + 1))
         done.append((stage, index))
 
-    engine.prune(model, methods.build(cfg.method), samples, cfg.sparsity, "cpu", on_step=on_step)
+    lifecycle.prune(model, catalog.build(cfg.method), samples, cfg.sparsity, "cpu", on_step=on_step)
     assert done == [(stage, index) for stage in stages for index in range(len(blocks))]

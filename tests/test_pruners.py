@@ -1,11 +1,16 @@
-"""The pruners' defining properties on synthetic layers: OBS reconstruction, exact sparsity, N:M."""
+"""The pruners' defining properties on synthetic layers: OBS reconstruction, exact sparsity, N:M; and the
+registry every component is found by."""
 from __future__ import annotations
+
+import pkgutil
 
 import pytest
 import torch
 
 from bench.core.vocab import ConfigError, SparsityPattern
 from bench.core.engine import InputStats
+from methods import allocators, catalog, pruners, registry
+from methods.base import LinearPruner
 from methods.pruners.magnitude import Magnitude
 from methods.pruners.sparsegpt import SparseGPT
 from methods.pruners.wanda import Wanda
@@ -82,3 +87,42 @@ def test_sparsegpt_rejects_blocksize_not_multiple_of_m():
     pattern = SparsityPattern.parse("2:4")
     with pytest.raises(ConfigError, match="method.blocksize=6 must be a multiple of M=4"):
         SparseGPT(SparseGPT.Options(blocksize=6), pattern).check(pattern)
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+def test_every_component_module_is_in_the_catalog_and_registers_a_component():
+    listed = {module.__name__ for module in catalog.COMPONENTS}
+    registered = {cls.__module__ for cls in [*registry.ALLOCATORS.values(), *registry.PRUNERS.values()]}
+    for package in (allocators, pruners):
+        modules = {info.name for info in pkgutil.iter_modules(package.__path__, f"{package.__name__}.")}
+        assert modules <= listed, f"add to methods.catalog.COMPONENTS: {sorted(modules - listed)}"
+        assert modules <= registered, f"registers nothing: {sorted(modules - registered)}"
+
+
+@pytest.mark.parametrize("lookup, key, known", [(registry.pruner, "method.pruner", registry.PRUNERS),
+                                                (registry.allocator, "method.allocator", registry.ALLOCATORS)])
+def test_an_unknown_component_names_the_key_the_value_and_what_is_available(lookup, key, known):
+    with pytest.raises(ConfigError) as error:
+        lookup("obs")
+    assert str(error.value) == f"{key}='obs' is not known; available: {', '.join(sorted(known))}"
+    with pytest.raises(ConfigError, match="method.fitness_pruner='obs' is not known"):
+        registry.pruner("obs", "method.fitness_pruner")
+
+
+def test_a_name_cannot_be_registered_by_two_classes():
+    with pytest.raises(ValueError, match="pruner 'wanda' is registered twice: methods.pruners.wanda.Wanda and tests.test_pruners.*Other"):
+        @registry.register_pruner("wanda")
+        class Other(LinearPruner):
+            def prune_linear(self, weight, stats, sparsity):
+                pass
+    assert registry.PRUNERS["wanda"] is Wanda
+
+
+def test_a_component_without_its_required_hook_cannot_be_built():
+    class Forgetful(LinearPruner):  # no prune_linear
+        pass
+
+    with pytest.raises(TypeError, match="prune_linear"):
+        Forgetful(None, UNSTRUCTURED)

@@ -11,14 +11,15 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import numpy as np
 import pytest
 
-import methods
 from bench import data, models
-from bench.core import engine
 from bench.core.families import block_of, prunable_linears
 from bench.core.records import CellKey, Result, write_result
 from bench.core.vocab import ConfigError
 from bench.llm import HttpChat, make_backend
-from methods.allocators.self_pruner import LLMConfig, LLMError, SearchFailed, _Search, parse_rates, repair
+from methods import catalog, lifecycle
+from methods.search import fitness
+from methods.search.chat import LLMConfig, LLMError, SearchFailed, parse_rates
+from methods.search.evolution import Search, repair
 from reports.plots import block_means, plot_layer_schedules
 from reports.plots_search import plot_search
 from tests.conftest import TINY
@@ -80,12 +81,12 @@ def test_parse_finds_the_vector_inside_prose_and_converts_percentages():
 
 
 def _search(make_config, *overrides, target=0.5, make_llm=make_backend, full=False):
-    """Prune llama-tiny through engine.prune -> (rates, search details, {linear: numel}); with `full`, the
+    """Prune llama-tiny through lifecycle.prune -> (rates, search details, {linear: numel}); with `full`, the
     allocator's whole record (warnings too) instead of its search."""
     cfg, _ = make_config("model=llama-tiny", *FAST, *overrides)
     model, samples = _tiny_model_and_samples(cfg)
     sizes = {name: linear.weight.numel() for name, linear in prunable_linears(model).items()}
-    report = engine.prune(model, methods.build(cfg.method), samples, target, "cpu", make_llm=make_llm)
+    report = lifecycle.prune(model, catalog.build(cfg.method), samples, target, "cpu", make_llm=make_llm)
     return report.rates, report.details if full else report.details["search"], sizes
 
 
@@ -95,8 +96,8 @@ def test_the_search_reports_each_candidate_to_the_engines_on_step(make_config):
     cfg, _ = make_config("model=llama-tiny", *FAST, "method=self_pruner_ga")
     model, samples = _tiny_model_and_samples(cfg)
     steps = []
-    report = engine.prune(model, methods.build(cfg.method), samples, 0.5, "cpu",
-                          on_step=lambda name, index, total, seconds: steps.append((name, index, total)))
+    report = lifecycle.prune(model, catalog.build(cfg.method), samples, 0.5, "cpu",
+                             on_step=lambda name, index, total, seconds: steps.append((name, index, total)))
     budget = 1 + 3 + 2 * 2
     assert report.details["search"]["candidates_total"] == budget
     blocks = cfg.model.architecture["num_hidden_layers"]
@@ -267,15 +268,15 @@ def test_global_channel_selection_cannot_silently_ignore_a_schedule(make_config)
 
 def test_model_without_chat_template_fails_before_pruning(make_config):
     cfg, _ = make_config("model=llama-tiny", *TINY, "method=self_pruner")
-    allocator = methods.build(cfg.method).allocator
+    allocator = catalog.build(cfg.method).allocator
     with pytest.raises(ConfigError, match="no chat template"):
-        allocator.bind(engine.SearchContext(None, None, None, "cpu", make_backend))
+        allocator.bind(lifecycle.SearchContext(None, None, None, "cpu", make_backend))
 
 
 @pytest.mark.parametrize("override, match", [
     ("method.operators=pso", "method.operators='pso' is not valid"),
     ("method.elites=6", "method.elites=6 is out of range"),
-    ("method.fitness_pruner=obs", "method.fitness_pruner='obs' is not valid"),
+    ("method.fitness_pruner=obs", "method.fitness_pruner='obs' is not known"),
     ("method.prompts.init='rates for $layers'", r"method.prompts.init: bad placeholder"),
     ("method.llm.backend=grpc", "method.llm.backend='grpc' is not valid"),
 ])
@@ -478,7 +479,7 @@ def test_bad_llm_setup_fails_in_one_line_before_any_pruning(make_config, monkeyp
     monkeypatch.setenv("PB_KEY", "k")
     monkeypatch.delenv("PB_NO_KEY", raising=False)
     pruned = []
-    monkeypatch.setattr(type(methods.build(make_config("model=llama-tiny", *FAST, "method=self_pruner")[0].method)
+    monkeypatch.setattr(type(catalog.build(make_config("model=llama-tiny", *FAST, "method=self_pruner")[0].method)
                              .pruner), "prune_block", lambda self, view, rates: pruned.append(view.index))
     with pytest.raises(ConfigError, match=match) as error:
         _search(make_config, "method=self_pruner", *overrides)
@@ -491,14 +492,13 @@ def test_bad_llm_setup_fails_in_one_line_before_any_pruning(make_config, monkeyp
 def test_kl_fitness_is_zero_for_the_dense_model_and_grows_with_pruning(make_config, monkeypatch):
     cfg, _ = make_config("model=llama-tiny", *FAST, "method=self_pruner_ga", "method.fitness=kl")
     model, samples = _tiny_model_and_samples(cfg)
-    method = methods.build(cfg.method)
-    method.allocator.bind(engine.SearchContext(model, samples, method.pruner, "cpu"))
+    method = catalog.build(cfg.method)
+    context = lifecycle.SearchContext(model, samples, method.pruner, "cpu")
     dense_passes = []
-    real = _Search.__init__.__globals__["_log_probs"]
-    monkeypatch.setitem(_Search.__init__.__globals__, "_log_probs",
-                        lambda m, w, d: dense_passes.append(m is model) or real(m, w, d))
+    real = fitness.log_probs
+    monkeypatch.setattr(fitness, "log_probs", lambda m, w, d: dense_passes.append(m is model) or real(m, w, d))
     sizes = {name: linear.weight.numel() for name, linear in prunable_linears(model).items()}
-    search = _Search(method.allocator, sizes, 0.5)
+    search = Search(method.allocator.options, None, context, sizes, 0.5)
     kl = [search.fitness(np.full(2, rate))[0] for rate in (0.0, 0.3, 0.6)]
     assert abs(kl[0]) < 1e-5 and 0 < kl[1] < kl[2]
     assert dense_passes == [True, False, False, False]  # the dense distributions: once per search

@@ -17,10 +17,10 @@ import copy
 
 import pytest
 
-import methods
 from bench import data, models
-from bench.core import engine, perplexity
+from bench.core import perplexity
 from bench.core.families import measured_sparsity
+from methods import catalog, lifecycle
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,7 @@ def test_sparsegpt_beats_wanda_beats_magnitude_at_50_percent(smollm2, make_confi
     for name in ("sparsegpt", "wanda", "magnitude"):
         cfg, _ = make_config("model=smollm2-135m", f"method={name}", "sparsity=0.5")
         model = copy.deepcopy(dense)
-        engine.prune(model, methods.build(cfg.method), samples, 0.5, "cpu")
+        lifecycle.prune(model, catalog.build(cfg.method), samples, 0.5, "cpu")
         assert measured_sparsity(model)[0] == pytest.approx(0.5, abs=1e-3)
         ppl[name] = perplexity.perplexity(model, windows, "cpu")
     assert ppl["dense"] < ppl["sparsegpt"] < ppl["wanda"] < ppl["magnitude"], ppl

@@ -8,10 +8,10 @@ import pytest
 import torch
 import transformers
 
-import methods
 from bench import cache as caching
 from bench import data, models, progress, streaming
-from bench.core import engine, perplexity
+from bench.core import perplexity
+from methods import catalog, lifecycle
 from tests.conftest import TINY
 
 
@@ -25,7 +25,7 @@ def test_streamed_pruning_matches_in_memory_pruning(make_config, tmp_path, monke
     windows = data.eval_windows(data.tokenize(tokenizer, data.load_corpus("pydoc", "test", None, "eval").text),
                                 64, 4, "pydoc")
 
-    engine.prune(model, methods.build(cfg.method), samples, 0.5, "cpu")
+    lifecycle.prune(model, catalog.build(cfg.method), samples, 0.5, "cpu")
     expected_ppl = perplexity.perplexity(model, windows, "cpu")
 
     loaded = []
@@ -36,7 +36,7 @@ def test_streamed_pruning_matches_in_memory_pruning(make_config, tmp_path, monke
         original_load(self, index, block)
 
     monkeypatch.setattr(streaming.BlockStream, "load", spy)
-    stream, _ = streaming.prune_streamed(tmp_path / "dense", tmp_path / "pruned", methods.build(cfg.method),
+    stream, _ = streaming.prune_streamed(tmp_path / "dense", tmp_path / "pruned", catalog.build(cfg.method),
                                       samples, 0.5)
     assert loaded == [0, 0]  # no other block is in memory when a block is loaded
     assert abs(stream.sparsity - 0.5) < 0.01

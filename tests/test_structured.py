@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import methods
 from bench import models
 from bench.core import engine
 from bench.core import families as arch
@@ -18,6 +17,7 @@ from bench.core.pruned_model import FFN_SIZES_KEY
 from bench.core.vocab import ConfigError
 from methods.allocators.cfsp_coarse import round_channels
 from methods.recovery import lora_ranks
+from methods import catalog, lifecycle
 from tests.conftest import TINY
 
 FAST_SPEED = ["eval.speed.repeats=1", "eval.speed.decode_tokens=2", "eval.speed.prefill_seqlen=8"]
@@ -28,7 +28,7 @@ def _pruned(make_config, *overrides):
     model, tokenizer = models.load(cfg.model)
     samples = torch.randint(0, 256, (cfg.data.calib.nsamples, cfg.data.calib.seqlen), generator=torch.Generator().manual_seed(0))
     dense_sizes = arch.ffn_sizes(model)
-    engine.prune(model, methods.build(cfg.method), samples, cfg.sparsity, "cpu")
+    lifecycle.prune(model, catalog.build(cfg.method), samples, cfg.sparsity, "cpu")
     return cfg, model, tokenizer, dense_sizes
 
 
@@ -114,7 +114,7 @@ def test_flap_compensation_keeps_the_mean_ffn_output(make_config):
         return torch.cat(captured).mean(0)
 
     before = ffn_mean()
-    engine.prune(model, methods.build(cfg.method), samples, cfg.sparsity, "cpu")
+    lifecycle.prune(model, catalog.build(cfg.method), samples, cfg.sparsity, "cpu")
     assert mlp.down_proj.bias is not None
     torch.testing.assert_close(ffn_mean(), before, atol=1e-5, rtol=1e-4)
 

@@ -18,14 +18,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
 
-import methods
 from bench import cache as caching
 from bench import isolate, launcher, models, sweep
 from bench.cell import run_cell
 from bench.config import CONF_DIR, compose
-from bench.core import engine, records
+from bench.core import records
 from bench.core.vocab import ConfigError
 from methods.base import Allocator
+from methods import catalog, lifecycle
 from reports.status import status
 from tests.conftest import ROOT, TINY
 
@@ -254,10 +254,10 @@ def test_allocator_dense_observations_come_from_the_cache(make_config, tmp_path)
     states = []
     for _ in range(2):
         model, _ = models.load(cfg.model)
-        method = methods.build(cfg.method)
+        method = catalog.build(cfg.method)
         method.allocator = Observing()
         shared = caching.for_cell(True, cfg.model, cfg.method, root=tmp_path)
-        engine.prune(model, method, samples, 0.5, "cpu", cache=shared)
+        lifecycle.prune(model, method, samples, 0.5, "cpu", cache=shared)
         states.append(method.allocator)
     assert states[0].norms and states[1].norms == {}  # the second run did not traverse the dense model
     assert states[1].loaded == states[0].norms
@@ -283,14 +283,14 @@ def test_dense_statistics_of_real_methods_are_cached_and_give_the_same_pruning(m
     runs = []
     for _ in range(2):
         model, _ = models.load(cfg.model)
-        method = methods.build(cfg.method)
+        method = catalog.build(cfg.method)
         observed = []
         for component in (method.allocator, method.pruner):
             if component.needs_dense_pass:
                 original = component.observe_block
                 component.observe_block = lambda view, original=original: (observed.append(view.index), original(view))
-        report = engine.prune(model, method, samples, 0.5, "cpu",
-                              cache=caching.for_cell(True, cfg.model, cfg.method, root=tmp_path))
+        report = lifecycle.prune(model, method, samples, 0.5, "cpu",
+                                 cache=caching.for_cell(True, cfg.model, cfg.method, root=tmp_path))
         runs.append((report.rates, observed, {k: v.clone() for k, v in model.state_dict().items()}))
     assert runs[0][1] and not runs[1][1]  # the second run took the dense statistics from the cache
     assert runs[0][0] == runs[1][0]

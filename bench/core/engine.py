@@ -10,19 +10,38 @@ gate/up), since their X^T X is identical.
 """
 from __future__ import annotations
 
-import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Protocol
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from bench.core.families import Arch, arch_for, prunable_linears
+from bench.core.families import Arch, arch_for
 from bench.core.vocab import STATS_LEVELS
 
-log = logging.getLogger(__name__)
+# `on_block(index, n_blocks, seconds)`: block `index` (from 0) of a walk is done and took `seconds`.
+OnBlock = Optional[Callable[[int, int, float], None]]
+# `on_step(pass, index, total, seconds)`: step `index` (from 0) of `total` of a pass took `seconds`.
+OnStep = Optional[Callable[[str, int, int, float], None]]
+
+
+class Stream(Protocol):
+    """Blocks that live on disk (the meta device) until a walk reaches them, e.g. the harness's streamed
+    checkpoint: `load` fills the block's weights, `release` takes them back (writing them out when
+    `edited`)."""
+
+    def load(self, index: int, block: nn.Module) -> None: ...
+
+    def release(self, index: int, block: nn.Module, edited: bool) -> None: ...
+
+
+class Block0Cache(Protocol):
+    """Serves block 0's inputs and kwargs (they depend on the samples alone, not on any pruning):
+    `compute()` gives them when the cache has none."""
+
+    def block0(self, samples: torch.Tensor, device: str, batch: int, compute: Callable[[], tuple]) -> tuple: ...
 
 
 @dataclass
@@ -214,10 +233,26 @@ def run_block_form(block: nn.Module, inputs: torch.Tensor, kwargs: dict[int, dic
     return outputs, as_tuple
 
 
+def walk(blocks, desc: str, stream: Optional[Stream] = None, start: int = 0, on_block: OnBlock = None,
+         edited: bool = False) -> Iterator[tuple[int, nn.Module]]:
+    """The one loop over the decoder blocks (pruning, dense statistics, layer-wise perplexity): yields
+    each block from `start` on, loaded from `stream` first and released to it (`edited`: written out)
+    when the caller is done with it, then reports it to `on_block` with the seconds it took."""
+    for index in tqdm(range(start, len(blocks)), desc=desc, unit="block", initial=start, total=len(blocks)):
+        block, started = blocks[index], time.perf_counter()
+        if stream is not None:
+            stream.load(index, block)
+        yield index, block
+        if stream is not None:
+            stream.release(index, block, edited=edited)
+        if on_block is not None:
+            on_block(index, len(blocks), time.perf_counter() - started)
+
+
 @torch.no_grad()
 def traverse(model: nn.Module, samples: torch.Tensor, device: str, stats_level: str,
              visit: Callable[[BlockView], None], edits: bool, desc: str, share_stats: bool = True,
-             cache=None, stream=None, on_block: Optional[Callable[[int, int, float], None]] = None,
+             cache: Optional[Block0Cache] = None, stream: Optional[Stream] = None, on_block: OnBlock = None,
              batch: int = 1, start: int = 0, inputs: Optional[torch.Tensor] = None,
              done: Optional[Callable[[int, nn.Module, torch.Tensor], None]] = None) -> None:
     """Walk the blocks sequentially, calling `visit` on each with its input statistics.
@@ -226,11 +261,9 @@ def traverse(model: nn.Module, samples: torch.Tensor, device: str, stats_level: 
     the next block. `edits=False`: an observe-only pass over the dense model; the statistics forward
     already gives the outputs (exposed to `visit` as `view.outputs`).
     `share_stats=False` hooks every linear separately (only for measuring what sharing saves).
-    `cache` (any object with `block0(samples, device, batch, compute)`, e.g. the harness's cell cache)
-    serves block 0's inputs, which do not depend on any pruning.
-    `stream` (any object with `load(index, block)` / `release(index, block, edited)`, e.g. the
-    harness's streamed checkpoint) loads each block's weights when the walk reaches it and
-    takes it back (writing it out when `edits`) when the walk leaves it.
+    `cache` serves block 0's inputs, which do not depend on any pruning.
+    `stream` loads each block's weights when the walk reaches it and takes it back (writing it out when
+    `edits`) when the walk leaves it.
     `on_block(index, n_blocks, seconds)` is called as each block is done, with the seconds it took.
     `batch`: samples per block forward. Blocks run in the model's dtype; statistics are summed in fp32
     whatever the batch, so it changes only the order of the sums (and the device memory needed).
@@ -248,12 +281,7 @@ def traverse(model: nn.Module, samples: torch.Tensor, device: str, stats_level: 
     kwargs = to_device(kwargs, device, {})  # one list of per-block kwargs
     if start > 0:
         hidden = inputs
-    blocks = arch.blocks(model)
-    for index in tqdm(range(start, len(blocks)), desc=desc, unit="block", initial=start, total=len(blocks)):
-        block = blocks[index]
-        started = time.perf_counter()
-        if stream is not None:
-            stream.load(index, block)
+    for index, block in walk(arch.blocks(model), desc, stream, start, on_block, edited=edits):
         block.to(device)
         prefix = f"{arch.block_name(index)}."
         stats: dict[str, InputStats] = {}
@@ -281,177 +309,4 @@ def traverse(model: nn.Module, samples: torch.Tensor, device: str, stats_level: 
         block.to("cpu")
         if done is not None:
             done(index, block, outputs)
-        if stream is not None:
-            stream.release(index, block, edited=edits)
         hidden = outputs
-        if on_block is not None:
-            on_block(index, len(blocks), time.perf_counter() - started)
-
-
-@dataclass
-class SearchContext:
-    """Given to an allocator with `needs_search` (via `bind`) before `allocate`: it scores candidate
-    allocations by pruning copies of the still-dense `model` with `pruner` on `samples`. `make_llm`
-    (given by the harness, which knows how to load models and reach endpoints) builds the chat LLM of
-    an LLM-driven search from its options."""
-
-    model: nn.Module
-    samples: torch.Tensor
-    pruner: Any
-    device: str
-    make_llm: Optional[Callable[[Any], Any]] = None
-    batch: int = 1  # calibration samples per block forward, for the candidates' prunes
-    on_candidate: Optional[Callable[[int, int, float], None]] = None  # (index, budget, seconds) per scored candidate
-
-
-@dataclass
-class Allocation:
-    """What the pruning pass takes from the phase before it (dense pass, search, allocate): a resumable
-    cell stores it, so a resumed pass skips that phase."""
-
-    rates: dict[str, float]
-    details: dict  # the allocator's record (`Allocator.finish`)
-    block_weights: Optional[list[float]]  # `Allocator.block_weights`
-    pruner_state: Optional[dict]  # the pruner's `dense_state()`, when it makes a dense pass
-    seconds: dict[str, float]  # wall time of the phase's stages
-
-
-@dataclass
-class ResumePoint:
-    """Where an interrupted pruning pass stopped: blocks before `next_block` are pruned (their states are
-    with the resume store), `inputs` feed `next_block` (None: capture them, as a fresh pass does)."""
-
-    allocation: Allocation
-    next_block: int
-    inputs: Optional[torch.Tensor]
-
-
-@dataclass
-class PruneReport:
-    rates: dict[str, float]  # the allocated sparsity of every prunable linear
-    seconds: dict[str, float]  # wall time per stage
-    details: dict = field(default_factory=dict)  # the allocator's own record (`Allocator.finish`)
-    resumed_from: Optional[int] = None  # the block an interrupted pass was resumed at
-
-
-# The passes of `prune` that report each finished step to its `on_step` callback, and what a step is.
-PRUNE_STEPS = {"dense_statistics": "block", "search": "candidate", "prune": "block"}
-# `on_step(pass, index, total, seconds)`: step `index` (from 0) of `total` of a pass took `seconds`.
-OnStep = Optional[Callable[[str, int, int, float], None]]
-
-
-def prune(model: nn.Module, method, samples: torch.Tensor, sparsity: float, device: str,
-          cache=None, stream=None, make_llm=None,
-          on_step: OnStep = None, batch: int = 1, resume=None) -> PruneReport:
-    """Apply `method` (a `methods.Method`: allocator x pruner, see `methods.base` for the lifecycle) to
-    `model` in place at mean target `sparsity`.
-
-    Lifecycle: `allocator.check` with the real layer count; one observe-only pass over the dense model
-    for every component with `needs_dense_pass` (`observe_block`; with a `cache` its `dense_state` may
-    come from disk instead); `allocator.bind` for searches; `allocator.allocate`; `allocator.finish` for
-    the record; `pruner.prune_block` on every block. With a `stream`, blocks live on the meta device
-    until the engine reaches them (see `traverse`). `on_step(pass, index, total, seconds)` hears of every
-    step of the passes `PRUNE_STEPS` while they run: step `index` of `total` took `seconds` (a search's
-    steps are its scored candidates, reported by the allocator through `SearchContext.on_candidate`);
-    `batch` calibration samples go through a block at once (see `traverse`).
-
-    `resume` (any object with `load()`, `block(index)`, `save_allocation(allocation)` and
-    `save_block(index, block, next_inputs)`, e.g. the harness's `bench.resume.ResumeState`) makes the
-    pass resumable: it is handed the allocation before block 0 and every block once pruned, with the
-    next block's inputs; when its `load()` returns a `ResumePoint`, the allocation phase is skipped
-    (searches included), the pruned blocks it holds are loaded and the pass goes on from there."""
-    if resume is not None and stream is not None:
-        raise ValueError("a streamed pass cannot be resumed: its blocks are written to the output checkpoint")
-    arch = arch_for(model)
-    blocks = arch.blocks(model)
-    sizes = {name: linear.weight.numel() for name, linear in prunable_linears(model).items()}
-    allocator, pruner = method.allocator, method.pruner
-    allocator.check(sparsity, len(sizes))  # before the (long) dense pass
-    point = None if resume is None else resume.load()
-    if point is None:
-        allocation = _allocate(model, method, samples, sparsity, device, sizes, cache, stream, make_llm, on_step,
-                               batch)
-        if resume is not None:
-            resume.save_allocation(allocation)
-        start, inputs = 0, None
-    else:
-        allocation, start, inputs = point.allocation, point.next_block, point.inputs
-        allocator.block_weights = allocation.block_weights
-        if pruner.needs_dense_pass:
-            pruner.load_dense_state(allocation.pruner_state)
-        for index in range(start):
-            arch.load_block(blocks[index], resume.block(index))
-        log.info("%s: resuming the pruning pass at block %d of %d", method.name, start, len(blocks))
-    rates = allocation.rates
-    seconds = dict(allocation.seconds)
-
-    def done(index: int, block: nn.Module, outputs: Optional[torch.Tensor]) -> None:
-        if resume is not None:
-            resume.save_block(index, block, outputs if index + 1 < len(blocks) else None)
-
-    started = time.perf_counter()
-    if sparsity == 0 and not pruner.quantizes:
-        pass  # nothing to remove (a quantizing pruner still has work at sparsity 0)
-    elif pruner.stats_level == "none":  # data-free: no traversal needed
-        for index in tqdm(range(start, len(blocks)), desc=f"{method.name}: pruning", unit="block", initial=start,
-                          total=len(blocks)):
-            block, block_start = blocks[index], time.perf_counter()
-            if stream is not None:
-                stream.load(index, block)
-            prefix = f"{arch.block_name(index)}."
-            linears = {prefix + name: module for name, module in arch.linears(block).items()}
-            pruner.prune_block(BlockView(index, block, arch, linears, {}, torch.empty(0), None), rates)
-            done(index, block, None)
-            if stream is not None:
-                stream.release(index, block, edited=True)
-            if on_step is not None:
-                on_step("prune", index, len(blocks), time.perf_counter() - block_start)
-    else:
-        traverse(model, samples, device, pruner.stats_level, lambda view: pruner.prune_block(view, rates),
-                 edits=True, desc=f"{method.name}: pruning", cache=cache, stream=stream,
-                 on_block=_step_reporter(on_step)("prune"), batch=batch, start=start, inputs=inputs, done=done)
-    seconds["prune"] = time.perf_counter() - started
-    return PruneReport(rates=rates, seconds=seconds, details=allocation.details,
-                       resumed_from=None if point is None else start)
-
-
-def _step_reporter(on_step: OnStep) -> Callable[[str], Optional[Callable[[int, int, float], None]]]:
-    """pass name -> the `on_block` of `traverse` that reports that pass's steps to `on_step`."""
-    def for_pass(name: str) -> Optional[Callable[[int, int, float], None]]:
-        return None if on_step is None else lambda index, total, seconds: on_step(name, index, total, seconds)
-    return for_pass
-
-
-def _allocate(model: nn.Module, method, samples: torch.Tensor, sparsity: float, device: str,
-              sizes: dict[str, int], cache, stream, make_llm, on_step: OnStep, batch: int) -> Allocation:
-    """The phase before pruning: the dense pass, the search, `allocate` and `finish`."""
-    allocator, pruner = method.allocator, method.pruner
-    seconds = {}
-    step_done = _step_reporter(on_step)
-    # One observe-only pass over the dense model serves every component that needs one (CFSP's single
-    # forward pass: block scores for the allocator and channel scores for a structured pruner).
-    observers = [c for c in (allocator, pruner) if c.needs_dense_pass]
-    if observers:
-        start = time.perf_counter()
-        level = max((c.observe_level for c in observers), key=STATS_LEVELS.index)
-
-        def observe():
-            traverse(model, samples, device, level, lambda view: [c.observe_block(view) for c in observers],
-                     edits=False, desc=f"{method.name}: dense statistics", cache=cache, stream=stream,
-                     on_block=step_done("dense_statistics"), batch=batch)
-            return [c.dense_state() for c in observers]
-
-        if cache is None:
-            observe()
-        else:
-            for component, state in zip(observers, cache.dense_state(samples, level, batch, observe)):
-                component.load_dense_state(state)
-        seconds["allocate_observe"] = time.perf_counter() - start
-    if allocator.needs_search:
-        allocator.bind(SearchContext(model, samples, pruner, device, make_llm, batch=batch,
-                                     on_candidate=step_done("search")))
-    start = time.perf_counter()
-    rates = allocator.allocate(sizes, sparsity)
-    seconds["allocate"] = time.perf_counter() - start
-    return Allocation(rates=rates, details=allocator.finish(), block_weights=allocator.block_weights,
-                      pruner_state=pruner.dense_state() if pruner.needs_dense_pass else None, seconds=seconds)

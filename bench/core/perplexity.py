@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +75,7 @@ class _Replay(nn.Module):
 
 
 @torch.no_grad()
-def layerwise_window_nlls(model: nn.Module, windows: torch.Tensor, device: str, stream=None,
+def layerwise_window_nlls(model: nn.Module, windows: torch.Tensor, device: str, stream: Optional[engine.Stream] = None,
                           desc: str = "perplexity (layer-wise)", on_step: engine.OnStep = None) -> torch.Tensor:
     """`window_nlls`, computed block by block over all windows: only one block is on `device` at a time
     (plus embeddings and head), and the (n, seqlen, hidden) activations stay on the CPU. `stream` (see
@@ -85,16 +85,11 @@ def layerwise_window_nlls(model: nn.Module, windows: torch.Tensor, device: str, 
     kwargs = engine.to_device(kwargs, device, {})
     blocks = arch.blocks(model)
     as_tuple = False
-    for index, block in enumerate(tqdm(blocks, desc=desc, unit="block")):
-        started = time.perf_counter()
-        if stream is not None:
-            stream.load(index, block)
+    on_block = None if on_step is None else lambda index, total, seconds: on_step("ppl_layerwise", index, total,
+                                                                                   seconds)
+    for index, block in engine.walk(blocks, desc, stream, on_block=on_block):
         hidden, as_tuple = engine.run_block_form(block.to(device), hidden, kwargs[index], device)
         block.to("cpu")
-        if stream is not None:
-            stream.release(index, block, edited=False)
-        if on_step is not None:
-            on_step("ppl_layerwise", index, len(blocks), time.perf_counter() - started)
     replays = [_Replay(block, index == len(blocks) - 1, as_tuple) for index, block in enumerate(blocks)]
     for index, replay in enumerate(replays):
         blocks[index] = replay
@@ -128,7 +123,8 @@ def from_nlls(nlls: torch.Tensor) -> float:
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, device: str, desc: str = "perplexity",
-               layerwise: Union[str, bool] = "auto", stream=None, on_step: engine.OnStep = None) -> float:
+               layerwise: Union[str, bool] = "auto",
+               stream: Optional[engine.Stream] = None, on_step: engine.OnStep = None) -> float:
     """`layerwise`: True, False, or "auto" (layer-wise when the model does not `fit` the device).
     `on_step` hears of each step of the pass that runs (`PPL_STEPS`)."""
     if layerwise is True or stream is not None or (layerwise == "auto" and not fits(model, device)):

@@ -37,6 +37,7 @@ import torch
 from bench.core.engine import traverse
 from bench.core.vocab import check_range
 from methods.base import Allocator
+from methods.registry import register_allocator
 
 PAPER_TOKENS = 128 * 1024  # the released code's calibration tokens, to which its 1e4 scale is tied
 SPREAD_MARGIN = 1.05  # released code: the most important block keeps 1/1.05 of its width after shrinking
@@ -56,6 +57,7 @@ def sigmoid_scores(mean_distances: list[float], a: float) -> list[float]:
     return [1 / (1 + math.exp(-a * (d - mean) * PAPER_TOKENS / 1e4)) for d in mean_distances]
 
 
+@register_allocator("cfsp_coarse")
 class CFSPCoarse(Allocator):
     needs_dense_pass = True
     observe_level = "none"  # only the block inputs/outputs are read

@@ -43,6 +43,7 @@ from bench.core.vocab import UNSTRUCTURED, ConfigError, check_choice, check_rang
 from methods.base import Allocator
 from methods.pruners.sparsegpt import inverse_hessian_factor, sparsegpt
 from methods.rates import shift_to_mean
+from methods.registry import register_allocator
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ ERRORS = ("obs", "exact")
 LOSSES = ("absolute", "relative")
 
 
+@register_allocator("loss_estimate")
 class LossEstimate(Allocator):
     needs_dense_pass = True
     observe_level = "full"

@@ -20,8 +20,10 @@ import torch
 
 from bench.core.vocab import ConfigError, check_range
 from methods.base import Allocator
+from methods.registry import register_allocator
 
 
+@register_allocator("owl")
 class OWL(Allocator):
     needs_dense_pass = True
     observe_level = "diag"

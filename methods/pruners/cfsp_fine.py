@@ -31,10 +31,12 @@ import torch
 
 from bench.core.vocab import check_choice
 from methods.base import ChannelPruner
+from methods.registry import register_pruner
 
 FINE_SCORES = ("paper", "released")
 
 
+@register_pruner("cfsp_fine")
 class CFSPFine(ChannelPruner):
     @dataclass
     class Options:

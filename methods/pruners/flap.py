@@ -21,8 +21,10 @@ import torch
 
 from bench.core.vocab import SparsityPattern
 from methods.pruners.wanda_sp import GlobalSelectionPruner
+from methods.registry import register_pruner
 
 
+@register_pruner("flap")
 class FLAP(GlobalSelectionPruner):
     def __init__(self, options, pattern: SparsityPattern):
         super().__init__(options, pattern)

@@ -8,8 +8,10 @@ import torch
 
 from methods import masks
 from methods.base import LinearPruner
+from methods.registry import register_pruner
 
 
+@register_pruner("magnitude")
 class Magnitude(LinearPruner):
     supports_nm = True
 

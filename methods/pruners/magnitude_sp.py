@@ -8,8 +8,10 @@ from __future__ import annotations
 import torch
 
 from methods.base import ChannelPruner
+from methods.registry import register_pruner
 
 
+@register_pruner("magnitude_sp")
 class MagnitudeSP(ChannelPruner):
     needs_dense_pass = False
 

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from methods.base import LinearPruner
+from methods.registry import register_pruner
 
 
+@register_pruner("none")
 class NoPruning(LinearPruner):
     prunes = False
 

@@ -34,8 +34,10 @@ import torch
 from bench.core.vocab import ConfigError, SparsityPattern, check_choice, check_range
 from methods import masks, quant
 from methods.base import LinearPruner
+from methods.registry import register_pruner
 
 
+@register_pruner("sparsegpt")
 class SparseGPT(LinearPruner):
     stats_level = "full"
     supports_nm = True

@@ -9,8 +9,10 @@ import torch
 
 from methods import masks
 from methods.base import LinearPruner
+from methods.registry import register_pruner
 
 
+@register_pruner("wanda")
 class Wanda(LinearPruner):
     stats_level = "diag"
     supports_nm = True

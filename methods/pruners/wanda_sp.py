@@ -13,6 +13,7 @@ import torch
 
 from bench.core.vocab import check_choice
 from methods.base import ChannelPruner
+from methods.registry import register_pruner
 
 SELECTIONS = ("global", "per_block")
 
@@ -35,6 +36,7 @@ class GlobalSelectionPruner(ChannelPruner):
         return self.options.selection
 
 
+@register_pruner("wanda_sp")
 class WandaSP(GlobalSelectionPruner):
 
     def channel_scores(self, view) -> torch.Tensor:
