@@ -15,7 +15,8 @@ from tests.conftest import TINY
 # family preset -> whether its FFN has a known shape (separate ffn_in linears) for structured pruning
 FAMILY_PRESETS = {"opt-tiny": True, "bloom-tiny": True, "llama-tiny": True, "mistral-tiny": True,
                   "qwen2-tiny": True, "qwen3-tiny": True, "gemma2-tiny": True, "gemma3-tiny": True,
-                  "phi3-tiny": False, "gptneox-tiny": True, "falcon-tiny": True}
+                  "phi3-tiny": False, "gptneox-tiny": True, "falcon-tiny": True,
+                  "stablelm-tiny": True}
 
 
 def _model(preset: str):
