@@ -15,7 +15,6 @@ from typing import Callable, Optional
 
 import torch
 
-from methods import catalog
 from bench import cache as caching
 from bench import data, models, protocol, streaming
 from bench.config import RunConfig
@@ -23,6 +22,7 @@ from bench.core.records import Result
 from bench.core.vocab import ConfigError
 from bench.observer import CellObserver
 from bench.source import InMemory, ModelSource
+from methods import catalog
 
 log = logging.getLogger(__name__)
 
