@@ -8,10 +8,10 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from methods.lifecycle import PRUNE_STEPS
 from bench.core.records import Result
 from bench.progress import Progress
 from bench.tracking import Live
+from methods.lifecycle import PRUNE_STEPS
 
 
 class CellObserver:
