@@ -14,17 +14,20 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from bench.cell import run_cell
-from bench.config import ConfigError, validate
-from bench.isolate import run_isolated
-from bench.sweep import rerun_mode
-from reports.collect import collect
-
 log = logging.getLogger("prunebench")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    # Imported here, not above: `--help` and `--cfg job` never call main, and the harness pulls in torch
+    # and transformers (seconds) that those answers do not need. The packages themselves keep every
+    # import of ours at module level (tests/test_layers.py); this script is their only lazy entry.
+    from bench.cell import run_cell
+    from bench.config import ConfigError, validate
+    from bench.isolate import run_isolated
+    from bench.sweep import rerun_mode
+    from reports.collect import collect
+
     hydra_cfg = HydraConfig.get()
     try:
         run_cfg = validate(cfg)

@@ -1,0 +1,62 @@
+"""What the cheap paths import: `run.py --help` and `--cfg job` answer from Hydra alone, and a cell imports
+the heavy packages of the stages it runs only. Each check runs in a fresh interpreter (this process has
+imported everything already) and reads its `sys.modules`; how long anything takes is for
+scripts/bench_startup.py, not a test."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.conftest import ROOT, TINY
+
+HEAVY_FOR_HELP = ("torch", "transformers", "peft")
+# The stages that use these are off in a plain tiny cell: recovery (peft), zero-shot (lm_eval, datasets),
+# W&B (wandb), the Self-Pruner's LLM backends (openai, xgrammar).
+HEAVY_FOR_A_PLAIN_CELL = ("peft", "lm_eval", "wandb", "openai", "xgrammar")
+
+
+def _imported_by(code: str, tmp_path) -> set[str]:
+    """The top-level packages in `sys.modules` after `code` ran in a fresh interpreter at the repo root."""
+    script = textwrap.dedent(code) + textwrap.dedent("""
+        import json, sys
+        print("\\nMODULES=" + json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("MODULES="))
+    return set(json.loads(line.removeprefix("MODULES=")))
+
+
+@pytest.mark.parametrize("arguments", [["--help"], ["--cfg", "job"], ["--cfg", "job", "model=llama-tiny", "method=wanda"]])
+def test_help_and_cfg_import_no_torch(arguments, tmp_path):
+    imported = _imported_by(f"""
+        import runpy, sys
+        sys.argv = ["run.py", *{arguments!r}]
+        try:
+            runpy.run_path({str(ROOT / "run.py")!r}, run_name="__main__")
+        except SystemExit as exc:
+            assert not exc.code, exc.code
+    """, tmp_path)
+    assert not imported & set(HEAVY_FOR_HELP), sorted(imported & set(HEAVY_FOR_HELP))
+
+
+@pytest.mark.parametrize("method", ["dense", "wanda"])
+def test_a_plain_cell_imports_no_package_of_a_stage_it_skips(method, tmp_path):
+    overrides = [f"method={method}", "model=llama-tiny", "recovery=none", "logger=none", "eval=ppl", "threads=1",
+                 *TINY]
+    imported = _imported_by(f"""
+        from omegaconf import OmegaConf
+        from bench.cell import run_cell
+        from bench.config import compose, validate
+        cfg = compose({overrides!r})
+        result = run_cell(validate(cfg), OmegaConf.to_container(cfg, resolve=True), "cell")
+        assert result.ok, result.error
+    """, tmp_path)
+    assert not imported & set(HEAVY_FOR_A_PLAIN_CELL), sorted(imported & set(HEAVY_FOR_A_PLAIN_CELL))
