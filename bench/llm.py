@@ -42,7 +42,6 @@ from typing import Optional
 
 import httpx2 as httpx  # the openai client's HTTP library from openai 3.x on
 import torch
-import xgrammar
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from bench import models
@@ -71,8 +70,11 @@ class _GrammarMask(LogitsProcessor):
     sees allowed tokens."""
 
     def __init__(self, compiled, vocab_size: int):
+        import xgrammar  # seconds to import: only a local LLM's constrained decoding needs it
+
         self.matcher = xgrammar.GrammarMatcher(compiled)
         self.bitmask = xgrammar.allocate_token_bitmask(1, vocab_size)
+        self.apply_bitmask = xgrammar.apply_token_bitmask_inplace
         self.started = False
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -82,7 +84,7 @@ class _GrammarMask(LogitsProcessor):
             raise LLMError("constrained decoding: the sampled token left the grammar")  # cannot happen
         self.started = True
         self.matcher.fill_next_token_bitmask(self.bitmask)
-        xgrammar.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device))
+        self.apply_bitmask(scores, self.bitmask.to(scores.device))
         return scores
 
 
@@ -102,6 +104,8 @@ class LocalChat:
     def _grammar(self, schema: RatesSchema):
         if schema not in self._grammars:
             if self._compiler is None:
+                import xgrammar
+
                 info = xgrammar.TokenizerInfo.from_huggingface(
                     self.tokenizer, vocab_size=self._vocab_size(), stop_token_ids=[self.tokenizer.eos_token_id])
                 self._compiler = xgrammar.GrammarCompiler(info)

@@ -14,8 +14,6 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import torch
-from accelerate import dispatch_model, infer_auto_device_map
-from accelerate.hooks import remove_hook_from_module
 from torch import nn
 
 from bench.core.perplexity import FIT_MARGIN
@@ -40,6 +38,8 @@ def gpu_budget(size: int, free: list[int]) -> Optional[dict[int, int]]:
 
 def device_map(model: nn.Module, budget: dict[int, int]) -> dict[str, int]:
     """accelerate's placement of `model`'s modules on the GPUs of `budget`, never splitting a decoder block."""
+    from accelerate import infer_auto_device_map  # only multi-GPU placement needs accelerate
+
     placement = infer_auto_device_map(model, max_memory=budget, no_split_module_classes=model._no_split_modules or [])
     spilled = sorted({str(where) for where in placement.values() if not isinstance(where, int)})
     if spilled:
@@ -59,6 +59,9 @@ def placed(model: nn.Module, device: str) -> Iterator[torch.device]:
     if budget is None:
         model.to(device)
     else:
+        from accelerate import dispatch_model
+        from accelerate.hooks import remove_hook_from_module
+
         dispatch_model(model, device_map(model, budget))
     try:
         yield model.get_input_embeddings().weight.device

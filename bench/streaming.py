@@ -26,8 +26,6 @@ from typing import Optional
 
 import torch
 import transformers
-from accelerate import init_empty_weights
-from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -69,6 +67,11 @@ def _read(checkpoint: Path, weight_map: dict[str, str], names: list[str]) -> dic
 
 def load_meta(checkpoint: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model with its blocks on meta and everything else loaded from the checkpoint's shards."""
+    # accelerate here, not above: every cell imports this module (the pipeline picks its source), and only
+    # a streamed one needs it
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+
     checkpoint = Path(checkpoint)
     config = transformers.AutoConfig.from_pretrained(checkpoint)
     with init_empty_weights():
@@ -107,6 +110,8 @@ class BlockStream:
         return {name: f"{prefix}.{name}" for name, _ in block.named_parameters()}
 
     def load(self, index: int, block: nn.Module) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
         names = self._names(index, block)
         tensors = _read(self.source, self.weight_map, list(names.values()))
         for local, full in names.items():
@@ -122,6 +127,8 @@ class BlockStream:
             for linear in self.arch.linears(block).values():
                 self.zeros += int((linear.weight == 0).sum())
                 self.total += linear.weight.numel()
+        from accelerate.utils import set_module_tensor_to_device
+
         for local in names:
             set_module_tensor_to_device(block, local, "meta")
         _return_freed_memory()

@@ -23,13 +23,14 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from peft import LoraConfig, get_peft_model
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 from bench.core.families import arch_for
 from bench.core.vocab import check_choice, check_range
@@ -84,6 +85,9 @@ def lora_ranks(model: nn.Module, rank: int, block_weights: Optional[list[float]]
 
 def lora_config(ranks: dict[str, int], options: RecoveryOptions) -> LoraConfig:
     """PEFT's config for these per-linear ranks, with alpha / r = options.alpha / options.rank everywhere."""
+    # seconds to import, and bench.config imports this module for RecoveryOptions: only recovery pays it
+    from peft import LoraConfig
+
     patterns = {re.escape(name): r for name, r in ranks.items()}
     return LoraConfig(r=options.rank, lora_alpha=options.alpha, lora_dropout=0.0, target_modules=list(ranks),
                       rank_pattern=patterns,
@@ -103,6 +107,8 @@ def recover(model: nn.Module, windows: torch.Tensor, samples: torch.Tensor, opti
     ranks = lora_ranks(model, options.rank, block_weights if options.name == "ig_lora" else None)
     config = lora_config(ranks, options)
     torch.manual_seed(seed)
+    from peft import get_peft_model
+
     peft_model = get_peft_model(model, config).to(device)
     peft_model.train()
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
