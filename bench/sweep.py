@@ -32,9 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -42,6 +40,7 @@ from bench import llm
 from bench.config import ConfigError, validate
 from bench.core import identity, records
 from bench.core.records import CorruptResult
+from bench.grid import cell_overrides, grid_arguments
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +66,8 @@ def rerun_mode(cfg: DictConfig) -> str:
 
 
 def sweep_arguments(config: DictConfig) -> list[str]:
-    """The sweep's overrides as Hydra's basic sweeper builds them: `hydra.sweeper.params` first (where an
-    experiment preset puts its grid), then the command line's, so a command-line value wins."""
-    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
-    return [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
-
-
-def cell_overrides(task_overrides: list[str]) -> list[list[str]]:
-    """The cross product of a multirun's overrides (`sweep_arguments`), in the order Hydra's basic sweeper
-    runs it."""
-    parsed = OverridesParser.create().parse_overrides(task_overrides)
-    return BasicSweeper.split_arguments(parsed, None)[0]
+    """The sweep's overrides (`bench.grid.grid_arguments`) of a config composed with its `hydra` node."""
+    return grid_arguments(OmegaConf.select(config, "hydra.sweeper.params"), config.hydra.overrides.task)
 
 
 def expand(task_overrides: list[str], compose: Callable[[list[str]], DictConfig]) -> list[Cell]:

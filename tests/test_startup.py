@@ -60,3 +60,21 @@ def test_a_plain_cell_imports_no_package_of_a_stage_it_skips(method, tmp_path):
         assert result.ok, result.error
     """, tmp_path)
     assert not imported & set(HEAVY_FOR_A_PLAIN_CELL), sorted(imported & set(HEAVY_FOR_A_PLAIN_CELL))
+
+
+def test_a_sweep_says_how_many_cells_before_it_validates_them(tmp_path):
+    """The first line comes from `bench.grid.SweepStart`, the first callback, which Hydra builds before it
+    imports the harness for the others: a bad last cell is reported after the count, not instead of it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "-m", "model=llama-tiny", "method=dense,wanda",
+                           "sparsity=0.5,0.6,1.5", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "sweep not started" in output, output[-3000:]
+    assert "validating 6 cells ..." in output
+    assert output.index("validating 6 cells ...") < output.index("sweep not started")
+
+
+def test_the_first_line_of_a_sweep_needs_no_torch(tmp_path):
+    imported = _imported_by("import bench.grid", tmp_path)
+    assert not imported & set(HEAVY_FOR_HELP), sorted(imported & set(HEAVY_FOR_HELP))
