@@ -13,9 +13,10 @@ from typing import Optional
 
 from bench.core.perplexity import PPL_STEPS
 from bench.core.records import PROGRESS_FILE, write_json_atomic
+from bench.speed import SPEED_STEPS
 from methods.lifecycle import PRUNE_STEPS
 
-STEP_UNITS = {**PRUNE_STEPS, **PPL_STEPS}
+STEP_UNITS = {**PRUNE_STEPS, **PPL_STEPS, **SPEED_STEPS}
 # Steps of a pass are written at most this often (seconds): a pass of many quick blocks or windows
 # would otherwise rewrite the file hundreds of times a second. A new pass and a pass's last step are
 # always written.

@@ -136,7 +136,8 @@ class InMemory(ModelSource):
                                  self.tasks)
 
     def speed(self) -> dict:
-        return speed.measure(self.reference, self.model, self.cfg.eval.speed, self.cfg.device, self.cfg.seed)
+        return speed.measure(self.reference, self.model, self.cfg.eval.speed, self.cfg.device, self.cfg.seed,
+                             on_step=self.observer.step)
 
 
 def _check_finite(model, when: str) -> None:

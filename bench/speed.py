@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import statistics
+import time
 
 import torch
 from torch import nn
@@ -23,6 +24,9 @@ from torch.utils.benchmark import Timer
 
 from bench import placement
 from bench.config import SpeedConfig
+from bench.core.engine import OnStep
+
+SPEED_STEPS = {"speed": "round"}  # one model's prefill and decode; `on_step` hears of each
 
 
 def _seconds(run) -> float:
@@ -48,7 +52,8 @@ def _decode(model: nn.Module, ids: torch.Tensor, steps: int) -> float:
     return ids.shape[0] * steps / _seconds(generate)
 
 
-def measure(dense: nn.Module, pruned: nn.Module, cfg: SpeedConfig, device: str, seed: int = 0) -> dict:
+def measure(dense: nn.Module, pruned: nn.Module, cfg: SpeedConfig, device: str, seed: int = 0,
+            on_step: OnStep = None) -> dict:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, dense.config.vocab_size, (cfg.batch, cfg.prefill_seqlen), generator=generator)
     models = {"dense": dense.eval(), "pruned": pruned.eval()}
@@ -58,12 +63,16 @@ def measure(dense: nn.Module, pruned: nn.Module, cfg: SpeedConfig, device: str, 
     else:
         schedule = [name for name in models for _ in range(rounds)]
     runs = {name: {"prefill": [], "decode": []} for name in models}
+    step = itertools.count()
     for name, group in itertools.groupby(schedule):
         with placement.placed(models[name], device) as inputs_on:
             on_device = ids.to(inputs_on)
             for _ in group:
+                start = time.perf_counter()
                 runs[name]["prefill"].append(_prefill(models[name], on_device))
                 runs[name]["decode"].append(_decode(models[name], on_device, cfg.decode_tokens))
+                if on_step is not None:
+                    on_step("speed", next(step), len(schedule), time.perf_counter() - start)
     result = {"batch": cfg.batch, "prefill_seqlen": cfg.prefill_seqlen, "decode_tokens": cfg.decode_tokens,
               "repeats": cfg.repeats, "device": device}
     for stage in ("prefill", "decode"):

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from bench import models, placement, speed
+from bench import models, placement, progress, speed
 from bench.config import SpeedConfig, zoo_entry
 from bench.core.perplexity import FIT_MARGIN
 
@@ -77,8 +77,12 @@ def test_speed_is_timed_with_torch_benchmark_and_gpus_hold_one_model_at_a_time(d
 
     monkeypatch.setattr(speed.placement, "placed", placed)
     monkeypatch.setattr(speed, "Timer", Timer)
-    result = speed.measure(dense, pruned, SpeedConfig(batch=1, prefill_seqlen=8, decode_tokens=2, repeats=2), device)
+    steps = []
+    result = speed.measure(dense, pruned, SpeedConfig(batch=1, prefill_seqlen=8, decode_tokens=2, repeats=2), device,
+                           on_step=lambda name, index, total, seconds: steps.append((name, index, total)))
     assert timed[::2] == timed[1::2] == order  # prefill then decode, per round: warm-up + 2 repeats
+    assert steps == [("speed", index, 6) for index in range(6)]  # a step per model per round, for progress.json
+    assert all(name in progress.STEP_UNITS for name, _, _ in steps)
     for stage in ("prefill", "decode"):
         assert all(tps > 0 for tps in result[f"{stage}_tokens_per_s"].values())
         assert result[f"{stage}_speedup"] > 0
