@@ -26,7 +26,6 @@ def main(cfg: DictConfig) -> None:
     from bench.config import ConfigError, validate
     from bench.isolate import run_isolated
     from bench.sweep import rerun_mode
-    from reports.collect import collect
 
     hydra_cfg = HydraConfig.get()
     try:
@@ -46,6 +45,9 @@ def main(cfg: DictConfig) -> None:
         print(f"prunebench: cell failed: {result.error.type}: {result.error.message}", file=sys.stderr)
         sys.exit(1)
     if hydra_cfg.mode != RunMode.MULTIRUN:
+        # pandas and matplotlib: only a single run prints its own table; a sweep's is its callback's
+        from reports.collect import collect
+
         print(collect(out_dir).markdown)
 
 

@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import submitit
+from hydra._internal.callbacks import Callbacks
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, filter_overrides
+from hydra.experimental.callback import Callback
+from hydra.types import HydraContext
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import DictConfig, OmegaConf
@@ -36,6 +39,12 @@ def resource_groups(launchers: Sequence[DictConfig]) -> dict[tuple, list[int]]:
         resources = tuple((key, launcher[key]) for key in RESOURCE_KEYS if key in launcher)
         groups.setdefault(resources, []).append(index)
     return groups
+
+
+def hooks_jobs(callback: Callback) -> bool:
+    """Whether a Hydra callback does anything around a single job."""
+    kind = type(callback)
+    return kind.on_job_start is not Callback.on_job_start or kind.on_job_end is not Callback.on_job_end
 
 
 class _PerCellResources(submitit_launcher.BaseSubmititLauncher):
@@ -65,6 +74,19 @@ class _PerCellResources(submitit_launcher.BaseSubmititLauncher):
                               Singleton.get_state()))
             submitted.update(zip(indices, executor.map_array(self, *zip(*calls))))
         return [submitted[index].results()[0] for index in range(len(job_overrides))]
+
+    def __getstate__(self) -> dict:
+        """What Submitit pickles into every cell's job: the launcher with the sweep's callbacks that hook a
+        job (`on_job_start`/`on_job_end`, which Hydra calls in the cell's process) and none of the others.
+        Ours act at the sweep's start and end, in the submitting process; unpickled in each cell, they
+        would cost it the imports of their modules (the reports' pandas and matplotlib) for nothing."""
+        state = dict(self.__dict__)
+        context = self.hydra_context
+        if context is not None:
+            kept = Callbacks()
+            kept.callbacks = [callback for callback in context.callbacks.callbacks if hooks_jobs(callback)]
+            state["hydra_context"] = HydraContext(config_loader=context.config_loader, callbacks=kept)
+        return state
 
     def _executor(self) -> submitit.AutoExecutor:
         init = {"folder": self.params["submitit_folder"]}

@@ -6,12 +6,20 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from hydra._internal.callbacks import Callbacks
+from hydra.experimental.callback import Callback
+from hydra.types import HydraContext, RunMode
 
+from bench.grid import SweepStart
+from hydra_plugins.prunebench_launcher import LocalLauncher
+from bench.sweep import SweepCallback
+from reports.callback import CollectTable, SweepProgress
 from tests.conftest import ROOT, TINY
 
 HEAVY_FOR_HELP = ("torch", "transformers", "peft")
@@ -78,3 +86,22 @@ def test_a_sweep_says_how_many_cells_before_it_validates_them(tmp_path):
 def test_the_first_line_of_a_sweep_needs_no_torch(tmp_path):
     imported = _imported_by("import bench.grid", tmp_path)
     assert not imported & set(HEAVY_FOR_HELP), sorted(imported & set(HEAVY_FOR_HELP))
+
+
+class _JobHook(Callback):
+    def on_job_start(self, config, **kwargs) -> None:
+        pass
+
+
+def test_a_submitit_cell_carries_only_the_callbacks_that_hook_its_job():
+    """Submitit pickles the launcher, Hydra's callbacks with it, into every cell's job; ours act at the sweep's
+    start and end only, and unpickled in a cell they would import the reports (pandas, matplotlib) there."""
+    launcher = LocalLauncher(submitit_folder="unused")
+    callbacks = Callbacks()
+    callbacks.callbacks = [SweepStart(RunMode.RUN, None, []), SweepCallback(), CollectTable(), SweepProgress(),
+                           _JobHook()]
+    launcher.hydra_context = HydraContext(config_loader=None, callbacks=callbacks)
+    shipped = pickle.dumps(launcher)
+    assert b"reports" not in shipped and b"bench.sweep" not in shipped
+    assert [type(c) for c in pickle.loads(shipped).hydra_context.callbacks.callbacks] == [_JobHook]
+    assert len(launcher.hydra_context.callbacks.callbacks) == 5  # the sweep's own process keeps them all
