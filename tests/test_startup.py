@@ -17,8 +17,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import HydraContext, RunMode
 
 from bench.grid import SweepStart
-from hydra_plugins.prunebench_launcher import LocalLauncher
 from bench.sweep import SweepCallback
+from hydra_plugins.prunebench_launcher import LocalLauncher
 from reports.callback import CollectTable, SweepProgress
 from tests.conftest import ROOT, TINY
 
