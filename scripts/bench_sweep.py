@@ -1,0 +1,68 @@
+"""Benchmark: a tiny sweep's wall time against the work its cells record, per launcher, in one run.
+
+    PRUNEBENCH_DATA=../shared/data PYTHONPATH=. python scripts/bench_sweep.py --launchers basic local
+
+Runs the same 8-cell sweep (llama-tiny, dense and wanda x 2 sparsities x 2 seeds, the tests' tiny data)
+under each launcher, and one single cell with `run.py` (its process start and imports: the "one process
+start" of the issue's goal), then prints per launcher: the sweep's wall time, the sum of its cells'
+recorded `timings.total`, the fixed overhead per cell ((wall - sum - one start) / cells) and the ratio
+wall / (sum + one start), which the issue wants at most 1.5. Timings on a shared machine are noisy: read
+the ratios, and note `uptime` next to them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.core.records import read_manifest, read_results
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["model=llama-tiny", "data=pydoc", "eval.ppl.datasets=[pydoc]", "data.calib.nsamples=4",
+        "data.calib.seqlen=64", "eval.ppl.seqlen=64", "eval.ppl.max_windows=4", "threads=1", "cache=false"]
+GRID = ["method=dense,wanda", "sparsity=0.5,0.6", "seed=0,1"]
+
+
+def _run(arguments: list[str], out: Path) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *arguments], cwd=out, env=env,
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"run.py {' '.join(arguments)} failed:\n{proc.stderr[-3000:]}")
+    return seconds
+
+
+def _work(root: Path) -> float:
+    """The cells' recorded seconds (a dense cell runs once for both sparsities: the other is skipped)."""
+    return sum(result.timings["total"] for result in read_results(root).records)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--launchers", nargs="+", default=["basic", "local"], choices=["basic", "local"])
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        single_wall = _run([*TINY, "method=wanda", f"hydra.run.dir={out / 'single'}"], out)
+        start = single_wall - _work(out / "single")  # the process start and imports of one run.py
+        rows = []
+        for launcher in args.launchers:
+            sweep_dir = out / launcher
+            wall = _run(["-m", f"hydra/launcher={launcher}", *TINY, *GRID, f"hydra.sweep.dir={sweep_dir}"], out)
+            cells, work = len(read_manifest(sweep_dir)), _work(sweep_dir)
+            rows.append((launcher, cells, wall, work, (wall - work - start) / cells, wall / (work + start)))
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"one run.py cell: {single_wall:.1f} s wall, {start:.1f} s of it start")
+    print(f"{'launcher':<9} {'cells':>5} {'wall s':>7} {'work s':>7} {'overhead/cell s':>16} {'wall/(work+start)':>18}")
+    for launcher, cells, wall, work, per_cell, ratio in rows:
+        print(f"{launcher:<9} {cells:>5} {wall:>7.1f} {work:>7.1f} {per_cell:>16.1f} {ratio:>18.2f}")
+
+
+if __name__ == "__main__":
+    main()
