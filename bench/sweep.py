@@ -37,7 +37,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bench import llm
-from bench.config import ConfigError, validate
+from bench.config import ConfigError, RunConfig, validate
 from bench.core import identity, records
 from bench.core.records import CorruptResult
 from bench.grid import cell_overrides, grid_arguments
@@ -56,6 +56,7 @@ class Cell:
     config: DictConfig  # as composed: the task config, with the `hydra` node when composed by Hydra
     resolved: dict  # the resolved task config, as run.py sees it
     config_hash: str
+    run: RunConfig  # as validated, for the checks that read the typed config
 
 
 def rerun_mode(cfg: DictConfig) -> str:
@@ -83,7 +84,7 @@ def expand(task_overrides: list[str], compose: Callable[[list[str]], DictConfig]
             rerun_mode(task)
         except ConfigError as exc:
             raise ConfigError(f"cell [{' '.join(overrides)}]: {exc}") from None
-        cells.append(Cell(overrides, config, resolved, identity.config_hash(run_cfg.recorded(resolved))))
+        cells.append(Cell(overrides, config, resolved, identity.config_hash(run_cfg.recorded(resolved)), run_cfg))
     return cells
 
 
@@ -130,7 +131,7 @@ def _probe_llm_endpoints(cells: list[Cell]) -> None:
     model has loaded. (A local LLM's chat template is checked by its cell, before any pruning.)"""
     probed = []  # LLMConfig is a plain (unhashable) dataclass
     for cell in cells:
-        options = validate(OmegaConf.create(cell.resolved)).method.allocator_options
+        options = cell.run.method.allocator_options
         chat = getattr(options, "llm", None)
         if chat is None or chat.backend != "http" or chat.replay or chat in probed:
             continue

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from bench import cache as caching
 from bench import isolate, launcher, models, sweep
 from bench.cell import run_cell
-from bench.config import CONF_DIR, compose
+from bench.config import CONF_DIR, compose, validate
 from bench.core import records
 from bench.core.vocab import ConfigError
 from methods.base import Allocator
@@ -88,16 +88,19 @@ def test_local_launcher_gets_one_cell_at_a_time_unless_told():
         assert primary.hydra.sweeper.max_batch_size == expected
 
 
-def test_a_presets_sweep_params_are_cells_of_the_whole_sweep(tmp_path, caplog):
+def test_a_presets_sweep_params_are_cells_of_the_whole_sweep(tmp_path, caplog, monkeypatch):
     """An experiment's `hydra.sweeper.params` (demo_tiny: 2 models x 3 methods) crossed with the command
-    line's `seed=0,1`: every one of the 12 cells is validated and listed in cells.json, which the live
-    status counts; a command-line key replaces the preset's sweep of that key."""
+    line's `seed=0,1`: every one of the 12 cells is validated (once) and listed in cells.json, which the
+    live status counts; a command-line key replaces the preset's sweep of that key."""
     primary = _primary("experiment=demo_tiny", f"hydra.sweep.dir={tmp_path}", "hydra/launcher=local")
     primary.hydra.overrides.task = ["experiment=demo_tiny", "seed=0,1"]  # as a multirun's command line sets it
     callback = sweep.SweepCallback()
+    validated = []
+    monkeypatch.setattr(sweep, "validate", lambda cfg: validated.append(cfg) or validate(cfg))
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"), caplog.at_level("INFO"):
         callback.on_multirun_start(primary)
         callback.on_multirun_end(primary)
+    assert len(validated) == 12
     listed = [cell["overrides"] for cell in records.read_manifest(tmp_path)]
     assert len(listed) == 12 and len({c["config_hash"] for c in records.read_manifest(tmp_path)}) == 12
     swept = sorted(tuple(o for o in cell if o.split("=")[0] in ("model", "method", "seed")) for cell in listed)
