@@ -65,12 +65,17 @@ def _read(checkpoint: Path, weight_map: dict[str, str], names: list[str]) -> dic
     return tensors
 
 
+def _set_tensor(module: nn.Module, name: str, device: str, value: Optional[torch.Tensor] = None) -> None:
+    """accelerate's `set_module_tensor_to_device`. accelerate is imported here, not at the top: every cell
+    imports this module (the pipeline picks its source), and only a streamed one needs it."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    set_module_tensor_to_device(module, name, device, value=value)
+
+
 def load_meta(checkpoint: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model with its blocks on meta and everything else loaded from the checkpoint's shards."""
-    # accelerate here, not above: every cell imports this module (the pipeline picks its source), and only
-    # a streamed one needs it
-    from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
+    from accelerate import init_empty_weights  # see _set_tensor
 
     checkpoint = Path(checkpoint)
     config = transformers.AutoConfig.from_pretrained(checkpoint)
@@ -82,7 +87,7 @@ def load_meta(checkpoint: Path, dtype: torch.dtype = torch.float32) -> nn.Module
     weight_map = _weight_map(checkpoint)
     names = [name for name, _ in model.named_parameters() if not name.startswith(prefix) and name in weight_map]
     for name, tensor in _read(checkpoint, weight_map, names).items():
-        set_module_tensor_to_device(model, name, "cpu", value=tensor.to(dtype))
+        _set_tensor(model, name, "cpu", tensor.to(dtype))
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     missing = [name for name, p in model.named_parameters() if p.is_meta and not name.startswith(prefix)]
@@ -110,12 +115,10 @@ class BlockStream:
         return {name: f"{prefix}.{name}" for name, _ in block.named_parameters()}
 
     def load(self, index: int, block: nn.Module) -> None:
-        from accelerate.utils import set_module_tensor_to_device
-
         names = self._names(index, block)
         tensors = _read(self.source, self.weight_map, list(names.values()))
         for local, full in names.items():
-            set_module_tensor_to_device(block, local, "cpu", value=tensors[full].to(self.dtype))
+            _set_tensor(block, local, "cpu", tensors[full].to(self.dtype))
 
     def release(self, index: int, block: nn.Module, edited: bool) -> None:
         names = self._names(index, block)
@@ -127,10 +130,8 @@ class BlockStream:
             for linear in self.arch.linears(block).values():
                 self.zeros += int((linear.weight == 0).sum())
                 self.total += linear.weight.numel()
-        from accelerate.utils import set_module_tensor_to_device
-
         for local in names:
-            set_module_tensor_to_device(block, local, "meta")
+            _set_tensor(block, local, "meta")
         _return_freed_memory()
 
     def finish(self, model: nn.Module) -> Path:
