@@ -38,7 +38,8 @@ def gpu_budget(size: int, free: list[int]) -> Optional[dict[int, int]]:
 
 def device_map(model: nn.Module, budget: dict[int, int]) -> dict[str, int]:
     """accelerate's placement of `model`'s modules on the GPUs of `budget`, never splitting a decoder block."""
-    from accelerate import infer_auto_device_map  # only multi-GPU placement needs accelerate
+    # only multi-GPU placement needs accelerate: importing it costs every other cell for nothing
+    from accelerate import infer_auto_device_map
 
     placement = infer_auto_device_map(model, max_memory=budget, no_split_module_classes=model._no_split_modules or [])
     spilled = sorted({str(where) for where in placement.values() if not isinstance(where, int)})

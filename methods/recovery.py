@@ -29,12 +29,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-if TYPE_CHECKING:
-    from peft import LoraConfig
-
 from bench.core.families import arch_for
 from bench.core.vocab import check_choice, check_range
 from methods.allocators.cfsp_coarse import block_distances, sigmoid_scores
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 log = logging.getLogger(__name__)
 
