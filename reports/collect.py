@@ -33,6 +33,7 @@ from bench.core.metrics import METRICS, metric, names
 from bench.core.records import Result, baselines, read_results
 from reports.frame import aggregate, long_frame, row_labels
 from reports.html import render
+from reports.latex import paper_results
 from reports.plots import write_plots
 from reports.select import unique_results
 from reports.table import Table, fmt
@@ -240,6 +241,9 @@ def build_report(results: list[Result], corrupt: list[tuple[str, str]] = (), swe
     labels = row_labels(unique)
     table = results_table(unique, long)
     table.footnotes = _seed_note(long) + _footnotes(unique, list(corrupt))
+    problems = [note for note in table.footnotes if note.startswith(("WARNING", "failed:", "not a result"))]
+    table.paper = paper_results(unique, long, [name for name, _ in _metric_columns(unique, "results")],
+                                _row_keys(long), problems)
     return Report(table, details_table(unique, labels, _row_keys(long)), targets_table(unique, labels), unique, long)
 
 
@@ -280,7 +284,7 @@ def _write(report: Report, sweep_dir: Path, fmt: str, images: list[Path]) -> lis
                  for t in report.tables}
         paths[sweep_dir / "table_wide.csv"] = _wide(report)
     elif fmt == "tex":
-        paths = {sweep_dir / "table.tex": "% \\usepackage{booktabs,graphicx}\n"
+        paths = {sweep_dir / "table.tex": "% \\usepackage{booktabs}\n"
                  + "\n\n".join(t.latex for t in report.tables) + "\n"}
     else:
         paths = {sweep_dir / "report.html": render(report, f"prunebench report: {sweep_dir.name}", images)}
