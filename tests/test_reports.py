@@ -316,19 +316,48 @@ def test_different_protocol_ids_are_marked(tmp_path):
     assert any("protocol ids differ" in note for note in table.footnotes)
 
 
-def test_absolute_tolerance_is_points_and_seed_band(tmp_path):
+def test_tolerance_is_points_or_the_measured_seed_spread(tmp_path):
     targets = [{"model": "llama-tiny", "method": "wanda", "sparsity": 0.5, "metric": "ppl/pydoc", "reported": 251.0,
                 "tolerance": 0.5, "unit": "absolute", "source": "fixture"},
                {"model": "llama-tiny", "method": "wanda", "sparsity": 0.5, "metric": "ppl/pydoc", "reported": 260.0,
-                "tolerance": 0.05, "source": "fixture"}]
+                "tolerance": 0.05, "source": "fixture"},
+               {"model": "llama-tiny", "method": "magnitude", "sparsity": 0.5, "metric": "ppl/pydoc", "reported": 251.0,
+                "tolerance": 0.5, "unit": "absolute", "source": "fixture"}]
     root = tmp_path / "tolerances"
     for seed, ppl in zip((0, 1, 2), (254.44, 250.09, 250.95)):
         fake(root, "llama-tiny", "wanda", 0.5, ppl, seed=seed, targets=targets)
+    fake(root, "llama-tiny", "magnitude", 0.5, 251.83, targets=targets)
     rows = collect(root, write=False).targets.rows
-    # 251.83 vs 251.0 is 0.83 points: outside ±0.5 points (before: 0.5 read as ±50%, "within tolerance")
-    assert rows[0][4:10] == ["251.83 ± 2.30 (3)", "251.00", "+0.83 (+0.3%)", "±0.5 pts", "worse",
-                             "within seed band"]
-    assert rows[1][7:10] == ["±5%", "within tolerance", "outside seed band"]  # 260 > 251.83 + 2 x 2.30
+    # three seeds: the tolerance is their spread (2 x 2.30), not the preset's fixed ±0.5 or ±5%
+    assert rows[0][4:10] == ["251.83 ± 2.30 (3)", "251.00", "+0.83 (+0.3%)", "±4.61 (2 std, 3 seeds)",
+                             "within tolerance", "within seed band"]
+    assert rows[1][7:10] == ["±4.61 (2 std, 3 seeds)", "better", "outside seed band"]  # before: ±5%, within
+    # one seed: the preset's tolerance, in points (before: 0.5 read as ±50%, "within tolerance")
+    assert rows[2][4:10] == ["251.83", "251.00", "+0.83 (+0.3%)", "±0.5 pts", "worse", "-"]
+
+
+def test_dense_targets_are_judged_first_and_mark_the_pruned_verdicts(tmp_path):
+    def target(model, method, sparsity, reported):
+        return {"model": model, "method": method, "sparsity": sparsity, "metric": "ppl/pydoc", "reported": reported,
+                "tolerance": 0.05, "source": "fixture"}
+    targets = [target("llama-tiny", "wanda", 0.5, 20.0), target("opt-tiny", "wanda", 0.5, 40.0),
+               target("llama-tiny", "dense", 0.0, 10.0), target("opt-tiny", "dense", 0.0, 20.0)]
+    root = tmp_path / "dense_first"
+    fake(root, "llama-tiny", "dense", 0.0, 12.0, targets=targets)  # 20% above the paper's dense
+    fake(root, "llama-tiny", "wanda", 0.5, 20.5, targets=targets)
+    fake(root, "opt-tiny", "dense", 0.0, 20.2, targets=targets)  # within 5%
+    fake(root, "opt-tiny", "wanda", 0.5, 41.0, targets=targets)
+    table = collect(root, write=False).targets
+    column = {name: i for i, name in enumerate(table.header)}
+    rows = {(row[0], row[1]): row for row in table.rows}
+    assert [row[1] for row in table.rows[:2]] == ["dense", "dense"]  # judged first
+    assert rows[("llama-tiny", "dense")][column["verdict"]] == "worse"
+    assert rows[("llama-tiny", "wanda")][column["verdict"]] == \
+        "within tolerance (dense differs by +20.0%: pruned verdicts not comparable)"
+    assert rows[("opt-tiny", "wanda")][column["verdict"]] == "within tolerance"
+    # the pruned number over its own dense number, beside the paper's
+    assert rows[("llama-tiny", "wanda")][column["ours / dense"]:column["paper / dense"] + 1] == ["1.71x", "2.00x"]
+    assert rows[("opt-tiny", "wanda")][column["ours / dense"]:column["paper / dense"] + 1] == ["2.03x", "2.00x"]
 
 
 @pytest.fixture
