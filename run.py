@@ -15,7 +15,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from bench.cell import run_cell
-from bench.config import ConfigError, validate
+from bench.config import ConfigError, unknown_key, validate
 from bench.isolate import run_isolated
 from bench.sweep import rerun_mode
 from reports.collect import collect
@@ -47,4 +47,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if (unknown := unknown_key(sys.argv[1:])) is not None:  # before Hydra's multi-line hint to add `+key=`
+        sys.exit(f"prunebench: config error: {unknown}")
     main()
