@@ -121,8 +121,8 @@ def evaluate(model: nn.Module, tokenizer, cfg: ZeroShotConfig, device: str, seed
         metric = cfg.metric.get(task, "acc") if task in ZEROSHOT_TASKS else _primary(out, task)
         tasks[task] = {
             "metric": metric,
-            "value": scores[f"{metric},none"],
-            "stderr": scores.get(f"{metric}_stderr,none"),
+            "value": _score(scores, metric),
+            "stderr": _score(scores, f"{metric}_stderr", None),
             "acc": scores.get("acc,none"),
             "acc_norm": scores.get("acc_norm,none"),
             "version": out["versions"].get(task),
@@ -136,6 +136,21 @@ def evaluate(model: nn.Module, tokenizer, cfg: ZeroShotConfig, device: str, seed
         "limit": cfg.limit,
         "source": f"local task YAMLs: {cfg.include_path}" if cfg.include_path else "lm-eval standard tasks",
     }
+
+
+_MISSING = object()
+
+
+def _score(scores: dict, metric: str, default=_MISSING):
+    """lm-eval's `<metric>,<filter>` entry: `none` where the task has no filter, else its first filter
+    (gsm8k's `strict-match`)."""
+    keys = [f"{metric},none"] + [key for key in scores if key.startswith(f"{metric},")]
+    found = next((key for key in keys if key in scores), None)
+    if found is None:
+        if default is _MISSING:
+            raise KeyError(f"lm-eval reported no {metric} ({', '.join(sorted(scores))})")
+        return default
+    return scores[found]
 
 
 def _primary(out: dict, task: str) -> str:

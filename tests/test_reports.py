@@ -362,7 +362,7 @@ def test_dense_targets_are_judged_first_and_mark_the_pruned_verdicts(tmp_path):
 
 @pytest.fixture
 def paper_sweep(tmp_path) -> Path:
-    """2 models x (dense + 3 methods, one of them structured) x 2 sparsities x 3 seeds (dense: 1 seed)."""
+    """2 models x (dense + 4 methods, one of them structured) x 2 sparsities x 3 seeds (dense: 1 seed)."""
     root = tmp_path / "paper"
     accs = {"piqa": ("acc", 0.7), "arc_challenge": ("acc_norm", 0.4)}
     for m, model in enumerate(("llama-tiny", "opt-tiny")):
@@ -370,7 +370,8 @@ def paper_sweep(tmp_path) -> Path:
         for sparsity in (0.4, 0.5):
             for seed in (0, 1, 2):
                 spread = seed * 0.1
-                for method, ppl, removed in (("magnitude", 30.0, None), ("wanda", 20.0, None), ("cfsp", 15.0, 0.187)):
+                for method, ppl, removed in (("magnitude", 30.0, None), ("wanda", 20.0, None), ("sparsegpt", 22.0, None),
+                                             ("cfsp", 15.0, 0.187)):
                     fake(root, model, method, sparsity, {"wikitext2": ppl + m + spread + 10 * sparsity,
                                                          "c4": ppl + 2 + spread}, accs, seed=seed, targets=[],
                          params_removed=removed)

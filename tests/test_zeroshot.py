@@ -118,3 +118,9 @@ def test_tasks_whose_data_cannot_be_loaded_fail_the_cell_before_the_model_loads(
     assert result.status == "failed" and result.error.type == "ConfigError"
     assert "eval.zeroshot.tasks=['boolq', 'piqa'] cannot be loaded" in result.error.message
     assert "\n" not in result.error.message and loads == []  # before the model, so before any pruning
+
+
+def test_a_preset_adds_reasoning_and_instruction_following_beside_the_seven(make_config):
+    cfg, _ = make_config("model=llama-tiny", *TINY, "eval=[ppl,zeroshot_beyond]")
+    assert cfg.eval.zeroshot.tasks[:7] == TASKS[:7] and {"mmlu", "gsm8k", "ifeval"} <= set(cfg.eval.zeroshot.tasks)
+    assert cfg.eval.zeroshot.metric["hellaswag"] == "acc_norm"  # the papers' choices kept

@@ -102,8 +102,8 @@ ARGLESS_DISPLAY = {"acc_avg": "Avg.", "acc_avg_drop": "Avg. drop (pp)"}
 def display(name: str) -> tuple[str, str]:
     """(family heading, column) a paper prints for metric `name`: ("Perplexity", "WikiText-2")."""
     family, _, arg = name.partition("/")
-    metric(name)
-    return FAMILY_DISPLAY[family], ARGLESS_DISPLAY.get(family) or DISPLAY.get(arg, arg)
+    heading = FAMILY_DISPLAY.get(family, metric(name).name)  # a new family prints its name until it has one
+    return heading, ARGLESS_DISPLAY.get(family) or DISPLAY.get(arg, arg)
 
 
 def metric(name: str) -> Metric:
