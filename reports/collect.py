@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 import pandas as pd
 
-from bench.core.metrics import METRICS, metric, names
+from bench.core.metrics import METRICS, display, metric, names
 from bench.core.records import Result, baselines, read_results
 from reports.frame import aggregate, long_frame, row_labels
 from reports.html import render
@@ -194,6 +194,11 @@ DETAILS = (  # column label, how to read it from a result (None = not present)
     ("cell time (s)", lambda r: _num(r.timings.get("total"), "{:.0f}")),
     ("peak memory (MB)", lambda r: _num(r.peak_memory.get("cuda_mb", r.peak_memory.get("rss_mb")), "{:.0f}")),
 )  # then the registry's details metrics (`Metric.table`), e.g. the speed-ups
+# LaTeX: (heading over a family of columns, column) of each, so labels do not set the columns' widths
+# and the table fits a page without being scaled down
+DETAILS_LATEX = {"measured sparsity": ("Sparsity", "measured"), "params removed": ("Sparsity", "params"),
+                 "allocation time (s)": ("Time (s)", "alloc."), "pruning time (s)": ("Time (s)", "prune"),
+                 "cell time (s)": ("Time (s)", "cell"), "peak memory (MB)": ("Memory", "MB")}
 
 
 def _total(timings: dict, *stages: str) -> Optional[float]:
@@ -228,9 +233,13 @@ def details_table(unique: list[Result], labels: dict[int, str], rows_in_order: l
     rows = [[r.cell.model, labels[id(r)], f"{r.cell.sparsity:.0%}"] + ([str(r.cell.seed)] if seeds else [])
             + [read(r) or "-" for _, read in present] for r in ok]
     notes = ["peak memory: CUDA max allocated when on a GPU, else the process's max RSS"]
-    return Table("Details per cell", ["model", "method", "sparsity"] + (["seed"] if seeds else [])
-                 + [label for label, _ in present], rows, notes, caption="Details of every cell",
-                 label="tab:prunebench-details", index=3 + seeds)
+    lead = ["model", "method", "sparsity"] + (["seed"] if seeds else [])
+    shown = {label: DETAILS_LATEX.get(label) or display(name) for name, label in _metric_columns(unique, "details")}
+    shown.update(DETAILS_LATEX)
+    latex = [("", head) for head in lead] + [shown[label] for label, _ in present]
+    return Table("Details per cell", lead + [label for label, _ in present], rows, notes,
+                 caption="Details of every cell", label="tab:prunebench-details", index=len(lead), sections=True,
+                 levels=[[family for family, _ in latex], [column for _, column in latex]])
 
 
 # --- entry point ---------------------------------------------------------------------------------

@@ -76,7 +76,11 @@ def paper_results(unique: list[Result], long: pd.DataFrame, metric_names: list[s
     labels = row_labels(unique)
     models = list(dict.fromkeys(model for model, _ in row_order))
     rank = {key: i for i, key in enumerate(row_order)}
-    marked = long["protocol_id"].nunique() > 1  # numbers of different protocols never sit side by side unmarked
+    # numbers of different protocols never sit side by side unmarked: within a model, rows of another
+    # protocol carry a mark (p1, p2, ...) that a note resolves to the protocol ids of the CSV
+    per_model = long.groupby("model")["protocol_id"].nunique()
+    marks = {pid: f"p{i + 1}" for i, pid in enumerate(sorted(set(long.loc[long["model"].isin(
+        per_model.index[per_model > 1]), "protocol_id"])))}
     groups: dict[tuple[str, str, float], list[Result]] = {}
     for result in unique:
         sparsity = 0.0 if result.cell.baseline else result.cell.sparsity
@@ -104,9 +108,10 @@ def paper_results(unique: list[Result], long: pd.DataFrame, metric_names: list[s
         keys = sorted({labels[id(r)] for r in members}, key=lambda label: rank.get((model, label), len(rank)))
         first, means = len(rows), []
         for label in keys:
-            protocols = ",".join(sorted(set(long.loc[long["row"] == label, "protocol_id"])))
+            ids = sorted(set(long.loc[(long["model"] == model) & (long["row"] == label), "protocol_id"]))
+            mark = ",".join(marks[pid] for pid in ids if pid in marks)
             cells = [cell(model, label, sparsity, name, members) for name in names]
-            rows.append([label + (f" [{protocols}]" if marked else ""), *(text for text, _ in cells)])
+            rows.append([label + (f" ({mark})" if mark else ""), *(text for text, _ in cells)])
             means.append([mean for _, mean in cells])
         if kind != DENSE and len(keys) > 1:
             frame = pd.DataFrame(means)
@@ -125,5 +130,7 @@ def paper_results(unique: list[Result], long: pd.DataFrame, metric_names: list[s
     caption = (" and ".join(f"{family} ({direction} is better)" for family, direction in directions.items())
                + " of the dense model and of each pruning method"
                + ". Bold: the best pruned value of its column within a sparsity group." + seeds)
-    return Table("Results", header, rows, _protocol_words(unique) + notes, bold=bold, caption=caption,
+    protocols = [f"Protocols: {', '.join(f'{m}: {pid}' for pid, m in marks.items())}; numbers of different protocols "
+                 f"are not comparable."] if marks else []
+    return Table("Results", header, rows, _protocol_words(unique) + protocols + notes, bold=bold, caption=caption,
                  label="tab:prunebench-results", index=1, groups=starts, levels=[families, header])

@@ -5,7 +5,7 @@ import csv
 import html
 import io
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import pandas as pd
@@ -29,6 +29,11 @@ def _latex_escape(text: str) -> str:
 
 _CODE = re.compile(r"`([^`]*)`")
 _SPREAD = re.compile(r"(?<=\d) \$\\pm\$ (\d[\d.]*)")
+
+
+def _size(columns: int) -> str:
+    """Smaller type for wider tables, never below what a paper's appendix prints (scriptsize)."""
+    return r"\small" if columns <= 6 else r"\footnotesize" if columns <= 10 else r"\scriptsize"
 
 
 def _stacked(label: str) -> str:
@@ -82,6 +87,7 @@ class Table:
     data: Optional[pd.DataFrame] = None  # raw numbers, for the CSV
     groups: dict = field(default_factory=dict)  # LaTeX: {row index: heading of the row group it starts}
     levels: Optional[list] = None  # LaTeX: every header level, top first (else `spans` over `header`)
+    sections: bool = False  # LaTeX: the first column's values head row groups instead of filling a column
     paper: Optional["Table"] = None  # LaTeX: the layout a paper prints, written in this table's place
 
     def _cells(self, wrap, escape=lambda text: text) -> list[list[str]]:
@@ -136,15 +142,21 @@ class Table:
         line width prints its numbers too small to read."""
         if self.paper is not None:
             return self.paper.latex
+        if self.sections:
+            starts = {r: row[0] for r, row in enumerate(self.rows) if r == 0 or self.rows[r - 1][0] != row[0]}
+            return replace(self, header=self.header[1:], rows=[row[1:] for row in self.rows], groups=starts,
+                           bold={(r, c - 1) for r, c in self.bold if c}, spans=self.spans and self.spans[1:],
+                           levels=self.levels and [level[1:] for level in self.levels], index=self.index - 1,
+                           sections=False).latex
         leaves = [head[len(span):].strip() for span, head in zip(self.spans, self.header)] if self.spans else []
         levels = self.levels or ([self.spans, leaves] if self.spans else [self.header])
         text = [c for c in range(self.index, len(self.header))
                 if any(not _NUMBER_LIKE.match(row[c]) for row in self.rows)]
         align = "".join("l" if c < self.index else "p{2.4cm}" if c in text else "r" for c in range(len(self.header)))
-        lines = [r"\begin{table}[htbp]", r"\centering", r"\small" if len(self.header) <= 6 else r"\footnotesize",
+        lines = [r"\begin{table}[htbp]", r"\centering", _size(len(self.header)),
                  r"\caption{" + _latex_escape(self.caption or self.title) + "}"]
         lines += [r"\label{" + self.label + "}"] if self.label else []
-        lines += [r"\setlength{\tabcolsep}{4pt}"] if len(self.header) > 6 else []
+        lines += [rf"\setlength{{\tabcolsep}}{{{4 if len(self.header) <= 10 else 3}pt}}"] if len(self.header) > 6 else []
         lines += [r"\begin{tabular}{" + align + "}", r"\toprule", *_header_rows(levels), r"\midrule"]
         previous: list[str] = []
         for r, row in enumerate(self._cells(lambda t: r"\textbf{" + t + "}", _latex_escape)):

@@ -314,6 +314,8 @@ def test_different_protocol_ids_are_marked(tmp_path):
     assert table.header[:3] == ["model", "method", "protocol"]
     assert {row[1]: row[2] for row in table.rows} == {"wanda": "p-aaaa", "magnitude": "p-bbbb"}
     assert any("protocol ids differ" in note for note in table.footnotes)
+    tex = table.latex  # marked by a short name the notes resolve, not by the hash in every row
+    assert "magnitude (p2) &" in tex and "wanda (p1) &" in tex and "p1: p-aaaa, p2: p-bbbb" in tex
 
 
 def test_tolerance_is_points_or_the_measured_seed_spread(tmp_path):
@@ -427,8 +429,10 @@ def test_latex_is_the_table_a_paper_prints_and_compiles(paper_sweep, tmp_path):
 def test_latex_of_other_tables_has_one_header_row_and_code_in_type(seeds_and_lams):
     report = collect(seeds_and_lams, write=False)
     details = report.details.latex
-    header = details.split("\\toprule")[1].split("\\midrule")[0]
-    assert header.strip().count("\n") == 0 and "model & method" in header  # pandas added an index-names row
+    header = details.split("\\toprule")[1].split("\\midrule")[0].strip().splitlines()
+    # a family above its columns, then the columns; before: pandas added a row of index names
+    assert len(header) == 2 and header[1].startswith("method & sparsity & seed & measured & prune & MB")
+    assert "Sparsity & Time (s) & Memory" in header[0] and "\\emph{llama-tiny}" in details  # the model heads rows
     assert "\\resizebox" not in details
     assert "\\texttt{quick}" in Table("t", ["a"], [["1"]], ["protocol `quick`"]).latex  # was ‘quick‘
 
