@@ -66,7 +66,7 @@ def _header_rows(levels: list[list[str]]) -> list[str]:
     return rows
 
 
-_NUMBER_LIKE = re.compile(r"^([-+]?\d|[-+]?\.\d|-$|failed$|running$|not measured)")
+_NUMBER_LIKE = re.compile(r"^([-+±]?\d|[-+]?\.\d|-$|failed$|running$|not measured)")
 
 
 @dataclass
@@ -87,6 +87,7 @@ class Table:
     data: Optional[pd.DataFrame] = None  # raw numbers, for the CSV
     groups: dict = field(default_factory=dict)  # LaTeX: {row index: heading of the row group it starts}
     levels: Optional[list] = None  # LaTeX: every header level, top first (else `spans` over `header`)
+    dense: bool = False  # LaTeX: the smallest type and spacing, for a table of many text columns
     sections: bool = False  # LaTeX: the first column's values head row groups instead of filling a column
     paper: Optional["Table"] = None  # LaTeX: the layout a paper prints, written in this table's place
 
@@ -152,11 +153,12 @@ class Table:
         levels = self.levels or ([self.spans, leaves] if self.spans else [self.header])
         text = [c for c in range(self.index, len(self.header))
                 if any(not _NUMBER_LIKE.match(row[c]) for row in self.rows)]
-        align = "".join("l" if c < self.index else "p{2.4cm}" if c in text else "r" for c in range(len(self.header)))
-        lines = [r"\begin{table}[htbp]", r"\centering", _size(len(self.header)),
+        align = "".join("l" if c < self.index else "p{1.8cm}" if c in text else "r" for c in range(len(self.header)))
+        width = 11 if self.dense else len(self.header)
+        lines = [r"\begin{table}[htbp]", r"\centering", _size(width),
                  r"\caption{" + _latex_escape(self.caption or self.title) + "}"]
         lines += [r"\label{" + self.label + "}"] if self.label else []
-        lines += [rf"\setlength{{\tabcolsep}}{{{4 if len(self.header) <= 10 else 3}pt}}"] if len(self.header) > 6 else []
+        lines += [rf"\setlength{{\tabcolsep}}{{{4 if width <= 10 else 3}pt}}"] if width > 6 else []
         lines += [r"\begin{tabular}{" + align + "}", r"\toprule", *_header_rows(levels), r"\midrule"]
         previous: list[str] = []
         for r, row in enumerate(self._cells(lambda t: r"\textbf{" + t + "}", _latex_escape)):

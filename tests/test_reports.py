@@ -360,6 +360,9 @@ def test_dense_targets_are_judged_first_and_mark_the_pruned_verdicts(tmp_path):
     # the pruned number over its own dense number, beside the paper's
     assert rows[("llama-tiny", "wanda")][column["ours / dense"]:column["paper / dense"] + 1] == ["1.71x", "2.00x"]
     assert rows[("opt-tiny", "wanda")][column["ours / dense"]:column["paper / dense"] + 1] == ["2.03x", "2.00x"]
+    tex = table.latex  # the columns a page holds: sources and protocol differences become notes
+    assert "wanda, 50\\% & Python docs ppl & 20.50 & 20.00 & +2.5\\% & $\\pm$5\\% & within tolerance (dense differs" in tex
+    assert "1.71x/2.00x" in tex and "Source: fixture." in tex and "seed band &" not in tex
 
 
 @pytest.fixture
