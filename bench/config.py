@@ -218,7 +218,9 @@ _UNKNOWN_KEY = re.compile(r"Could not override '([^']+)'")
 
 def unknown_key(arguments: list[str]) -> Optional[str]:
     """The one-line error of a command line's first unknown key (with a "did you mean"), or None; a sweep
-    axis (`method=dense,wanda`) is checked at its first value, Hydra's own flags and keys are left to it."""
+    axis (`method=dense,wanda`) is checked at its first value; Hydra's own flags and keys are left to it."""
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in arguments):
+        return None  # --help, --cfg, --info ...: Hydra's own, which a composed config would only slow
     overrides = []
     for argument in arguments:
         key, equals, value = argument.partition("=")

@@ -149,3 +149,4 @@ def test_an_unknown_key_is_one_line_with_a_did_you_mean(arguments, message):
 def test_known_keys_sweeps_and_hydras_own_are_left_alone():
     assert unknown_key(["-m", "method=dense,wanda", "sparsity=0.5,0.7", "eval=[ppl,zeroshot]",
                         "hydra.sweep.dir=x", "method.display=W"]) is None
+    assert unknown_key(["--cfg", "job", "eval.ppl.seqln=3"]) is None  # Hydra's flags: Hydra answers
