@@ -14,6 +14,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from bench.compose import unknown_key
+
 log = logging.getLogger("prunebench")
 
 
@@ -52,4 +54,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if (unknown := unknown_key(sys.argv[1:])) is not None:  # before Hydra's multi-line hint to add `+key=`
+        sys.exit(f"prunebench: config error: {unknown}")
     main()

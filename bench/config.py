@@ -5,8 +5,8 @@ config by string key. Every error names the key, the bad value and what is allow
 sweep fails at start instead of an hour into a job. Each section is a dataclass that states its keys and
 defaults once and checks them in `__post_init__` (the data section's lives in bench/data.py, zero-shot's
 in bench/zeroshot.py, recovery's in methods/recovery.py); `validate` adds only the checks that need two
-sections. Method keys are the components' own schemas (`methods.catalog.parse`); `compose` is the one way code
-outside run.py composes a config from conf/.
+sections. Method keys are the components' own schemas (`methods.catalog.parse`); `bench.compose` is the one way
+code outside run.py composes a config from conf/.
 """
 from __future__ import annotations
 
@@ -18,15 +18,13 @@ from typing import Any, Optional
 
 import torch
 import transformers
-from hydra import compose as hydra_compose
-from hydra import initialize_config_dir
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from bench import protocol
 from bench.checkpoint import SAVE_FORMATS
+from bench.compose import CONF_DIR
 from bench.core.metrics import METRICS
 from bench.data import CUSTOM, DataConfig, dataset_names, resolve_files
 from bench.zeroshot import ZeroShotConfig
@@ -36,7 +34,6 @@ from methods import catalog
 from methods.catalog import MethodSpec
 from methods.recovery import RecoveryOptions
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SOURCES = ("hub", "pypi_gguf", "random")
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("cpu", "cuda")
@@ -187,18 +184,6 @@ class RunConfig:
         """The resolved config as the cell runs it (`Result.config`, what `bench.core.identity` hashes):
         with the effective sparsity, so the dense baseline is one cell across the sweep's sparsity axis."""
         return {**resolved, "sparsity": self.sparsity}
-
-
-def compose(overrides: list[str] = (), with_hydra: bool = False) -> DictConfig:
-    """The config `python run.py <overrides>` would run, composed from conf/ (for tests and scripts);
-    `with_hydra` keeps the `hydra` node (launcher, sweep dirs). An override Hydra cannot apply (an
-    unknown preset, bad syntax) is a one-line ConfigError."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        try:
-            return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=with_hydra)
-        except HydraException as exc:
-            message = str(exc).split("\nConfig search path")[0]  # the rest lists Hydra's own search path
-            raise ConfigError(" ".join(message.split())) from None
 
 
 # Top-level keys besides RunConfig's fields: read by run.py, the sweep, the cache and the reports.

@@ -41,13 +41,14 @@ def _prefill(model: nn.Module, ids: torch.Tensor) -> float:
 
 @torch.no_grad()
 def _decode(model: nn.Module, ids: torch.Tensor, steps: int) -> float:
+    # `cache`, not `past_key_values`: transformers renamed it and drops the old name in 5.40
     out = model(ids, use_cache=True, logits_to_keep=1)
-    state = {"cache": out.past_key_values, "token": out.logits[:, -1:].argmax(-1)}
+    state = {"cache": out.cache, "token": out.logits[:, -1:].argmax(-1)}
 
     def generate():
         for _ in range(steps):
-            out = model(state["token"], past_key_values=state["cache"], use_cache=True)
-            state["cache"], state["token"] = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(state["token"], cache=state["cache"], use_cache=True)
+            state["cache"], state["token"] = out.cache, out.logits[:, -1:].argmax(-1)
 
     return ids.shape[0] * steps / _seconds(generate)
 

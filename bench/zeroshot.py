@@ -26,6 +26,8 @@ from bench.core.vocab import ConfigError, check_choice, check_range
 
 log = logging.getLogger(__name__)
 
+# The papers' tasks, whose acc or acc_norm is a choice (`eval.zeroshot.metric`); any other task lm-eval's
+# task manager resolves is scored by its primary metric (`_primary`).
 ZEROSHOT_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "rte")
 ZEROSHOT_METRICS = ("acc", "acc_norm")
 ACC_ONLY_TASKS = ("boolq", "winogrande", "rte")  # lm-eval reports no acc_norm for these
@@ -33,7 +35,8 @@ ACC_ONLY_TASKS = ("boolq", "winogrande", "rte")  # lm-eval reports no acc_norm f
 
 @dataclass
 class ZeroShotConfig:
-    """lm-eval zero-shot tasks; `metric` picks acc or acc_norm per task, since papers differ."""
+    """lm-eval zero-shot tasks (any its task manager resolves; checked when they load, before the model);
+    `metric` picks acc or acc_norm per paper task, since papers differ."""
 
     tasks: list = field(default_factory=lambda: list(ZEROSHOT_TASKS[:7]))
     metric: dict = field(default_factory=dict)  # task -> acc | acc_norm; a task not listed uses acc
@@ -41,10 +44,12 @@ class ZeroShotConfig:
     limit: Optional[int] = None  # examples per task; None = the whole split (paper protocol)
     batch_size: int = 1
     include_path: Optional[str] = None  # dir of local task YAMLs (offline mirrors); None = lm-eval's tasks
+    log_samples: bool = False  # lm-eval's per-example samples beside its results (about 30 MB for the seven tasks)
 
     def __post_init__(self):
         for task in self.tasks:
-            check_choice("eval.zeroshot.tasks", task, ZEROSHOT_TASKS)
+            check_range("eval.zeroshot.tasks", task, isinstance(task, str) and task.strip() != "",
+                        "names of lm-eval tasks")
         for task, metric in self.metric.items():
             check_choice("eval.zeroshot.metric", task, ZEROSHOT_TASKS)
             check_choice(f"eval.zeroshot.metric.{task}", metric,
@@ -85,9 +90,9 @@ def load_tasks(cfg: ZeroShotConfig) -> LoadedTasks:
 def evaluate(model: nn.Module, tokenizer, cfg: ZeroShotConfig, device: str, seed: int = 0,
              out_dir: Optional[Path] = None, loaded: Optional[LoadedTasks] = None) -> dict:
     """Run the configured tasks (`loaded` by `load_tasks`, else loaded here); returns {"tasks": {task:
-    scores}, "average": mean reported metric, ...}. With `out_dir`, lm-eval's own results JSON and per-task
-    samples go to `out_dir/lm_eval/` (its EvaluationTracker), so the numbers can be checked with lm-eval's
-    tools."""
+    scores}, "average": mean reported metric, ...}. With `out_dir`, lm-eval's own results JSON (and with
+    `log_samples` its per-task samples) go to `out_dir/lm_eval/<cell dir name>/` (its EvaluationTracker), so
+    the numbers can be checked with lm-eval's tools."""
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.models.huggingface import HFLM
@@ -98,22 +103,26 @@ def evaluate(model: nn.Module, tokenizer, cfg: ZeroShotConfig, device: str, seed
     with placement.placed(model, device):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
         out = lm_eval.simple_evaluate(model=lm, tasks=loaded.tasks, num_fewshot=cfg.num_fewshot,
-                                      limit=cfg.limit, task_manager=loaded.manager, log_samples=tracker is not None,
+                                      limit=cfg.limit, task_manager=loaded.manager,
+                                      log_samples=tracker is not None and cfg.log_samples,
                                       evaluation_tracker=tracker, random_seed=seed, numpy_random_seed=seed,
                                       torch_random_seed=seed, fewshot_random_seed=seed)
     if tracker is not None:
-        samples = out.pop("samples")
+        # lm-eval names its folder after the model, which a model object passed in has not: a random id
+        tracker.general_config_tracker.model_name = tracker.general_config_tracker.model_name_sanitized = \
+            Path(out_dir).name
+        samples = out.pop("samples", None)
         tracker.save_results_aggregated(results=out, samples=samples)
-        for task in out["configs"]:
+        for task in out["configs"] if samples else ():
             tracker.save_results_samples(task_name=task, samples=samples[task])
     tasks = {}
     for task in cfg.tasks:
         scores = out["results"][task]
-        metric = cfg.metric.get(task, "acc")
+        metric = cfg.metric.get(task, "acc") if task in ZEROSHOT_TASKS else _primary(out, task)
         tasks[task] = {
             "metric": metric,
-            "value": scores[f"{metric},none"],
-            "stderr": scores.get(f"{metric}_stderr,none"),
+            "value": _score(scores, metric),
+            "stderr": _score(scores, f"{metric}_stderr", None),
             "acc": scores.get("acc,none"),
             "acc_norm": scores.get("acc_norm,none"),
             "version": out["versions"].get(task),
@@ -127,6 +136,30 @@ def evaluate(model: nn.Module, tokenizer, cfg: ZeroShotConfig, device: str, seed
         "limit": cfg.limit,
         "source": f"local task YAMLs: {cfg.include_path}" if cfg.include_path else "lm-eval standard tasks",
     }
+
+
+_MISSING = object()
+
+
+def _score(scores: dict, metric: str, default=_MISSING):
+    """lm-eval's `<metric>,<filter>` entry: `none` where the task has no filter, else its first filter
+    (gsm8k's `strict-match`)."""
+    keys = [f"{metric},none"] + [key for key in scores if key.startswith(f"{metric},")]
+    found = next((key for key in keys if key in scores), None)
+    if found is None:
+        if default is _MISSING:
+            raise KeyError(f"lm-eval reported no {metric} ({', '.join(sorted(scores))})")
+        return default
+    return scores[found]
+
+
+def _primary(out: dict, task: str) -> str:
+    """lm-eval's primary metric of a task: the first of its `metric_list` where higher is better (a score
+    in [0, 1], shown in %; lambada's perplexity comes first, its accuracy is the score)."""
+    listed = [entry["metric"] for entry in out["configs"].get(task, {}).get("metric_list", [])
+              if entry.get("higher_is_better", True)]
+    better = [name for name, higher in out.get("higher_is_better", {}).get(task, {}).items() if higher]
+    return next(iter(listed + better), "acc")
 
 
 def _version(package: str) -> str:

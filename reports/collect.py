@@ -15,8 +15,9 @@ is its own row, labelled by the keys that differ (`owl_wanda (lam=0.04)`); cells
   lies within our seed band (mean ± 2 std), and where the protocols differ.
 
 CSV: `table.csv` is long (one row per cell x metric, raw numbers, config hash, protocol id, seed),
-`table_wide.csv` the results table as numbers (mean, std, n). LaTeX and HTML come from pandas' Styler
-(booktabs, caption, label, notes). A cell that failed shows "failed", one never run "-": a number only
+`table_wide.csv` the results table as numbers (mean, std, n). LaTeX is written by `reports.table` (booktabs,
+one header row per level with `\cmidrule`, never scaled down), the results table in the layout a paper
+prints (`reports.latex`); HTML comes from pandas' Styler. A cell that failed shows "failed", one never run "-": a number only
 ever comes from a result file. Footnotes give each protocol, every fallback warning and failure, and
 every file under the sweep that is not a readable record.
 """
@@ -29,10 +30,11 @@ from typing import Callable, Optional
 
 import pandas as pd
 
-from bench.core.metrics import METRICS, metric, names
+from bench.core.metrics import METRICS, display, metric, names
 from bench.core.records import Result, baselines, read_results
 from reports.frame import aggregate, long_frame, row_labels
 from reports.html import render
+from reports.latex import paper_results
 from reports.plots import write_plots
 from reports.select import unique_results
 from reports.table import Table, fmt
@@ -193,6 +195,11 @@ DETAILS = (  # column label, how to read it from a result (None = not present)
     ("cell time (s)", lambda r: _num(r.timings.get("total"), "{:.0f}")),
     ("peak memory (MB)", lambda r: _num(r.peak_memory.get("cuda_mb", r.peak_memory.get("rss_mb")), "{:.0f}")),
 )  # then the registry's details metrics (`Metric.table`), e.g. the speed-ups
+# LaTeX: (heading over a family of columns, column) of each, so labels do not set the columns' widths
+# and the table fits a page without being scaled down
+DETAILS_LATEX = {"measured sparsity": ("Sparsity", "measured"), "params removed": ("Sparsity", "params"),
+                 "allocation time (s)": ("Time (s)", "alloc."), "pruning time (s)": ("Time (s)", "prune"),
+                 "cell time (s)": ("Time (s)", "cell"), "peak memory (MB)": ("Memory", "MB")}
 
 
 def _total(timings: dict, *stages: str) -> Optional[float]:
@@ -227,9 +234,13 @@ def details_table(unique: list[Result], labels: dict[int, str], rows_in_order: l
     rows = [[r.cell.model, labels[id(r)], f"{r.cell.sparsity:.0%}"] + ([str(r.cell.seed)] if seeds else [])
             + [read(r) or "-" for _, read in present] for r in ok]
     notes = ["peak memory: CUDA max allocated when on a GPU, else the process's max RSS"]
-    return Table("Details per cell", ["model", "method", "sparsity"] + (["seed"] if seeds else [])
-                 + [label for label, _ in present], rows, notes, caption="Details of every cell",
-                 label="tab:prunebench-details", index=3 + seeds)
+    lead = ["model", "method", "sparsity"] + (["seed"] if seeds else [])
+    shown = {label: DETAILS_LATEX.get(label) or display(name) for name, label in _metric_columns(unique, "details")}
+    shown.update(DETAILS_LATEX)
+    latex = [("", head) for head in lead] + [shown[label] for label, _ in present]
+    return Table("Details per cell", lead + [label for label, _ in present], rows, notes,
+                 caption="Details of every cell", label="tab:prunebench-details", index=len(lead), sections=True,
+                 levels=[[family for family, _ in latex], [column for _, column in latex]])
 
 
 # --- entry point ---------------------------------------------------------------------------------
@@ -240,6 +251,9 @@ def build_report(results: list[Result], corrupt: list[tuple[str, str]] = (), swe
     labels = row_labels(unique)
     table = results_table(unique, long)
     table.footnotes = _seed_note(long) + _footnotes(unique, list(corrupt))
+    problems = [note for note in table.footnotes if note.startswith(("WARNING", "failed:", "not a result"))]
+    table.paper = paper_results(unique, long, [name for name, _ in _metric_columns(unique, "results")],
+                                _row_keys(long), problems)
     return Report(table, details_table(unique, labels, _row_keys(long)), targets_table(unique, labels), unique, long)
 
 
@@ -280,7 +294,7 @@ def _write(report: Report, sweep_dir: Path, fmt: str, images: list[Path]) -> lis
                  for t in report.tables}
         paths[sweep_dir / "table_wide.csv"] = _wide(report)
     elif fmt == "tex":
-        paths = {sweep_dir / "table.tex": "% \\usepackage{booktabs,graphicx}\n"
+        paths = {sweep_dir / "table.tex": "% \\usepackage{booktabs}\n"
                  + "\n\n".join(t.latex for t in report.tables) + "\n"}
     else:
         paths = {sweep_dir / "report.html": render(report, f"prunebench report: {sweep_dir.name}", images)}

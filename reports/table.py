@@ -5,7 +5,7 @@ import csv
 import html
 import io
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import pandas as pd
@@ -22,17 +22,57 @@ def _latex_escape(text: str) -> str:
     text = text.replace("\\", r"\textbackslash{}")
     for char in "&%$#_{}":
         text = text.replace(char, "\\" + char)
-    return text.replace("~", r"\textasciitilde{}").replace("^", r"\^{}").replace("±", r"$\pm$")
+    text = text.replace("~", r"\textasciitilde{}").replace("^", r"\^{}").replace("±", r"$\pm$")
+    text = _SPREAD.sub(r"\\,{\\scriptsize$\\pm$\1}", text)  # a spread in small type keeps columns narrow
+    return _CODE.sub(r"\\texttt{\1}", text)  # `quick` is a name in code type, not quotes
 
 
-_MULTIROW = re.compile(r"\\multirow\[[^\]]*\]\{\d+\}\{\*\}\{([^}]*)\}")
-_NUMBER_LIKE = re.compile(r"^([-+]?\d|[-+]?\.\d|-$|failed$|running$|not measured)")
+_CODE = re.compile(r"`([^`]*)`")
+_SPREAD = re.compile(r"(?<=\d) \$\\pm\$ (\d[\d.]*)")
+
+
+def _size(columns: int) -> str:
+    """Smaller type for wider tables, never below what a paper's appendix prints (scriptsize)."""
+    return r"\small" if columns <= 6 else r"\footnotesize" if columns <= 10 else r"\scriptsize"
+
+
+def _stacked(label: str) -> str:
+    """A long column label on two lines, so the label does not set the column's width."""
+    words = label.split(" ")
+    if len(label) <= 10 or len(words) < 2:
+        return _latex_escape(label)
+    cut = min(range(1, len(words)), key=lambda i: abs(len(" ".join(words[:i])) - len(" ".join(words[i:]))))
+    lines = (_latex_escape(" ".join(words[:cut])), _latex_escape(" ".join(words[cut:])))
+    return r"\begin{tabular}[b]{@{}c@{}}" + lines[0] + r"\\" + lines[1] + r"\end{tabular}"
+
+
+def _header_rows(levels: list[list[str]]) -> list[str]:
+    """One LaTeX header row per level: a label spanning the columns that share it and every level above
+    (`\\multicolumn`), ruled by a `\\cmidrule` over them; the last level is one label per column."""
+    rows, width = [], len(levels[-1])
+    for depth, level in enumerate(levels):
+        keys = [tuple(above[c] for above in levels[:depth + 1]) for c in range(width)]
+        cells, rules, start = [], [], 0
+        while start < width:
+            end = start
+            while depth < len(levels) - 1 and end + 1 < width and keys[end + 1] == keys[start]:
+                end += 1
+            text = _latex_escape(level[start]) if depth < len(levels) - 1 else _stacked(level[start])
+            cells.append(text if end == start else rf"\multicolumn{{{end - start + 1}}}{{c}}{{{text}}}")
+            if depth < len(levels) - 1 and text:
+                rules.append(rf"\cmidrule(lr){{{start + 1}-{end + 1}}}")
+            start = end + 1
+        rows.append(" & ".join(cells) + r" \\" + (" " + " ".join(rules) if rules else ""))
+    return rows
+
+
+_NUMBER_LIKE = re.compile(r"^([-+±]?\d|[-+]?\.\d|-$|failed$|running$|not measured)")
 
 
 @dataclass
 class Table:
-    """A table as strings, written as markdown (flat header), CSV, and through pandas' Styler as LaTeX
-    (booktabs, caption, label, notes) and HTML. `spans`, when set, is the top header level of every
+    """A table as strings, written as markdown (flat header), CSV, LaTeX (booktabs, caption, label,
+    notes) and, through pandas' Styler, HTML. `spans`, when set, is the top header level of every
     column (the sparsity a metric belongs to); `index` leading columns name the row."""
 
     title: str
@@ -45,9 +85,14 @@ class Table:
     spans: Optional[list[str]] = None
     index: int = 2
     data: Optional[pd.DataFrame] = None  # raw numbers, for the CSV
+    groups: dict = field(default_factory=dict)  # LaTeX: {row index: heading of the row group it starts}
+    levels: Optional[list] = None  # LaTeX: every header level, top first (else `spans` over `header`)
+    dense: bool = False  # LaTeX: the smallest type and spacing, for a table of many text columns
+    sections: bool = False  # LaTeX: the first column's values head row groups instead of filling a column
+    paper: Optional["Table"] = None  # LaTeX: the layout a paper prints, written in this table's place
 
-    def _cells(self, wrap) -> list[list[str]]:
-        return [[wrap(text) if (r, c) in self.bold else text for c, text in enumerate(row)]
+    def _cells(self, wrap, escape=lambda text: text) -> list[list[str]]:
+        return [[wrap(escape(text)) if (r, c) in self.bold else escape(text) for c, text in enumerate(row)]
                 for r, row in enumerate(self.rows)]
 
     @property
@@ -93,20 +138,46 @@ class Table:
 
     @property
     def latex(self) -> str:
-        """A float `table` for `\\usepackage{booktabs,graphicx}`; shrunk to the line width only when wider."""
-        body = self._styler("latex").to_latex(
-            hrules=True, caption=_latex_escape(self.caption or self.title), label=self.label or None,
-            position_float="centering", multicol_align="c", convert_css=True,
-            column_format="l" * self.index + "r" * (len(self.header) - self.index))
-        body = _MULTIROW.sub(r"\1", body.replace("±", r"$\pm$"))  # the first row names the group: no multirow package
-        body = body.replace("\\begin{tabular}", "\\resizebox{\\ifdim\\width>\\linewidth\\linewidth\\else\\width\\fi}{!}{%\n"
-                            "\\begin{tabular}").replace("\\end{tabular}", "\\end{tabular}}")
+        """A booktabs float (`\\usepackage{booktabs}`): one header row per level, each span ruled by a
+        `\\cmidrule`, row groups under an italic heading, notes below. Never shrunk: a table scaled to the
+        line width prints its numbers too small to read."""
+        if self.paper is not None:
+            return self.paper.latex
+        if self.sections:
+            starts = {r: row[0] for r, row in enumerate(self.rows) if r == 0 or self.rows[r - 1][0] != row[0]}
+            return replace(self, header=self.header[1:], rows=[row[1:] for row in self.rows], groups=starts,
+                           bold={(r, c - 1) for r, c in self.bold if c}, spans=self.spans and self.spans[1:],
+                           levels=self.levels and [level[1:] for level in self.levels], index=self.index - 1,
+                           sections=False).latex
+        leaves = [head[len(span):].strip() for span, head in zip(self.spans, self.header)] if self.spans else []
+        levels = self.levels or ([self.spans, leaves] if self.spans else [self.header])
+        text = [c for c in range(self.index, len(self.header))
+                if any(not _NUMBER_LIKE.match(row[c]) for row in self.rows)]
+        align = "".join("l" if c < self.index else "p{1.8cm}" if c in text else "r" for c in range(len(self.header)))
+        width = 11 if self.dense else len(self.header)
+        lines = [r"\begin{table}[htbp]", r"\centering", _size(width),
+                 r"\caption{" + _latex_escape(self.caption or self.title) + "}"]
+        lines += [r"\label{" + self.label + "}"] if self.label else []
+        lines += [rf"\setlength{{\tabcolsep}}{{{4 if width <= 10 else 3}pt}}"] if width > 6 else []
+        lines += [r"\begin{tabular}{" + align + "}", r"\toprule", *_header_rows(levels), r"\midrule"]
+        previous: list[str] = []
+        for r, row in enumerate(self._cells(lambda t: r"\textbf{" + t + "}", _latex_escape)):
+            if r in self.groups:
+                lines += ([r"\midrule"] if r else []) + [rf"\multicolumn{{{len(row)}}}{{l}}{{\emph{{"
+                                                          + _latex_escape(self.groups[r]) + r"}} \\"]
+                previous = []
+            # a leading column repeats its value only where the one before it changes (the row's group)
+            shown = list(row)
+            for c in range(self.index - 1):
+                if previous[:c + 1] == row[:c + 1]:
+                    shown[c] = ""
+            previous = row
+            lines.append(" & ".join(shown) + r" \\")
+        lines += [r"\bottomrule", r"\end{tabular}"]
         if self.footnotes:
-            notes = "\n".join(r"\item " + _latex_escape(note) for note in self.footnotes)
-            body = body.replace("\\end{table}", "\\begin{minipage}{\\linewidth}\\footnotesize\\raggedright\n"
-                                "\\begin{itemize}\\setlength\\itemsep{0pt}\n" + notes + "\n\\end{itemize}\n"
-                                "\\end{minipage}\n\\end{table}")
-        return body
+            lines += [r"\par\smallskip\footnotesize\raggedright"]
+            lines += [_latex_escape(note) + r"\par" for note in self.footnotes]
+        return "\n".join(lines + [r"\end{table}"])
 
     @property
     def html(self) -> str:

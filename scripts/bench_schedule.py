@@ -15,7 +15,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from bench.cell import run_cell
-from bench.config import compose, validate
+from bench.compose import compose
+from bench.config import validate
 from bench.core.records import Result
 
 

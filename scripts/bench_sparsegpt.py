@@ -18,7 +18,8 @@ from contextlib import contextmanager
 import torch
 
 from bench import data, models, provenance
-from bench.config import compose, validate
+from bench.compose import compose
+from bench.config import validate
 from bench.core import engine
 from methods.pruners.sparsegpt import SparseGPT
 from methods import catalog, lifecycle

@@ -24,7 +24,8 @@ from compressed_tensors.config import SparsityCompressionConfig
 from safetensors.torch import load_file
 
 from bench import checkpoint, models
-from bench.config import compose, validate
+from bench.compose import compose
+from bench.config import validate
 from methods import catalog, lifecycle
 
 

@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 
 from bench import streaming
 from bench.cell import run_cell
-from bench.config import compose, validate
+from bench.compose import compose
+from bench.config import validate
 from bench.models import byte_tokenizer
 from bench.core.families import block_of
 from bench.core.vocab import UNSTRUCTURED

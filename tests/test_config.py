@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from bench import models
+from bench.compose import compose, unknown_key
 from bench.config import LoggerConfig, ModelConfig, PplConfig, Resources, SpeedConfig
 from bench.data import CalibConfig, DataConfig
 from bench.zeroshot import ZeroShotConfig
@@ -131,3 +132,22 @@ def test_every_section_checks_its_own_keys_when_built(schema, values, fragments)
 def test_top_level_keys_left_out_take_the_run_configs_defaults(make_config):
     cfg, _ = make_config("model=llama-tiny", "~seed", "~device", "~threads", "~save_format", "~resume_every_s")
     assert (cfg.seed, cfg.device, cfg.threads, cfg.save_format, cfg.resume_every_s) == (0, "cpu", 2, "dense", 300)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["eval.ppl.seqln=3"], "eval.ppl.seqln is not a known key; did you mean eval.ppl.seqlen?"),
+    (["-m", "method=wanda,magnitude", "method.sparsity_typ=2:4"],
+     "method.sparsity_typ is not a known key; did you mean method.sparsity_type?"),
+    (["zzz.qqq=1"], "zzz.qqq is not a known key"),
+])
+def test_an_unknown_key_is_one_line_with_a_did_you_mean(arguments, message):
+    # before: Hydra's multi-line error, whose `+key=` hint adds a key prunebench then refuses
+    assert unknown_key(arguments) == message
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        compose([a for a in arguments if a != "-m" and "," not in a])
+
+
+def test_known_keys_sweeps_and_hydras_own_are_left_alone():
+    assert unknown_key(["-m", "method=dense,wanda", "sparsity=0.5,0.7", "eval=[ppl,zeroshot]",
+                        "hydra.sweep.dir=x", "method.display=W"]) is None
+    assert unknown_key(["--cfg", "job", "eval.ppl.seqln=3"]) is None  # Hydra's flags: Hydra answers

@@ -22,7 +22,8 @@ from omegaconf import OmegaConf, open_dict
 from bench import cache as caching
 from bench import isolate, models, sweep
 from bench.cell import run_cell
-from bench.config import compose, validate
+from bench.compose import compose
+from bench.config import validate
 from bench.core import engine, perplexity, records
 from bench.core.vocab import ConfigError
 from methods import lifecycle

@@ -8,7 +8,8 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from bench.config import compose, validate
+from bench.compose import compose
+from bench.config import validate
 from bench.core import identity, records
 
 CONFIG = {"model": {"name": "llama-tiny", "source": "random", "dtype": "float32"},

@@ -29,7 +29,7 @@ def test_no_undefined_or_unused_names():
     """pyflakes' checks (ruff's F rules): an undefined name in a path only a slow test reaches (e.g. recovery
     after a prune) fails here in a second instead of in that test, or in a user's cell."""
     ruff = Path(sys.executable).parent / "ruff"
-    proc = subprocess.run([str(ruff), "check", "--no-cache", "--select", "F", *PACKAGES, "run.py", "hydra_plugins",
+    proc = subprocess.run([str(ruff), "check", "--no-cache", "--select", "F", *PACKAGES, "run.py", "prunebench.py", "hydra_plugins",
                            "scripts", "tests"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
 

@@ -10,7 +10,7 @@ from bench import models
 from bench.cell import run_cell
 from bench.core import families
 from methods import catalog, lifecycle
-from tests.conftest import TINY
+from tests.conftest import ROOT, TINY
 
 
 @pytest.mark.parametrize("model", ["opt-tiny", "bloom-tiny", "llama-tiny"])
@@ -96,3 +96,22 @@ def test_engine_reports_each_block_of_each_pass_as_it_is_done(method, extra, sta
 
     lifecycle.prune(model, catalog.build(cfg.method), samples, cfg.sparsity, "cpu", on_step=on_step)
     assert done == [(stage, index) for stage in stages for index in range(len(blocks))]
+
+
+def test_python_entry_point_runs_a_cell_in_a_fresh_interpreter_and_returns_its_record(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import prunebench, sys\n"
+            "result = prunebench.run(['model=llama-tiny', 'method=magnitude', 'sparsity=0.5', 'threads=1', "
+            + ", ".join(repr(o) for o in TINY) + f"], out_dir={str(tmp_path / 'cell')!r})\n"
+            "print(type(result).__name__, result.status, round(result.sparsity['measured'], 2), "
+            "result.metrics['ppl']['pydoc'] > 1)\n"
+            "try:\n    prunebench.run(['method.sparsity_typ=2:4'])\n"
+            "except prunebench.ConfigError as exc:\n    print('ConfigError', exc)\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert lines[0] == "Result ok 0.5 True"
+    assert (tmp_path / "cell" / "result.json").exists()
+    assert lines[1].startswith("ConfigError ") and "sparsity_type" in lines[1]  # one line, did you mean

@@ -18,6 +18,7 @@ from bench.cell import run_cell
 from reports.__main__ import main as reports_main
 from reports import frame
 from reports.collect import build_report, collect, details_table
+from reports.table import Table
 from tests.conftest import TINY
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -37,7 +38,7 @@ TARGETS = [
 
 def fake(root: Path, model: str, method: str, sparsity: float, ppl=None, accs=None, status="ok", loaded=True,
          seed=0, options=None, targets=TARGETS, protocol_id=None, sparsity_type="unstructured", display=None,
-         speed=None):
+         speed=None, params_removed=None):
     cell = {"model": model, "method": method, "sparsity": sparsity, "sparsity_type": sparsity_type,
             "protocol": "quick", "seed": seed, **({"display": display} if display else {})}
     options = options or {}
@@ -49,10 +50,13 @@ def fake(root: Path, model: str, method: str, sparsity: float, ppl=None, accs=No
               "config": config, "timings": {"load": 1.0, "prune": 2.5} if loaded else {},
               "warnings": [], "metrics": {}, "error": None, "peak_memory": {"rss_mb": 512.0},
               "data": {"calib": {"dataset": "pydoc", "split": "validation", "nsamples": 4, "seqlen": 64},
-                       "eval": {"pydoc": {"dataset": "pydoc", "split": "test", "windows": 4, "seqlen": 64}}}}
+                       "eval": {name: {"dataset": name, "split": "test", "windows": 4, "seqlen": 64}
+                                for name in (ppl if isinstance(ppl, dict) else {"pydoc": ppl})}}}
     if status == "ok":
         result["sparsity"] = {"measured": sparsity, "per_layer": {"model.layers.0.mlp.up_proj": sparsity}}
-        result["metrics"]["ppl"] = {"pydoc": ppl}
+        if params_removed is not None:  # a structured cell: its sparsity is FFN channels
+            result["sparsity"].update(ffn_channels_removed=sparsity, params_removed=params_removed)
+        result["metrics"]["ppl"] = ppl if isinstance(ppl, dict) else {"pydoc": ppl}
         if speed:
             result["metrics"]["speed"] = speed
         if accs:
@@ -115,7 +119,7 @@ def test_collect_cli_writes_every_format_and_plots(sweep, capsys):
                  "report.html", "plots/ppl_vs_sparsity_llama-tiny.png", "plots/ppl_vs_sparsity_llama-tiny.svg",
                  "plots/ppl_vs_sparsity_llama-tiny.pdf", "plots/accuracy_vs_sparsity_llama-tiny.png"):
         assert (sweep / name).stat().st_size > 0, name
-    assert "\\bfseries 20.50" in (sweep / "table.tex").read_text()
+    assert "\\textbf{20.50}" in (sweep / "table.tex").read_text()
     assert "| llama-tiny | dense |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         reports_main(["collect", str(sweep), "--format", "md,pdf"])
@@ -310,39 +314,130 @@ def test_different_protocol_ids_are_marked(tmp_path):
     assert table.header[:3] == ["model", "method", "protocol"]
     assert {row[1]: row[2] for row in table.rows} == {"wanda": "p-aaaa", "magnitude": "p-bbbb"}
     assert any("protocol ids differ" in note for note in table.footnotes)
+    tex = table.latex  # marked by a short name the notes resolve, not by the hash in every row
+    assert "magnitude (p2) &" in tex and "wanda (p1) &" in tex and "p1: p-aaaa, p2: p-bbbb" in tex
 
 
-def test_absolute_tolerance_is_points_and_seed_band(tmp_path):
+def test_tolerance_is_points_or_the_measured_seed_spread(tmp_path):
     targets = [{"model": "llama-tiny", "method": "wanda", "sparsity": 0.5, "metric": "ppl/pydoc", "reported": 251.0,
                 "tolerance": 0.5, "unit": "absolute", "source": "fixture"},
                {"model": "llama-tiny", "method": "wanda", "sparsity": 0.5, "metric": "ppl/pydoc", "reported": 260.0,
-                "tolerance": 0.05, "source": "fixture"}]
+                "tolerance": 0.05, "source": "fixture"},
+               {"model": "llama-tiny", "method": "magnitude", "sparsity": 0.5, "metric": "ppl/pydoc", "reported": 251.0,
+                "tolerance": 0.5, "unit": "absolute", "source": "fixture"}]
     root = tmp_path / "tolerances"
     for seed, ppl in zip((0, 1, 2), (254.44, 250.09, 250.95)):
         fake(root, "llama-tiny", "wanda", 0.5, ppl, seed=seed, targets=targets)
+    fake(root, "llama-tiny", "magnitude", 0.5, 251.83, targets=targets)
     rows = collect(root, write=False).targets.rows
-    # 251.83 vs 251.0 is 0.83 points: outside ±0.5 points (before: 0.5 read as ±50%, "within tolerance")
-    assert rows[0][4:10] == ["251.83 ± 2.30 (3)", "251.00", "+0.83 (+0.3%)", "±0.5 pts", "worse",
-                             "within seed band"]
-    assert rows[1][7:10] == ["±5%", "within tolerance", "outside seed band"]  # 260 > 251.83 + 2 x 2.30
+    # three seeds: the tolerance is their spread (2 x 2.30), not the preset's fixed ±0.5 or ±5%
+    assert rows[0][4:10] == ["251.83 ± 2.30 (3)", "251.00", "+0.83 (+0.3%)", "±4.61 (2 std, 3 seeds)",
+                             "within tolerance", "within seed band"]
+    assert rows[1][7:10] == ["±4.61 (2 std, 3 seeds)", "better", "outside seed band"]  # before: ±5%, within
+    # one seed: the preset's tolerance, in points (before: 0.5 read as ±50%, "within tolerance")
+    assert rows[2][4:10] == ["251.83", "251.00", "+0.83 (+0.3%)", "±0.5 pts", "worse", "-"]
 
 
-def test_latex_is_booktabs_with_two_level_header_and_compiles(seeds_and_lams, tmp_path):
-    collect(seeds_and_lams, formats=("tex",))
-    tex = (seeds_and_lams / "table.tex").read_text()
-    assert "\\toprule" in tex and "\\caption{" in tex and "\\label{tab:prunebench-results}" in tex
-    assert "\\multicolumn{5}{c}{50\\%}" in tex  # sparsity spans its metrics
-    assert "251.83 $\\pm$ 2.30 (3)" in tex and "owl\\_wanda (lam=0.04)" in tex
+def test_dense_targets_are_judged_first_and_mark_the_pruned_verdicts(tmp_path):
+    def target(model, method, sparsity, reported):
+        return {"model": model, "method": method, "sparsity": sparsity, "metric": "ppl/pydoc", "reported": reported,
+                "tolerance": 0.05, "source": "fixture"}
+    targets = [target("llama-tiny", "wanda", 0.5, 20.0), target("opt-tiny", "wanda", 0.5, 40.0),
+               target("llama-tiny", "dense", 0.0, 10.0), target("opt-tiny", "dense", 0.0, 20.0)]
+    root = tmp_path / "dense_first"
+    fake(root, "llama-tiny", "dense", 0.0, 12.0, targets=targets)  # 20% above the paper's dense
+    fake(root, "llama-tiny", "wanda", 0.5, 20.5, targets=targets)
+    fake(root, "opt-tiny", "dense", 0.0, 20.2, targets=targets)  # within 5%
+    fake(root, "opt-tiny", "wanda", 0.5, 41.0, targets=targets)
+    table = collect(root, write=False).targets
+    column = {name: i for i, name in enumerate(table.header)}
+    rows = {(row[0], row[1]): row for row in table.rows}
+    assert [row[1] for row in table.rows[:2]] == ["dense", "dense"]  # judged first
+    assert rows[("llama-tiny", "dense")][column["verdict"]] == "worse"
+    assert rows[("llama-tiny", "wanda")][column["verdict"]] == \
+        "within tolerance (dense differs by +20.0%: pruned verdicts not comparable)"
+    assert rows[("opt-tiny", "wanda")][column["verdict"]] == "within tolerance"
+    # the pruned number over its own dense number, beside the paper's
+    assert rows[("llama-tiny", "wanda")][column["ours / dense"]:column["paper / dense"] + 1] == ["1.71x", "2.00x"]
+    assert rows[("opt-tiny", "wanda")][column["ours / dense"]:column["paper / dense"] + 1] == ["2.03x", "2.00x"]
+    tex = table.latex  # the columns a page holds: sources and protocol differences become notes
+    assert "wanda, 50\\% & Python docs ppl & 20.50 & 20.00 & +2.5\\% & $\\pm$5\\% & within tolerance (dense differs" in tex
+    assert "1.71x/2.00x" in tex and "Source: fixture." in tex and "seed band &" not in tex
+
+
+@pytest.fixture
+def paper_sweep(tmp_path) -> Path:
+    """2 models x (dense + 4 methods, one of them structured) x 2 sparsities x 3 seeds (dense: 1 seed)."""
+    root = tmp_path / "paper"
+    accs = {"piqa": ("acc", 0.7), "arc_challenge": ("acc_norm", 0.4)}
+    for m, model in enumerate(("llama-tiny", "opt-tiny")):
+        fake(root, model, "dense", 0.0, {"wikitext2": 10.0 + m, "c4": 12.0 + m}, accs, targets=[])
+        for sparsity in (0.4, 0.5):
+            for seed in (0, 1, 2):
+                spread = seed * 0.1
+                for method, ppl, removed in (("magnitude", 30.0, None), ("wanda", 20.0, None), ("sparsegpt", 22.0, None),
+                                             ("cfsp", 15.0, 0.187)):
+                    fake(root, model, method, sparsity, {"wikitext2": ppl + m + spread + 10 * sparsity,
+                                                         "c4": ppl + 2 + spread}, accs, seed=seed, targets=[],
+                         params_removed=removed)
+    return root
+
+
+def _compile(tex: str, tmp_path: Path) -> Path:
     pdflatex = shutil.which("pdflatex")
     if pdflatex is None:
         pytest.skip("pdflatex not installed (apt-get install texlive-latex-base texlive-latex-recommended)")
     document = tmp_path / "tables.tex"
-    document.write_text("\\documentclass{article}\\usepackage{booktabs,graphicx}\\usepackage[T1]{fontenc}"
+    document.write_text("\\documentclass{article}\\usepackage{booktabs}\\usepackage[T1]{fontenc}"
                         "\\begin{document}\n" + tex + "\n\\end{document}\n")
     run = subprocess.run([pdflatex, "-interaction=nonstopmode", "-halt-on-error", document.name], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:]
-    assert (tmp_path / "tables.pdf").stat().st_size > 1000
+    assert "Overfull \\hbox" not in run.stdout  # every table fits the line, none shrunk
+    return tmp_path / "tables.pdf"
+
+
+def test_latex_is_the_table_a_paper_prints_and_compiles(paper_sweep, tmp_path):
+    collect(paper_sweep, formats=("tex",))
+    tex = (paper_sweep / "table.tex").read_text()
+    results = tex.split("\\end{table}")[0]
+    header = results.split("\\midrule")[0]
+    # one header row per level (metric family, dataset), each span ruled; no index-name row
+    assert header.count("\\\\") == 2 and header.count("\\cmidrule") == 2 and "model & method" not in results
+    assert "\\multicolumn{2}{c}{Perplexity} & \\multicolumn{3}{c}{Accuracy (\\%)}" in header
+    assert "Method & WikiText-2 & C4 & PIQA & ARC-c & Avg. \\\\" in header and "wikitext2" not in header
+    # the dense model is its own row group, alone and without a ±; structured and unstructured apart
+    groups = [line.split("\\emph{")[1].split("}")[0] for line in results.splitlines() if "\\emph{" in line]
+    assert groups == [f"{model}: {group}" for model in ("llama-tiny", "opt-tiny") for group in (
+        "Dense", "40\\% unstructured sparsity", "50\\% unstructured sparsity",
+        "40\\% of FFN channels removed (18.7\\% of parameters)",
+        "50\\% of FFN channels removed (18.7\\% of parameters)")]
+    dense = results.split("\\emph{llama-tiny: Dense}")[1].split("\\midrule")[0]
+    assert "pm" not in dense and "dense & 10.00 & 12.00 & 70.0 & 40.0 & 55.0" in dense
+    assert "n = 3 seeds" in results and "(3)" not in results  # n once, in the caption
+    # bold among comparable cells only: cfsp (structured) has the lowest perplexity but is not compared
+    # with the unstructured methods; wanda is the best unstructured one
+    unstructured = results.split("llama-tiny: 40\\% unstructured sparsity")[1].split("\\midrule")[0]
+    assert "wanda & \\textbf{24.10\\,{\\scriptsize$\\pm$0.10}}" in unstructured
+    assert "magnitude & 34.10\\,{\\scriptsize$\\pm$0.10} &" in unstructured
+    structured = results.split("llama-tiny: 40\\% of FFN channels")[1].split("\\midrule")[0]
+    assert "\\textbf" not in structured  # one method in the group: nothing to compare
+    # the protocol in words: no hash, no backticks, no shrinking
+    assert "Calibration: 4 sequences of 64 tokens from Python docs (validation split)." in results
+    assert "`" not in tex and "protocol id" not in tex and "\\resizebox" not in tex
+    pdf = _compile(tex, tmp_path)
+    assert pdf.stat().st_size > 1000
+
+
+def test_latex_of_other_tables_has_one_header_row_and_code_in_type(seeds_and_lams):
+    report = collect(seeds_and_lams, write=False)
+    details = report.details.latex
+    header = details.split("\\toprule")[1].split("\\midrule")[0].strip().splitlines()
+    # a family above its columns, then the columns; before: pandas added a row of index names
+    assert len(header) == 2 and header[1].startswith("method & sparsity & seed & measured & prune & MB")
+    assert "Sparsity & Time (s) & Memory" in header[0] and "\\emph{llama-tiny}" in details  # the model heads rows
+    assert "\\resizebox" not in details
+    assert "\\texttt{quick}" in Table("t", ["a"], [["1"]], ["protocol `quick`"]).latex  # was ‘quick‘
 
 
 def test_wandb_run_starts_with_the_cell_named_per_cell_and_seed(make_config, tmp_path, monkeypatch):
@@ -383,7 +478,7 @@ def test_tables_name_methods_by_their_presets_display_name(make_config, tmp_path
     method's name. How a method is named is not part of the cell's identity."""
     from omegaconf import OmegaConf
 
-    from bench.config import CONF_DIR
+    from bench.compose import CONF_DIR
 
     def preset_display(name: str) -> str:
         return OmegaConf.load(CONF_DIR / "method" / f"{name}.yaml").display

@@ -60,7 +60,8 @@ def test_a_plain_cell_imports_no_package_of_a_stage_it_skips(tmp_path):
     imported = _imported_by(f"""
         from omegaconf import OmegaConf
         from bench.cell import run_cell
-        from bench.config import compose, validate
+        from bench.compose import compose
+        from bench.config import validate
         for method in ("dense", "wanda"):
             cfg = compose([f"method={{method}}", *{overrides!r}])
             result = run_cell(validate(cfg), OmegaConf.to_container(cfg, resolve=True), method)

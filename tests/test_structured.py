@@ -199,3 +199,25 @@ def test_unknown_family_has_a_clear_error():
 def test_sparsity_removing_a_whole_block_is_an_error(make_config):
     with pytest.raises(ValueError, match="leaves zero FFN channels"):
         _pruned(make_config, "model=llama-tiny", "method=cfsp", "method.round_to=64", "sparsity=0.9")
+
+
+def test_speed_uses_the_cache_api_of_transformers_after_5_40(make_config, monkeypatch):
+    """transformers drops `past_key_values` (argument and output) in 5.40, within what pyproject allows:
+    here both names fail as they will then, and the decode still runs."""
+    import warnings
+
+    from transformers.utils.generic import ModelOutput
+
+    from bench import speed
+    from bench.config import SpeedConfig
+
+    def removed(self):
+        raise AttributeError("past_key_values was removed in transformers 5.40")
+
+    monkeypatch.setattr(ModelOutput, "past_key_values", property(removed))
+    cfg, _ = make_config("model=llama-tiny", *TINY)
+    model, _ = models.load(cfg.model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")  # the renamed argument warns, then goes
+        result = speed.measure(model, model, SpeedConfig(prefill_seqlen=8, decode_tokens=2, repeats=1), "cpu")
+    assert result["decode_speedup"] > 0

@@ -21,7 +21,8 @@ from omegaconf import OmegaConf
 from bench import cache as caching
 from bench import isolate, launcher, models, sweep
 from bench.cell import run_cell
-from bench.config import CONF_DIR, compose, validate
+from bench.compose import CONF_DIR, compose
+from bench.config import validate
 from bench.core import records
 from bench.core.vocab import ConfigError
 from methods.base import Allocator

@@ -30,7 +30,8 @@ def test_mirrors_are_in_each_tasks_schema(mirrors):
 def test_cell_scores_every_task_on_local_mirrors(mirrors, make_config, tmp_path):
     cfg, resolved = make_config("model=llama-tiny", "method=magnitude", "sparsity=0.5", *TINY,
                                 "eval=[ppl,zeroshot]", f"eval.zeroshot.tasks=[{','.join(TASKS)}]",
-                                "eval.zeroshot.limit=4", f"eval.zeroshot.include_path={mirrors}")
+                                "eval.zeroshot.limit=4", f"eval.zeroshot.include_path={mirrors}",
+                                "eval.zeroshot.log_samples=true")
     result = run_cell(cfg, resolved, tmp_path)
     assert result.status == "ok", result.error
     assert "pydoc" in result.metrics["ppl"]  # ppl and zeroshot compose
@@ -44,14 +45,17 @@ def test_cell_scores_every_task_on_local_mirrors(mirrors, make_config, tmp_path)
         assert scores["version"] is not None
     assert zs["average"] == pytest.approx(sum(t["value"] for t in zs["tasks"].values()) / len(TASKS))
     assert zs["lm_eval"].startswith("0.4.") and str(mirrors) in zs["source"]
-    # lm-eval's own results JSON and samples beside result.json, with the same numbers
-    own = json.loads(next((tmp_path / "lm_eval").rglob("results_*.json")).read_text())
+    # lm-eval's own results JSON and samples beside result.json, with the same numbers, in a folder named
+    # after the cell (before: a random id, with an empty model name in the JSON)
+    own = json.loads(next((tmp_path / "lm_eval" / tmp_path.name).glob("results_*.json")).read_text())
+    assert own["model_name"] == tmp_path.name
     assert own["results"]["piqa"]["acc,none"] == zs["tasks"]["piqa"]["acc"]
     assert len(list((tmp_path / "lm_eval").rglob("samples_*.jsonl"))) == len(TASKS)
 
 
 @pytest.mark.parametrize("override, message", [
-    ("eval.zeroshot.tasks=[piqa,mmlu]", "eval.zeroshot.tasks='mmlu'"),
+    ("+eval.zeroshot.metric.lambada_openai=acc", "eval.zeroshot.metric='lambada_openai'"),  # lm-eval's metric
+    ("eval.zeroshot.tasks=[piqa,'']", "eval.zeroshot.tasks=''"),
     ("eval.zeroshot.metric.boolq=acc_norm", "eval.zeroshot.metric.boolq='acc_norm'"),
     ("eval.zeroshot.metric.piqa=f1", "eval.zeroshot.metric.piqa='f1'"),
     ("eval.zeroshot.limit=0", "eval.zeroshot.limit=0"),
@@ -59,6 +63,34 @@ def test_cell_scores_every_task_on_local_mirrors(mirrors, make_config, tmp_path)
 def test_bad_zeroshot_config_fails_naming_the_key(override, message, make_config):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         make_config("model=llama-tiny", *TINY, "eval=[ppl,zeroshot]", override)
+
+
+def test_any_task_lm_eval_resolves_scored_by_its_primary_metric_and_no_samples_by_default(mirrors, make_config,
+                                                                                          tmp_path):
+    import yaml
+
+    # a task outside the papers' eight (before: refused), shaped like lambada: perplexity listed first
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for path in mirrors.iterdir():
+        (tasks / path.name).write_bytes(path.read_bytes())
+    (tasks / "cloze.jsonl").write_text("".join(json.dumps({"text": f"def f{i}(x): return", "target": " x"}) + "\n"
+                                               for i in range(4)))
+    (tasks / "cloze.yaml").write_text(yaml.safe_dump({
+        "task": "cloze", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(tasks / "cloze.jsonl")}},
+        "output_type": "loglikelihood", "test_split": "test", "doc_to_text": "{{text}}", "doc_to_target": "{{target}}",
+        "metric_list": [{"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
+                        {"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0}}))
+    cfg, resolved = make_config("model=llama-tiny", "method=magnitude", "sparsity=0.5", *TINY,
+                                "eval=[ppl,zeroshot]", "eval.zeroshot.tasks=[piqa,cloze]", "eval.zeroshot.limit=4",
+                                f"eval.zeroshot.include_path={tasks}")
+    result = run_cell(cfg, resolved, tmp_path / "cell")
+    assert result.status == "ok", result.error
+    scores = result.metrics["zeroshot"]["tasks"]
+    assert scores["cloze"]["metric"] == "acc" and scores["piqa"]["metric"] == cfg.eval.zeroshot.metric["piqa"]
+    assert list((tmp_path / "cell" / "lm_eval" / "cell").glob("results_*.json"))
+    assert not list((tmp_path / "cell").rglob("samples_*.jsonl"))  # before: always written
 
 
 def test_ppl_only_by_default(make_config):
@@ -86,3 +118,9 @@ def test_tasks_whose_data_cannot_be_loaded_fail_the_cell_before_the_model_loads(
     assert result.status == "failed" and result.error.type == "ConfigError"
     assert "eval.zeroshot.tasks=['boolq', 'piqa'] cannot be loaded" in result.error.message
     assert "\n" not in result.error.message and loads == []  # before the model, so before any pruning
+
+
+def test_a_preset_adds_reasoning_and_instruction_following_beside_the_seven(make_config):
+    cfg, _ = make_config("model=llama-tiny", *TINY, "eval=[ppl,zeroshot_beyond]")
+    assert cfg.eval.zeroshot.tasks[:7] == TASKS[:7] and {"mmlu", "gsm8k", "ifeval"} <= set(cfg.eval.zeroshot.tasks)
+    assert cfg.eval.zeroshot.metric["hellaswag"] == "acc_norm"  # the papers' choices kept

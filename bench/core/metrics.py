@@ -88,6 +88,24 @@ METRICS = {m.name: m for m in (
 )}
 
 
+# How papers print a metric's argument (datasets, lm-eval tasks); an argument not listed prints as its key.
+DISPLAY = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4", "pydoc": "Python docs", "boolq": "BoolQ",
+           "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande", "arc_easy": "ARC-e",
+           "arc_challenge": "ARC-c", "openbookqa": "OBQA", "rte": "RTE", "lambada_openai": "LAMBADA",
+           "mmlu": "MMLU", "gsm8k": "GSM8K", "ifeval": "IFEval", "prefill": "Prefill", "decode": "Decode"}
+# A family's heading above its arguments' columns, and the column of an argument-less metric.
+FAMILY_DISPLAY = {"ppl": "Perplexity", "acc": "Accuracy (%)", "acc_norm": "Accuracy (%)",
+                  "acc_avg": "Accuracy (%)", "acc_avg_drop": "Accuracy (%)", "speedup": "Speed-up"}
+ARGLESS_DISPLAY = {"acc_avg": "Avg.", "acc_avg_drop": "Avg. drop (pp)"}
+
+
+def display(name: str) -> tuple[str, str]:
+    """(family heading, column) a paper prints for metric `name`: ("Perplexity", "WikiText-2")."""
+    family, _, arg = name.partition("/")
+    heading = FAMILY_DISPLAY.get(family, metric(name).name)  # a new family prints its name until it has one
+    return heading, ARGLESS_DISPLAY.get(family) or DISPLAY.get(arg, arg)
+
+
 def metric(name: str) -> Metric:
     """The registry entry of `ppl/wikitext2`, `acc/boolq`, `acc_avg`, `speedup/decode`, ..."""
     family = name.partition("/")[0]

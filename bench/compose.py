@@ -1,0 +1,77 @@
+"""Composing a config from conf/ and the command line's unknown keys, without the harness.
+
+`run.py` checks its command line here before Hydra runs (Hydra's own error for an unknown key suggests
+`+key=`, which adds a key prunebench then refuses), and torch, transformers and the rest of the harness
+would add seconds to every start, a sweep's first console line included: this module imports Hydra and
+the vocabulary alone.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Optional
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+
+from bench.core.vocab import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose(overrides: list[str] = (), with_hydra: bool = False) -> DictConfig:
+    """The config `python run.py <overrides>` would run, composed from conf/ (for tests and scripts);
+    `with_hydra` keeps the `hydra` node (launcher, sweep dirs). An override Hydra cannot apply (an
+    unknown preset, bad syntax) is a one-line ConfigError."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        try:
+            return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=with_hydra)
+        except HydraException as exc:
+            message = str(exc).split("\nConfig search path")[0]  # the rest lists Hydra's own search path
+            unknown = _UNKNOWN_KEY.search(message)
+            if unknown is None:
+                raise ConfigError(" ".join(message.split())) from None
+        # Hydra suggests `+key=`, which adds a key prunebench then refuses: name the keys it has instead
+        key = unknown.group(1)
+        rest = [o for o in overrides if o.lstrip("+~").split("=")[0] != key]
+        try:
+            known = _dotted(OmegaConf.to_container(hydra_compose(config_name="config", overrides=rest)))
+        except HydraException:
+            known = []
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        raise ConfigError(f"{key} is not a known key" + (f"; did you mean {close[0]}?" if close else "")) from None
+
+
+_UNKNOWN_KEY = re.compile(r"Could not override '([^']+)'")
+
+
+def unknown_key(arguments: list[str]) -> Optional[str]:
+    """The one-line error of a command line's first unknown key (with a "did you mean"), or None; a sweep
+    axis (`method=dense,wanda`) is checked at its first value; Hydra's own flags and keys are left to it."""
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in arguments):
+        return None  # --help, --cfg, --info ...: Hydra's own, which a composed config would only slow
+    overrides = []
+    for argument in arguments:
+        key, equals, value = argument.partition("=")
+        if argument.startswith("-") or not equals or key.lstrip("+~").startswith("hydra."):
+            continue
+        first = value if value.startswith(("[", "{", "'", '"')) else value.split(",")[0]
+        overrides.append(f"{key}={first}")
+    try:
+        compose(overrides)
+    except ConfigError as exc:
+        return str(exc) if "is not a known key" in str(exc) else None
+    return None
+
+
+def _dotted(tree: dict, prefix: str = "") -> list[str]:
+    """Every key of a nested config, dotted (`eval.ppl.seqlen`)."""
+    keys = []
+    for key, value in tree.items():
+        keys.append(prefix + str(key))
+        if isinstance(value, dict):
+            keys += _dotted(value, f"{prefix}{key}.")
+    return keys
