@@ -10,7 +10,7 @@ numbers, each in [low, high]. What each backend guarantees about it:
   matcher masks the logits at every step, before temperature and top-p) to the regular language
   `{"rates": [v, v, ..., v]}` where every v is a fixed-point literal in [low, high] (two decimals, more
   only when no two-decimal value fits): the answer always parses to exactly n values within range,
-  whatever the model's weights. `max_new_tokens` is raised to what the grammar needs when it is lower.
+  whatever the model's weights.
 - `HttpChat`: any OpenAI-compatible `/chat/completions` endpoint (vLLM, llama.cpp server, OpenAI)
   through the `openai` client. With a schema it sends a JSON-schema `response_format`: OpenAI's
   `{"type": "json_schema", ...}` (OpenAI, vLLM), else llama-cpp-python's `{"type": "json_object",
@@ -24,6 +24,7 @@ numbers, each in [low, high]. What each backend guarantees about it:
   errors are retried with exponential backoff within that deadline; a response body over
   `max_response_bytes` is refused; plain http to a non-loopback host logs a warning.
 
+With a schema both raise `max_new_tokens` to the length of the grammar's answers (`token_limit`).
 Neither backend repairs values (clipping, mean shift): that stays with the caller
 (`methods.search.evolution.repair`). Both check what they can at construction (the model has a
 chat template; the URL is http(s); the key is set; the endpoint answers and accepts the key), so a bad
@@ -58,6 +59,15 @@ def make_backend(cfg: LLMConfig, key: str = "method.llm") -> ChatLLM:
     if not cfg.model:
         raise ConfigError(f"{key}.model is not set; name a zoo model (local) or the served model (http)")
     return LocalChat(cfg, key) if cfg.backend == "local" else HttpChat(cfg, key)
+
+
+def token_limit(max_new_tokens: int, schema: Optional[RatesSchema]) -> int:
+    """The generation limit of one answer: `max_new_tokens`, raised to what the answer's grammar needs
+    (a 70B model's 80-block answer is ~400 characters, over the default 256), or a truncated answer is
+    all a search ever gets."""
+    if schema is None:
+        return max_new_tokens
+    return max(max_new_tokens, schema.max_chars + 1)  # every token is at least one character, plus the stop
 
 
 # ----------------------------------------------------------------------------- local
@@ -116,10 +126,8 @@ class LocalChat:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         encoded = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")
         sample = self.cfg.temperature > 0
-        limit, extra = self.cfg.max_new_tokens, {}
+        limit, extra = token_limit(self.cfg.max_new_tokens, schema), {}
         if schema is not None:
-            # every token is at least one character of the (ASCII) answer, plus the stop token
-            limit = max(limit, schema.max_chars + 1)
             extra = {"logits_processor": LogitsProcessorList([_GrammarMask(self._grammar(schema),
                                                                            self._vocab_size())]),
                      "eos_token_id": self.tokenizer.eos_token_id}
@@ -304,7 +312,7 @@ class HttpChat:
     def _complete(self, messages, seed, schema: Optional[RatesSchema], form: Optional[str],
                   deadline: float) -> str:
         body = {"model": self.cfg.model, "messages": messages, "temperature": self.cfg.temperature,
-                "top_p": self.cfg.top_p, "max_tokens": self.cfg.max_new_tokens, "seed": seed}
+                "top_p": self.cfg.top_p, "max_tokens": token_limit(self.cfg.max_new_tokens, schema), "seed": seed}
         if form == "json_schema":  # OpenAI, vLLM
             body["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": "rates", "strict": True, "schema": schema.json_schema()}}

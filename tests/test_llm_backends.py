@@ -175,6 +175,16 @@ def test_answer_request_and_schema_are_sent(stub):
     assert KEY not in llm.description and KEY not in repr(vars(llm).get("cfg"))
 
 
+def test_an_80_block_answer_is_not_cut_at_max_new_tokens(stub):
+    """LLaMA-2-70B has 80 blocks: its answer is ~400 characters, over the default max_new_tokens=256."""
+    llm = _http(stub.url, max_new_tokens=256)
+    schema = RatesSchema(80, 0.0, 0.9)
+    llm.chat(ASK, seed=0, schema=schema)
+    assert stub.posts()[-1]["body"]["max_tokens"] >= schema.max_chars + 1 > 256
+    llm.chat(ASK, seed=0)  # free text keeps the configured limit
+    assert stub.posts()[-1]["body"]["max_tokens"] == 256
+
+
 def test_a_server_rejecting_response_format_gets_plain_requests(stub, caplog):
     reject = lambda body: ("json", 400, {"error": {"message": "unknown field response_format"}}) \
         if "response_format" in body else ("json", 200, GOOD)
