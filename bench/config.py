@@ -72,7 +72,7 @@ class ModelConfig:
     seqlen: int = 2048  # the model's context length
     architecture: dict = field(default_factory=dict)  # transformers config kwargs (with model_type) for random
     stream: Any = "auto"  # true: blocks streamed from model.path's shards; auto: when bigger than the budget
-    host_memory_gb: Optional[float] = None  # the budget of stream=auto; None = half the host's RAM
+    host_memory_gb: Optional[float] = None  # stream=auto's budget; None = half the job's memory (cgroup, else RAM)
     resources: Resources = field(default_factory=Resources)
     label: Optional[str] = None  # what the weights are, for tables (e.g. a quantized source); None: the name
 
