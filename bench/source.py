@@ -92,8 +92,8 @@ class InMemory(ModelSource):
         store = None if cfg.resume_every_s is None else resume.ResumeState(self.out_dir, self.config_hash, cfg.device,
                                                                            cfg.resume_every_s)
         report = lifecycle.prune(model, method, samples, cfg.sparsity, cfg.device, cache=shared,
-                                 make_llm=llm.make_backend, on_step=self.observer.step, batch=cfg.data.calib.batch,
-                                 resume=store)
+                                 make_llm=lambda chat: llm.make_backend(chat, device=cfg.device),
+                                 on_step=self.observer.step, batch=cfg.data.calib.batch, resume=store)
         if store is not None:
             result.warnings += store.warnings
         if report.resumed_from is not None:
