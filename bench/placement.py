@@ -56,6 +56,15 @@ def free_gpu_memory() -> list[int]:
     return [torch.cuda.mem_get_info(index)[0] for index in range(torch.cuda.device_count())]
 
 
+def placement_of(model: nn.Module, inputs_on: torch.device) -> dict[str, str]:
+    """Where `placed` put `model`, as accelerate's device map ({module: device}; {"": device} for a whole
+    model on one device)."""
+    mapping = getattr(model, "hf_device_map", None)
+    if not mapping:
+        return {"": str(inputs_on)}
+    return {name: f"cuda:{where}" if isinstance(where, int) else str(where) for name, where in mapping.items()}
+
+
 @contextmanager
 def placed(model: nn.Module, device: str) -> Iterator[torch.device]:
     """`model` on `device` for the with-block, as the module docstring says; yields the device its inputs

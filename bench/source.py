@@ -136,7 +136,13 @@ class InMemory(ModelSource):
                                  self.tasks)
 
     def speed(self) -> dict:
-        return speed.measure(self.reference, self.model, self.cfg.eval.speed, self.cfg.device, self.cfg.seed)
+        measured = speed.measure(self.reference, self.model, self.cfg.eval.speed, self.cfg.device, self.cfg.seed)
+        if not measured["single_device"]:
+            devices = {name: sorted(set(where.values())) for name, where in measured["device_map"].items()}
+            self.result.warnings.append(f"speed-ups measured with the models dispatched (dense on {devices['dense']}, "
+                                        f"pruned on {devices['pruned']}), not whole on one device as the papers "
+                                        f"measure")
+        return measured
 
 
 def _check_finite(model, when: str) -> None:

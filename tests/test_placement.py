@@ -121,3 +121,22 @@ def test_speed_is_timed_with_torch_benchmark_and_gpus_hold_one_model_at_a_time(d
     for stage in ("prefill", "decode"):
         assert all(tps > 0 for tps in result[f"{stage}_tokens_per_s"].values())
         assert result[f"{stage}_speedup"] > 0
+
+
+def test_speed_records_each_models_device_map_and_whether_both_ran_on_one_device(monkeypatch):
+    dense, pruned = _pair()
+    config = SpeedConfig(batch=1, prefill_seqlen=8, decode_tokens=2, repeats=1)
+    alone = speed.measure(dense, pruned, config, "cpu")
+    assert alone["device_map"] == {"dense": {"": "cpu"}, "pruned": {"": "cpu"}} and alone["single_device"]
+
+    @contextmanager
+    def placed(model, where):  # the dense model dispatched over two GPUs, as accelerate marks it
+        if model is dense:
+            model.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "lm_head": 1}
+        yield torch.device("cpu")
+        model.__dict__.pop("hf_device_map", None)
+
+    monkeypatch.setattr(speed.placement, "placed", placed)
+    split = speed.measure(dense, pruned, config, "cuda")
+    assert set(split["device_map"]["dense"].values()) == {"cuda:0", "cuda:1"}
+    assert split["device_map"]["pruned"] == {"": "cpu"} and not split["single_device"]
