@@ -15,6 +15,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from bench.cell import run_cell
+from bench import plan
 from bench.config import ConfigError, validate
 from bench.isolate import run_isolated
 from bench.sweep import rerun_mode
@@ -29,6 +30,9 @@ def main(cfg: DictConfig) -> None:
     try:
         run_cfg = validate(cfg)
         rerun = rerun_mode(cfg)
+        if plan.plan_mode(cfg.get("plan", False)):  # a sweep's plan is printed by its callback, before any cell
+            print(plan.sweep_plan([("cell", run_cfg)], slurm=False)[0])
+            return
     except ConfigError as exc:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise  # the sweep's validation callback already checked every cell; this is a bug

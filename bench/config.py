@@ -202,7 +202,7 @@ def compose(overrides: list[str] = (), with_hydra: bool = False) -> DictConfig:
 
 
 # Top-level keys besides RunConfig's fields: read by run.py, the sweep, the cache and the reports.
-EXTRA_KEYS = ("cache", "rerun", "targets", "paper_protocol", "hydra")
+EXTRA_KEYS = ("cache", "rerun", "targets", "paper_protocol", "plan", "hydra")
 # A name that becomes a folder or file name: no separators, no "..", no leading "-" or ".", no control
 # characters (a name like "a/../../x" would write results outside the sweep dir).
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_+=@,][A-Za-z0-9_.+=@,-]*")
