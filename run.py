@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> None:
         run_cfg = validate(cfg)
         rerun = rerun_mode(cfg)
         if plan.plan_mode(cfg.get("plan", False)):  # a sweep's plan is printed by its callback, before any cell
-            print(plan.sweep_plan([("cell", run_cfg)], slurm=False)[0])
+            print(plan.sweep_plan([("cell", run_cfg, None)])[0])
             return
     except ConfigError as exc:
         if hydra_cfg.mode == RunMode.MULTIRUN:

@@ -20,9 +20,10 @@ The model is built on the meta device from its architecture (no weights, no hub)
 - wall time from the throughput constants below (printed with the table): forward FLOPs 2 x params x
   tokens, SparseGPT's solve 2 x out x in^2 per linear, a search's candidates and LLM calls.
 
-The grant is what the launcher asks for (`model.resources` under hydra/launcher=slurm, with
-`GPU_GIB` per GPU), else this machine (its job memory and visible GPUs). A cell that does not fit gets
-one line naming the knob that makes it fit.
+The grant is what the launcher asks for (`hydra.launcher`'s mem_gb, gpus_per_node and timeout_min under
+hydra/launcher=slurm, which interpolate `model.resources`, with `GPU_GIB` per GPU), else this machine
+(its job memory and visible GPUs). A cell that does not fit gets one line naming the knob that makes
+it fit.
 """
 from __future__ import annotations
 
@@ -66,11 +67,12 @@ class Grant:
     source: str  # "model.resources" or "this machine"
 
 
-def grant(cfg: RunConfig, slurm: bool) -> Grant:
-    """What the cell gets: its model's resources on Slurm, else the machine the sweep runs on."""
-    if slurm:
-        res = cfg.model.resources
-        return Grant(res.mem_gb * GIB, res.gpus, GPU_GIB * GIB, res.timeout_min, "model.resources")
+def grant(launcher: Optional[dict]) -> Grant:
+    """What the cell gets: the Slurm job its launcher node asks for (`hydra.launcher`, resolved: the
+    model's `model.resources` unless given there), else the machine the sweep runs on."""
+    if launcher is not None:
+        return Grant(int(launcher["mem_gb"]) * GIB, int(launcher.get("gpus_per_node") or 0), GPU_GIB * GIB,
+                     launcher.get("timeout_min"), "hydra.launcher")
     gpus = torch.cuda.device_count()
     gpu_bytes = torch.cuda.get_device_properties(0).total_memory if gpus else 0
     return Grant(streaming.job_memory_bytes(), gpus, gpu_bytes, None, "this machine")
@@ -301,13 +303,13 @@ def plan_mode(value: object) -> bool:
     return bool(value)
 
 
-def sweep_plan(cells: list[tuple[str, RunConfig]], slurm: bool) -> tuple[str, list[str]]:
-    """The printed plan of `cells` ((label, config) each) and the one-line refusal of each cell that cannot
-    fit. A cell whose architecture the plan cannot know (a hub id with no shipped config) is planned
-    as unknown and never refused."""
+def sweep_plan(cells: list[tuple[str, RunConfig, Optional[dict]]]) -> tuple[str, list[str]]:
+    """The printed plan of `cells` ((label, config, its Slurm launcher node or None) each) and the one-line
+    refusal of each cell that cannot fit. A cell whose architecture the plan cannot know (a hub id with no
+    shipped config) is listed as not planned and never refused."""
     rows, grants, refusals, unknown = [], [], [], []
-    for label, cfg in cells:
-        granted = grant(cfg, slurm)
+    for label, cfg, launcher in cells:
+        granted = grant(launcher)
         try:
             planned = plan_cell(cfg, granted)
         except (ConfigError, ValueError, KeyError, TypeError, OSError) as exc:  # a config the plan cannot read

@@ -113,9 +113,9 @@ class SweepCallback(Callback):
         try:
             cells = expand(sweep_arguments(config), lambda o: loader.load_sweep_config(config, o))
             slurm = config.hydra.launcher.get("_target_") == SLURM_LAUNCHER
-            printed, refusals = plan.sweep_plan(
-                [(" ".join(o for o in c.overrides if not o.startswith("plan=")), validate(OmegaConf.create(c.resolved)))
-                 for c in cells], slurm)
+            printed, refusals = plan.sweep_plan([
+                (" ".join(o for o in c.overrides if not o.startswith("plan=")), validate(OmegaConf.create(c.resolved)),
+                 OmegaConf.to_container(c.config.hydra.launcher, resolve=True) if slurm else None) for c in cells])
             if plan.plan_mode(config.get("plan", False)):
                 print(printed)
                 raise SystemExit(0)

@@ -69,6 +69,13 @@ def test_a_gpu_cell_with_too_many_calibration_samples_names_the_count_that_fits(
     assert again.fits, again.knob
 
 
+def test_a_slurm_grant_is_what_the_launcher_asks_for():
+    """hydra.launcher.mem_gb given on the command line wins over model.resources, in the job and the plan."""
+    granted = plan.grant({"mem_gb": 512, "gpus_per_node": 4, "timeout_min": 60, "partition": "gpu"})
+    assert (granted.mem_bytes, granted.gpus, granted.gpu_bytes, granted.timeout_min) == (512 * GIB, 4, 80 * GIB, 60)
+    assert plan.grant(None).source == "this machine"
+
+
 def test_plan_must_be_a_boolean():
     with pytest.raises(ConfigError, match=r"plan='yes' .*allowed: True, False"):
         plan.plan_mode("yes")
