@@ -253,6 +253,9 @@ def _knob(cfg, granted: Grant, s: Shape, streamed, checkpoint_path, host, gpu, s
                        f"hidden states sit on the GPU)"
             return f"{over}: model.resources.gpus={math.ceil(weights * FIT_MARGIN / one)}"
     if granted.timeout_min is not None and seconds / 60 > granted.timeout_min:
+        if cfg.device == "cpu" and granted.gpus:
+            return f"estimated {seconds / 3600:.1f} h on the CPU > model.resources.timeout_min=" \
+                   f"{granted.timeout_min}, and the job has {granted.gpus} GPU(s): device=cuda"
         return f"estimated {seconds / 3600:.1f} h > model.resources.timeout_min={granted.timeout_min}: " \
                f"model.resources.timeout_min={math.ceil(seconds / 60 * 1.2)}" + \
                (" or a smaller method.population" if search else "")

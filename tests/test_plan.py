@@ -69,6 +69,13 @@ def test_a_gpu_cell_with_too_many_calibration_samples_names_the_count_that_fits(
     assert again.fits, again.knob
 
 
+def test_a_cpu_cell_too_slow_for_a_gpu_job_is_told_to_use_the_gpu():
+    slurm = plan.Grant(64 * GIB, 1, 80 * GIB, 240, "hydra.launcher")
+    on_cpu = plan.plan_cell(_cfg("experiment=cfsp_llama2", "method=cfsp"), slurm)
+    assert not on_cpu.fits and on_cpu.knob.endswith("device=cuda")
+    assert plan.plan_cell(_cfg("experiment=cfsp_llama2", "method=cfsp", "device=cuda"), slurm).fits
+
+
 def test_a_slurm_grant_is_what_the_launcher_asks_for():
     """hydra.launcher.mem_gb given on the command line wins over model.resources, in the job and the plan."""
     granted = plan.grant({"mem_gb": 512, "gpus_per_node": 4, "timeout_min": 60, "partition": "gpu"})
