@@ -69,7 +69,7 @@ class ModelConfig:
     seqlen: int = 2048  # the model's context length
     architecture: dict = field(default_factory=dict)  # transformers config kwargs (with model_type) for random
     stream: Any = "auto"  # true: blocks streamed from model.path's shards; auto: when bigger than the budget
-    host_memory_gb: Optional[float] = None  # the budget of stream=auto; None = half the host's RAM
+    host_memory_gb: Optional[float] = None  # stream=auto's budget; None = half the job's memory (cgroup, else RAM)
     resources: Resources = field(default_factory=Resources)
     label: Optional[str] = None  # what the weights are, for tables (e.g. a quantized source); None: the name
 
@@ -187,7 +187,7 @@ class RunConfig:
 
 
 # Top-level keys besides RunConfig's fields: read by run.py, the sweep, the cache and the reports.
-EXTRA_KEYS = ("cache", "rerun", "targets", "paper_protocol", "hydra")
+EXTRA_KEYS = ("cache", "rerun", "targets", "paper_protocol", "plan", "hydra")
 # A name that becomes a folder or file name: no separators, no "..", no leading "-" or ".", no control
 # characters (a name like "a/../../x" would write results outside the sweep dir).
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_+=@,][A-Za-z0-9_.+=@,-]*")

@@ -4,13 +4,13 @@ Both implement `ChatLLM`, the chat contract of `methods.search.chat`. `schema` (
 high)`, of the same contract) asks for an answer of the form `{"rates": [r_1, ..., r_n]}` with exactly n
 numbers, each in [low, high]. What each backend guarantees about it:
 
-- `LocalChat`: any model of the zoo (`conf/model/<name>.yaml`, loaded through `bench.models.load`),
-  prompted through its tokenizer's chat template (or one given in config), sampled with a seeded
-  generator so a run is reproducible. With a schema, decoding is *constrained* (xgrammar's grammar
+- `LocalChat`: any model of the zoo (`conf/model/<name>.yaml`, loaded through `bench.models.load`) on
+  the cell's device, prompted through its tokenizer's chat template (or one given in config), sampled
+  with a seeded generator so a run is reproducible. With a schema, decoding is *constrained* (xgrammar's grammar
   matcher masks the logits at every step, before temperature and top-p) to the regular language
   `{"rates": [v, v, ..., v]}` where every v is a fixed-point literal in [low, high] (two decimals, more
   only when no two-decimal value fits): the answer always parses to exactly n values within range,
-  whatever the model's weights. `max_new_tokens` is raised to what the grammar needs when it is lower.
+  whatever the model's weights.
 - `HttpChat`: any OpenAI-compatible `/chat/completions` endpoint (vLLM, llama.cpp server, OpenAI)
   through the `openai` client. With a schema it sends a JSON-schema `response_format`: OpenAI's
   `{"type": "json_schema", ...}` (OpenAI, vLLM), else llama-cpp-python's `{"type": "json_object",
@@ -24,6 +24,7 @@ numbers, each in [low, high]. What each backend guarantees about it:
   errors are retried with exponential backoff within that deadline; a response body over
   `max_response_bytes` is refused; plain http to a non-loopback host logs a warning.
 
+With a schema both raise `max_new_tokens` to the length of the grammar's answers (`token_limit`).
 Neither backend repairs values (clipping, mean shift): that stays with the caller
 (`methods.search.evolution.repair`). Both check what they can at construction (the model has a
 chat template; the URL is http(s); the key is set; the endpoint answers and accepts the key), so a bad
@@ -52,11 +53,21 @@ from methods.search.chat import ChatLLM, LLMConfig, LLMError, RatesSchema
 log = logging.getLogger(__name__)
 
 
-def make_backend(cfg: LLMConfig, key: str = "method.llm") -> ChatLLM:
-    """The backend `cfg` (self_pruner's `method.llm` keys, range-checked there) names, checked and ready."""
+def make_backend(cfg: LLMConfig, key: str = "method.llm", device: str = "cpu") -> ChatLLM:
+    """The backend `cfg` (self_pruner's `method.llm` keys, range-checked there) names, checked and ready;
+    a local model generates on `device` (the cell's)."""
     if not cfg.model:
         raise ConfigError(f"{key}.model is not set; name a zoo model (local) or the served model (http)")
-    return LocalChat(cfg, key) if cfg.backend == "local" else HttpChat(cfg, key)
+    return LocalChat(cfg, key, device) if cfg.backend == "local" else HttpChat(cfg, key)
+
+
+def token_limit(max_new_tokens: int, schema: Optional[RatesSchema]) -> int:
+    """The generation limit of one answer: `max_new_tokens`, raised to what the answer's grammar needs
+    (a 70B model's 80-block answer is ~400 characters, over the default 256), or a truncated answer is
+    all a search ever gets."""
+    if schema is None:
+        return max_new_tokens
+    return max(max_new_tokens, schema.max_chars + 1)  # every token is at least one character, plus the stop
 
 
 # ----------------------------------------------------------------------------- local
@@ -89,9 +100,11 @@ class _GrammarMask(LogitsProcessor):
 
 
 class LocalChat:
-    def __init__(self, cfg: LLMConfig, key: str):
+    def __init__(self, cfg: LLMConfig, key: str, device: str):
         self.cfg = cfg
         self.model, self.tokenizer = models.load(zoo_entry(cfg.model))
+        self.device = torch.device(device)
+        self.model.to(self.device)
         if cfg.chat_template is not None:
             self.tokenizer.chat_template = cfg.chat_template
         if not getattr(self.tokenizer, "chat_template", None):
@@ -118,22 +131,22 @@ class LocalChat:
     @torch.no_grad()
     def chat(self, messages: list[dict], seed: int, schema: Optional[RatesSchema] = None) -> str:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        encoded = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")
+        encoded = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").to(self.device)
         sample = self.cfg.temperature > 0
-        limit, extra = self.cfg.max_new_tokens, {}
+        limit, extra = token_limit(self.cfg.max_new_tokens, schema), {}
         if schema is not None:
-            # every token is at least one character of the (ASCII) answer, plus the stop token
-            limit = max(limit, schema.max_chars + 1)
             extra = {"logits_processor": LogitsProcessorList([_GrammarMask(self._grammar(schema),
                                                                            self._vocab_size())]),
                      "eos_token_id": self.tokenizer.eos_token_id}
-        with torch.random.fork_rng(devices=[]):  # the run's global RNG stays untouched
+        on_gpu = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+            if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=on_gpu):  # the run's global RNGs stay untouched
             torch.manual_seed(seed)
             output = self.model.generate(
                 **encoded, max_new_tokens=limit, do_sample=sample,
                 temperature=self.cfg.temperature if sample else None, top_p=self.cfg.top_p if sample else None,
                 top_k=None, pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **extra)
-        return self.tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+        return self.tokenizer.decode(output[0, encoded["input_ids"].shape[1]:].tolist(), skip_special_tokens=True)
 
 
 # ----------------------------------------------------------------------------- http
@@ -308,7 +321,7 @@ class HttpChat:
     def _complete(self, messages, seed, schema: Optional[RatesSchema], form: Optional[str],
                   deadline: float) -> str:
         body = {"model": self.cfg.model, "messages": messages, "temperature": self.cfg.temperature,
-                "top_p": self.cfg.top_p, "max_tokens": self.cfg.max_new_tokens, "seed": seed}
+                "top_p": self.cfg.top_p, "max_tokens": token_limit(self.cfg.max_new_tokens, schema), "seed": seed}
         if form == "json_schema":  # OpenAI, vLLM
             body["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": "rates", "strict": True, "schema": schema.json_schema()}}

@@ -49,6 +49,23 @@ def device_map(model: nn.Module, budget: dict[int, int]) -> dict[str, int]:
     return placement
 
 
+def free_gpu_memory() -> list[int]:
+    """Free bytes of each visible GPU once PyTorch's caching allocator has returned what it holds unused:
+    blocks a layer-wise pass freed still count as used until then (3 GB after a 70B evaluation, enough
+    to refuse a model that fits)."""
+    torch.cuda.empty_cache()
+    return [torch.cuda.mem_get_info(index)[0] for index in range(torch.cuda.device_count())]
+
+
+def placement_of(model: nn.Module, inputs_on: torch.device) -> dict[str, str]:
+    """Where `placed` put `model`, as accelerate's device map ({module: device}; {"": device} for a whole
+    model on one device)."""
+    mapping = getattr(model, "hf_device_map", None)
+    if not mapping:
+        return {"": str(inputs_on)}
+    return {name: f"cuda:{where}" if isinstance(where, int) else str(where) for name, where in mapping.items()}
+
+
 @contextmanager
 def placed(model: nn.Module, device: str) -> Iterator[torch.device]:
     """`model` on `device` for the with-block, as the module docstring says; yields the device its inputs
@@ -56,7 +73,7 @@ def placed(model: nn.Module, device: str) -> Iterator[torch.device]:
     if device == "cpu":
         yield torch.device("cpu")
         return
-    budget = gpu_budget(model_bytes(model), [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())])
+    budget = gpu_budget(model_bytes(model), free_gpu_memory())
     if budget is None:
         model.to(device)
     else:

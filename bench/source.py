@@ -92,8 +92,8 @@ class InMemory(ModelSource):
         store = None if cfg.resume_every_s is None else resume.ResumeState(self.out_dir, self.config_hash, cfg.device,
                                                                            cfg.resume_every_s)
         report = lifecycle.prune(model, method, samples, cfg.sparsity, cfg.device, cache=shared,
-                                 make_llm=llm.make_backend, on_step=self.observer.step, batch=cfg.data.calib.batch,
-                                 resume=store)
+                                 make_llm=lambda chat: llm.make_backend(chat, device=cfg.device),
+                                 on_step=self.observer.step, batch=cfg.data.calib.batch, resume=store)
         if store is not None:
             result.warnings += store.warnings
         if report.resumed_from is not None:
@@ -136,8 +136,14 @@ class InMemory(ModelSource):
                                  self.tasks)
 
     def speed(self) -> dict:
-        return speed.measure(self.reference, self.model, self.cfg.eval.speed, self.cfg.device, self.cfg.seed,
-                             on_step=self.observer.step)
+        measured = speed.measure(self.reference, self.model, self.cfg.eval.speed, self.cfg.device, self.cfg.seed,
+                                 on_step=self.observer.step)
+        if not measured["single_device"]:
+            devices = {name: sorted(set(where.values())) for name, where in measured["device_map"].items()}
+            self.result.warnings.append(f"speed-ups measured with the models dispatched (dense on {devices['dense']}, "
+                                        f"pruned on {devices['pruned']}), not whole on one device as the papers "
+                                        f"measure")
+        return measured
 
 
 def _check_finite(model, when: str) -> None:

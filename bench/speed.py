@@ -10,7 +10,8 @@ Times come from `torch.utils.benchmark.Timer`, which synchronises the GPU before
 warm-up, then `repeats` timed rounds; the median is reported. On the CPU, where both models live anyway,
 dense and pruned rounds are interleaved, so load from other processes slows both alike; on GPUs each
 model is placed (bench/placement.py: one GPU, or dispatched over several), timed and released in turn,
-so the two never occupy the GPUs together.
+so the two never occupy the GPUs together. Each model's device map is recorded with the speed-ups, and
+`single_device` says whether both ran whole on the same one device, as the papers measure.
 """
 from __future__ import annotations
 
@@ -65,8 +66,10 @@ def measure(dense: nn.Module, pruned: nn.Module, cfg: SpeedConfig, device: str, 
         schedule = [name for name in models for _ in range(rounds)]
     runs = {name: {"prefill": [], "decode": []} for name in models}
     step = itertools.count()
+    maps = {}
     for name, group in itertools.groupby(schedule):
         with placement.placed(models[name], device) as inputs_on:
+            maps[name] = placement.placement_of(models[name], inputs_on)
             on_device = ids.to(inputs_on)
             for _ in group:
                 start = time.perf_counter()
@@ -75,7 +78,9 @@ def measure(dense: nn.Module, pruned: nn.Module, cfg: SpeedConfig, device: str, 
                 if on_step is not None:
                     on_step("speed", next(step), len(schedule), time.perf_counter() - start)
     result = {"batch": cfg.batch, "prefill_seqlen": cfg.prefill_seqlen, "decode_tokens": cfg.decode_tokens,
-              "repeats": cfg.repeats, "device": device}
+              "repeats": cfg.repeats, "device": device, "device_map": maps,
+              # the papers time one device; a dispatched model also pays the hops between GPUs
+              "single_device": maps["dense"] == maps["pruned"] and len(set(maps["dense"].values())) == 1}
     for stage in ("prefill", "decode"):
         dense_tps = statistics.median(runs["dense"][stage][1:])  # the first round warmed up
         pruned_tps = statistics.median(runs["pruned"][stage][1:])

@@ -184,11 +184,48 @@ def checkpoint_bytes(checkpoint: Path) -> int:
     return sum(file.stat().st_size for file in Path(checkpoint).glob("*.safetensors"))
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+
+
+def job_memory_bytes() -> int:
+    """The memory this process may use: the RAM, capped by its cgroup's limit (and every ancestor's; Slurm's
+    `--mem` is enforced this way, on the job's or the step's cgroup) and by Slurm's `SLURM_MEM_PER_NODE`.
+    A job on a shared node is killed at its own limit, long before the node's RAM runs out."""
+    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    if os.environ.get("SLURM_MEM_PER_NODE", "").isdigit() and int(os.environ["SLURM_MEM_PER_NODE"]) > 0:
+        limits.append(int(os.environ["SLURM_MEM_PER_NODE"]) * 2**20)  # megabytes
+    try:
+        lines = PROC_CGROUP.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2: one tree, memory.max ("max" = none)
+            base, limit_file = CGROUP_ROOT, "memory.max"
+        elif "memory" in controllers.split(","):  # cgroup v1: the memory controller's own tree
+            base, limit_file = CGROUP_ROOT / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        here = base / path.lstrip("/")
+        for folder in (here, *here.parents):
+            if not folder.is_relative_to(base):
+                break
+            try:
+                value = (folder / limit_file).read_text().strip()
+            except OSError:
+                continue
+            if value.isdigit():  # v1 writes "no limit" as a huge number, which the RAM caps anyway
+                limits.append(int(value))
+    return min(limits)
+
+
 def host_memory_budget(configured_gb: Optional[float]) -> int:
-    """Bytes a cell may use for the model in host memory: `model.host_memory_gb`, else half the RAM."""
+    """Bytes a cell may use for the model in host memory: `model.host_memory_gb`, else half of what the
+    job may use (`job_memory_bytes`)."""
     if configured_gb is not None:
         return int(configured_gb * 2**30)
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    return job_memory_bytes() // 2
 
 
 def should_stream(cfg: ModelConfig) -> bool:

@@ -36,7 +36,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from bench import llm
+from bench import llm, plan
 from bench.config import ConfigError, RunConfig, validate
 from bench.core import identity, records
 from bench.core.records import CorruptResult
@@ -103,6 +103,15 @@ class SweepCallback(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         try:
             cells = expand(sweep_arguments(config), lambda o: loader.load_sweep_config(config, o))
+            slurm = config.hydra.launcher.get("_target_") == SLURM_LAUNCHER
+            printed, refusals = plan.sweep_plan([
+                (" ".join(o for o in c.overrides if not o.startswith("plan=")), c.run,
+                 OmegaConf.to_container(c.config.hydra.launcher, resolve=True) if slurm else None) for c in cells])
+            if plan.plan_mode(config.get("plan", False)):
+                print(printed)
+                raise SystemExit(0)
+            if refusals:
+                raise ConfigError(f"{refusals[0]} ({len(refusals)} cell(s) cannot fit; plan=true prints the plan)")
             _pace_local_launcher(config)
             _check_launcher(config)
             _probe_llm_endpoints(cells)

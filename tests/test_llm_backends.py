@@ -20,6 +20,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 
 from bench.core.vocab import ConfigError
 from bench.llm import HttpChat, make_backend
@@ -173,6 +174,16 @@ def test_answer_request_and_schema_are_sent(stub):
     llm.chat(ASK, seed=1)  # no schema: no response_format
     assert "response_format" not in stub.posts()[-1]["body"]
     assert KEY not in llm.description and KEY not in repr(vars(llm).get("cfg"))
+
+
+def test_an_80_block_answer_is_not_cut_at_max_new_tokens(stub):
+    """LLaMA-2-70B has 80 blocks: its answer is ~400 characters, over the default max_new_tokens=256."""
+    llm = _http(stub.url, max_new_tokens=256)
+    schema = RatesSchema(80, 0.0, 0.9)
+    llm.chat(ASK, seed=0, schema=schema)
+    assert stub.posts()[-1]["body"]["max_tokens"] >= schema.max_chars + 1 > 256
+    llm.chat(ASK, seed=0)  # free text keeps the configured limit
+    assert stub.posts()[-1]["body"]["max_tokens"] == 256
 
 
 def test_a_server_rejecting_response_format_gets_plain_requests(stub, caplog):
@@ -391,6 +402,22 @@ def test_rates_schema_literals_and_regex():
 @pytest.fixture(scope="module")
 def tiny_llm():
     return make_backend(LLMConfig(backend="local", model="llama-tiny", chat_template=TEMPLATE, max_new_tokens=8))
+
+
+def test_the_local_model_generates_on_the_cells_device(monkeypatch):
+    """The meta device stands in for a GPU: the model and every prompt go there, not to the CPU."""
+    llm = make_backend(LLMConfig(backend="local", model="llama-tiny", chat_template=TEMPLATE), device="meta")
+    assert {p.device.type for p in llm.model.parameters()} == {"meta"}
+    seen = []
+
+    def generate(input_ids, **options):
+        seen.append(input_ids.device.type)
+        return torch.zeros((1, input_ids.shape[1] + 1), dtype=torch.long)
+
+    monkeypatch.setattr(llm.model, "generate", generate)
+    monkeypatch.setattr(llm.tokenizer, "decode", lambda ids, **options: str(ids))
+    assert llm.chat(ASK, seed=0) == "[0]"
+    assert seen == ["meta"]
 
 
 @pytest.mark.parametrize("n, low, high", [(1, 0.0, 0.99), (5, 0.3, 0.7), (12, 0.45, 0.55), (3, 0.301, 0.309)])

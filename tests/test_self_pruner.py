@@ -443,7 +443,7 @@ def test_the_cell_fails_with_the_reason_and_an_allowed_fallback_is_a_warning(mak
     from bench import llm
     from bench.cell import run_cell
 
-    monkeypatch.setattr(llm, "make_backend", lambda cfg: _Failing(LLMError("HTTP 500: boom")))
+    monkeypatch.setattr(llm, "make_backend", lambda cfg, **options: _Failing(LLMError("HTTP 500: boom")))
     cfg, resolved = make_config("model=llama-tiny", *FAST, "method=self_pruner", "method.generations=1")
     result = run_cell(cfg, resolved, tmp_path / "strict")
     assert result.status == "failed" and result.error.type == "SearchFailed"

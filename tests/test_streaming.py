@@ -167,3 +167,24 @@ def test_what_cannot_stream_is_refused_naming_the_key(overrides, message, make_c
     with pytest.raises(ConfigError, match=message):
         make_config("model=llama-tiny", f"model.path={tmp_path}", "model.stream=true", f"save_dir={tmp_path}/o",
                     *TINY, *overrides)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_stream_auto_budgets_half_the_jobs_cgroup_limit_not_the_nodes_ram(tmp_path, monkeypatch, version):
+    """A Slurm job with --mem=8G on a 1 TB node is killed at 8 GiB: its budget is 4 GiB, not 512 GiB. The limit
+    may sit on an ancestor of the process's cgroup (the job's, above the step's)."""
+    root = tmp_path / "cgroup"
+    job = (root / "memory" if version == "v1" else root) / "slurm" / "job_7"
+    (job / "step_0").mkdir(parents=True)
+    limit_file = "memory.limit_in_bytes" if version == "v1" else "memory.max"
+    (job / limit_file).write_text(f"{8 * 2**30}\n")
+    (job / "step_0" / limit_file).write_text("9223372036854771712\n" if version == "v1" else "max\n")
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text("4:memory:/slurm/job_7/step_0\n1:cpu:/\n" if version == "v1" else "0::/slurm/job_7/step_0\n")
+    monkeypatch.setattr(streaming, "CGROUP_ROOT", root)
+    monkeypatch.setattr(streaming, "PROC_CGROUP", proc)
+    monkeypatch.delenv("SLURM_MEM_PER_NODE", raising=False)
+    assert streaming.host_memory_budget(None) == 4 * 2**30
+    monkeypatch.setenv("SLURM_MEM_PER_NODE", "2048")  # Slurm's own word, when no cgroup enforces it
+    assert streaming.host_memory_budget(None) == 2**30
+    assert streaming.host_memory_budget(0.5) == 2**29  # model.host_memory_gb wins

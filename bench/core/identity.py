@@ -22,7 +22,8 @@ import hashlib
 import json
 
 NOT_NUMERIC = ("save_dir", "save_format", "device", "targets", "paper_protocol", "logger", "rerun", "cache",
-               "resume_every_s", "method.display", "eval.zeroshot.log_samples")
+               "resume_every_s", "method.display", "eval.zeroshot.log_samples",
+               "plan")
 LATER_KEYS = {"data.calib.batch": 1}
 TABLE_AXES = ("model", "sparsity", "seed", "method.seed")
 BASELINE_SHARES = ("model", "protocol", "seed", "data", "eval")

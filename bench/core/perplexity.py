@@ -113,6 +113,7 @@ def fits(model: nn.Module, device: str) -> bool:
         return False  # streamed: the blocks are on disk
     if not device.startswith("cuda"):
         return True
+    torch.cuda.empty_cache()  # what the allocator caches unused is free for the model
     free, _ = torch.cuda.mem_get_info(torch.device(device))
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     return size * FIT_MARGIN < free
