@@ -174,9 +174,10 @@ class Replay:
         except CorruptResult as exc:
             raise ConfigError(f"method.llm.replay={source!r} is not a readable result ({exc})") from None
         search = record.allocator.get("search") or {}
-        if search.get("operators") != "llm" or not search.get("calls"):
+        if not search.get("calls"):
             raise ConfigError(f"method.llm.replay={source!r} holds no recorded LLM search (allocator.search.calls); "
-                              f"replay needs the result of a self_pruner run with operators=llm")
+                              f"replay needs the result of a self_pruner run that asked an LLM (operators=llm or "
+                              f"init=llm)")
         recorded, current = search.get("options", {}), replayed_options(options)
         differ = [f"{k}={recorded.get(k)!r} (now {v!r})" for k, v in current.items() if recorded.get(k) != v]
         if differ:
