@@ -66,7 +66,8 @@ def repair(rates, weights, target: float, low: float, high: float) -> tuple[np.n
 
 class Search:
     """One evolutionary search over one rate per block: `run()` returns the best rates per linear and
-    leaves the search's record in `details`. `llm` None: the classical GA operators alone."""
+    leaves the search's record in `details`. `llm` answers the LLM operators and the LLM init; None when
+    the arm uses neither."""
 
     def __init__(self, options, llm: Optional[ChatLLM], context: SearchContext, sizes: dict[str, int],
                  target: float):
@@ -220,7 +221,7 @@ class Search:
         parents = [c["id"] for c in population]
         if self.o.operators == "random":
             return self.ga_init(), "random", None
-        if self.llm is not None and self.o.operators == "llm":
+        if self.o.operators == "llm":
             label, digits = ("perplexity", 3) if self.o.fitness == "ppl" else ("kl", 5)
             listing = "\n".join(f"#{c['id']} {label}={c['fitness']:.{digits}f} rates={_short(c['rates'])}"
                                 for c in sorted(population, key=lambda c: c["fitness"]))
@@ -232,7 +233,7 @@ class Search:
         else:
             (rates, parents), origin = self.ga_crossover(population), "ga_crossover"
         if self.rng.random() < self.o.mutation_prob:
-            if self.llm is not None and self.o.operators == "llm":
+            if self.o.operators == "llm":
                 mutated = self.ask("mutation", {"candidate": _short(rates)}, duplicate)
                 rates, origin = (mutated, "llm_mutation") if mutated is not None else (
                     self.ga_mutation(rates), "fallback_mutation")
