@@ -86,9 +86,6 @@ def cells_frame(records: list[Result]) -> pd.DataFrame:
         method = result.config.get("method", {})
         search = result.allocator.get("search") or {}
         calls = search.get("calls", [])
-        generated = [c.get("generated_tokens") for c in calls]
-        # a record written before the backends counted tokens has none: unknown, not zero
-        llm_tokens = sum(generated) if search and None not in generated else np.nan
         timings = result.timings
         rows.append({
             "model": result.cell.model, "sparsity": result.cell.sparsity, "arm": labels[id(result)],
@@ -98,7 +95,8 @@ def cells_frame(records: list[Result]) -> pd.DataFrame:
             "cell_s": timings.get("total", np.nan),
             "evaluations": search.get("evaluations", np.nan), "tokens_scored": search.get("tokens_scored", np.nan),
             "llm_calls": len(calls) if search else np.nan,
-            "llm_tokens": llm_tokens,
+            # a record written before the search counted them has none: unknown, not zero
+            "llm_tokens": np.nan if search.get("llm_tokens") is None else search["llm_tokens"],
             "config_hash": result.config_hash})
     return pd.DataFrame(rows)
 

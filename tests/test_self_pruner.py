@@ -144,6 +144,10 @@ def test_local_llm_search_is_deterministic_and_every_constrained_answer_parses(m
         assert math.isclose(answers["repair_mean_abs_change"], sum(c["change"] for c in shifted) / len(shifted))
     assert all(c["parameters"]["schema"] == [2, 0.3, 0.7] for c in calls)
     assert all(c["messages"][0]["role"] == "system" for c in calls)
+    # every answer's token count, the grammar's answer plus the stop token at most, adds up to the search's
+    limit = len('{"rates": [0.30, 0.30]}') + 1
+    assert all(1 <= c["generated_tokens"] <= limit for c in calls)
+    assert first[1]["llm_tokens"] == sum(c["generated_tokens"] for c in calls)
 
 
 def _timeless(search: dict) -> dict:
@@ -156,6 +160,7 @@ class ScriptedLLM:
     """Answers from a fixed list, in order (cycling): exercises parsing/repair/fallback accounting."""
 
     description = "scripted"
+    generated_tokens = None  # a script spends no tokens it could report
 
     def __init__(self, answers):
         self.answers, self.calls = answers, 0
@@ -518,6 +523,7 @@ def test_a_search_whose_llm_calls_all_fail_fails_unless_the_fallback_is_allowed(
 
 class _Failing:
     description = "failing"
+    generated_tokens = None  # a script spends no tokens it could report
 
     def __init__(self, answer):
         self.answer, self.calls = answer, 0

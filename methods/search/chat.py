@@ -117,9 +117,11 @@ class RatesSchema:
 
 class ChatLLM(Protocol):
     """What a search asks of an LLM: an answer to `messages`, sampled with `seed`, under `schema` when
-    the backend can enforce it; `description` names the backend in the search's record."""
+    the backend can enforce it; `description` names the backend in the search's record, and
+    `generated_tokens` what its last answer cost (None where the backend cannot tell)."""
 
     description: str
+    generated_tokens: Optional[int]
 
     def chat(self, messages: list[dict], seed: int, schema: Optional[RatesSchema] = None) -> str: ...
 
@@ -183,6 +185,7 @@ class Replay:
         if differ:
             raise ConfigError(f"method.llm.replay={source!r} was searched with other options: {'; '.join(differ)}")
         self.calls, self.position = search["calls"], 0
+        self.generated_tokens: Optional[int] = None
         self.description = f"replay of {search['llm']} from {path}"
 
     def chat(self, messages: list[dict], seed: int, schema: Optional[RatesSchema] = None) -> str:
@@ -196,4 +199,5 @@ class Replay:
                                f"from the recorded one (other code, data or fitness values than the record's)")
         if entry["status"] == "backend_error":
             raise LLMError(entry["answer"])
+        self.generated_tokens = entry.get("generated_tokens")  # what the recorded LLM spent, not the replay
         return entry["answer"]

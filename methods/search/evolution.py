@@ -135,14 +135,15 @@ class Search:
             try:
                 text = self.llm.chat(messages, seed=seed, schema=schema)
                 rates, status = parse_rates(text, self.n)
+                generated = self.llm.generated_tokens
             except LLMError as exc:
-                text, rates, status = str(exc), None, "backend_error"
+                text, rates, status, generated = str(exc), None, "backend_error", None
             seconds = time.perf_counter() - start
             self.llm_seconds += seconds
             entry = {"call": call, "operator": operator, "reask": duplicate is not None, "messages": messages,
                      "parameters": {"seed": seed, "temperature": o.llm.temperature, "top_p": o.llm.top_p,
                                     "max_new_tokens": o.llm.max_new_tokens, "schema": [self.n, self.low, self.high]},
-                     "answer": text, "status": status, "seconds": seconds}
+                     "answer": text, "status": status, "seconds": seconds, "generated_tokens": generated}
             self.calls.append(entry)
             if rates is None:
                 self._count("unusable", status)
@@ -312,13 +313,20 @@ class Search:
             "candidates_total": len(self.candidates), "budget": self.distinct_budget,
             "evaluations": len(self.fitness.cache), "tokens_scored": len(self.fitness.cache) * o.fitness_windows
             * o.fitness_seqlen, "duplicates": sum(self.duplicates.values()), "duplicates_by_origin": self.duplicates,
-            "cache_hits": self.fitness.hits,
+            "cache_hits": self.fitness.hits, "llm_tokens": self._llm_tokens(),
             "uniform_fitness": reference["fitness"], "best": best, "rescore": rescore, "history": history,
             "answers": self.answers if self.llm else None, "calls": self.calls,
             "seconds": {"llm": self.llm_seconds, "fitness": self.fitness.seconds,
                         "total": time.perf_counter() - started},
             "candidates": self.candidates}}
         return {name: float(best["rates"][b]) for name, b in self.block_of.items()}
+
+    def _llm_tokens(self) -> Optional[int]:
+        """The tokens of the LLM's answers over the search (0 without calls; a call that got no answer counts
+        none); None when the backend could not tell for some answer, since a partial sum would understate
+        the cost."""
+        counts = [call["generated_tokens"] for call in self.calls if call["status"] != "backend_error"]
+        return None if None in counts else sum(counts)
 
     def pick(self) -> tuple[dict, Optional[dict]]:
         """The winner: the best fitness, or with `rescore_windows` the best of the `rescore_top` best distinct
