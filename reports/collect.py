@@ -259,7 +259,7 @@ def collect(sweep_dir: Path, write: bool = True, formats: tuple = ("md", "csv"),
         for fmt in formats:
             report.written += _write(report, sweep_dir, fmt, [p for p in images if p.suffix == ".png"])
         report.written += images
-        report.written += league.write(report.records, report.long, sweep_dir)
+        report.written += league.write(report.records, report.long, sweep_dir, plots)
     return report
 
 

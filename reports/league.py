@@ -19,9 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from scipy.stats import binom
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 from bench.core.metrics import metric
 from bench.core.records import Result
@@ -140,6 +144,7 @@ def paired_frame(cells: pd.DataFrame, long: pd.DataFrame) -> pd.DataFrame:
                     better = diffs < 0 if lower else diffs > 0
                     rows.append({"model": model, "sparsity": sparsity, "pruner": pruner, "metric": name,
                                  "arm": reference, "vs": other, "n": len(diffs), "seeds": ",".join(map(str, both.index)),
+                                 "diffs": ";".join(f"{d:.6g}" for d in diffs),
                                  "wins": int(better.sum()), "mean_diff": float(diffs.mean()),
                                  "median_diff": float(np.median(diffs)),
                                  "low": np.nan if interval is None else interval.low,
@@ -237,9 +242,37 @@ def league(records: list[Result], long: pd.DataFrame) -> Optional[League]:
     return League(pairs, costs, [paired_table(pairs), cost_table(costs, metrics)])
 
 
-def write(records: list[Result], long: pd.DataFrame, sweep_dir: Path) -> list[Path]:
-    """league.md, league.csv (one row per pair) and league_cost.csv into `sweep_dir`; nothing when the
-    sweep is no league."""
+def plot_pairs(pairs: pd.DataFrame, out_stem: Path) -> list[Path]:
+    """One panel per (model, sparsity, metric, arm): each seed's difference to every other arm as a dot,
+    the sign test's interval as a bar where the seeds allow one, the verdict beside it."""
+    panels = list(pairs.groupby(["model", "sparsity", "metric", "arm"], sort=False))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 0.5 + 0.45 * max(len(g) for _, g in panels) * len(panels)),
+                             squeeze=False)
+    for ax, ((model, sparsity, name, arm), group) in zip(axes[:, 0], panels):
+        for y, p in enumerate(group.itertuples()):
+            diffs = [float(d) for d in p.diffs.split(";")]
+            ax.plot(diffs, [y] * len(diffs), "o", color="C0", alpha=0.7)
+            if not pd.isna(p.low):
+                ax.plot([p.low, p.high], [y, y], "-", color="C0", linewidth=3, alpha=0.4)
+            ax.annotate(p.verdict, (1.01, y), xycoords=("axes fraction", "data"), va="center", fontsize=8)
+        ax.axvline(0, color="grey", linewidth=1, linestyle=":")
+        ax.set_yticks(range(len(group)), [f"vs {vs}" for vs in group["vs"]], fontsize=8)
+        ax.set_ylim(len(group) - 0.4, -0.6)  # the table's order, top down
+        better = "lower" if metric(name).lower_is_better else "higher"
+        ax.set_title(f"{model} {sparsity:.0%}: {arm}", fontsize=9)
+        ax.set_xlabel(f"{name}: arm - vs per seed ({better} is better for the arm)", fontsize=8)
+    fig.tight_layout()
+    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    files = [out_stem.with_suffix(".png"), out_stem.with_suffix(".svg")]
+    for file in files:
+        fig.savefig(file, dpi=120, bbox_inches="tight", **({} if file.suffix == ".png" else {"metadata": {"Date": None}}))
+    plt.close(fig)
+    return files
+
+
+def write(records: list[Result], long: pd.DataFrame, sweep_dir: Path, plots: bool = False) -> list[Path]:
+    """league.md, league.csv (one row per pair) and league_cost.csv into `sweep_dir`, with `plots` the
+    paired differences as plots/league.png|svg; nothing when the sweep is no league."""
     found = league(records, long)
     if found is None:
         return []
@@ -247,4 +280,5 @@ def write(records: list[Result], long: pd.DataFrame, sweep_dir: Path) -> list[Pa
              sweep_dir / "league_cost.csv": found.costs.to_csv(index=False)}
     for path, text in paths.items():
         path.write_text(text)
-    return list(paths)
+    images = plot_pairs(found.pairs, sweep_dir / "plots" / "league") if plots and not found.pairs.empty else []
+    return list(paths) + images

@@ -82,7 +82,7 @@ def test_interval_is_the_order_statistics_of_the_sign_test():
     assert league.median_interval(np.ones(5)) is None
 
 
-def test_arms_pair_within_their_pruner_and_costs_sit_beside_quality():
+def test_arms_pair_within_their_pruner_and_costs_sit_beside_quality(tmp_path):
     records = [r for s in range(3) for r in (_record("self_pruner", s, 100.0), _record("self_pruner_ga", s, 101.0),
                                              _record("wanda", s, 102.0), _record("sparsegpt", s, 50.0, "sparsegpt"))]
     found = _league(records)
@@ -93,6 +93,8 @@ def test_arms_pair_within_their_pruner_and_costs_sit_beside_quality():
     assert costs.loc["Self-Pruner (GA, Wanda)", "llm_tokens"] == 0 and np.isnan(costs.loc["Wanda", "evaluations"])
     assert costs.loc["Wanda", "ppl/pydoc"] == 102.0
     assert "| llama-tiny | 70% | Self-Pruner (LLM, Wanda) | 3 | 100.00 |" in found.markdown
+    assert found.pairs["diffs"].tolist() == ["-1;-1;-1", "-2;-2;-2"]  # per seed, for the CSV and the plot
+    assert all(path.stat().st_size > 0 for path in league.plot_pairs(found.pairs, tmp_path / "league"))
 
 
 def test_one_seed_or_no_search_is_no_league():
