@@ -113,10 +113,6 @@ def is_league(cells: pd.DataFrame) -> bool:
     return bool(searched.groupby(["model", "sparsity", "arm"])["seed"].nunique().ge(2).any())
 
 
-def _order(cells: pd.DataFrame, order: dict[str, int]) -> list[str]:
-    return sorted(cells["arm"].unique(), key=lambda arm: order.get(arm, 1 << 30))
-
-
 def paired_frame(cells: pd.DataFrame, long: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, sparsity, metric, reference arm, other arm): the seeds both ran, the reference's
     wins, the mean and median of reference - other, the sign test's interval and p, and the verdict."""
@@ -127,7 +123,7 @@ def paired_frame(cells: pd.DataFrame, long: pd.DataFrame) -> pd.DataFrame:
     values = measured.merge(cells[["config_hash", "arm", "pruner"]], on="config_hash")
     rows = []
     for (model, sparsity, pruner), group in cells.groupby(["model", "sparsity", "pruner"], sort=False):
-        arms = _order(group, order)
+        arms = sorted(group["arm"].unique(), key=lambda arm: order.get(arm, 1 << 30))
         searched = [a for a in arms if group.loc[group["arm"] == a, "search"].any()]
         references = [a for a in searched if group.loc[group["arm"] == a, "llm_arm"].all()] or searched[:1]
         here = values[(values["model"] == model) & (values["sparsity"] == sparsity) & (values["pruner"] == pruner)]
