@@ -113,6 +113,7 @@ class LocalChat:
         self.description = f"local:{cfg.model}"
         self._compiler = None
         self._grammars: dict = {}
+        self.generated_tokens: Optional[int] = None
 
     def _grammar(self, schema: RatesSchema):
         if schema not in self._grammars:
@@ -146,7 +147,9 @@ class LocalChat:
                 **encoded, max_new_tokens=limit, do_sample=sample,
                 temperature=self.cfg.temperature if sample else None, top_p=self.cfg.top_p if sample else None,
                 top_k=None, pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **extra)
-        return self.tokenizer.decode(output[0, encoded["input_ids"].shape[1]:].tolist(), skip_special_tokens=True)
+        answer = output[0, encoded["input_ids"].shape[1]:]
+        self.generated_tokens = int(answer.shape[0])
+        return self.tokenizer.decode(answer.tolist(), skip_special_tokens=True)
 
 
 # ----------------------------------------------------------------------------- http
@@ -240,6 +243,7 @@ class HttpChat:
         self.url = cfg.base_url.rstrip("/")
         self.description = f"http:{cfg.model}@{self.url}"
         self.format_level = 0  # index into RESPONSE_FORMATS; len(RESPONSE_FORMATS): plain requests
+        self.generated_tokens: Optional[int] = None
         self._openai = openai
         self._transport = _GuardedTransport(cfg.max_response_bytes)
         # redirects are not followed: the openai client's own default client would follow them
@@ -344,6 +348,10 @@ class HttpChat:
                            f"{content[:200]!r})") from None
         if not isinstance(text, str):
             raise LLMError(f"{self.description}: the response has no text content ({text!r:.200})")
+        usage = payload.get("usage")
+        tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+        # a server that reports no usage leaves the count unknown rather than guessed from the text
+        self.generated_tokens = tokens if isinstance(tokens, int) else None
         return text
 
 

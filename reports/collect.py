@@ -32,6 +32,7 @@ import pandas as pd
 
 from bench.core.metrics import METRICS, display, metric, names
 from bench.core.records import Result, baselines, read_results
+from reports import league
 from reports.frame import aggregate, long_frame, row_labels
 from reports.html import render
 from reports.latex import paper_results
@@ -272,6 +273,7 @@ def collect(sweep_dir: Path, write: bool = True, formats: tuple = ("md", "csv"),
         for fmt in formats:
             report.written += _write(report, sweep_dir, fmt, [p for p in images if p.suffix == ".png"])
         report.written += images
+        report.written += league.write(report.records, report.long, sweep_dir, plots)
     return report
 
 

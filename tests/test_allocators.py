@@ -13,7 +13,7 @@ from bench.core.vocab import ConfigError, SparsityPattern
 from bench.core.engine import InputStats
 from bench.core.records import CellKey, Result
 from reports.plots import plot_layer_schedules
-from methods.allocators.loss_estimate import LossEstimate, kmeans_1d
+from methods.allocators.loss_estimate import LossEstimate, kmeans_1d, spearman
 from methods.allocators.owl import OWL
 from methods.pruners.sparsegpt import sparsegpt
 from tests.conftest import TINY
@@ -136,6 +136,10 @@ def test_schedules_run_end_to_end_and_hit_target(model, method, make_config, tmp
     else:
         assert abs(sparsity["measured"] - 0.7) < 0.001
     assert len(set(sparsity["allocated"].values())) > 1  # really non-uniform
+    if method == "loss_estimate":  # the preset ranks its estimate against its own pruner's realised error
+        fit = saved["allocator"]["realised_fit"]
+        assert fit["pruner"] == "sparsegpt" and fit["level"] == 0.7 and fit["layers"] == len(sparsity["allocated"])
+        assert -1 <= fit["spearman"] <= 1
     for name, rate in sparsity["allocated"].items():
         if method == "owl_wanda":  # a whole number of weights per row of 64 inputs, rounded down
             assert rate - 1 / 64 < sparsity["per_layer"][name] <= rate + 1e-9
@@ -181,3 +185,55 @@ def test_relative_loss_ignores_the_scale_of_a_layer():
         allocator = LossEstimate(LossEstimate.Options(levels=[0.5], loss=loss))
         allocator.observe_block(view)
         assert allocator.losses["large"][0] == pytest.approx(ratio * allocator.losses["small"][0], rel=1e-4)
+
+
+def _layers_of_unequal_difficulty(n: int = 8):
+    """Layers whose inputs differ in scale spread and in one shared (correlated) component: SparseGPT's
+    update exploits the correlation, pruners without an update do not, so their errors rank differently."""
+    torch.manual_seed(0)
+    linears, stats = {}, {}
+    for i in range(n):
+        X = torch.randn(256, 32) * torch.rand(32) ** (i % 4) + (i % 3) * torch.randn(256, 1)
+        linears[f"l{i}"] = torch.nn.Linear(32, 16, bias=False)
+        stats[f"l{i}"] = InputStats(ntokens=256, x_sum=X.sum(0), sq_sum=(X * X).sum(0), xtx=X.T @ X)
+    return SimpleNamespace(linears=linears, stats=stats), {name: 512 for name in linears}
+
+
+def test_realised_fit_ranks_the_estimate_against_the_error_of_the_pruner_used():
+    view, sizes = _layers_of_unequal_difficulty()
+    # the exact estimate is SparseGPT's own error: against SparseGPT it ranks every layer right
+    exact = LossEstimate(LossEstimate.Options(error="exact", realised_pruner="sparsegpt"))
+    exact.observe_block(view)
+    exact.allocate(sizes, 0.7)
+    assert exact.finish()["realised_fit"] == {"pruner": "sparsegpt", "level": 0.7, "layers": 8,
+                                              "spearman": pytest.approx(1.0)}
+    # against Wanda (no update) the same estimate ranks the layers worse: the schedule does not fit it
+    other = LossEstimate(LossEstimate.Options(error="exact", realised_pruner="wanda"))
+    other.observe_block(view)
+    other.allocate(sizes, 0.7)
+    assert other.finish()["realised_fit"]["spearman"] < 0.5
+    # restored from the cross-cell cache, the fit is recorded again
+    restored = LossEstimate(LossEstimate.Options(error="exact", realised_pruner="wanda"))
+    restored.load_dense_state(other.dense_state())
+    restored.allocate(sizes, 0.7)
+    assert restored.finish() == other.finish()
+    plain = LossEstimate(LossEstimate.Options())
+    plain.observe_block(view)
+    plain.allocate(sizes, 0.7)
+    assert plain.finish() == {}
+
+
+def test_spearman_ranks_with_ties():
+    assert spearman(np.array([1.0, 2.0, 3.0]), np.array([10.0, 20.0, 30.0])) == pytest.approx(1.0)
+    assert spearman(np.array([1.0, 2.0, 3.0]), np.array([3.0, 2.0, 1.0])) == pytest.approx(-1.0)
+    assert spearman(np.array([1.0, 1.0, 2.0, 3.0]), np.array([1.0, 1.0, 2.0, 3.0])) == pytest.approx(1.0)
+    assert spearman(np.ones(3), np.array([1.0, 2.0, 3.0])) == 0.0
+
+
+@pytest.mark.parametrize("override, match", [
+    ("method.realised_pruner=obs", "method.realised_pruner='obs' is not known"),
+    ("method.realised_pruner=wanda_sp", r"method.realised_pruner='wanda_sp' is out of range; allowed: a pruner of single"),
+])
+def test_bad_realised_pruner_fails_at_config_time(make_config, override, match):
+    with pytest.raises(ConfigError, match=match):
+        make_config("model=llama-tiny", *TINY, "method=loss_estimate", override)

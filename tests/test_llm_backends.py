@@ -248,6 +248,16 @@ def test_garbage_and_empty_responses_are_errors(stub, body, match):
     assert len(stub.posts()) == 1  # a 200 is not retried
 
 
+def test_the_tokens_an_answer_cost_are_the_servers_usage_or_unknown(stub):
+    llm = _http(stub.url)
+    stub.script(("json", 200, {**GOOD, "usage": {"prompt_tokens": 40, "completion_tokens": 9}}))
+    llm.chat(ASK, seed=0)
+    assert llm.generated_tokens == 9
+    stub.script(("json", 200, GOOD))
+    llm.chat(ASK, seed=0)
+    assert llm.generated_tokens is None  # not the last answer's count, nor a guess from the text
+
+
 def test_empty_content_is_an_answer_the_caller_rejects(stub):
     stub.script(("json", 200, {"choices": [{"message": {"content": ""}}]}))
     assert parse_rates(_http(stub.url).chat(ASK, seed=0), 2) == (None, "no_json")
@@ -444,7 +454,7 @@ def test_constrained_greedy_decoding_and_unconstrained_calls(tiny_llm):
     finally:
         tiny_llm.cfg.temperature = 0.7
     free = tiny_llm.chat([{"role": "user", "content": "x"}], seed=0)  # no schema: max_new_tokens holds
-    assert len(free.encode()) <= 8 * 4
+    assert len(free.encode()) <= 8 * 4 and 1 <= tiny_llm.generated_tokens <= 8
 
 
 @pytest.mark.slow

@@ -76,7 +76,8 @@ def test_interrupted_cell_resumes_to_the_uninterrupted_result(method, make_confi
 
 def test_a_resumed_search_is_not_run_again(make_config, tmp_path, monkeypatch):
     overrides = [*CELL, "method=self_pruner_ga", "method.population=2", "method.generations=0",
-                 "method.fitness_nsamples=1", "method.fitness_windows=1", "method.fitness_seqlen=16", "sparsity=0.3"]
+                 "method.fitness_nsamples=1", "method.fitness_windows=1", "method.rescore_windows=1", "method.fitness_seqlen=16",
+                 "sparsity=0.3"]
     cfg, resolved = make_config(*overrides)
     whole = run_cell(cfg, resolved, tmp_path / "whole")
     assert whole.ok

@@ -27,7 +27,7 @@ from tests.conftest import TINY
 # a minimal chat template for the byte-level tiny models, which ship none
 TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
 FAST = [*TINY, "data.calib.nsamples=6", "method.fitness_nsamples=2", "method.fitness_windows=2",
-        "method.fitness_seqlen=32", "method.population=3", "method.generations=2"]
+        "method.fitness_seqlen=32", "method.rescore_windows=2", "method.population=3", "method.generations=2"]
 
 
 # ----------------------------------------------------------------------------- repair and parsing
@@ -144,6 +144,10 @@ def test_local_llm_search_is_deterministic_and_every_constrained_answer_parses(m
         assert math.isclose(answers["repair_mean_abs_change"], sum(c["change"] for c in shifted) / len(shifted))
     assert all(c["parameters"]["schema"] == [2, 0.3, 0.7] for c in calls)
     assert all(c["messages"][0]["role"] == "system" for c in calls)
+    # every answer's token count, the grammar's answer plus the stop token at most, adds up to the search's
+    limit = len('{"rates": [0.30, 0.30]}') + 1
+    assert all(1 <= c["generated_tokens"] <= limit for c in calls)
+    assert first[1]["llm_tokens"] == sum(c["generated_tokens"] for c in calls)
 
 
 def _timeless(search: dict) -> dict:
@@ -156,6 +160,7 @@ class ScriptedLLM:
     """Answers from a fixed list, in order (cycling): exercises parsing/repair/fallback accounting."""
 
     description = "scripted"
+    generated_tokens = None  # a script spends no tokens it could report
 
     def __init__(self, answers):
         self.answers, self.calls = answers, 0
@@ -208,6 +213,91 @@ def test_malformed_answers_are_handled_and_counted(make_config, monkeypatch):
     for candidate in search["candidates"]:
         assert 0.3 - 1e-12 <= min(candidate["rates"]) and max(candidate["rates"]) <= 0.7 + 1e-12
         assert abs(sum(candidate["rates"]) / 2 - 0.5) < 1e-9  # llama-tiny's two blocks have equal size
+
+
+# ----------------------------------------------------------------------------- equal effort
+
+# FAST's budget: the reference + a population of 3 (one the seeded uniform, a repeat) + 2 generations of
+# 2 children, all distinct but the seeded uniform
+DISTINCT = 1 + 3 + 2 * 2 - 1
+
+
+def test_constant_answers_are_reasked_counted_as_duplicates_and_cannot_save_evaluations(make_config):
+    # every constant answer repairs onto the uniform schedule, which the reference scored first
+    fake = ScriptedLLM(['{"rates": [0.50, 0.50]}'])
+    _, search, _ = _search(make_config, "method=self_pruner", "method.mutation_prob=0.0",
+                           make_llm=lambda cfg: fake)
+    assert search["budget"] == DISTINCT and search["evaluations"] == DISTINCT
+    assert search["cache_hits"] == 1  # the seeded uniform alone
+    slots = DISTINCT - 1  # every candidate after the reference, each asked 1 + reasks times
+    assert search["duplicates"] == slots * 4 == fake.calls
+    assert search["duplicates_by_origin"] == {"llm_init": 2 * 4, "llm_crossover": 2 * 2 * 4}
+    assert [c["origin"] for c in search["candidates"]][2:] == ["duplicate_mutation"] * slots
+    # a re-ask goes on with the same conversation: the repaired duplicate, then the request for another
+    reasks = [c for c in search["calls"] if c["reask"]]
+    assert len(reasks) == slots * 3
+    assert all(c["messages"][-2] == {"role": "assistant", "content": '{"rates": [0.50, 0.50]}'}
+               and "already scored" in c["messages"][-1]["content"] for c in reasks)
+    # the initial population is asked for as a population: each call lists the schedules already in it
+    inits = [c for c in search["calls"] if c["operator"] == "init" and not c["reask"]]
+    assert "[0.50, 0.50]" in inits[0]["messages"][1]["content"]
+    assert _short_rates(search["candidates"][2]) in inits[1]["messages"][1]["content"]
+
+
+def _short_rates(candidate) -> str:
+    return "[" + ", ".join(f"{r:.2f}" for r in candidate["rates"]) + "]"
+
+
+LEAGUE = ["self_pruner", "self_pruner_ga", "random_search", "self_pruner_ga_smooth", "self_pruner_ga_llm_init",
+          "self_pruner_llm_ga_init"]
+
+
+@pytest.mark.parametrize("arm", LEAGUE)
+def test_every_arm_of_a_tiny_league_spends_the_same_distinct_evaluations(make_config, arm):
+    # the LLM arms answer constants and a few schedules, which repeat after the first few calls
+    fake = ScriptedLLM(['{"rates": [0.50, 0.50]}', '{"rates": [0.40, 0.60]}', '{"rates": [0.60, 0.40]}'])
+    _, search, _ = _search(make_config, f"method={arm}", make_llm=lambda cfg: fake)
+    assert search["evaluations"] == search["budget"] == DISTINCT
+    assert search["evaluations"] + search["cache_hits"] == search["candidates_total"]
+    assert len({tuple(round(r, 3) for r in c["rates"]) for c in search["candidates"]}) == DISTINCT
+    assert [h["generation"] for h in search["history"]] == [0, 1, 2]
+    assert all(h["diversity"] >= 0 for h in search["history"]) and search["history"][0]["diversity"] > 0
+    asked = fake.calls > 0
+    assert asked == (arm in ("self_pruner", "self_pruner_ga_llm_init", "self_pruner_llm_ga_init"))
+    origins = {c["origin"] for c in search["candidates"][2:]}
+    own = {"self_pruner": {"llm_init", "llm_crossover", "llm_mutation"},
+           "self_pruner_ga": {"ga_init", "ga_crossover", "ga_mutation"},
+           "random_search": {"ga_init", "random"},
+           "self_pruner_ga_smooth": {"smooth_init", "ga_crossover", "ga_mutation"},
+           "self_pruner_ga_llm_init": {"llm_init", "ga_crossover", "ga_mutation"},
+           "self_pruner_llm_ga_init": {"ga_init", "llm_crossover", "llm_mutation"}}[arm]
+    assert origins <= own | {"duplicate_mutation"}
+    init = {c["origin"] for c in search["candidates"] if c["generation"] == 0 and c["origin"] != "uniform"}
+    assert init <= own | {"duplicate_mutation"} and init & own
+
+
+def test_the_winner_is_picked_on_windows_no_fitness_call_saw(make_config, monkeypatch):
+    windows = []
+    score = fitness.Fitness._score
+    monkeypatch.setattr(fitness.Fitness, "_score", lambda self, rates, w, logp: (
+        windows.append(w), score(self, rates, w, logp))[1])
+    rates, search, _ = _search(make_config, "method=self_pruner_ga", "method.rescore_top=3")
+    rescore = search["rescore"]
+    scored = sorted((c for c in search["candidates"] if not c["cached"]), key=lambda c: c["fitness"])
+    assert [f["id"] for f in rescore["finalists"]] == [c["id"] for c in scored[:3]]
+    assert rescore["fitness_best"] == scored[0]["id"]
+    picked = min(rescore["finalists"], key=lambda f: f["rescore"])
+    assert rescore["picked"] == picked["id"] == search["best"]["id"]
+    assert list(rates.values())[0] == search["candidates"][picked["id"]]["rates"][0]
+    # FAST: samples 0-1 prune every candidate, 2-3 are the fitness's windows, 4-5 the re-score's
+    fitness_windows, rescore_windows = windows[:-3], windows[-3:]
+    assert len(fitness_windows) == DISTINCT and all(w.shape[0] == 2 for w in windows)
+    assert not any(any((r == f).all() for f in fitness_windows[0]) for r in rescore_windows[0])
+
+
+def test_too_few_calibration_samples_for_the_rescore_fail_naming_it(make_config):
+    with pytest.raises(ConfigError, match=r"fitness_nsamples \+ fitness_windows \+ rescore_windows = 7 samples"):
+        _search(make_config, "method=self_pruner_ga", "method.rescore_windows=3")
 
 
 def test_an_answer_at_the_bounds_needs_no_repair(make_config):
@@ -275,6 +365,10 @@ def test_model_without_chat_template_fails_before_pruning(make_config):
 
 @pytest.mark.parametrize("override, match", [
     ("method.operators=pso", "method.operators='pso' is not valid"),
+    ("method.init=owl", "method.init='owl' is not valid; allowed: llm, ga, smooth"),
+    ("method.reasks=-1", "method.reasks=-1 is out of range; allowed: >= 0"),
+    ("method.rescore_top=0", "method.rescore_top=0 is out of range; allowed: >= 1"),
+    ("method.prompts.duplicate='again $rates'", r"method.prompts.duplicate: bad placeholder"),
     ("method.elites=6", "method.elites=6 is out of range"),
     ("method.fitness_pruner=obs", "method.fitness_pruner='obs' is not known"),
     ("method.prompts.init='rates for $layers'", r"method.prompts.init: bad placeholder"),
@@ -383,10 +477,11 @@ def _no_llm(cfg):
 
 def test_replay_reproduces_the_search_without_any_llm(make_config, tmp_path):
     # answers of every kind, so the replay also reproduces fallbacks and repairs
-    script = ['{"rates": [0.45, 0.55]}', "prose", None, '{"rates": [0.9, 0.9]}', '{"rates": [0.62, 0.38]}']
+    script = ['{"rates": [0.45, 0.55]}', "prose", None, '{"rates": [0.9, 0.9]}', '{"rates": [0.62, 0.38]}',
+              '{"rates": [0.41, 0.59]}', '{"rates": [0.57, 0.43]}', '{"rates": [0.36, 0.64]}']
     options = ("method=self_pruner", "method.retries=1", "method.mutation_prob=0.5", "method.generations=3")
     rates, search, _ = _search(make_config, *options, make_llm=lambda cfg: ScriptedLLM(script))
-    assert {"llm_init", "llm_crossover", "fallback_crossover"} <= {c["origin"] for c in search["candidates"]}
+    assert {"llm_init", "fallback_init", "llm_crossover", "duplicate_mutation"} <= {c["origin"] for c in search["candidates"]}
     _record(search, tmp_path)
     for source in (tmp_path, tmp_path / "result.json"):
         replayed_rates, replayed, _ = _search(make_config, *options, f"method.llm.replay={source}", make_llm=_no_llm)
@@ -428,6 +523,7 @@ def test_a_search_whose_llm_calls_all_fail_fails_unless_the_fallback_is_allowed(
 
 class _Failing:
     description = "failing"
+    generated_tokens = None  # a script spends no tokens it could report
 
     def __init__(self, answer):
         self.answer, self.calls = answer, 0
@@ -501,4 +597,5 @@ def test_kl_fitness_is_zero_for_the_dense_model_and_grows_with_pruning(make_conf
     search = Search(method.allocator.options, None, context, sizes, 0.5)
     kl = [search.fitness(np.full(2, rate))[0] for rate in (0.0, 0.3, 0.6)]
     assert abs(kl[0]) < 1e-5 and 0 < kl[1] < kl[2]
-    assert dense_passes == [True, False, False, False]  # the dense distributions: once per search
+    # the dense distributions: once per search, on the fitness's windows and on the re-score's
+    assert dense_passes == [True, True, False, False, False]

@@ -21,9 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 
+# method.realised_pruner only adds the loss estimate's fit (`allocator.realised_fit`) to the record; the
+# presets set it to their own pruner, so no single LATER_KEYS value would keep their earlier hashes
 NOT_NUMERIC = ("save_dir", "save_format", "device", "targets", "paper_protocol", "logger", "rerun", "cache",
                "resume_every_s", "method.display", "eval.zeroshot.log_samples",
-               "plan")
+               "plan", "method.realised_pruner")
 LATER_KEYS = {"data.calib.batch": 1}
 TABLE_AXES = ("model", "sparsity", "seed", "method.seed")
 BASELINE_SHARES = ("model", "protocol", "seed", "data", "eval")

@@ -27,6 +27,12 @@ The paper's code is not public; this is our reading of it, every choice below is
    higher sparsity than a lower-loss one. The shift b is solved (bisection, the mean is monotone in b)
    so that the parameter-weighted mean sparsity equals the target exactly; any target inside
    [min(levels), max(levels)] is reachable, others are rejected at config time.
+4. The estimate models SparseGPT's error (OBS), not every pruner's. With `realised_pruner` (the presets
+   set it to their own pruner) the dense pass also prunes a copy of every layer with that pruner at each
+   level and measures its error the same way; the record's `realised_fit` is the Spearman correlation,
+   over layers at the level the schedule used, between the estimate and that realised error, so a
+   result shows when the schedule does not fit its pruner. It costs one prune per layer per level
+   (SparseGPT: as much as `error: exact`).
 Assumptions where the paper is silent: per-linear granularity (not per block), the normalisation
 of the losses (`loss`), the level spacing `step`, and the loss taken at the nearest candidate level.
 """
@@ -40,7 +46,8 @@ import numpy as np
 import torch
 
 from bench.core.vocab import UNSTRUCTURED, ConfigError, check_choice, check_range
-from methods.base import Allocator
+from methods import registry
+from methods.base import Allocator, LinearPruner
 from methods.pruners.sparsegpt import inverse_hessian_factor, sparsegpt
 from methods.rates import shift_to_mean
 from methods.registry import register_allocator
@@ -65,6 +72,7 @@ class LossEstimate(Allocator):
         loss: str = "relative"  # relative (divided by the dense output energy ||WX||^2/n) | absolute
         percdamp: float = 0.01  # dampening of H, as in SparseGPT
         blocksize: int = 128  # SparseGPT block size (error=exact only)
+        realised_pruner: Optional[str] = None  # a linear pruner whose realised error the estimate is ranked against
 
         def __post_init__(self):
             levels = [float(v) for v in self.levels]
@@ -76,11 +84,17 @@ class LossEstimate(Allocator):
             check_choice("method.error", self.error, ERRORS)
             check_choice("method.loss", self.loss, LOSSES)
             check_range("method.percdamp", self.percdamp, 0 <= self.percdamp < 1, "0 <= percdamp < 1")
+            if self.realised_pruner is not None:
+                cls = registry.pruner(self.realised_pruner, "method.realised_pruner")
+                check_range("method.realised_pruner", self.realised_pruner, issubclass(cls, LinearPruner),
+                            "a pruner of single linears (wanda, sparsegpt, magnitude)")
 
     def __init__(self, options: Options):
         super().__init__(options)
         self.levels = [float(v) for v in options.levels]
         self.losses: dict[str, np.ndarray] = {}  # layer -> estimated loss at each candidate level
+        self.realised: dict[str, np.ndarray] = {}  # layer -> realised_pruner's error at each level
+        self.record: dict = {}
 
     def check(self, target: float, n_layers: Optional[int]) -> None:
         low, high = self.levels[0], self.levels[-1]
@@ -92,10 +106,10 @@ class LossEstimate(Allocator):
                               f"({n_layers}); allowed: 1..{n_layers}")
 
     def dense_state(self) -> dict:
-        return self.losses
+        return {"losses": self.losses, "realised": self.realised}
 
     def load_dense_state(self, state: dict) -> None:
-        self.losses = state
+        self.losses, self.realised = state["losses"], state["realised"]
 
     @torch.no_grad()
     def observe_block(self, view) -> None:
@@ -118,10 +132,28 @@ class LossEstimate(Allocator):
                     delta = W - sparsegpt(W, hessian, s, UNSTRUCTURED,
                                           self.options.blocksize, self.options.percdamp)
                     losses.append(float(((delta @ hessian) * delta).sum() / 2))
+            realised = self._realised(W, stats, hessian)
             if self.options.loss == "relative":
                 energy = float(((W @ hessian) * W).sum() / 2)
                 losses = [loss / energy if energy > 0 else 0.0 for loss in losses]
+                realised = [e / energy if energy > 0 else 0.0 for e in realised]
             self.losses[name] = np.array(losses)
+            if realised:
+                self.realised[name] = np.array(realised)
+
+    def _realised(self, W: torch.Tensor, stats, hessian: torch.Tensor) -> list[float]:
+        """`realised_pruner`'s output error (W - W') H (W - W')^T / 2 at each level; [] without one."""
+        if self.options.realised_pruner is None:
+            return []
+        cls = registry.pruner(self.options.realised_pruner, "method.realised_pruner")
+        pruner = cls(cls.Options(), UNSTRUCTURED)
+        errors = []
+        for s in self.levels:
+            pruned = W.clone()
+            pruner.prune_linear(pruned, stats, s)
+            delta = W - pruned
+            errors.append(float(((delta @ hessian) * delta).sum() / 2))
+        return errors
 
     def allocate(self, sizes: dict[str, int], target: float) -> dict[str, float]:
         names = list(sizes)
@@ -138,7 +170,31 @@ class LossEstimate(Allocator):
             members = rank == r
             log.info("loss_estimate cluster %d (loss high->low): %d layers, log-loss %.2f..%.2f, sparsity %.4f",
                      r, members.sum(), log_loss[members].min(), log_loss[members].max(), rates[members][0])
+        if self.realised:
+            realised = np.array([self.realised[name][nearest] for name in names])
+            self.record = {"realised_fit": {"pruner": self.options.realised_pruner, "level": self.levels[nearest],
+                                            "layers": len(names), "spearman": spearman(log_loss, realised)}}
         return {name: float(rate) for name, rate in zip(names, rates)}
+
+    def finish(self) -> dict:
+        return self.record
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation (ties get their average rank); 0 when either side is constant."""
+    ra, rb = _ranks(np.asarray(a, dtype=np.float64)), _ranks(np.asarray(b, dtype=np.float64))
+    if ra.std() == 0 or rb.std() == 0:
+        return 0.0
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    ranks = np.empty(len(x))
+    ranks[np.argsort(x, kind="stable")] = np.arange(len(x))
+    for value in np.unique(x):
+        tied = x == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
 
 
 def kmeans_1d(x: np.ndarray, k: int, iterations: int = 100) -> np.ndarray:

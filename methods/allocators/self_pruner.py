@@ -3,7 +3,10 @@ arXiv 2502.14413): an evolutionary search over per-decoder-block pruning rates i
 initial population, selects parents and performs crossover and mutation; the fitness of a candidate is
 the perplexity of the model pruned with its rates. `operators: ga` swaps the LLM for a classical GA
 (random init, tournament selection, uniform crossover, Gaussian mutation) with the same budget, the
-ablation that shows what the LLM operators add.
+ablation that shows what the LLM operators add; `operators: random` draws every candidate afresh (random
+search). `init` separates an arm's prior from its operators: the initial population comes from the LLM,
+from the GA's independent draws, or from `smooth` schedules (ramps over depth or the uniform rates, plus
+small noise), whatever operators breed it.
 
 The paper does not publish its prompts, population size or operator details; every choice below is
 config (conf/method/self_pruner.yaml) and is ours:
@@ -30,12 +33,25 @@ config (conf/method/self_pruner.yaml) and is ours:
   equals the target (bisection on the shift, then an exact closed-form step on the unclipped rates): the
   mean is exact to float precision and the bounds always hold.
 - Loop: generation 0 = `population` candidates (optionally the uniform rates among them, so the search
-  starts from the baseline); each later generation keeps the `elites` best and fills the rest with
+  starts from the baseline); the paper's initial prompt asks for distinct candidates, ours is asked once
+  per candidate with the schedules already in the population listed (one answer per call keeps the
+  grammar of a single schedule); each later generation keeps the `elites` best and fills the rest with
   children: a crossover (the LLM sees the population with fitnesses and is asked to pick good parents and
   combine them: selection and crossover in one prompt), then, with probability `mutation_prob`, a
-  mutation of that child. Only the final child is evaluated. Budget = population + generations x
-  (population - elites) candidates; a candidate whose rates, rounded to `cache_decimals`, were seen
-  before costs no evaluation (the cache).
+  mutation of that child. Only the final child is evaluated.
+- Budget = distinct fitness evaluations, the same for every arm: 1 (the uniform reference) + population
+  + generations x (population - elites) candidates, less the seeded uniform (a repeat of the reference).
+  A candidate whose repaired rates, rounded to `cache_decimals`, were scored before is a duplicate: its
+  operator is asked again (the LLM in the same conversation, told the schedule was scored; the GA draws
+  again), at most `reasks` times, then the classical mutation moves it off the scored set. Without this a
+  constant LLM answer (every rate 0.50 repairs onto the uniform schedule) cost nothing, and the LLM arm
+  spent a fraction of the GA's evaluations. The record keeps `budget`, `evaluations` (distinct),
+  `duplicates` (per origin), `cache_hits` and each generation's `diversity` (mean pairwise mean absolute
+  rate difference).
+- Winner: the lowest fitness, the minimum of many noisy scores on few tokens and so flattered; with
+  `rescore_windows` the `rescore_top` best distinct candidates are scored again on the calibration
+  samples after the fitness's (seen by no fitness call) and that score picks the winner
+  (`details["search"]["rescore"]` keeps both scores of every finalist).
 - Fitness: deep-copy the dense model, prune it with `fitness_pruner` (default: the method's own pruner)
   on the first `fitness_nsamples` calibration samples cut to `fitness_seqlen` tokens, and score it on
   the next `fitness_windows` calibration samples (same length): a held-out slice of the calibration
@@ -62,7 +78,7 @@ from methods.base import Allocator
 from methods.lifecycle import SearchContext
 from methods.registry import register_allocator
 from methods.search.chat import ChatLLM, LLMConfig, Replay
-from methods.search.evolution import OPERATORS, TEMPLATE_FIELDS, Prompts, Search
+from methods.search.evolution import INITS, OPERATORS, TEMPLATE_FIELDS, Prompts, Search
 from methods.search.fitness import FITNESSES
 
 
@@ -72,7 +88,8 @@ class SelfPruner(Allocator):
 
     @dataclass
     class Options:
-        operators: str = "llm"  # llm | ga (the classical ablation)
+        operators: str = "llm"  # llm | ga (the classical ablation) | random (random search)
+        init: Optional[str] = None  # llm | ga | smooth; None: the operators' own (random search: ga)
         seed: int = 0
         population: int = 6
         generations: int = 4  # after the initial population
@@ -83,17 +100,22 @@ class SelfPruner(Allocator):
         seed_uniform: bool = True  # the uniform rates are one of the initial candidates
         cache_decimals: int = 3
         retries: int = 1  # extra LLM calls after an unusable answer, before the classical fallback
+        reasks: int = 3  # extra proposals after one that repairs onto a scored candidate
         allow_fallback: bool = False  # True: a search whose LLM calls all fail runs on as the GA (warned)
         fitness: str = "ppl"  # ppl | kl (mean token KL to the dense model, EvoPress's fitness)
         fitness_pruner: Optional[str] = None  # None: the method's pruner
         fitness_nsamples: int = 4
         fitness_windows: int = 4
         fitness_seqlen: int = 128
+        rescore_windows: int = 0  # 0: the lowest fitness wins; else the finalists' score on these next samples
+        rescore_top: int = 3  # finalists re-scored
         llm: LLMConfig = field(default_factory=LLMConfig)
         prompts: Prompts = field(default_factory=Prompts)
 
         def __post_init__(self):
             check_choice("method.operators", self.operators, OPERATORS)
+            if self.init is not None:
+                check_choice("method.init", self.init, INITS)
             check_choice("method.fitness", self.fitness, FITNESSES)
             for key, ok, allowed in (
                     ("population", self.population >= 2, ">= 2"), ("generations", self.generations >= 0, ">= 0"),
@@ -102,7 +124,8 @@ class SelfPruner(Allocator):
                     ("mutation_sigma", self.mutation_sigma > 0, "> 0"),
                     ("max_deviation", 0 < self.max_deviation < 1, "in (0, 1)"),
                     ("cache_decimals", 1 <= self.cache_decimals <= 6, "1..6"),
-                    ("retries", self.retries >= 0, ">= 0"),
+                    ("retries", self.retries >= 0, ">= 0"), ("reasks", self.reasks >= 0, ">= 0"),
+                    ("rescore_windows", self.rescore_windows >= 0, ">= 0"), ("rescore_top", self.rescore_top >= 1, ">= 1"),
                     ("fitness_nsamples", self.fitness_nsamples >= 1, ">= 1"),
                     ("fitness_windows", self.fitness_windows >= 1, ">= 1"),
                     ("fitness_seqlen", self.fitness_seqlen >= 2, ">= 2")):
@@ -110,7 +133,7 @@ class SelfPruner(Allocator):
             if self.fitness_pruner is not None:
                 registry.pruner(self.fitness_pruner, "method.fitness_pruner")
             dummy = {name: "0" for name in TEMPLATE_FIELDS}
-            for key in ("system", "init", "crossover", "mutation"):
+            for key in ("system", "init", "crossover", "mutation", "duplicate"):
                 try:
                     string.Template(getattr(self.prompts, key)).substitute(dummy)
                 except (KeyError, ValueError) as exc:
@@ -128,7 +151,7 @@ class SelfPruner(Allocator):
         """Called by the lifecycle before any pruning: a missing key or chat template, an unreachable
         endpoint or an unreadable replay record fails here, early."""
         self.context = context
-        if self.options.operators == "llm" and self.llm is None:
+        if "llm" in (self.options.operators, self.options.init) and self.llm is None:
             replay = self.options.llm.replay
             self.llm = Replay(replay, self.options) if replay else context.make_llm(self.options.llm)
 

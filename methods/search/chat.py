@@ -117,9 +117,11 @@ class RatesSchema:
 
 class ChatLLM(Protocol):
     """What a search asks of an LLM: an answer to `messages`, sampled with `seed`, under `schema` when
-    the backend can enforce it; `description` names the backend in the search's record."""
+    the backend can enforce it; `description` names the backend in the search's record, and
+    `generated_tokens` what its last answer cost (None where the backend cannot tell)."""
 
     description: str
+    generated_tokens: Optional[int]
 
     def chat(self, messages: list[dict], seed: int, schema: Optional[RatesSchema] = None) -> str: ...
 
@@ -174,14 +176,16 @@ class Replay:
         except CorruptResult as exc:
             raise ConfigError(f"method.llm.replay={source!r} is not a readable result ({exc})") from None
         search = record.allocator.get("search") or {}
-        if search.get("operators") != "llm" or not search.get("calls"):
+        if not search.get("calls"):
             raise ConfigError(f"method.llm.replay={source!r} holds no recorded LLM search (allocator.search.calls); "
-                              f"replay needs the result of a self_pruner run with operators=llm")
+                              f"replay needs the result of a self_pruner run that asked an LLM (operators=llm or "
+                              f"init=llm)")
         recorded, current = search.get("options", {}), replayed_options(options)
         differ = [f"{k}={recorded.get(k)!r} (now {v!r})" for k, v in current.items() if recorded.get(k) != v]
         if differ:
             raise ConfigError(f"method.llm.replay={source!r} was searched with other options: {'; '.join(differ)}")
         self.calls, self.position = search["calls"], 0
+        self.generated_tokens: Optional[int] = None
         self.description = f"replay of {search['llm']} from {path}"
 
     def chat(self, messages: list[dict], seed: int, schema: Optional[RatesSchema] = None) -> str:
@@ -195,4 +199,5 @@ class Replay:
                                f"from the recorded one (other code, data or fitness values than the record's)")
         if entry["status"] == "backend_error":
             raise LLMError(entry["answer"])
+        self.generated_tokens = entry.get("generated_tokens")  # what the recorded LLM spent, not the replay
         return entry["answer"]

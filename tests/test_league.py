@@ -1,0 +1,138 @@
+"""The league report (reports/league.py): paired sign-test verdicts that say "better" only when the seeds
+allow it, costs beside quality, and the whole path from run.py sweeps to league.md."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench.core.records import CellKey, Result, read_results
+from reports import league
+from reports.frame import long_frame
+from tests.conftest import ROOT, TINY
+
+DISPLAY = {"self_pruner": "Self-Pruner (LLM, Wanda)", "self_pruner_ga": "Self-Pruner (GA, Wanda)",
+           "wanda": "Wanda", "sparsegpt": "SparseGPT"}
+
+
+def _record(method: str, seed: int, ppl: float, pruner: str = "wanda") -> Result:
+    search = {"self_pruner": {"operators": "llm", "init": "llm", "evaluations": 13, "tokens_scored": 1664,
+                              "llm_tokens": 400, "calls": [{}] * 16},
+              "self_pruner_ga": {"operators": "ga", "init": "ga", "evaluations": 13, "tokens_scored": 1664,
+                                 "llm_tokens": 0, "calls": []}}.get(method)
+    return Result(status="ok", config_hash=f"{method}-{seed}",
+                  cell=CellKey("llama-tiny", method, 0.7, seed=seed, display=DISPLAY[method]),
+                  config={"method": {"name": method, "pruner": pruner}, "seed": seed},
+                  metrics={"ppl": {"pydoc": ppl}}, allocator={"search": search} if search else {},
+                  timings={"allocate": 4.0 if search else 0.0, "total": 5.0})
+
+
+def _league(records: list[Result]) -> league.League:
+    found = league.league(records, long_frame(records))
+    assert found is not None
+    return found
+
+
+def _pair(found: league.League, vs: str) -> pd.Series:
+    rows = found.pairs[found.pairs["vs"] == vs]
+    assert len(rows) == 1
+    return rows.iloc[0]
+
+
+@pytest.mark.parametrize("seeds, word", [(2, "no difference (n=2)"), (5, "no difference (n=5)"), (6, "better")])
+def test_better_on_every_seed_is_better_only_when_the_seeds_can_show_it(seeds, word):
+    # the LLM arm is lower (better) on every seed; Wanda is the paired reference point
+    records = [r for s in range(seeds) for r in (_record("self_pruner", s, 100.0 + s),
+                                                 _record("wanda", s, 103.0 + 2 * s))]
+    pair = _pair(_league(records), "Wanda")
+    assert pair["arm"] == "Self-Pruner (LLM, Wanda)" and pair["n"] == seeds and pair["wins"] == seeds
+    assert pair["verdict"] == word
+    assert pair["p_sign"] == pytest.approx(2 * 0.5 ** seeds)
+    if seeds < 6:
+        assert np.isnan(pair["low"])  # no interval at 95% exists, so none is shown
+    else:
+        # k = 0: [min, max] of the differences, coverage 1 - 2 / 64
+        assert (pair["low"], pair["high"]) == (-3.0 - 5, -3.0)
+        assert pair["coverage"] == pytest.approx(1 - 2 / 64)
+
+
+def test_worse_mixed_and_tied_seeds():
+    worse = [r for s in range(6) for r in (_record("self_pruner", s, 110.0 + s), _record("wanda", s, 100.0))]
+    assert _pair(_league(worse), "Wanda")["verdict"] == "worse"
+    # better on 6 of 8 seeds: the sign test's p is 0.29, the interval holds 0
+    mixed = [r for s in range(8) for r in (_record("self_pruner", s, 100.0 + (5 if s < 2 else -1)),
+                                           _record("wanda", s, 100.0))]
+    pair = _pair(_league(mixed), "Wanda")
+    assert (pair["wins"], pair["verdict"]) == (6, "no difference") and pair["low"] < 0 < pair["high"]
+    tied = [r for s in range(6) for r in (_record("self_pruner", s, 100.0), _record("wanda", s, 100.0))]
+    pair = _pair(_league(tied), "Wanda")
+    assert (pair["wins"], pair["p_sign"], pair["verdict"]) == (0, 1.0, "no difference")
+
+
+def test_interval_is_the_order_statistics_of_the_sign_test():
+    diffs = np.arange(1.0, 11.0)  # n = 10: k = 1, coverage 1 - 2 * 11 / 1024
+    interval = league.median_interval(diffs)
+    assert (interval.low, interval.high) == (2.0, 9.0)
+    assert interval.coverage == pytest.approx(1 - 22 / 1024)
+    assert league.median_interval(np.ones(5)) is None
+
+
+def test_arms_pair_within_their_pruner_and_costs_sit_beside_quality(tmp_path):
+    records = [r for s in range(3) for r in (_record("self_pruner", s, 100.0), _record("self_pruner_ga", s, 101.0),
+                                             _record("wanda", s, 102.0), _record("sparsegpt", s, 50.0, "sparsegpt"))]
+    found = _league(records)
+    assert set(found.pairs["vs"]) == {"Self-Pruner (GA, Wanda)", "Wanda"}  # never SparseGPT: another pruner
+    costs = found.costs.set_index("arm")
+    assert costs.loc["Self-Pruner (LLM, Wanda)", ["evaluations", "tokens_scored", "llm_calls", "llm_tokens"]].tolist() \
+        == [13, 1664, 16, 400]
+    assert costs.loc["Self-Pruner (GA, Wanda)", "llm_tokens"] == 0 and np.isnan(costs.loc["Wanda", "evaluations"])
+    assert costs.loc["Wanda", "ppl/pydoc"] == 102.0
+    assert "| llama-tiny | 70% | Self-Pruner (LLM, Wanda) | 3 | 100.00 |" in found.markdown
+    assert found.pairs["diffs"].tolist() == ["-1;-1;-1", "-2;-2;-2"]  # per seed, for the CSV and the plot
+    assert all(path.stat().st_size > 0 for path in league.plot_pairs(found.pairs, tmp_path / "league"))
+
+
+def test_one_seed_or_no_search_is_no_league():
+    assert league.league([_record("self_pruner", 0, 1.0), _record("wanda", 0, 2.0)],
+                         long_frame([_record("self_pruner", 0, 1.0), _record("wanda", 0, 2.0)])) is None
+    plain = [_record("wanda", s, 2.0) for s in range(3)]
+    assert league.league(plain, long_frame(plain)) is None
+
+
+# a minimal chat template for the byte-level tiny models, which ship none
+TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
+SEARCH = ["method.population=3", "method.generations=1", "method.fitness_nsamples=2", "method.fitness_windows=1",
+          "method.rescore_windows=1", "method.fitness_seqlen=32"]
+
+
+def test_a_tiny_league_through_run_py_gets_a_verdict_per_pair_and_its_costs(tmp_path):
+    # one sweep per arm: a multirun cannot sweep method= and set method.* keys at once
+    for arm, extra in (("self_pruner", ["method.llm.model=llama-tiny", f"method.llm.chat_template={json.dumps(TEMPLATE)}",
+                                        "method.llm.max_new_tokens=12"]),
+                       ("self_pruner_ga", [])):
+        run = subprocess.run([sys.executable, "run.py", "-m", "cache=false", "hydra/launcher=basic", "threads=1",
+                              "model=llama-tiny", "sparsity=0.7", "seed=0,1", f"method={arm}", *TINY, *SEARCH, *extra,
+                              f"hydra.sweep.dir={tmp_path / arm}"], cwd=ROOT, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+    collect = subprocess.run([sys.executable, "-m", "reports", "collect", str(tmp_path), "--no-plots"], cwd=ROOT,
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert collect.returncode == 0, collect.stderr[-2000:]
+    assert "league.md" in collect.stdout
+    pairs = pd.read_csv(tmp_path / "league.csv")
+    assert pairs[["arm", "vs", "n", "verdict"]].values.tolist() == [
+        ["Self-Pruner (LLM, Wanda)", "Self-Pruner (GA, Wanda)", 2, "no difference (n=2)"]]
+    costs = pd.read_csv(tmp_path / "league_cost.csv").set_index("arm")
+    records = read_results(tmp_path).records
+    budget = {r.allocator["search"]["budget"] for r in records}
+    assert len(budget) == 1 and costs["evaluations"].tolist() == [budget.pop()] * 2  # equal effort
+    llm = [r.allocator["search"] for r in records if r.cell.method == "self_pruner"]
+    assert costs.loc["Self-Pruner (LLM, Wanda)", "llm_tokens"] == np.mean([s["llm_tokens"] for s in llm]) > 0
+    assert costs.loc["Self-Pruner (GA, Wanda)", "llm_tokens"] == 0
+    markdown = (tmp_path / "league.md").read_text()
+    assert "| no difference (n=2) |" in markdown
