@@ -37,7 +37,8 @@ import torch
 import transformers
 
 from bench import streaming
-from bench.config import CONF_DIR, RunConfig
+from bench.compose import CONF_DIR
+from bench.config import RunConfig
 from bench.core.families import arch_for
 from bench.core.perplexity import FIT_MARGIN
 from bench.core.vocab import ConfigError, check_choice

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from bench import models, plan, placement
-from bench.config import CONF_DIR, compose, validate, zoo_entry
+from bench.compose import CONF_DIR, compose
+from bench.config import validate, zoo_entry
 from bench.core import records
 from bench.core.vocab import ConfigError
 
