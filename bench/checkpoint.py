@@ -135,14 +135,38 @@ def load(path: str | Path, dtype: torch.dtype) -> nn.Module:
 
 
 def write_recipe(directory: Path, result: Optional[Result], resolved: dict) -> None:
-    """`recipe.yaml` (the resolved config) and `prunebench.json` (the record, its protocol id) beside the
-    weights; called again when the cell ends, so the record there has the evaluation too."""
+    """`recipe.yaml` (the resolved config) and `prunebench.json` (the record, its protocol id, the files
+    we wrote) beside the weights; called again when the cell ends, so the record there has the evaluation
+    too. The file list is what `read_own_files` later trusts to replace the folder, so a rewrite keeps
+    the list it finds rather than claiming files that appeared since."""
     directory = Path(directory)
     (directory / RECIPE_FILE).write_text("# prunebench: the resolved config this checkpoint was made with\n"
                                          + yaml.safe_dump(resolved, sort_keys=False))
+    files = read_own_files(directory)
+    if files is None:
+        files = sorted({p.name for p in directory.iterdir() if p.is_file() and not p.is_symlink()} | {RECORD_FILE})
     record = {"protocol_id": None if result is None else result.protocol.get("id"),
-              "result": None if result is None else result.to_dict()}
+              "result": None if result is None else result.to_dict(), "files": files}
     records.write_json_atomic(directory / RECORD_FILE, record)
+
+
+def read_own_files(directory: Path) -> Optional[list[str]]:
+    """The names of the files prunebench wrote into `directory`, from its `prunebench.json`; None when
+    that record is missing, does not parse, lists no files, or the folder holds anything it does not
+    list (a file merely named prunebench.json, or a checkpoint of ours a user added to, is not ours to
+    replace)."""
+    try:
+        record = json.loads((Path(directory) / RECORD_FILE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    files = record.get("files") if isinstance(record, dict) else None
+    if not (isinstance(files, list) and RECORD_FILE in files and all(isinstance(f, str) for f in files)
+            and {"protocol_id", "result"} <= set(record)):
+        return None
+    present = list(Path(directory).iterdir())
+    if any(p.name not in files or p.is_symlink() or not p.is_file() for p in present):
+        return None
+    return files
 
 
 def bitmask_compress(weight: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -284,9 +284,10 @@ def save(model: nn.Module, tokenizer, directory: str | Path, result=None, resolv
     model code for per-block widths and bitmask weights) with its recipe; atomic (a staging dir of our own
     beside the target, then a rename).
 
-    Deletes nothing it did not make: the target must be missing, empty, or a checkpoint of ours (it holds
-    `MARKER`); anything else is refused before any work (ConfigError)."""
-    directory = Path(directory).expanduser().absolute()
+    Deletes nothing it did not make: the target must be missing, empty, or a checkpoint of ours (its
+    `MARKER` parses and lists every file in it); anything else is refused before any work (ConfigError).
+    A symlinked target is resolved, so its target is what gets replaced, never the link."""
+    directory = save_path(directory)
     check_save_dir(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".partial"))
@@ -308,14 +309,19 @@ def save(model: nn.Module, tokenizer, directory: str | Path, result=None, resolv
     return directory
 
 
+def save_path(directory: str | Path) -> Path:
+    """The folder a save writes: symlinks resolved, so the rename replaces the folder they point to."""
+    return Path(directory).expanduser().resolve()
+
+
 def check_save_dir(directory: Path) -> None:
     """A save target may be missing, an empty folder, or a checkpoint `save` wrote; nothing else."""
-    directory = Path(directory).expanduser()
+    directory = save_path(directory)
     if not directory.exists():
         return
+    allowed = "allowed: a new or empty folder, or a checkpoint prunebench wrote"
     if not directory.is_dir():
-        raise ConfigError(f"save_dir={str(directory)!r} is a file; allowed: a new or empty folder, or a "
-                          f"checkpoint prunebench wrote")
-    if any(directory.iterdir()) and not (directory / MARKER).is_file():
+        raise ConfigError(f"save_dir={str(directory)!r} is a file; {allowed}")
+    if any(directory.iterdir()) and checkpoint.read_own_files(directory) is None:
         raise ConfigError(f"save_dir={str(directory)!r} is a non-empty folder that is not a prunebench checkpoint "
-                          f"(no {MARKER}); allowed: a new or empty folder, or a checkpoint prunebench wrote")
+                          f"(no {MARKER} of ours listing every file in it); {allowed}")

@@ -1,0 +1,64 @@
+"""Hardening, the second probe set (issue 23): no file we did not write is ever removed, hostile files
+and responses are bounded and verified, a value that changes nothing keeps the identity, names never
+forge output, and bad input is one line before any work."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from bench import models
+from bench.cell import run_cell
+from bench.core.vocab import ConfigError
+from tests.conftest import TINY
+
+BASE = ["model=llama-tiny"]
+
+
+def _tiny(make_config, *extra):
+    return make_config(*BASE, "method=magnitude", *TINY, *extra)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# --- data loss: save_dir ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("record", ["{}", "not json", json.dumps({"protocol_id": None, "result": None})])
+def test_save_dir_holding_a_file_named_prunebench_json_is_refused_and_left_byte_for_byte(record, tmp_path):
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / models.MARKER).write_text(record)
+    (target / "thesis.tex").write_text("years of work")
+    before = _tree(tmp_path)
+    with pytest.raises(ConfigError, match="save_dir=.*not a prunebench checkpoint"):
+        models.check_save_dir(target)
+    assert _tree(tmp_path) == before
+
+
+def test_a_checkpoint_of_ours_with_a_users_file_added_is_not_replaced(make_config, tmp_path):
+    target = tmp_path / "ckpt"
+    cfg, resolved = _tiny(make_config, f"save_dir={target}")
+    assert run_cell(cfg, resolved, tmp_path / "a").ok
+    (target / "notes.md").write_text("mine")
+    before = _tree(target)
+    again = run_cell(cfg, resolved, tmp_path / "b", rerun="all")
+    assert again.status == "failed" and "not a prunebench checkpoint" in again.error.message
+    assert _tree(target) == before
+
+
+def test_a_symlinked_save_dir_replaces_its_target_and_keeps_the_link(make_config, tmp_path):
+    real, link = tmp_path / "real", tmp_path / "link"
+    real.mkdir()
+    link.symlink_to(real)
+    cfg, resolved = _tiny(make_config, f"save_dir={link}")
+    first = run_cell(cfg, resolved, tmp_path / "a")
+    assert first.ok and first.saved_to == str(real.resolve())
+    assert link.is_symlink() and (real / "config.json").is_file()
+    (real / "config.json").write_text("{}")
+    assert run_cell(cfg, resolved, tmp_path / "b", rerun="all").ok
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert json.loads((real / "config.json").read_text()).get("model_type") == "llama"  # not left stale
