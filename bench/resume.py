@@ -78,6 +78,12 @@ class ResumeState:
     def load(self) -> Optional[ResumePoint]:
         """The saved point of this key, or None (nothing saved, or saved under another key)."""
         path = self.root / STATE_FILE
+        if self.root.is_symlink():  # what it points to is not ours: neither read nor ever cleared
+            self.failed = True
+            message = f"resume state {self.root} is a symlink and is not used; the cell runs without resume state"
+            log.warning(message)
+            self.warnings.append(message)
+            return None
         if not path.exists():
             return None
         try:
@@ -125,6 +131,8 @@ class ResumeState:
             self.warnings.append(message)
 
     def _save_allocation(self, allocation: Allocation) -> None:
+        if self.root.is_symlink():
+            raise OSError(f"{self.root} is a symlink; nothing under it is removed")
         (self.root / STATE_FILE).unlink(missing_ok=True)  # first: a kill while clearing leaves no commit
         shutil.rmtree(self.root, ignore_errors=True)
         self.root.mkdir(parents=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import models
+from bench import models, resume
 from bench.cell import run_cell
 from bench.core.vocab import ConfigError
 from tests.conftest import TINY
@@ -62,3 +62,20 @@ def test_a_symlinked_save_dir_replaces_its_target_and_keeps_the_link(make_config
     assert run_cell(cfg, resolved, tmp_path / "b", rerun="all").ok
     assert link.is_symlink() and link.resolve() == real.resolve()
     assert json.loads((real / "config.json").read_text()).get("model_type") == "llama"  # not left stale
+
+
+# --- data loss: resume/ ------------------------------------------------------------------------------
+
+def test_a_symlinked_resume_folder_is_neither_read_nor_cleared(make_config, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / resume.STATE_FILE).write_text('{"key": "someone else\'s"}')
+    (elsewhere / "block_0.safetensors").write_bytes(b"not ours")
+    cell_dir = tmp_path / "cell"
+    cell_dir.mkdir()
+    (cell_dir / resume.FOLDER).symlink_to(elsewhere)
+    before = _tree(elsewhere)
+    cfg, resolved = _tiny(make_config, "method=wanda", "resume_every_s=0", "cache=false")
+    result = run_cell(cfg, resolved, cell_dir)
+    assert result.ok and any("is a symlink and is not used" in w for w in result.warnings)
+    assert _tree(elsewhere) == before and (cell_dir / resume.FOLDER).is_symlink()
