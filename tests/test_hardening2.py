@@ -3,14 +3,18 @@ and responses are bounded and verified, a value that changes nothing keeps the i
 forge output, and bad input is one line before any work."""
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from bench import models, resume
 from bench.cell import run_cell
+from bench.llm import LLMConfig, LLMError, make_backend
 from bench.core.vocab import ConfigError
 from tests.conftest import TINY
 
@@ -79,3 +83,45 @@ def test_a_symlinked_resume_folder_is_neither_read_nor_cleared(make_config, tmp_
     result = run_cell(cfg, resolved, cell_dir)
     assert result.ok and any("is a symlink and is not used" in w for w in result.warnings)
     assert _tree(elsewhere) == before and (cell_dir / resume.FOLDER).is_symlink()
+
+
+# --- security: the LLM backend's size cap counts decoded bytes ---------------------------------------
+
+class _GzipBomb(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = json.dumps({"choices": [{"message": {"content": "x" * self.server.inflated}}]}).encode()
+        packed = gzip.compress(body, compresslevel=9)
+        self.server.sent.append(len(packed))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(packed)))
+        self.end_headers()
+        self.wfile.write(packed)
+
+
+@pytest.mark.parametrize("inflated, refused", [(20_000_000, True), (1_000, False)])
+def test_the_response_cap_counts_decoded_not_compressed_bytes(inflated, refused, monkeypatch):
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _GzipBomb)
+    httpd.daemon_threads, httpd.inflated, httpd.sent = True, inflated, []
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setenv("PRUNEBENCH_TEST_KEY", "k")
+    try:
+        llm = make_backend(LLMConfig(backend="http", model="stub", base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1",
+                                     api_key_env="PRUNEBENCH_TEST_KEY", timeout_s=20.0, max_retries=0,
+                                     max_response_bytes=100_000))
+        if refused:
+            with pytest.raises(LLMError, match="max_response_bytes=100000"):
+                llm.chat([{"role": "user", "content": "rates"}], seed=0)
+            assert httpd.sent[0] < 100_000  # the compressed body alone was under the cap
+        else:
+            assert llm.chat([{"role": "user", "content": "rates"}], seed=0) == "x" * inflated
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
