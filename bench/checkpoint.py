@@ -23,6 +23,7 @@ harness turns off for its own evaluation, not a property of the weights.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 from pathlib import Path
@@ -39,13 +40,14 @@ from transformers.initialization import no_init_weights
 from bench.core import families, pruned_model, records
 from bench.core.pruned_model import FFN_SIZES_KEY, SPARSITY_KEY
 from bench.core.records import Result
-from bench.core.vocab import check_choice
+from bench.core.vocab import ConfigError, check_choice
 
 SAVE_FORMATS = ("dense", "bitmask")
 MODELING_FILE = "modeling_prunebench.py"
 AUTO_MAP = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.PrunedForCausalLM"}
 RECIPE_FILE = "recipe.yaml"
 RECORD_FILE = "prunebench.json"
+CODE_DIGEST_KEY = "modeling_sha256"  # of MODELING_FILE, in RECORD_FILE
 _ABSENT = object()
 
 
@@ -123,6 +125,7 @@ def load(path: str | Path, dtype: torch.dtype) -> nn.Module:
     """A checkpoint that ships our model code, loaded without running that copy: the family's class built
     from the config, each block's FFN cut to its saved width, and the weights (bitmask ones decompressed)
     loaded into it, by the same functions the shipped code runs."""
+    verify_model_code(path)
     config = transformers.AutoConfig.from_pretrained(path)
     with no_init_weights():  # every tensor is overwritten below
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -145,9 +148,40 @@ def write_recipe(directory: Path, result: Optional[Result], resolved: dict) -> N
     files = read_own_files(directory)
     if files is None:
         files = sorted({p.name for p in directory.iterdir() if p.is_file() and not p.is_symlink()} | {RECORD_FILE})
+        shipped = directory / MODELING_FILE
+        code_digest = _sha256(shipped) if shipped.is_file() else None
+    else:  # the digest taken when the code was written, never one of a file changed since
+        code_digest = _read_record(directory).get(CODE_DIGEST_KEY)
     record = {"protocol_id": None if result is None else result.protocol.get("id"),
-              "result": None if result is None else result.to_dict(), "files": files}
+              "result": None if result is None else result.to_dict(), "files": files, CODE_DIGEST_KEY: code_digest}
     records.write_json_atomic(directory / RECORD_FILE, record)
+
+
+def _read_record(directory: Path) -> dict:
+    try:
+        record = json.loads((Path(directory) / RECORD_FILE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def verify_model_code(directory: Path) -> None:
+    """A checkpoint that ships our model code must ship the very file we wrote: its SHA-256 is the one in
+    its `prunebench.json`. Prunebench never runs that file, but whoever loads the checkpoint with
+    `trust_remote_code=True` does, so a changed copy is refused rather than passed on."""
+    shipped = Path(directory) / MODELING_FILE
+    if not shipped.is_file():
+        return
+    recorded, actual = _read_record(directory).get(CODE_DIGEST_KEY), _sha256(shipped)
+    if recorded != actual:
+        raise ConfigError(f"model.path={str(directory)!r}: {MODELING_FILE} has SHA-256 {actual[:16]}..., but its "
+                          f"{RECORD_FILE} records {str(recorded)[:16]}{'...' if recorded else ''}; the shipped model "
+                          f"code was changed after prunebench wrote it (it runs under trust_remote_code=True); "
+                          f"allowed: a checkpoint as prunebench wrote it")
 
 
 def read_own_files(directory: Path) -> Optional[list[str]]:
@@ -155,11 +189,8 @@ def read_own_files(directory: Path) -> Optional[list[str]]:
     that record is missing, does not parse, lists no files, or the folder holds anything it does not
     list (a file merely named prunebench.json, or a checkpoint of ours a user added to, is not ours to
     replace)."""
-    try:
-        record = json.loads((Path(directory) / RECORD_FILE).read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        return None
-    files = record.get("files") if isinstance(record, dict) else None
+    record = _read_record(directory)
+    files = record.get("files")
     if not (isinstance(files, list) and RECORD_FILE in files and all(isinstance(f, str) for f in files)
             and {"protocol_id", "result"} <= set(record)):
         return None

@@ -4,6 +4,7 @@ forge output, and bad input is one line before any work."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import threading
@@ -11,9 +12,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import torch
 
-from bench import models, resume
+from bench import checkpoint, models, resume
 from bench.cell import run_cell
+from bench.config import ModelConfig
+from bench.core import families
 from bench.llm import LLMConfig, LLMError, make_backend
 from bench.core.vocab import ConfigError
 from tests.conftest import TINY
@@ -125,3 +129,26 @@ def test_the_response_cap_counts_decoded_not_compressed_bytes(inflated, refused,
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+# --- security: the shipped model code is recorded and verified ----------------------------------------
+
+def test_the_shipped_model_code_is_recorded_and_a_changed_copy_is_refused_on_load(make_config, tmp_path):
+    cfg, _ = make_config(*BASE, *TINY)
+    model, tokenizer = models.load(cfg.model)
+    arch = families.arch_for(model)
+    for block, width in zip(arch.blocks(model), (100, 150)):  # per-block widths: the code ships
+        arch.shrink_ffn(block, torch.arange(width))
+    target = models.save(model, tokenizer, tmp_path / "ckpt")
+    code = (target / checkpoint.MODELING_FILE).read_bytes()
+    record = json.loads((target / checkpoint.RECORD_FILE).read_text())
+    assert record[checkpoint.CODE_DIGEST_KEY] == hashlib.sha256(code).hexdigest()
+    checkpoint.write_recipe(target, None, {})  # the cell's final rewrite keeps the digest of what it wrote
+    assert json.loads((target / checkpoint.RECORD_FILE).read_text())[checkpoint.CODE_DIGEST_KEY] == \
+        hashlib.sha256(code).hexdigest()
+    assert models.load(ModelConfig(name="ours", source="hub", path=str(target)))[0] is not None
+    (target / checkpoint.MODELING_FILE).write_bytes(code + b"\nimport os; os.system('touch /tmp/pwned')\n")
+    tampered = (target / checkpoint.MODELING_FILE).read_bytes()
+    with pytest.raises(ConfigError, match="model.path=.*modeling_prunebench.py has SHA-256"):
+        models.load(ModelConfig(name="ours", source="hub", path=str(target)))
+    assert (target / checkpoint.MODELING_FILE).read_bytes() == tampered  # reported, not rewritten
