@@ -36,6 +36,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.initialization import no_init_weights
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from bench.core import families, pruned_model, records
 from bench.core.pruned_model import FFN_SIZES_KEY, SPARSITY_KEY
@@ -44,7 +45,13 @@ from bench.core.vocab import ConfigError, check_choice
 
 SAVE_FORMATS = ("dense", "bitmask")
 MODELING_FILE = "modeling_prunebench.py"
-AUTO_MAP = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.PrunedForCausalLM"}
+AUTO_MAP = {"AutoConfig": f"{MODELING_FILE[:-3]}.PrunedConfig",
+            "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.PrunedForCausalLM"}
+# A checkpoint that ships its code gets a model_type of its own: transformers then refuses every load
+# without trust_remote_code, where the family's own model_type let a plain load build the family's class
+# and silently re-initialise bitmask weights or drop an added bias. The family's own is kept beside it.
+MODEL_TYPE_PREFIX = "prunebench_"
+BASE_TYPE_KEY = "prunebench_base_model_type"
 RECIPE_FILE = "recipe.yaml"
 RECORD_FILE = "prunebench.json"
 CODE_DIGEST_KEY = "modeling_sha256"  # of MODELING_FILE, in RECORD_FILE
@@ -79,6 +86,7 @@ def write_checkpoint(model: nn.Module, tokenizer, directory: Path, result: Optio
     tokenizer.save_pretrained(directory)
     if remote:
         (directory / MODELING_FILE).write_text(modeling_code(model, arch))
+        _own_model_type(directory / "config.json")
     if save_format == "bitmask":
         _compress(directory, set(families.prunable_linears(model)), result)
     write_recipe(directory, result, resolved)
@@ -106,19 +114,40 @@ def _describe_widths(model: nn.Module, arch: families.Arch) -> bool:
 
 
 def modeling_code(model: nn.Module, arch: families.Arch) -> str:
-    """`modeling_prunebench.py` for this model: the standalone loader, and the model's own class with the
-    adapter's block and FFN names."""
-    base = type(model)
+    """`modeling_prunebench.py` for this model: the standalone loader, and the model's own classes (config
+    and model) with the checkpoint's own model_type and the adapter's block and FFN names."""
+    base, base_config = type(model), type(model.config)
     return (inspect.getsource(pruned_model)
-            + f"\n\n# {arch.family}: the model's own class, with where its adapter finds blocks and FFN linears\n"
+            + f"\n\n# {arch.family}: the model's own classes, with where its adapter finds blocks and FFN linears\n"
+            + f"from {base_config.__module__} import {base_config.__name__}\n"
             + f"from {base.__module__} import {base.__name__}\n\n\n"
+            + f"class PrunedConfig({base_config.__name__}):\n"
+            + f"    model_type = {MODEL_TYPE_PREFIX + model.config.model_type!r}\n\n\n"
             + f"class PrunedForCausalLM(PrunedMixin, {base.__name__}):\n"
+            + "    config_class = PrunedConfig\n"
             + f"    BLOCKS = {arch.blocks_path!r}\n    FFN_IN = {arch.ffn_in!r}\n    FFN_OUT = {arch.ffn_out!r}\n")
 
 
-def ships_model_code(config: transformers.PretrainedConfig) -> bool:
-    """Whether a checkpoint's config names the model code prunebench ships with it."""
-    return (getattr(config, "auto_map", None) or {}).get("AutoModelForCausalLM") == AUTO_MAP["AutoModelForCausalLM"]
+def _own_model_type(config_path: Path) -> None:
+    config = json.loads(config_path.read_text())
+    config[BASE_TYPE_KEY] = config["model_type"]
+    config["model_type"] = MODEL_TYPE_PREFIX + config["model_type"]
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def ships_model_code(where: str | Path) -> bool:
+    """Whether the checkpoint at `where` (a folder or a hub id) ships prunebench's model code; read from
+    its config.json alone, which no class of ours or theirs is built from."""
+    config, _ = transformers.PretrainedConfig.get_config_dict(str(where))
+    return (config.get("auto_map") or {}).get("AutoModelForCausalLM") == AUTO_MAP["AutoModelForCausalLM"]
+
+
+def base_config(where: str | Path) -> transformers.PretrainedConfig:
+    """The family's own config of a checkpoint that ships our code (its model_type is its own)."""
+    config, _ = transformers.PretrainedConfig.get_config_dict(str(where))
+    config = {k: v for k, v in config.items() if k != "auto_map"}
+    config["model_type"] = config.pop(BASE_TYPE_KEY, config["model_type"])
+    return CONFIG_MAPPING[config["model_type"]].from_dict(config)
 
 
 def load(path: str | Path, dtype: torch.dtype) -> nn.Module:
@@ -126,7 +155,7 @@ def load(path: str | Path, dtype: torch.dtype) -> nn.Module:
     from the config, each block's FFN cut to its saved width, and the weights (bitmask ones decompressed)
     loaded into it, by the same functions the shipped code runs."""
     verify_model_code(path)
-    config = transformers.AutoConfig.from_pretrained(path)
+    config = base_config(path)
     with no_init_weights():  # every tensor is overwritten below
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()  # skipped under no_init_weights

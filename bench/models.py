@@ -44,7 +44,7 @@ def load(cfg: ModelConfig) -> tuple[nn.Module, "transformers.PreTrainedTokenizer
     if cfg.path is not None or cfg.source == "hub":
         where = str(Path(cfg.path).expanduser()) if cfg.path else cfg.id
         log.info("loading %s from %s", cfg.name, where)
-        if checkpoint.ships_model_code(transformers.AutoConfig.from_pretrained(where)):
+        if checkpoint.ships_model_code(where):
             model = checkpoint.load(where, dtype)  # per-block FFN widths, added biases or bitmask weights
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype)

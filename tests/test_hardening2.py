@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from bench import checkpoint, models, resume
 from bench.cell import run_cell
@@ -152,3 +153,34 @@ def test_the_shipped_model_code_is_recorded_and_a_changed_copy_is_refused_on_loa
     with pytest.raises(ConfigError, match="model.path=.*modeling_prunebench.py has SHA-256"):
         models.load(ModelConfig(name="ours", source="hub", path=str(target)))
     assert (target / checkpoint.MODELING_FILE).read_bytes() == tampered  # reported, not rewritten
+
+
+# --- silently wrong: a checkpoint that ships its code never loads plainly ------------------------------
+
+@pytest.mark.parametrize("kind", ["bitmask", "added bias"])
+def test_a_checkpoint_shipping_its_code_fails_every_plain_load_and_reloads_exactly_through_ours(kind, make_config,
+                                                                                                  tmp_path):
+    cfg, _ = make_config(*BASE, *TINY)
+    model, tokenizer = models.load(cfg.model)
+    arch = families.arch_for(model)
+    with torch.no_grad():
+        if kind == "bitmask":
+            for linear in families.prunable_linears(model).values():
+                linear.weight[:, ::2] = 0
+        else:  # FLAP's compensation on LLaMA: one FFN width, an output bias the family has not
+            for block in arch.blocks(model):
+                down = block.get_submodule(arch.ffn_out)
+                down.bias = torch.nn.Parameter(torch.full((down.out_features,), 0.25))
+    ids = torch.tensor([[5, 17, 200, 33, 91, 4]])
+    with torch.no_grad():
+        expected = model(ids).logits
+    target = models.save(model, tokenizer, tmp_path / "ckpt", save_format="bitmask" if kind == "bitmask" else "dense")
+    config = json.loads((target / "config.json").read_text())
+    assert config["model_type"] == "prunebench_llama" and config[checkpoint.BASE_TYPE_KEY] == "llama"
+    for plain in (transformers.AutoConfig, transformers.AutoModelForCausalLM):
+        with pytest.raises(ValueError, match="trust_remote_code"):
+            plain.from_pretrained(target, trust_remote_code=False)
+    ours = models.load(ModelConfig(name="ours", source="hub", path=str(target)))[0]
+    remote = transformers.AutoModelForCausalLM.from_pretrained(target, trust_remote_code=True)
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, expected) and torch.equal(remote(ids).logits, expected)
