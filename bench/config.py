@@ -185,7 +185,11 @@ class RunConfig:
 
     def recorded(self, resolved: dict) -> dict:
         """The resolved config as the cell runs it (`Result.config`, what `bench.core.identity` hashes):
-        with the effective sparsity, so the dense baseline is one cell across the sweep's sparsity axis."""
+        with the effective sparsity, so the dense baseline is one cell across the sweep's sparsity axis, and
+        the pattern as parsed, so `02:04` is the cell `2:4` is."""
+        method = resolved.get("method")
+        if isinstance(method, dict) and "sparsity_type" in method:
+            resolved = {**resolved, "method": {**method, "sparsity_type": str(self.method.pattern)}}
         return {**resolved, "sparsity": self.sparsity}
 
 
@@ -384,4 +388,4 @@ def _sparsity(sparsity: float, method: MethodSpec) -> float:
     if implied is not None and abs(implied - sparsity) > 1e-9:
         raise ConfigError(f"sparsity={sparsity} conflicts with method.sparsity_type={method.pattern}, "
                           f"which means sparsity={implied:g}; pass sparsity={implied:g}")
-    return sparsity
+    return sparsity + 0.0  # -0.0 is 0.0, but would hash and print as another cell

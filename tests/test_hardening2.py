@@ -19,6 +19,7 @@ from bench import checkpoint, models, resume
 from bench.cell import run_cell
 from bench.config import ModelConfig
 from bench.core import families
+from bench.core import identity as identity_of
 from bench.llm import LLMConfig, LLMError, make_backend
 from bench.core.vocab import ConfigError
 from tests.conftest import TINY
@@ -184,3 +185,20 @@ def test_a_checkpoint_shipping_its_code_fails_every_plain_load_and_reloads_exact
     remote = transformers.AutoModelForCausalLM.from_pretrained(target, trust_remote_code=True)
     with torch.no_grad():
         assert torch.equal(ours(ids).logits, expected) and torch.equal(remote(ids).logits, expected)
+
+
+# --- silently wrong: a value that changes nothing keeps the identity ----------------------------------
+
+@pytest.mark.parametrize("same, canonical", [
+    (["sparsity=-0.0"], ["sparsity=0.0"]),
+    (["sparsity=0.5", "method.sparsity_type=02:04"], ["sparsity=0.5", "method.sparsity_type=2:4"]),
+    (["sparsity=0.25", "method.sparsity_type=003:4"], ["sparsity=0.25", "method.sparsity_type=3:4"]),
+])
+def test_a_spelling_of_the_same_value_is_the_same_cell(same, canonical, make_config):
+    def identity(*overrides):
+        cfg, resolved = make_config(*BASE, "method=wanda", *overrides)
+        recorded = cfg.recorded(resolved)
+        return identity_of.config_hash(recorded), recorded["sparsity"], recorded["method"]["sparsity_type"]
+
+    spelled, plain = identity(*same), identity(*canonical)
+    assert spelled == plain and str(spelled[1]) == str(plain[1])
