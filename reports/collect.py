@@ -35,7 +35,7 @@ from reports.frame import aggregate, long_frame, row_labels
 from reports.html import render
 from reports.plots import write_plots
 from reports.select import unique_results
-from reports.table import Table, fmt
+from reports.table import Table, csv_escape, fmt
 from reports.targets import targets_table
 
 FORMATS = ("md", "csv", "tex", "html")
@@ -269,7 +269,7 @@ def _wide(report: Report) -> str:
     stats = ["mean", "std", "n"]
     wide = wide[sorted(wide.columns, key=lambda c: (c[1], list(agg["metric"].unique()).index(c[2]), stats.index(c[0])))]
     wide.columns = [f"{s:.0%} {m} {stat}" for stat, s, m in wide.columns]
-    return wide.reset_index().to_csv(index=False)
+    return wide.reset_index().map(csv_escape).to_csv(index=False)
 
 
 def _write(report: Report, sweep_dir: Path, fmt: str, images: list[Path]) -> list[Path]:

@@ -3,10 +3,12 @@ and responses are bounded and verified, a value that changes nothing keeps the i
 forge output, and bad input is one line before any work."""
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
 import json
 import os
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,11 +20,13 @@ import transformers
 from bench import checkpoint, models, resume
 from bench.cell import run_cell
 from bench.config import ModelConfig
-from bench.core import families
+from bench.core import families, records
 from bench.core import identity as identity_of
 from bench.llm import LLMConfig, LLMError, make_backend
 from bench.core.vocab import ConfigError
+from reports.collect import collect
 from tests.conftest import TINY
+from tests.test_reports import fake
 
 BASE = ["model=llama-tiny"]
 
@@ -202,3 +206,51 @@ def test_a_spelling_of_the_same_value_is_the_same_cell(same, canonical, make_con
 
     spelled, plain = identity(*same), identity(*canonical)
     assert spelled == plain and str(spelled[1]) == str(plain[1])
+
+
+# --- names never forge output -------------------------------------------------------------------------
+
+def _forged(root: Path, **changes) -> None:
+    """The report fixture's records, one of them edited as a hostile or careless hand would."""
+    fake(root, "llama-tiny", "dense", 0.0, 12.0)
+    fake(root, "llama-tiny", "wanda", 0.5, 20.5)
+    path = root / "llama-tiny_wanda_0.5" / records.RESULT_FILE
+    record = json.loads(path.read_text())
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        node = record
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    path.write_text(json.dumps(record))
+
+
+def test_a_display_name_with_a_newline_and_pipes_stays_one_markdown_cell(tmp_path):
+    _forged(tmp_path / "s", **{"cell.display": "wanda | 0.01 |\n| fake | 1.00 |"})
+    table = collect(tmp_path / "s").results.markdown.split("\n\n")[0]
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert len(rows) == 4, table  # header, rule, dense, wanda: no forged row
+    cells = [len(re.findall(r"(?<!\\)\|", row)) for row in rows]
+    assert len(set(cells)) == 1, table
+
+
+@pytest.mark.parametrize("field", ["cell.display", "cell.model"])
+def test_csv_cells_that_a_spreadsheet_would_run_are_quoted(field, tmp_path):
+    _forged(tmp_path / "s", **{field: '=HYPERLINK("http://evil","x")'})
+    collect(tmp_path / "s")
+    for name in ("table.csv", "table_wide.csv"):
+        with open(tmp_path / "s" / name, newline="") as handle:
+            cells = [cell for row in csv.reader(handle) for cell in row]
+        assert not any(c.startswith(("=", "+", "@")) for c in cells), name
+        assert any(c.startswith("'=HYPERLINK(") for c in cells), name
+        assert any(c.startswith("-") or c[:1].isdigit() for c in cells)  # numbers stay numbers
+
+
+def test_a_crafted_model_name_writes_no_plot_outside_the_sweep_dir(tmp_path):
+    root = tmp_path / "a" / "b" / "sweep"
+    _forged(root, **{"cell.model": "../../../../escaped", "sparsity.target": 0.5, "sparsity.allocated": {
+        "model.layers.0.mlp.up_proj": 0.3, "model.layers.1.mlp.up_proj": 0.7}})
+    collect(root, plots=True)
+    outside = [p for p in tmp_path.rglob("*") if p.is_file() and root not in p.parents]
+    assert not outside, outside
+    assert any(p.name.startswith("layer_schedules_") for p in (root / "plots").iterdir())
