@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from pydoc_data.topics import topics
 
-from bench.core.vocab import check_choice, check_range
+from bench.core.vocab import ConfigError, check_choice, check_range
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,12 @@ class DataConfig:
 
     def __post_init__(self):
         check_choice("data.format", self.format, CUSTOM_FORMATS)
+        # a location the user named (data.dir, or PRUNEBENCH_DATA that the presets resolve it from) must
+        # exist: a typo there would fall back to pydoc and end ok; the fallback is for no location at all
+        if self.dir and not Path(self.dir).expanduser().is_dir():
+            raise ConfigError(f"data.dir={self.dir!r} (set directly or through PRUNEBENCH_DATA) is not an existing "
+                              f"folder; allowed: the folder holding the corpora, or unset PRUNEBENCH_DATA and "
+                              f"data.dir to use the hub")
 
 
 def dataset_names() -> tuple[str, ...]:

@@ -19,6 +19,7 @@ import transformers
 
 from bench import checkpoint, models, resume
 from bench.cell import run_cell
+from bench.config import compose, validate
 from bench.config import ModelConfig
 from bench.core import families, records
 from bench.core import identity as identity_of
@@ -254,3 +255,17 @@ def test_a_crafted_model_name_writes_no_plot_outside_the_sweep_dir(tmp_path):
     outside = [p for p in tmp_path.rglob("*") if p.is_file() and root not in p.parents]
     assert not outside, outside
     assert any(p.name.startswith("layer_schedules_") for p in (root / "plots").iterdir())
+
+
+# --- silently wrong: an explicit data location that does not exist -----------------------------------
+
+def test_a_data_location_the_user_named_must_exist(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNEBENCH_DATA", str(tmp_path / "shraed"))  # a typo
+    with pytest.raises(ConfigError, match=r"data.dir='.*shraed' \(set directly or through PRUNEBENCH_DATA\)") as info:
+        validate(compose([*BASE, "data=wikitext2"]))
+    assert "\n" not in str(info.value)
+    monkeypatch.delenv("PRUNEBENCH_DATA")
+    with pytest.raises(ConfigError, match=r"data.dir='.*nowhere'"):
+        validate(compose([*BASE, f"data.dir={tmp_path / 'nowhere'}"]))
+    assert validate(compose([*BASE, "data=wikitext2"])).data.dir is None  # unset: the hub, then the fallback
+    assert validate(compose([*BASE, f"data.dir={tmp_path}"])).data.dir == str(tmp_path)
