@@ -269,3 +269,79 @@ def test_a_data_location_the_user_named_must_exist(tmp_path, monkeypatch):
         validate(compose([*BASE, f"data.dir={tmp_path / 'nowhere'}"]))
     assert validate(compose([*BASE, "data=wikitext2"])).data.dir is None  # unset: the hub, then the fallback
     assert validate(compose([*BASE, f"data.dir={tmp_path}"])).data.dir == str(tmp_path)
+
+
+# --- silently wrong: resume state is verified, never trusted ------------------------------------------
+
+RESUMABLE = [*BASE, "model.architecture.num_hidden_layers=4", "cache=false", "resume_every_s=0", *TINY,
+             "method=wanda", "sparsity=0.5"]
+
+
+class _Preempted(BaseException):
+    pass
+
+
+def _interrupted(make_config, monkeypatch, cell_dir: Path, *extra: str, after: int = 2) -> None:
+    save_block = resume.ResumeState.save_block
+
+    def save_then_stop(self, index, module, next_inputs):
+        save_block(self, index, module, next_inputs)
+        if index == after:
+            raise _Preempted
+
+    cfg, resolved = make_config(*RESUMABLE, *extra)
+    with monkeypatch.context() as patch:
+        patch.setattr(resume.ResumeState, "save_block", save_then_stop)
+        with pytest.raises(_Preempted):
+            run_cell(cfg, resolved, cell_dir)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _swap_in_another_cells_block(path: Path, other: Path) -> None:
+    path.write_bytes((other / resume.FOLDER / path.name).read_bytes())
+
+
+def _bump_next_block(state: Path) -> None:
+    record = json.loads(state.read_text())
+    record["next_block"] += 1
+    state.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("tamper", ["truncated block", "block of another cell", "edited next_block"])
+def test_resume_state_that_does_not_verify_is_discarded_and_the_cell_starts_over(tamper, make_config, tmp_path,
+                                                                                  monkeypatch):
+    cell_dir = tmp_path / "cell"
+    _interrupted(make_config, monkeypatch, cell_dir)
+    folder = cell_dir / resume.FOLDER
+    if tamper == "truncated block":
+        _truncate(folder / "block_1.safetensors")
+    elif tamper == "block of another cell":
+        _interrupted(make_config, monkeypatch, tmp_path / "other", "data.calib.nsamples=5")
+        _swap_in_another_cells_block(folder / "block_1.safetensors", tmp_path / "other")
+    else:
+        (folder / "block_3.safetensors").write_bytes((folder / "block_2.safetensors").read_bytes())
+        _bump_next_block(folder / resume.STATE_FILE)
+    cfg, resolved = make_config(*RESUMABLE)
+    result = run_cell(cfg, resolved, cell_dir)
+    assert result.ok and "resumed_from_block" not in result.process, result.error
+    notes = [w for w in result.warnings if "not used" in w]
+    assert len(notes) == 1 and "\n" not in notes[0] and "started from scratch" in notes[0]
+    fresh = run_cell(cfg, resolved, tmp_path / "fresh")
+    assert result.metrics["ppl"] == fresh.metrics["ppl"]
+
+
+def test_resume_state_of_other_calibration_samples_is_not_resumed(make_config, tmp_path, monkeypatch):
+    cell_dir = tmp_path / "cell"
+    _interrupted(make_config, monkeypatch, cell_dir)
+    state = json.loads((cell_dir / resume.FOLDER / resume.STATE_FILE).read_text())
+    assert state["key"]["samples"] and set(state["files"]) == {
+        resume.ALLOCATION_FILE, "block_0.safetensors", "block_1.safetensors", "block_2.safetensors",
+        "inputs_3.safetensors"}
+    cfg, resolved = make_config(*RESUMABLE)
+    monkeypatch.setattr(resume, "samples_digest", lambda samples: "other samples")
+    result = run_cell(cfg, resolved, cell_dir)
+    assert result.ok and "resumed_from_block" not in result.process
+    assert any("saved for another samples" in w for w in result.warnings)
