@@ -105,6 +105,9 @@ class PplConfig:
     layerwise: Any = "auto"  # true: block by block (SparseGPT's way for big models); auto: when it does not fit
 
     def __post_init__(self):
+        check_range("eval.ppl.datasets", self.datasets, isinstance(self.datasets, list) and len(self.datasets) >= 1,
+                    f"a list of one or more of {', '.join(dataset_names())} (eval=zeroshot alone skips "
+                    f"perplexity: an empty list would end ok with no metric)")
         for name in self.datasets:
             check_choice("eval.ppl.datasets", name, dataset_names())
         windows = self.max_windows

@@ -345,3 +345,23 @@ def test_resume_state_of_other_calibration_samples_is_not_resumed(make_config, t
     result = run_cell(cfg, resolved, cell_dir)
     assert result.ok and "resumed_from_block" not in result.process
     assert any("saved for another samples" in w for w in result.warnings)
+
+
+# --- bad input: one line naming the key, before any model is loaded -----------------------------------
+
+BAD_INPUTS = [
+    (["eval.ppl.datasets=[]"], "eval.ppl.datasets"),
+]
+
+
+@pytest.mark.parametrize("overrides, key", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_naming_the_key(overrides, key, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded while validating")
+
+    monkeypatch.setattr(models, "load", no_loading)
+    base = [] if overrides[0].startswith("model=") else BASE
+    with pytest.raises(ConfigError) as info:
+        validate(compose([*base, *overrides]))
+    message = str(info.value)
+    assert "\n" not in message and key in message, message
