@@ -175,12 +175,15 @@ class RunConfig:
     def __post_init__(self):
         self.sparsity = _sparsity(_number("sparsity", self.sparsity, float), self.method)
         self.seed = _number("seed", self.seed, int)
+        # torch's generators take 64 bits, numpy's no negatives: past either a cell fails after loading
+        check_range("seed", self.seed, 0 <= self.seed < 2 ** 64, "an integer from 0 to 2**64-1")
         check_choice("device", self.device, DEVICES)
         check_choice("save_format", self.save_format, SAVE_FORMATS)
         check_range("save_dir", self.save_dir, self.save_dir is None or (
             isinstance(self.save_dir, str) and self.save_dir.strip() != "" and self.save_dir.isprintable()),
             "a folder path (printable, not empty), or null")
-        check_range("threads", self.threads, isinstance(self.threads, int) and self.threads >= 1, "an integer >= 1")
+        check_range("threads", self.threads, isinstance(self.threads, int) and not isinstance(self.threads, bool)
+                    and self.threads >= 1, "an integer >= 1")
         every = self.resume_every_s
         check_range("resume_every_s", every, every is None or (
             isinstance(every, (int, float)) and not isinstance(every, bool) and every >= 0),

@@ -351,6 +351,9 @@ def test_resume_state_of_other_calibration_samples_is_not_resumed(make_config, t
 
 BAD_INPUTS = [
     (["eval.ppl.datasets=[]"], "eval.ppl.datasets"),
+    (["threads=true"], "threads"),
+    (["seed=18446744073709551616"], "seed"),
+    (["seed=-1"], "seed"),
 ]
 
 
