@@ -274,10 +274,13 @@ def _known_layer_count(model: ModelConfig) -> Optional[int]:
         config = transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
         with torch.device("meta"):
             skeleton = transformers.AutoModelForCausalLM.from_config(config)
-    except (ValueError, TypeError, KeyError) as exc:
+        count = len(prunable_linears(skeleton))  # no block at all fails inferring the adapter
+    except Exception as exc:  # transformers' own checks raise whatever they like (IndexError, hub validators)
         raise ConfigError(f"model.architecture={model.architecture} does not build a causal LM: "
-                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-    return len(prunable_linears(skeleton))
+                          f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
+    check_range("model.architecture.num_hidden_layers", kwargs.get("num_hidden_layers"), count > 0,
+                "a model with at least one block to prune")
+    return count
 
 
 TARGET_UNITS = ("relative", "absolute")  # tolerance as a fraction of the reported value, or in its units
@@ -296,6 +299,11 @@ def _targets(targets: list, evaluation: EvalConfig, method: MethodSpec, structur
         check_choice(f"{where}: unit", target.get("unit"), TARGET_UNITS)
         check_range(f"{where}: tolerance", target.get("tolerance"),
                     isinstance(target.get("tolerance"), (int, float)) and target["tolerance"] >= 0, ">= 0")
+        reported = target.get("reported")
+        # a verdict divides by it (relative tolerance) and compares with it: else every collect fails
+        check_range(f"{where}: reported", reported, isinstance(reported, (int, float))
+                    and not isinstance(reported, bool) and math.isfinite(reported) and reported != 0,
+                    "the paper's number: finite and not 0")
         section = METRICS[family].evaluated_by
         if section == "ppl" and (evaluation.ppl is None or (arg or "wikitext2") not in evaluation.ppl.datasets):
             raise ConfigError(f"{where}: no configured eval produces {name}; eval.ppl.datasets="

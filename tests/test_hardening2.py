@@ -354,6 +354,10 @@ BAD_INPUTS = [
     (["threads=true"], "threads"),
     (["seed=18446744073709551616"], "seed"),
     (["seed=-1"], "seed"),
+    *[([f"+targets=[{{model: llama-tiny, method: wanda, sparsity: 0.5, metric: ppl/pydoc, reported: {bad}, "
+        f"tolerance: 0.05, unit: relative}}]", "eval.ppl.datasets=[pydoc]"], "reported") for bad in ("abc", "0", "true", ".nan")],
+    (["model.architecture.num_hidden_layers=0"], "model.architecture"),
+    (["model.architecture.hidden_size=63"], "model.architecture"),
 ]
 
 
