@@ -114,9 +114,20 @@ def render(rows: list[CellStatus], corrupt: list[tuple[str, str]] = ()) -> str:
 def progress_of(row: CellStatus) -> Optional[dict]:
     """A running cell's progress.json (`bench.progress`), or None when it has none (yet)."""
     try:
-        return json.loads((Path(row.path).parent / PROGRESS_FILE).read_text())
-    except (OSError, TypeError, ValueError):
+        info = json.loads((Path(row.path).parent / PROGRESS_FILE).read_text())
+    except (OSError, TypeError, ValueError, RecursionError):
         return None
+    # a file of another shape (`[]`, a hand edit) is no progress, not a crash of the whole status
+    numbers = (int, float)
+    if not (isinstance(info, dict) and isinstance(info.get("stage"), str)
+            and isinstance(info.get("stage_started"), numbers) and isinstance(info.get("cell_started"), numbers)):
+        return None
+    step = info.get("step")
+    if step is not None and not (isinstance(step, dict) and isinstance(step.get("pass"), str)
+                                 and isinstance(step.get("unit"), str) and isinstance(step.get("done"), int)
+                                 and isinstance(step.get("total"), int) and step["total"] > 0):
+        return None
+    return info
 
 
 def stage_of(row: CellStatus, now: float) -> str:

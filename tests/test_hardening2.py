@@ -10,6 +10,7 @@ import json
 import os
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from bench.core import identity as identity_of
 from bench.llm import LLMConfig, LLMError, make_backend
 from bench.core.vocab import ConfigError
 from reports.collect import collect
+from reports.status import CellStatus, _milestone, stage_of
 from tests.conftest import TINY
 from tests.test_reports import fake
 
@@ -372,3 +374,27 @@ def test_bad_input_is_one_line_naming_the_key(overrides, key, monkeypatch):
         validate(compose([*base, *overrides]))
     message = str(info.value)
     assert "\n" not in message and key in message, message
+
+
+# --- one bad record never stops a report of the others ------------------------------------------------
+
+@pytest.mark.parametrize("bad", ["20.5", [20.5], True])
+def test_a_record_with_a_metric_that_is_not_a_number_is_reported_and_the_others_tabled(bad, tmp_path):
+    root = tmp_path / "s"
+    fake(root, "llama-tiny", "magnitude", 0.5, 30.0)
+    _forged(root, **{"metrics.ppl.pydoc": bad})
+    report = collect(root)
+    table = report.results.markdown
+    assert "magnitude" in table and "dense" in table and "30.00" in table
+    assert "llama-tiny_wanda_0.5" in table and "not numbers" in table  # named in the footnotes, left alone
+
+
+@pytest.mark.parametrize("content", ["[]", "{}", '{"stage": 1}', '{"stage": "prune", "stage_started": 0, '
+                                     '"cell_started": 0, "step": {"pass": "prune", "unit": "block", "done": 1, '
+                                     '"total": 0}}', "null"])
+def test_a_progress_file_of_another_shape_is_no_progress_not_a_crash(content, tmp_path):
+    cell = tmp_path / "c"
+    cell.mkdir()
+    (cell / "progress.json").write_text(content)
+    row = CellStatus([], "c", "running", "", str(cell / records.RESULT_FILE))
+    assert stage_of(row, time.time()) == "" and _milestone(row) == ("running",)
