@@ -29,6 +29,7 @@ from tokenizers.models import BPE
 
 from bench import checkpoint
 from bench.config import ModelConfig
+from bench.core import records
 from bench.core.vocab import ConfigError
 
 log = logging.getLogger(__name__)
@@ -291,8 +292,12 @@ def save(model: nn.Module, tokenizer, directory: str | Path, result=None, resolv
     check_save_dir(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".partial"))
+    mask = records.current_umask()
+    os.chmod(staging, 0o777 & ~mask)  # mkdtemp's 0700 would keep teammates out
     try:
         checkpoint.write_checkpoint(model, tokenizer, staging, result, resolved or {}, save_format)
+        for written in staging.iterdir():  # transformers writes its shards 0600 (staged and renamed) too
+            os.chmod(written, 0o666 & ~mask)
         old = None
         if directory.exists():
             if any(directory.iterdir()):

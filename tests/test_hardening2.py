@@ -398,3 +398,20 @@ def test_a_progress_file_of_another_shape_is_no_progress_not_a_crash(content, tm
     (cell / "progress.json").write_text(content)
     row = CellStatus([], "c", "running", "", str(cell / records.RESULT_FILE))
     assert stage_of(row, time.time()) == "" and _milestone(row) == ("running",)
+
+
+# --- sharing results: the umask is honoured ----------------------------------------------------------
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_results_manifests_and_checkpoints_follow_the_umask(umask, make_config, tmp_path):
+    old = os.umask(umask)
+    try:
+        cfg, resolved = _tiny(make_config, f"save_dir={tmp_path / 'ckpt'}")
+        assert run_cell(cfg, resolved, tmp_path / "cell").ok
+        records.write_json_atomic(tmp_path / "cells.json", [])
+    finally:
+        os.umask(old)
+    files = [tmp_path / "cell" / records.RESULT_FILE, tmp_path / "cells.json",
+             *(p for p in (tmp_path / "ckpt").iterdir())]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o666 & ~umask) for p in files}
+    assert oct((tmp_path / "ckpt").stat().st_mode & 0o777) == oct(0o777 & ~umask)

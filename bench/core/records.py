@@ -166,6 +166,7 @@ def write_atomic(path: Path, content: Union[str, bytes, Callable[[Path], None]])
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
+    os.chmod(staging, 0o666 & ~current_umask())  # mkstemp's 0600 would keep teammates from reading it
     try:
         if callable(content):
             content(Path(staging))
@@ -177,6 +178,13 @@ def write_atomic(path: Path, content: Union[str, bytes, Callable[[Path], None]])
     except BaseException:
         Path(staging).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
