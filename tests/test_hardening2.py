@@ -9,6 +9,9 @@ import hashlib
 import json
 import os
 import re
+import socket
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,7 +30,7 @@ from bench.core import identity as identity_of
 from bench.llm import LLMConfig, LLMError, make_backend
 from bench.core.vocab import ConfigError
 from reports.collect import collect
-from reports.status import CellStatus, _milestone, stage_of
+from reports.status import CellStatus, _dead, _milestone, stage_of
 from tests.conftest import TINY
 from tests.test_reports import fake
 
@@ -415,3 +418,19 @@ def test_results_manifests_and_checkpoints_follow_the_umask(umask, make_config, 
              *(p for p in (tmp_path / "ckpt").iterdir())]
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o666 & ~umask) for p in files}
     assert oct((tmp_path / "ckpt").stat().st_mode & 0o777) == oct(0o777 & ~umask)
+
+
+# --- hangs: a reused pid is not the cell's process --------------------------------------------------
+
+def test_a_running_record_whose_pid_now_belongs_to_a_later_process_is_dead(tmp_path):
+    later = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.5)
+        host = socket.gethostname()
+        reused = {"host": host, "pid": later.pid, "started": time.time() - 3600}
+        assert "now belongs to a process started after the cell" in _dead(reused)
+        ours = {"host": host, "pid": later.pid, "started": time.time()}
+        assert _dead(ours) == ""  # the pid's process started before the cell wrote its record: alive
+    finally:
+        later.kill()
+        later.wait()
