@@ -354,7 +354,8 @@ def validate(cfg: DictConfig) -> RunConfig:
                           f"the zeros of pruner {method.pruner}; allowed with it: recovery=none "
                           f"(recovery is for structured pruners)")
     for key, seqlen in (("data.calib.seqlen", data.calib.seqlen),
-                        ("eval.ppl.seqlen", evaluation.ppl.seqlen if evaluation.ppl else 1)):
+                        ("eval.ppl.seqlen", evaluation.ppl.seqlen if evaluation.ppl else 1),
+                        ("recovery.seqlen", recovery.seqlen if recovery.enabled else 1)):
         check_range(key, seqlen, 0 < seqlen <= model.seqlen,
                     f"1..{model.seqlen} (the context length of model {model.name})")
     if CUSTOM in [data.calib.dataset, *(evaluation.ppl.datasets if evaluation.ppl else ())]:

@@ -362,6 +362,7 @@ BAD_INPUTS = [
     *[([f"+targets=[{{model: llama-tiny, method: wanda, sparsity: 0.5, metric: ppl/pydoc, reported: {bad}, "
         f"tolerance: 0.05, unit: relative}}]", "eval.ppl.datasets=[pydoc]"], "reported") for bad in ("abc", "0", "true", ".nan")],
     (["model.architecture.num_hidden_layers=0"], "model.architecture"),
+    (["method=cfsp", "recovery=lora", "recovery.seqlen=100000"], "recovery.seqlen"),
     (["model.architecture.hidden_size=63"], "model.architecture"),
 ]
 
