@@ -263,8 +263,8 @@ def _name_from_checkpoint(model: ModelConfig) -> None:
         model.source, model.name, model.label = "hub", model.id.split("/")[-1], None
 
 
-def _known_layer_count(model: ModelConfig) -> Optional[int]:
-    """Number of prunable linears when the config states the architecture (random models), else None.
+def _known_linears(model: ModelConfig) -> Optional[dict[str, int]]:
+    """{prunable linear: its input width} when the config states the architecture (random models), else None.
     The model is built on the meta device (no memory), which also checks that its family adapter can be
     inferred before any work starts."""
     if model.source != "random" or model.path is not None:
@@ -274,13 +274,13 @@ def _known_layer_count(model: ModelConfig) -> Optional[int]:
         config = transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
         with torch.device("meta"):
             skeleton = transformers.AutoModelForCausalLM.from_config(config)
-        count = len(prunable_linears(skeleton))  # no block at all fails inferring the adapter
+        linears = {name: linear.in_features for name, linear in prunable_linears(skeleton).items()}
     except Exception as exc:  # transformers' own checks raise whatever they like (IndexError, hub validators)
         raise ConfigError(f"model.architecture={model.architecture} does not build a causal LM: "
                           f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
-    check_range("model.architecture.num_hidden_layers", kwargs.get("num_hidden_layers"), count > 0,
+    check_range("model.architecture.num_hidden_layers", kwargs.get("num_hidden_layers"), len(linears) > 0,
                 "a model with at least one block to prune")
-    return count
+    return linears
 
 
 TARGET_UNITS = ("relative", "absolute")  # tolerance as a fraction of the reported value, or in its units
@@ -334,7 +334,8 @@ def validate(cfg: DictConfig) -> RunConfig:
             raise ConfigError(f"model.id={model.id!r} is not a hub id ({str(exc).splitlines()[0]}); allowed: "
                               f"'name' or 'org/name' of letters, digits, - _ . (or model.path=<local dir>)") from None
     check_name("model.name", model.name)
-    linears = _known_layer_count(model)
+    widths = _known_linears(model)
+    linears = None if widths is None else len(widths)
     method = catalog.parse(raw["method"])
     check_name("method.name", method.name)
     scalars = {key: raw[key] for key in ("sparsity", "seed", "device", "save_dir", "save_format", "threads",
@@ -347,6 +348,13 @@ def validate(cfg: DictConfig) -> RunConfig:
     built = catalog.build(method)  # checks that need the components together or the pattern
     if not method.dense:
         built.allocator.check(cfg.sparsity, linears)
+    pattern = method.pattern
+    if pattern.kind == "nm" and widths:  # else the mask's reshape fails after loading and calibrating
+        uneven = sorted({width for width in widths.values() if width % pattern.m})
+        if uneven:
+            raise ConfigError(f"method.sparsity_type={pattern} needs every pruned linear's input width to be a "
+                              f"multiple of M={pattern.m}; model {model.name} has widths {uneven}; allowed: an M "
+                              f"that divides {sorted(set(widths.values()))}")
     if model.stream is True:
         _check_streamable(model, method, built, recovery, evaluation, cfg.save_dir)
     if recovery.enabled and not built.pruner.structured:

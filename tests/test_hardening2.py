@@ -362,6 +362,8 @@ BAD_INPUTS = [
     *[([f"+targets=[{{model: llama-tiny, method: wanda, sparsity: 0.5, metric: ppl/pydoc, reported: {bad}, "
         f"tolerance: 0.05, unit: relative}}]", "eval.ppl.datasets=[pydoc]"], "reported") for bad in ("abc", "0", "true", ".nan")],
     (["model.architecture.num_hidden_layers=0"], "model.architecture"),
+    (["method=wanda", "method.sparsity_type=2:3", "sparsity=0.33333333333333337"], "method.sparsity_type"),
+    (["method=magnitude", "method.sparsity_type=5:7", "sparsity=0.2857142857142857"], "method.sparsity_type"),
     (["method=cfsp", "recovery=lora", "recovery.seqlen=100000"], "recovery.seqlen"),
     (["model.architecture.hidden_size=63"], "model.architecture"),
 ]
