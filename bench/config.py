@@ -10,6 +10,7 @@ outside run.py composes a config from conf/.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -392,6 +393,14 @@ def _check_streamable(model: ModelConfig, method: MethodSpec, built, recovery: R
                           f"has none")
     if not save_dir:
         raise ConfigError("model.stream=true needs save_dir: the pruned checkpoint is written there block by block")
+    try:
+        auto_map = json.loads((Path(model.path).expanduser() / "config.json").read_text()).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        auto_map = None  # no readable config: the load says what is wrong with it
+    if auto_map:
+        raise ConfigError(f"model.stream=true cannot stream model.path={model.path!r}: its config names model code "
+                          f"of its own (auto_map: per-block widths, bitmask weights), which streaming does not run; "
+                          f"allowed: model.stream=false")
     reason = ("its search prunes copies of the whole model" if built.allocator.needs_search else
               "it changes FFN shapes, and the speed comparison needs the dense and pruned models whole"
               if built.pruner.structured else None)

@@ -437,3 +437,13 @@ def test_a_running_record_whose_pid_now_belongs_to_a_later_process_is_dead(tmp_p
     finally:
         later.kill()
         later.wait()
+
+
+def test_streaming_a_checkpoint_that_ships_its_code_is_refused_at_validation(make_config, tmp_path):
+    cfg, _ = make_config(*BASE, *TINY)
+    model, tokenizer = models.load(cfg.model)
+    target = models.save(model, tokenizer, tmp_path / "ckpt", save_format="bitmask")
+    with pytest.raises(ConfigError, match=r"model.stream=true cannot stream model.path=.*auto_map") as info:
+        validate(compose([*BASE, f"model.path={target}", "model.stream=true", f"save_dir={tmp_path / 'out'}",
+                          "method=magnitude"]))
+    assert "\n" not in str(info.value)
