@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import pandas as pd
 
 from bench.core.metrics import METRICS, metric, names
-from bench.core.records import Result, baselines, read_results
+from bench.core.records import Result, baselines, read_results, write_atomic
 from reports.frame import aggregate, long_frame, row_labels
 from reports.html import render
 from reports.plots import write_plots
@@ -285,5 +285,5 @@ def _write(report: Report, sweep_dir: Path, fmt: str, images: list[Path]) -> lis
     else:
         paths = {sweep_dir / "report.html": render(report, f"prunebench report: {sweep_dir.name}", images)}
     for path, text in paths.items():
-        path.write_text(text)
+        write_atomic(path, text)  # replaces a symlink planted at the name instead of writing through it
     return list(paths)

@@ -447,3 +447,15 @@ def test_streaming_a_checkpoint_that_ships_its_code_is_refused_at_validation(mak
         validate(compose([*BASE, f"model.path={target}", "model.stream=true", f"save_dir={tmp_path / 'out'}",
                           "method=magnitude"]))
     assert "\n" not in str(info.value)
+
+
+def test_collect_replaces_a_symlink_planted_at_a_table_name_and_writes_nothing_through_it(tmp_path):
+    root = tmp_path / "s"
+    _forged(root)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (root / "table.md").symlink_to(victim)
+    (root / "table.csv").symlink_to(victim)
+    collect(root)
+    assert victim.read_text() == "precious"
+    assert not (root / "table.md").is_symlink() and "| model |" in (root / "table.md").read_text()
