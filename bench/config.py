@@ -193,11 +193,12 @@ class RunConfig:
     def recorded(self, resolved: dict) -> dict:
         """The resolved config as the cell runs it (`Result.config`, what `bench.core.identity` hashes):
         with the effective sparsity, so the dense baseline is one cell across the sweep's sparsity axis, and
-        the pattern as parsed, so `02:04` is the cell `2:4` is."""
+        the pattern as parsed, so `02:04` is the cell `2:4` is, and the seed as the integer it is (`seed=1.0`
+        is seed 1)."""
         method = resolved.get("method")
         if isinstance(method, dict) and "sparsity_type" in method:
             resolved = {**resolved, "method": {**method, "sparsity_type": str(self.method.pattern)}}
-        return {**resolved, "sparsity": self.sparsity}
+        return {**resolved, "sparsity": self.sparsity, **({"seed": self.seed} if "seed" in resolved else {})}
 
 
 def compose(overrides: list[str] = (), with_hydra: bool = False) -> DictConfig:
