@@ -266,6 +266,9 @@ def load_custom(path: Union[str, list, dict, None], split: str, fmt: str = "text
                   key=f"{key}={path!r}")
 
 
+MAX_CUSTOM_FILES = 10_000
+
+
 def resolve_files(path: Union[str, list, None], key: str = "data.path") -> list[str]:
     """The files named by a path, a glob or a list of them (sorted, de-duplicated); a one-line error
     naming `key` when none is given or an entry matches nothing."""
@@ -275,7 +278,15 @@ def resolve_files(path: Union[str, list, None], key: str = "data.path") -> list[
     files = []
     for entry in entries:
         pattern = os.path.expanduser(str(entry))
-        matched = [m for m in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(m)]
+        matched = []
+        # a glob over a huge tree (`/usr/**`) would be walked whole before validation says anything
+        for match in glob.iglob(pattern, recursive=True):
+            if os.path.isfile(match):
+                matched.append(match)
+                if len(matched) > MAX_CUSTOM_FILES:
+                    raise ValueError(f"{key}={str(entry)!r} matches more than {MAX_CUSTOM_FILES} files; allowed: "
+                                     f"a file, or a glob of at most {MAX_CUSTOM_FILES} files (narrow it)")
+        matched.sort()
         if not matched:
             raise ValueError(f"{key}={str(entry)!r} matches no file")
         files.extend(os.path.abspath(m) for m in matched if os.path.abspath(m) not in files)

@@ -21,7 +21,7 @@ import pytest
 import torch
 import transformers
 
-from bench import checkpoint, models, resume
+from bench import checkpoint, data, models, resume
 from bench.cell import run_cell
 from bench.config import compose, validate
 from bench.config import ModelConfig
@@ -462,3 +462,24 @@ def test_collect_replaces_a_symlink_planted_at_a_table_name_and_writes_nothing_t
     collect(root)
     assert victim.read_text() == "precious"
     assert not (root / "table.md").is_symlink() and "| model |" in (root / "table.md").read_text()
+
+
+def test_a_glob_over_a_huge_tree_is_refused_once_it_passes_the_bound(tmp_path, monkeypatch):
+    for i in range(7):
+        (tmp_path / "tree" / str(i)).mkdir(parents=True)
+        (tmp_path / "tree" / str(i) / "a.txt").write_text("text\n" * 10)
+    monkeypatch.setattr(data, "MAX_CUSTOM_FILES", 5)
+    walked = []
+    real = data.glob.iglob
+
+    def counting(*args, **kwargs):
+        for match in real(*args, **kwargs):
+            walked.append(match)
+            yield match
+
+    monkeypatch.setattr(data.glob, "iglob", counting)
+    with pytest.raises(ConfigError, match=r"data.path='.*tree/\*\*' matches more than 5 files") as info:
+        validate(compose([*BASE, "data=text", f"data.path={tmp_path / 'tree'}/**"]))
+    assert "\n" not in str(info.value) and len([m for m in walked if m.endswith(".txt")]) == 6  # stopped early
+    monkeypatch.setattr(data, "MAX_CUSTOM_FILES", 10)
+    assert validate(compose([*BASE, "data=text", f"data.path={tmp_path / 'tree'}/**"])).data.path
