@@ -304,7 +304,14 @@ def _load(name: str, split: str, directory: Optional[Path], purpose: str) -> Cor
         path = directory / relative
         looked.append(str(path))
         if path.exists():
-            return _corpus(name, split, spec, spec.read(path), str(path), purpose)
+            try:
+                rows = spec.read(path)
+            except (UnicodeDecodeError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+                # the decoder's own message names a byte offset, never the file; and a broken file is no
+                # reason to fall back to another corpus
+                raise ValueError(f"{path} cannot be read as {name}'s {split} file ({type(exc).__name__}: "
+                                 f"{' '.join(str(exc).split())[:200]}); replace it with an intact copy") from None
+            return _corpus(name, split, spec, rows, str(path), purpose)
     try:
         rows, source = _hub_rows(spec.hub, split)
     except Exception as exc:  # datasets raises many types for "offline" / "no such split"

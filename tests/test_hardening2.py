@@ -483,3 +483,16 @@ def test_a_glob_over_a_huge_tree_is_refused_once_it_passes_the_bound(tmp_path, m
     assert "\n" not in str(info.value) and len([m for m in walked if m.endswith(".txt")]) == 6  # stopped early
     monkeypatch.setattr(data, "MAX_CUSTOM_FILES", 10)
     assert validate(compose([*BASE, "data=text", f"data.path={tmp_path / 'tree'}/**"])).data.path
+
+
+@pytest.mark.parametrize("corpus, content", [("wikitext2", b"caf\xe9 au lait\n"),
+                                             ("c4", gzip.compress(b'{"text": "a"}\n')[:-12])])
+def test_a_corpus_file_that_does_not_decode_is_named_in_one_line(corpus, content, tmp_path):
+    spec = data.CORPORA[corpus]
+    split = "validation" if corpus == "c4" else "test"
+    path = tmp_path / spec.files[split]
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(str(path))) as info:
+        data.load_corpus(corpus, split, str(tmp_path), "eval", allow_fallback=True)  # never a fallback
+    assert "\n" not in str(info.value)
