@@ -23,12 +23,11 @@ import transformers
 
 from bench import checkpoint, data, models, resume
 from bench.cell import run_cell
-from bench.config import compose, validate
-from bench.config import ModelConfig
+from bench.config import ModelConfig, compose, validate
 from bench.core import families, records
 from bench.core import identity as identity_of
-from bench.llm import LLMConfig, LLMError, make_backend
 from bench.core.vocab import ConfigError
+from bench.llm import LLMConfig, LLMError, make_backend
 from reports.collect import collect
 from reports.status import CellStatus, _dead, _milestone, stage_of
 from tests.conftest import TINY
@@ -357,13 +356,14 @@ def test_resume_state_of_other_calibration_samples_is_not_resumed(make_config, t
 
 # --- bad input: one line naming the key, before any model is loaded -----------------------------------
 
+TARGET = ("+targets=[{{model: llama-tiny, method: wanda, sparsity: 0.5, metric: ppl/pydoc, reported: {reported}, "
+          "tolerance: 0.05, unit: relative}}]")
 BAD_INPUTS = [
     (["eval.ppl.datasets=[]"], "eval.ppl.datasets"),
     (["threads=true"], "threads"),
     (["seed=18446744073709551616"], "seed"),
     (["seed=-1"], "seed"),
-    *[([f"+targets=[{{model: llama-tiny, method: wanda, sparsity: 0.5, metric: ppl/pydoc, reported: {bad}, "
-        f"tolerance: 0.05, unit: relative}}]", "eval.ppl.datasets=[pydoc]"], "reported") for bad in ("abc", "0", "true", ".nan")],
+    *[([TARGET.format(reported=bad), "eval.ppl.datasets=[pydoc]"], "reported") for bad in ("abc", "0", "true", ".nan")],
     (["model.architecture.num_hidden_layers=0"], "model.architecture"),
     (["method=wanda", "method.sparsity_type=2:3", "sparsity=0.33333333333333337"], "method.sparsity_type"),
     (["method=magnitude", "method.sparsity_type=5:7", "sparsity=0.2857142857142857"], "method.sparsity_type"),
@@ -398,9 +398,11 @@ def test_a_record_with_a_metric_that_is_not_a_number_is_reported_and_the_others_
     assert "llama-tiny_wanda_0.5" in table and "not numbers" in table  # named in the footnotes, left alone
 
 
-@pytest.mark.parametrize("content", ["[]", "{}", '{"stage": 1}', '{"stage": "prune", "stage_started": 0, '
-                                     '"cell_started": 0, "step": {"pass": "prune", "unit": "block", "done": 1, '
-                                     '"total": 0}}', "null"])
+ZERO_STEPS = ('{"stage": "prune", "stage_started": 0, "cell_started": 0, '
+              '"step": {"pass": "prune", "unit": "block", "done": 1, "total": 0}}')
+
+
+@pytest.mark.parametrize("content", ["[]", "{}", '{"stage": 1}', ZERO_STEPS, "null"])
 def test_a_progress_file_of_another_shape_is_no_progress_not_a_crash(content, tmp_path):
     cell = tmp_path / "c"
     cell.mkdir()
