@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from bench import protocol
 from bench.checkpoint import SAVE_FORMATS
 from bench.core.metrics import METRICS
-from bench.data import CUSTOM, DataConfig, dataset_names, resolve_files
+from bench.data import CUSTOM, SPLITS, DataConfig, dataset_names, resolve_files
 from bench.zeroshot import ZeroShotConfig
 from bench.core.families import prunable_linears
 from bench.core.vocab import ConfigError, check_choice, check_range, typed
@@ -111,6 +111,7 @@ class PplConfig:
                     f"perplexity: an empty list would end ok with no metric)")
         for name in self.datasets:
             check_choice("eval.ppl.datasets", name, dataset_names())
+        check_choice("eval.ppl.split", self.split, SPLITS)
         windows = self.max_windows
         check_range("eval.ppl.max_windows", windows, windows is None or windows >= 1, ">= 1, or null for all")
         check_choice("eval.ppl.layerwise", self.layerwise, STREAM_CHOICES)

@@ -137,6 +137,7 @@ class CalibConfig:
 
     def __post_init__(self):
         check_choice("data.calib.dataset", self.dataset, dataset_names())
+        check_choice("data.calib.split", self.split, SPLITS)
         check_range("data.calib.nsamples", self.nsamples, self.nsamples >= 1, ">= 1")
         check_range("data.calib.batch", self.batch, self.batch >= 1, ">= 1")
 

@@ -361,6 +361,8 @@ TARGET = ("+targets=[{{model: llama-tiny, method: wanda, sparsity: 0.5, metric: 
 BAD_INPUTS = [
     (["eval.ppl.datasets=[]"], "eval.ppl.datasets"),
     (["threads=true"], "threads"),
+    (["eval.ppl.split=dev"], "eval.ppl.split"),
+    (["data.calib.split=foo"], "data.calib.split"),
     (["seed=18446744073709551616"], "seed"),
     (["seed=-1"], "seed"),
     *[([TARGET.format(reported=bad), "eval.ppl.datasets=[pydoc]"], "reported") for bad in ("abc", "0", "true", ".nan")],
