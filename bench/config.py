@@ -31,7 +31,7 @@ from bench.checkpoint import SAVE_FORMATS
 from bench.core.metrics import METRICS
 from bench.data import CUSTOM, SPLITS, DataConfig, dataset_names, resolve_files
 from bench.zeroshot import ZeroShotConfig
-from bench.core.families import prunable_linears
+from bench.core.families import ffn_sizes, prunable_linears
 from bench.core.vocab import ConfigError, check_choice, check_range, typed
 from methods import catalog
 from methods.catalog import MethodSpec
@@ -266,8 +266,9 @@ def _name_from_checkpoint(model: ModelConfig) -> None:
         model.source, model.name, model.label = "hub", model.id.split("/")[-1], None
 
 
-def _known_linears(model: ModelConfig) -> Optional[dict[str, int]]:
-    """{prunable linear: its input width} when the config states the architecture (random models), else None.
+def _known_linears(model: ModelConfig) -> Optional[tuple[dict[str, int], list[int]]]:
+    """({prunable linear: its input width}, every block's FFN width) when the config states the architecture
+    (random models), else None.
     The model is built on the meta device (no memory), which also checks that its family adapter can be
     inferred before any work starts."""
     if model.source != "random" or model.path is not None:
@@ -278,12 +279,13 @@ def _known_linears(model: ModelConfig) -> Optional[dict[str, int]]:
         with torch.device("meta"):
             skeleton = transformers.AutoModelForCausalLM.from_config(config)
         linears = {name: linear.in_features for name, linear in prunable_linears(skeleton).items()}
+        ffn = ffn_sizes(skeleton)
     except Exception as exc:  # transformers' own checks raise whatever they like (IndexError, hub validators)
         raise ConfigError(f"model.architecture={model.architecture} does not build a causal LM: "
                           f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
     check_range("model.architecture.num_hidden_layers", kwargs.get("num_hidden_layers"), len(linears) > 0,
                 "a model with at least one block to prune")
-    return linears
+    return linears, ffn
 
 
 TARGET_UNITS = ("relative", "absolute")  # tolerance as a fraction of the reported value, or in its units
@@ -337,7 +339,8 @@ def validate(cfg: DictConfig) -> RunConfig:
             raise ConfigError(f"model.id={model.id!r} is not a hub id ({str(exc).splitlines()[0]}); allowed: "
                               f"'name' or 'org/name' of letters, digits, - _ . (or model.path=<local dir>)") from None
     check_name("model.name", model.name)
-    widths = _known_linears(model)
+    known = _known_linears(model)
+    widths, ffn = known if known is not None else (None, None)
     linears = None if widths is None else len(widths)
     method = catalog.parse(raw["method"])
     check_name("method.name", method.name)
@@ -351,6 +354,13 @@ def validate(cfg: DictConfig) -> RunConfig:
     built = catalog.build(method)  # checks that need the components together or the pattern
     if not method.dense:
         built.allocator.check(cfg.sparsity, linears)
+    if built.pruner.structured and ffn and not method.dense:
+        # what ChannelPruner.prune_block removes at a uniform rate; else it fails after loading and calibrating
+        emptied = sorted({width for width in ffn if round(cfg.sparsity * width) >= width})
+        if emptied:
+            raise ConfigError(f"sparsity={cfg.sparsity} removes every FFN channel of blocks of width {emptied} "
+                              f"(method={method.name} prunes FFN channels); allowed: sparsity < "
+                              f"{(min(emptied) - 0.5) / min(emptied):.4f} for model {model.name}")
     pattern = method.pattern
     if pattern.kind == "nm" and widths:  # else the mask's reshape fails after loading and calibrating
         uneven = sorted({width for width in widths.values() if width % pattern.m})

@@ -361,6 +361,8 @@ TARGET = ("+targets=[{{model: llama-tiny, method: wanda, sparsity: 0.5, metric: 
 BAD_INPUTS = [
     (["eval.ppl.datasets=[]"], "eval.ppl.datasets"),
     (["threads=true"], "threads"),
+    (["method=wanda_sp", "sparsity=0.999"], "sparsity"),
+    (["method=flap", "sparsity=0.9999"], "sparsity"),
     (["eval.ppl.split=dev"], "eval.ppl.split"),
     (["data.calib.split=foo"], "data.calib.split"),
     (["seed=18446744073709551616"], "seed"),
