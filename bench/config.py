@@ -266,6 +266,9 @@ def _name_from_checkpoint(model: ModelConfig) -> None:
         model.source, model.name, model.label = "hub", model.id.split("/")[-1], None
 
 
+TOKENIZER_KEYS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
+
+
 def _known_linears(model: ModelConfig) -> Optional[tuple[dict[str, int], list[int]]]:
     """({prunable linear: its input width}, every block's FFN width) when the config states the architecture
     (random models), else None.
@@ -274,6 +277,9 @@ def _known_linears(model: ModelConfig) -> Optional[tuple[dict[str, int], list[in
     if model.source != "random" or model.path is not None:
         return None
     kwargs = dict(model.architecture)
+    for key in TOKENIZER_KEYS:  # models.random_model sets them from its byte tokenizer: given twice, it fails
+        check_range(f"model.architecture.{key}", kwargs.get(key), key not in kwargs,
+                    f"unset (a random model's {', '.join(TOKENIZER_KEYS)} come from its byte tokenizer)")
     try:
         config = transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
         with torch.device("meta"):

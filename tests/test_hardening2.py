@@ -361,6 +361,8 @@ TARGET = ("+targets=[{{model: llama-tiny, method: wanda, sparsity: 0.5, metric: 
 BAD_INPUTS = [
     (["eval.ppl.datasets=[]"], "eval.ppl.datasets"),
     (["threads=true"], "threads"),
+    (["+model.architecture.vocab_size=10"], "model.architecture.vocab_size"),
+    (["+model.architecture.eos_token_id=3"], "model.architecture.eos_token_id"),
     (["method=wanda_sp", "sparsity=0.999"], "sparsity"),
     (["method=flap", "sparsity=0.9999"], "sparsity"),
     (["eval.ppl.split=dev"], "eval.ppl.split"),
