@@ -221,10 +221,18 @@ EXTRA_KEYS = ("cache", "rerun", "targets", "paper_protocol", "hydra")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_+=@,][A-Za-z0-9_.+=@,-]*")
 
 
+# A cell's folder joins the model's and the method's names with the job number and the sparsity: each
+# name must leave room for the rest under the file systems' 255-byte limit.
+MAX_NAME = 100
+
+
 def check_name(key: str, value: object) -> None:
     if not isinstance(value, str) or not _SAFE_NAME.fullmatch(value) or ".." in value:
         raise ConfigError(f"{key}={value!r} is not a valid name; allowed: letters, digits and _ . + = @ , - "
                           f"(no path separators, no '..', not starting with '-' or '.')")
+    if len(value) > MAX_NAME:
+        raise ConfigError(f"{key}={value[:40]!r}... is {len(value)} characters long; allowed: at most {MAX_NAME} "
+                          f"(it becomes part of a folder name)")
 
 
 def _number(key: str, value: object, kind: type) -> float | int:
@@ -248,9 +256,9 @@ def zoo_entry(name: str) -> ModelConfig:
 
 def checkpoint_name(text: str) -> str:
     """A valid model.name for a checkpoint called `text` (its folder's name): each character a name may
-    not hold becomes "_", as do a leading "-" or "." and every ".."."""
+    not hold becomes "_", as do a leading "-" or "." and every "..", cut to `MAX_NAME` characters."""
     name = re.sub(r"[^A-Za-z0-9_.+=@,-]", "_", text).replace("..", "__")
-    return re.sub(r"^[-.]", "_", name)
+    return re.sub(r"^[-.]", "_", name)[:MAX_NAME]
 
 
 def _name_from_checkpoint(model: ModelConfig) -> None:

@@ -361,6 +361,8 @@ TARGET = ("+targets=[{{model: llama-tiny, method: wanda, sparsity: 0.5, metric: 
 BAD_INPUTS = [
     (["eval.ppl.datasets=[]"], "eval.ppl.datasets"),
     (["threads=true"], "threads"),
+    ([f"model.name={'m' * 260}"], "model.name"),
+    ([f"method.name={'w' * 260}"], "method.name"),
     (["+model.architecture.vocab_size=10"], "model.architecture.vocab_size"),
     (["+model.architecture.eos_token_id=3"], "model.architecture.eos_token_id"),
     (["method=wanda_sp", "sparsity=0.999"], "sparsity"),
