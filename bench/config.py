@@ -31,7 +31,7 @@ from bench.checkpoint import SAVE_FORMATS
 from bench.core.metrics import METRICS
 from bench.data import CUSTOM, SPLITS, DataConfig, dataset_names, resolve_files
 from bench.zeroshot import ZeroShotConfig
-from bench.core.families import ffn_sizes, prunable_linears
+from bench.core.families import arch_for, ffn_sizes, prunable_linears
 from bench.core.vocab import ConfigError, check_choice, check_range, typed
 from methods import catalog
 from methods.catalog import MethodSpec
@@ -277,9 +277,9 @@ def _name_from_checkpoint(model: ModelConfig) -> None:
 TOKENIZER_KEYS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
 
 
-def _known_linears(model: ModelConfig) -> Optional[tuple[dict[str, int], list[int]]]:
-    """({prunable linear: its input width}, every block's FFN width) when the config states the architecture
-    (random models), else None.
+def _known_linears(model: ModelConfig) -> Optional[tuple[dict[str, int], Optional[list[int]]]]:
+    """({prunable linear: its input width}, every block's FFN width or None for a fused FFN) when the config
+    states the architecture (random models), else None.
     The model is built on the meta device (no memory), which also checks that its family adapter can be
     inferred before any work starts."""
     if model.source != "random" or model.path is not None:
@@ -293,7 +293,9 @@ def _known_linears(model: ModelConfig) -> Optional[tuple[dict[str, int], list[in
         with torch.device("meta"):
             skeleton = transformers.AutoModelForCausalLM.from_config(config)
         linears = {name: linear.in_features for name, linear in prunable_linears(skeleton).items()}
-        ffn = ffn_sizes(skeleton)
+        ffn = None if arch_for(skeleton).fused_ffn_in else ffn_sizes(skeleton)  # fused: never shrunk
+    except ConfigError:  # the adapter's own one-line reason (a family it cannot infer)
+        raise
     except Exception as exc:  # transformers' own checks raise whatever they like (IndexError, hub validators)
         raise ConfigError(f"model.architecture={model.architecture} does not build a causal LM: "
                           f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
