@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
-from bench import checkpoint, pipeline, progress, provenance, resume, tracking
+from bench import checkpoint, models, pipeline, progress, provenance, resume, tracking
 from bench.config import RunConfig
 from bench.core import identity, records
 from bench.core.records import CellKey, Failure, Result
@@ -106,7 +106,7 @@ def _save_target(cfg: RunConfig, out_dir: Path, sweep_dir: Optional[Path]) -> Op
     """Where the pruned checkpoint goes: `save_dir`, or in a sweep its subfolder named like the cell's dir."""
     if not cfg.save_dir:
         return None
-    root = Path(cfg.save_dir).expanduser().absolute()
+    root = models.save_path(cfg.save_dir)
     return root if sweep_dir is None else root / out_dir.name
 
 

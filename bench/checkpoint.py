@@ -23,6 +23,7 @@ harness turns off for its own evaluation, not a property of the weights.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 from pathlib import Path
@@ -35,17 +36,25 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.initialization import no_init_weights
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from bench.core import families, pruned_model, records
 from bench.core.pruned_model import FFN_SIZES_KEY, SPARSITY_KEY
 from bench.core.records import Result
-from bench.core.vocab import check_choice
+from bench.core.vocab import ConfigError, check_choice
 
 SAVE_FORMATS = ("dense", "bitmask")
 MODELING_FILE = "modeling_prunebench.py"
-AUTO_MAP = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.PrunedForCausalLM"}
+AUTO_MAP = {"AutoConfig": f"{MODELING_FILE[:-3]}.PrunedConfig",
+            "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.PrunedForCausalLM"}
+# A checkpoint that ships its code gets a model_type of its own: transformers then refuses every load
+# without trust_remote_code, where the family's own model_type let a plain load build the family's class
+# and silently re-initialise bitmask weights or drop an added bias. The family's own is kept beside it.
+MODEL_TYPE_PREFIX = "prunebench_"
+BASE_TYPE_KEY = "prunebench_base_model_type"
 RECIPE_FILE = "recipe.yaml"
 RECORD_FILE = "prunebench.json"
+CODE_DIGEST_KEY = "modeling_sha256"  # of MODELING_FILE, in RECORD_FILE
 _ABSENT = object()
 
 
@@ -77,6 +86,7 @@ def write_checkpoint(model: nn.Module, tokenizer, directory: Path, result: Optio
     tokenizer.save_pretrained(directory)
     if remote:
         (directory / MODELING_FILE).write_text(modeling_code(model, arch))
+        _own_model_type(directory / "config.json")
     if save_format == "bitmask":
         _compress(directory, set(families.prunable_linears(model)), result)
     write_recipe(directory, result, resolved)
@@ -104,26 +114,48 @@ def _describe_widths(model: nn.Module, arch: families.Arch) -> bool:
 
 
 def modeling_code(model: nn.Module, arch: families.Arch) -> str:
-    """`modeling_prunebench.py` for this model: the standalone loader, and the model's own class with the
-    adapter's block and FFN names."""
-    base = type(model)
+    """`modeling_prunebench.py` for this model: the standalone loader, and the model's own classes (config
+    and model) with the checkpoint's own model_type and the adapter's block and FFN names."""
+    base, base_config = type(model), type(model.config)
     return (inspect.getsource(pruned_model)
-            + f"\n\n# {arch.family}: the model's own class, with where its adapter finds blocks and FFN linears\n"
+            + f"\n\n# {arch.family}: the model's own classes, with where its adapter finds blocks and FFN linears\n"
+            + f"from {base_config.__module__} import {base_config.__name__}\n"
             + f"from {base.__module__} import {base.__name__}\n\n\n"
+            + f"class PrunedConfig({base_config.__name__}):\n"
+            + f"    model_type = {MODEL_TYPE_PREFIX + model.config.model_type!r}\n\n\n"
             + f"class PrunedForCausalLM(PrunedMixin, {base.__name__}):\n"
+            + "    config_class = PrunedConfig\n"
             + f"    BLOCKS = {arch.blocks_path!r}\n    FFN_IN = {arch.ffn_in!r}\n    FFN_OUT = {arch.ffn_out!r}\n")
 
 
-def ships_model_code(config: transformers.PretrainedConfig) -> bool:
-    """Whether a checkpoint's config names the model code prunebench ships with it."""
-    return (getattr(config, "auto_map", None) or {}).get("AutoModelForCausalLM") == AUTO_MAP["AutoModelForCausalLM"]
+def _own_model_type(config_path: Path) -> None:
+    config = json.loads(config_path.read_text())
+    config[BASE_TYPE_KEY] = config["model_type"]
+    config["model_type"] = MODEL_TYPE_PREFIX + config["model_type"]
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def ships_model_code(where: str | Path) -> bool:
+    """Whether the checkpoint at `where` (a folder or a hub id) ships prunebench's model code; read from
+    its config.json alone, which no class of ours or theirs is built from."""
+    config, _ = transformers.PretrainedConfig.get_config_dict(str(where))
+    return (config.get("auto_map") or {}).get("AutoModelForCausalLM") == AUTO_MAP["AutoModelForCausalLM"]
+
+
+def base_config(where: str | Path) -> transformers.PretrainedConfig:
+    """The family's own config of a checkpoint that ships our code (its model_type is its own)."""
+    config, _ = transformers.PretrainedConfig.get_config_dict(str(where))
+    config = {k: v for k, v in config.items() if k != "auto_map"}
+    config["model_type"] = config.pop(BASE_TYPE_KEY, config["model_type"])
+    return CONFIG_MAPPING[config["model_type"]].from_dict(config)
 
 
 def load(path: str | Path, dtype: torch.dtype) -> nn.Module:
     """A checkpoint that ships our model code, loaded without running that copy: the family's class built
     from the config, each block's FFN cut to its saved width, and the weights (bitmask ones decompressed)
     loaded into it, by the same functions the shipped code runs."""
-    config = transformers.AutoConfig.from_pretrained(path)
+    verify_model_code(path)
+    config = base_config(path)
     with no_init_weights():  # every tensor is overwritten below
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()  # skipped under no_init_weights
@@ -135,14 +167,66 @@ def load(path: str | Path, dtype: torch.dtype) -> nn.Module:
 
 
 def write_recipe(directory: Path, result: Optional[Result], resolved: dict) -> None:
-    """`recipe.yaml` (the resolved config) and `prunebench.json` (the record, its protocol id) beside the
-    weights; called again when the cell ends, so the record there has the evaluation too."""
+    """`recipe.yaml` (the resolved config) and `prunebench.json` (the record, its protocol id, the files
+    we wrote) beside the weights; called again when the cell ends, so the record there has the evaluation
+    too. The file list is what `read_own_files` later trusts to replace the folder, so a rewrite keeps
+    the list it finds rather than claiming files that appeared since."""
     directory = Path(directory)
     (directory / RECIPE_FILE).write_text("# prunebench: the resolved config this checkpoint was made with\n"
                                          + yaml.safe_dump(resolved, sort_keys=False))
+    files = read_own_files(directory)
+    if files is None:
+        files = sorted({p.name for p in directory.iterdir() if p.is_file() and not p.is_symlink()} | {RECORD_FILE})
+        shipped = directory / MODELING_FILE
+        code_digest = _sha256(shipped) if shipped.is_file() else None
+    else:  # the digest taken when the code was written, never one of a file changed since
+        code_digest = _read_record(directory).get(CODE_DIGEST_KEY)
     record = {"protocol_id": None if result is None else result.protocol.get("id"),
-              "result": None if result is None else result.to_dict()}
+              "result": None if result is None else result.to_dict(), "files": files, CODE_DIGEST_KEY: code_digest}
     records.write_json_atomic(directory / RECORD_FILE, record)
+
+
+def _read_record(directory: Path) -> dict:
+    try:
+        record = json.loads((Path(directory) / RECORD_FILE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def verify_model_code(directory: Path) -> None:
+    """A checkpoint that ships our model code must ship the very file we wrote: its SHA-256 is the one in
+    its `prunebench.json`. Prunebench never runs that file, but whoever loads the checkpoint with
+    `trust_remote_code=True` does, so a changed copy is refused rather than passed on."""
+    shipped = Path(directory) / MODELING_FILE
+    if not shipped.is_file():
+        return
+    recorded, actual = _read_record(directory).get(CODE_DIGEST_KEY), _sha256(shipped)
+    if recorded != actual:
+        raise ConfigError(f"model.path={str(directory)!r}: {MODELING_FILE} has SHA-256 {actual[:16]}..., but its "
+                          f"{RECORD_FILE} records {str(recorded)[:16]}{'...' if recorded else ''}; the shipped model "
+                          f"code was changed after prunebench wrote it (it runs under trust_remote_code=True); "
+                          f"allowed: a checkpoint as prunebench wrote it")
+
+
+def read_own_files(directory: Path) -> Optional[list[str]]:
+    """The names of the files prunebench wrote into `directory`, from its `prunebench.json`; None when
+    that record is missing, does not parse, lists no files, or the folder holds anything it does not
+    list (a file merely named prunebench.json, or a checkpoint of ours a user added to, is not ours to
+    replace)."""
+    record = _read_record(directory)
+    files = record.get("files")
+    if not (isinstance(files, list) and RECORD_FILE in files and all(isinstance(f, str) for f in files)
+            and {"protocol_id", "result"} <= set(record)):
+        return None
+    present = list(Path(directory).iterdir())
+    if any(p.name not in files or p.is_symlink() or not p.is_file() for p in present):
+        return None
+    return files
 
 
 def bitmask_compress(weight: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ code outside run.py composes a config from conf/.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -26,9 +27,9 @@ from bench import protocol
 from bench.checkpoint import SAVE_FORMATS
 from bench.compose import CONF_DIR
 from bench.core.metrics import METRICS
-from bench.data import CUSTOM, DataConfig, dataset_names, resolve_files
+from bench.data import CUSTOM, SPLITS, DataConfig, dataset_names, resolve_files
 from bench.zeroshot import ZeroShotConfig
-from bench.core.families import prunable_linears
+from bench.core.families import arch_for, ffn_sizes, prunable_linears
 from bench.core.vocab import ConfigError, check_choice, check_range, typed
 from methods import catalog
 from methods.catalog import MethodSpec
@@ -102,8 +103,12 @@ class PplConfig:
     layerwise: Any = "auto"  # true: block by block (SparseGPT's way for big models); auto: when it does not fit
 
     def __post_init__(self):
+        check_range("eval.ppl.datasets", self.datasets, isinstance(self.datasets, list) and len(self.datasets) >= 1,
+                    f"a list of one or more of {', '.join(dataset_names())} (eval=zeroshot alone skips "
+                    f"perplexity: an empty list would end ok with no metric)")
         for name in self.datasets:
             check_choice("eval.ppl.datasets", name, dataset_names())
+        check_choice("eval.ppl.split", self.split, SPLITS)
         windows = self.max_windows
         check_range("eval.ppl.max_windows", windows, windows is None or windows >= 1, ">= 1, or null for all")
         check_choice("eval.ppl.layerwise", self.layerwise, STREAM_CHOICES)
@@ -169,12 +174,15 @@ class RunConfig:
     def __post_init__(self):
         self.sparsity = _sparsity(_number("sparsity", self.sparsity, float), self.method)
         self.seed = _number("seed", self.seed, int)
+        # torch's generators take 64 bits, numpy's no negatives: past either a cell fails after loading
+        check_range("seed", self.seed, 0 <= self.seed < 2 ** 64, "an integer from 0 to 2**64-1")
         check_choice("device", self.device, DEVICES)
         check_choice("save_format", self.save_format, SAVE_FORMATS)
         check_range("save_dir", self.save_dir, self.save_dir is None or (
             isinstance(self.save_dir, str) and self.save_dir.strip() != "" and self.save_dir.isprintable()),
             "a folder path (printable, not empty), or null")
-        check_range("threads", self.threads, isinstance(self.threads, int) and self.threads >= 1, "an integer >= 1")
+        check_range("threads", self.threads, isinstance(self.threads, int) and not isinstance(self.threads, bool)
+                    and self.threads >= 1, "an integer >= 1")
         every = self.resume_every_s
         check_range("resume_every_s", every, every is None or (
             isinstance(every, (int, float)) and not isinstance(every, bool) and every >= 0),
@@ -182,8 +190,13 @@ class RunConfig:
 
     def recorded(self, resolved: dict) -> dict:
         """The resolved config as the cell runs it (`Result.config`, what `bench.core.identity` hashes):
-        with the effective sparsity, so the dense baseline is one cell across the sweep's sparsity axis."""
-        return {**resolved, "sparsity": self.sparsity}
+        with the effective sparsity, so the dense baseline is one cell across the sweep's sparsity axis, and
+        the pattern as parsed, so `02:04` is the cell `2:4` is, and the seed as the integer it is (`seed=1.0`
+        is seed 1)."""
+        method = resolved.get("method")
+        if isinstance(method, dict) and "sparsity_type" in method:
+            resolved = {**resolved, "method": {**method, "sparsity_type": str(self.method.pattern)}}
+        return {**resolved, "sparsity": self.sparsity, **({"seed": self.seed} if "seed" in resolved else {})}
 
 
 # Top-level keys besides RunConfig's fields: read by run.py, the sweep, the cache and the reports.
@@ -193,10 +206,18 @@ EXTRA_KEYS = ("cache", "rerun", "targets", "paper_protocol", "plan", "hydra")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_+=@,][A-Za-z0-9_.+=@,-]*")
 
 
+# A cell's folder joins the model's and the method's names with the job number and the sparsity: each
+# name must leave room for the rest under the file systems' 255-byte limit.
+MAX_NAME = 100
+
+
 def check_name(key: str, value: object) -> None:
     if not isinstance(value, str) or not _SAFE_NAME.fullmatch(value) or ".." in value:
         raise ConfigError(f"{key}={value!r} is not a valid name; allowed: letters, digits and _ . + = @ , - "
                           f"(no path separators, no '..', not starting with '-' or '.')")
+    if len(value) > MAX_NAME:
+        raise ConfigError(f"{key}={value[:40]!r}... is {len(value)} characters long; allowed: at most {MAX_NAME} "
+                          f"(it becomes part of a folder name)")
 
 
 def _number(key: str, value: object, kind: type) -> float | int:
@@ -220,9 +241,9 @@ def zoo_entry(name: str) -> ModelConfig:
 
 def checkpoint_name(text: str) -> str:
     """A valid model.name for a checkpoint called `text` (its folder's name): each character a name may
-    not hold becomes "_", as do a leading "-" or "." and every ".."."""
+    not hold becomes "_", as do a leading "-" or "." and every "..", cut to `MAX_NAME` characters."""
     name = re.sub(r"[^A-Za-z0-9_.+=@,-]", "_", text).replace("..", "__")
-    return re.sub(r"^[-.]", "_", name)
+    return re.sub(r"^[-.]", "_", name)[:MAX_NAME]
 
 
 def _name_from_checkpoint(model: ModelConfig) -> None:
@@ -238,21 +259,34 @@ def _name_from_checkpoint(model: ModelConfig) -> None:
         model.source, model.name, model.label = "hub", model.id.split("/")[-1], None
 
 
-def _known_layer_count(model: ModelConfig) -> Optional[int]:
-    """Number of prunable linears when the config states the architecture (random models), else None.
+TOKENIZER_KEYS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
+
+
+def _known_linears(model: ModelConfig) -> Optional[tuple[dict[str, int], Optional[list[int]]]]:
+    """({prunable linear: its input width}, every block's FFN width or None for a fused FFN) when the config
+    states the architecture (random models), else None.
     The model is built on the meta device (no memory), which also checks that its family adapter can be
     inferred before any work starts."""
     if model.source != "random" or model.path is not None:
         return None
     kwargs = dict(model.architecture)
+    for key in TOKENIZER_KEYS:  # models.random_model sets them from its byte tokenizer: given twice, it fails
+        check_range(f"model.architecture.{key}", kwargs.get(key), key not in kwargs,
+                    f"unset (a random model's {', '.join(TOKENIZER_KEYS)} come from its byte tokenizer)")
     try:
         config = transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
         with torch.device("meta"):
             skeleton = transformers.AutoModelForCausalLM.from_config(config)
-    except (ValueError, TypeError, KeyError) as exc:
+        linears = {name: linear.in_features for name, linear in prunable_linears(skeleton).items()}
+        ffn = None if arch_for(skeleton).fused_ffn_in else ffn_sizes(skeleton)  # fused: never shrunk
+    except ConfigError:  # the adapter's own one-line reason (a family it cannot infer)
+        raise
+    except Exception as exc:  # transformers' own checks raise whatever they like (IndexError, hub validators)
         raise ConfigError(f"model.architecture={model.architecture} does not build a causal LM: "
-                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-    return len(prunable_linears(skeleton))
+                          f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
+    check_range("model.architecture.num_hidden_layers", kwargs.get("num_hidden_layers"), len(linears) > 0,
+                "a model with at least one block to prune")
+    return linears, ffn
 
 
 TARGET_UNITS = ("relative", "absolute")  # tolerance as a fraction of the reported value, or in its units
@@ -271,6 +305,11 @@ def _targets(targets: list, evaluation: EvalConfig, method: MethodSpec, structur
         check_choice(f"{where}: unit", target.get("unit"), TARGET_UNITS)
         check_range(f"{where}: tolerance", target.get("tolerance"),
                     isinstance(target.get("tolerance"), (int, float)) and target["tolerance"] >= 0, ">= 0")
+        reported = target.get("reported")
+        # a verdict divides by it (relative tolerance) and compares with it: else every collect fails
+        check_range(f"{where}: reported", reported, isinstance(reported, (int, float))
+                    and not isinstance(reported, bool) and math.isfinite(reported) and reported != 0,
+                    "the paper's number: finite and not 0")
         section = METRICS[family].evaluated_by
         if section == "ppl" and (evaluation.ppl is None or (arg or "wikitext2") not in evaluation.ppl.datasets):
             raise ConfigError(f"{where}: no configured eval produces {name}; eval.ppl.datasets="
@@ -301,7 +340,9 @@ def validate(cfg: DictConfig) -> RunConfig:
             raise ConfigError(f"model.id={model.id!r} is not a hub id ({str(exc).splitlines()[0]}); allowed: "
                               f"'name' or 'org/name' of letters, digits, - _ . (or model.path=<local dir>)") from None
     check_name("model.name", model.name)
-    linears = _known_layer_count(model)
+    known = _known_linears(model)
+    widths, ffn = known if known is not None else (None, None)
+    linears = None if widths is None else len(widths)
     method = catalog.parse(raw["method"])
     check_name("method.name", method.name)
     scalars = {key: raw[key] for key in ("sparsity", "seed", "device", "save_dir", "save_format", "threads",
@@ -314,6 +355,20 @@ def validate(cfg: DictConfig) -> RunConfig:
     built = catalog.build(method)  # checks that need the components together or the pattern
     if not method.dense:
         built.allocator.check(cfg.sparsity, linears)
+    if built.pruner.structured and ffn and not method.dense:
+        # what ChannelPruner.prune_block removes at a uniform rate; else it fails after loading and calibrating
+        emptied = sorted({width for width in ffn if round(cfg.sparsity * width) >= width})
+        if emptied:
+            raise ConfigError(f"sparsity={cfg.sparsity} removes every FFN channel of blocks of width {emptied} "
+                              f"(method={method.name} prunes FFN channels); allowed: sparsity < "
+                              f"{(min(emptied) - 0.5) / min(emptied):.4f} for model {model.name}")
+    pattern = method.pattern
+    if pattern.kind == "nm" and widths:  # else the mask's reshape fails after loading and calibrating
+        uneven = sorted({width for width in widths.values() if width % pattern.m})
+        if uneven:
+            raise ConfigError(f"method.sparsity_type={pattern} needs every pruned linear's input width to be a "
+                              f"multiple of M={pattern.m}; model {model.name} has widths {uneven}; allowed: an M "
+                              f"that divides {sorted(set(widths.values()))}")
     if model.stream is True:
         _check_streamable(model, method, built, recovery, evaluation, cfg.save_dir)
     if recovery.enabled and not built.pruner.structured:
@@ -321,7 +376,8 @@ def validate(cfg: DictConfig) -> RunConfig:
                           f"the zeros of pruner {method.pruner}; allowed with it: recovery=none "
                           f"(recovery is for structured pruners)")
     for key, seqlen in (("data.calib.seqlen", data.calib.seqlen),
-                        ("eval.ppl.seqlen", evaluation.ppl.seqlen if evaluation.ppl else 1)):
+                        ("eval.ppl.seqlen", evaluation.ppl.seqlen if evaluation.ppl else 1),
+                        ("recovery.seqlen", recovery.seqlen if recovery.enabled else 1)):
         check_range(key, seqlen, 0 < seqlen <= model.seqlen,
                     f"1..{model.seqlen} (the context length of model {model.name})")
     if CUSTOM in [data.calib.dataset, *(evaluation.ppl.datasets if evaluation.ppl else ())]:
@@ -350,6 +406,14 @@ def _check_streamable(model: ModelConfig, method: MethodSpec, built, recovery: R
                           f"has none")
     if not save_dir:
         raise ConfigError("model.stream=true needs save_dir: the pruned checkpoint is written there block by block")
+    try:
+        auto_map = json.loads((Path(model.path).expanduser() / "config.json").read_text()).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        auto_map = None  # no readable config: the load says what is wrong with it
+    if auto_map:
+        raise ConfigError(f"model.stream=true cannot stream model.path={model.path!r}: its config names model code "
+                          f"of its own (auto_map: per-block widths, bitmask weights), which streaming does not run; "
+                          f"allowed: model.stream=false")
     reason = ("its search prunes copies of the whole model" if built.allocator.needs_search else
               "it changes FFN shapes, and the speed comparison needs the dense and pruned models whole"
               if built.pruner.structured else None)
@@ -369,4 +433,4 @@ def _sparsity(sparsity: float, method: MethodSpec) -> float:
     if implied is not None and abs(implied - sparsity) > 1e-9:
         raise ConfigError(f"sparsity={sparsity} conflicts with method.sparsity_type={method.pattern}, "
                           f"which means sparsity={implied:g}; pass sparsity={implied:g}")
-    return sparsity
+    return sparsity + 0.0  # -0.0 is 0.0, but would hash and print as another cell

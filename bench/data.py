@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from pydoc_data.topics import topics
 
-from bench.core.vocab import check_choice, check_range
+from bench.core.vocab import ConfigError, check_choice, check_range
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,7 @@ class CalibConfig:
 
     def __post_init__(self):
         check_choice("data.calib.dataset", self.dataset, dataset_names())
+        check_choice("data.calib.split", self.split, SPLITS)
         check_range("data.calib.nsamples", self.nsamples, self.nsamples >= 1, ">= 1")
         check_range("data.calib.batch", self.batch, self.batch >= 1, ">= 1")
 
@@ -155,6 +156,12 @@ class DataConfig:
 
     def __post_init__(self):
         check_choice("data.format", self.format, CUSTOM_FORMATS)
+        # a location the user named (data.dir, or PRUNEBENCH_DATA that the presets resolve it from) must
+        # exist: a typo there would fall back to pydoc and end ok; the fallback is for no location at all
+        if self.dir and not Path(self.dir).expanduser().is_dir():
+            raise ConfigError(f"data.dir={self.dir!r} (set directly or through PRUNEBENCH_DATA) is not an existing "
+                              f"folder; allowed: the folder holding the corpora, or unset PRUNEBENCH_DATA and "
+                              f"data.dir to use the hub")
 
 
 def dataset_names() -> tuple[str, ...]:
@@ -260,6 +267,9 @@ def load_custom(path: Union[str, list, dict, None], split: str, fmt: str = "text
                   key=f"{key}={path!r}")
 
 
+MAX_CUSTOM_FILES = 10_000
+
+
 def resolve_files(path: Union[str, list, None], key: str = "data.path") -> list[str]:
     """The files named by a path, a glob or a list of them (sorted, de-duplicated); a one-line error
     naming `key` when none is given or an entry matches nothing."""
@@ -269,7 +279,15 @@ def resolve_files(path: Union[str, list, None], key: str = "data.path") -> list[
     files = []
     for entry in entries:
         pattern = os.path.expanduser(str(entry))
-        matched = [m for m in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(m)]
+        matched = []
+        # a glob over a huge tree (`/usr/**`) would be walked whole before validation says anything
+        for match in glob.iglob(pattern, recursive=True):
+            if os.path.isfile(match):
+                matched.append(match)
+                if len(matched) > MAX_CUSTOM_FILES:
+                    raise ValueError(f"{key}={str(entry)!r} matches more than {MAX_CUSTOM_FILES} files; allowed: "
+                                     f"a file, or a glob of at most {MAX_CUSTOM_FILES} files (narrow it)")
+        matched.sort()
         if not matched:
             raise ValueError(f"{key}={str(entry)!r} matches no file")
         files.extend(os.path.abspath(m) for m in matched if os.path.abspath(m) not in files)
@@ -287,7 +305,14 @@ def _load(name: str, split: str, directory: Optional[Path], purpose: str) -> Cor
         path = directory / relative
         looked.append(str(path))
         if path.exists():
-            return _corpus(name, split, spec, spec.read(path), str(path), purpose)
+            try:
+                rows = spec.read(path)
+            except (UnicodeDecodeError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+                # the decoder's own message names a byte offset, never the file; and a broken file is no
+                # reason to fall back to another corpus
+                raise ValueError(f"{path} cannot be read as {name}'s {split} file ({type(exc).__name__}: "
+                                 f"{' '.join(str(exc).split())[:200]}); replace it with an intact copy") from None
+            return _corpus(name, split, spec, rows, str(path), purpose)
     try:
         rows, source = _hub_rows(spec.hub, split)
     except Exception as exc:  # datasets raises many types for "offline" / "no such split"

@@ -184,20 +184,26 @@ class _GuardedTransport(httpx.BaseTransport):
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             response.close()
             raise _Refused(f"response body of {length} bytes is over max_response_bytes={self.max_bytes}")
-        response.stream = _CappedStream(response.stream, self.max_bytes, deadline)
-        return response
+        # the cap counts decoded bytes (a 200 KB gzip body inflates to gigabytes): the body is decoded
+        # here, under the cap, and handed on as plain bytes
+        encoded = httpx.Response(response.status_code, headers=response.headers, stream=response.stream,
+                                 request=request)
+        headers = [(k, v) for k, v in response.headers.multi_items()
+                   if k.lower() not in ("content-encoding", "content-length")]
+        return httpx.Response(response.status_code, headers=headers, request=request, extensions=response.extensions,
+                              stream=_CappedStream(encoded, self.max_bytes, deadline))
 
     def close(self):
         self.inner.close()
 
 
 class _CappedStream(httpx.SyncByteStream):
-    def __init__(self, stream, max_bytes: int, deadline: Optional[float]):
-        self.stream, self.max_bytes, self.deadline = stream, max_bytes, deadline
+    def __init__(self, encoded: "httpx.Response", max_bytes: int, deadline: Optional[float]):
+        self.encoded, self.max_bytes, self.deadline = encoded, max_bytes, deadline
 
     def __iter__(self):
         total = 0
-        for chunk in self.stream:
+        for chunk in self.encoded.iter_bytes():
             total += len(chunk)
             if total > self.max_bytes:
                 raise _Refused(f"response body over max_response_bytes={self.max_bytes}")
@@ -206,7 +212,7 @@ class _CappedStream(httpx.SyncByteStream):
             yield chunk
 
     def close(self):
-        self.stream.close()
+        self.encoded.close()
 
 
 RESPONSE_FORMATS = ("json_schema", "json_object")  # tried in this order; then plain requests

@@ -29,6 +29,7 @@ from tokenizers.models import BPE
 
 from bench import checkpoint
 from bench.config import ModelConfig
+from bench.core import records
 from bench.core.vocab import ConfigError
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def load(cfg: ModelConfig) -> tuple[nn.Module, "transformers.PreTrainedTokenizer
     if cfg.path is not None or cfg.source == "hub":
         where = str(Path(cfg.path).expanduser()) if cfg.path else cfg.id
         log.info("loading %s from %s", cfg.name, where)
-        if checkpoint.ships_model_code(transformers.AutoConfig.from_pretrained(where)):
+        if checkpoint.ships_model_code(where):
             model = checkpoint.load(where, dtype)  # per-block FFN widths, added biases or bitmask weights
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
@@ -284,14 +285,19 @@ def save(model: nn.Module, tokenizer, directory: str | Path, result=None, resolv
     model code for per-block widths and bitmask weights) with its recipe; atomic (a staging dir of our own
     beside the target, then a rename).
 
-    Deletes nothing it did not make: the target must be missing, empty, or a checkpoint of ours (it holds
-    `MARKER`); anything else is refused before any work (ConfigError)."""
-    directory = Path(directory).expanduser().absolute()
+    Deletes nothing it did not make: the target must be missing, empty, or a checkpoint of ours (its
+    `MARKER` parses and lists every file in it); anything else is refused before any work (ConfigError).
+    A symlinked target is resolved, so its target is what gets replaced, never the link."""
+    directory = save_path(directory)
     check_save_dir(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".partial"))
+    mask = records.current_umask()
+    os.chmod(staging, 0o777 & ~mask)  # mkdtemp's 0700 would keep teammates out
     try:
         checkpoint.write_checkpoint(model, tokenizer, staging, result, resolved or {}, save_format)
+        for written in staging.iterdir():  # transformers writes its shards 0600 (staged and renamed) too
+            os.chmod(written, 0o666 & ~mask)
         old = None
         if directory.exists():
             if any(directory.iterdir()):
@@ -308,14 +314,19 @@ def save(model: nn.Module, tokenizer, directory: str | Path, result=None, resolv
     return directory
 
 
+def save_path(directory: str | Path) -> Path:
+    """The folder a save writes: symlinks resolved, so the rename replaces the folder they point to."""
+    return Path(directory).expanduser().resolve()
+
+
 def check_save_dir(directory: Path) -> None:
     """A save target may be missing, an empty folder, or a checkpoint `save` wrote; nothing else."""
-    directory = Path(directory).expanduser()
+    directory = save_path(directory)
     if not directory.exists():
         return
+    allowed = "allowed: a new or empty folder, or a checkpoint prunebench wrote"
     if not directory.is_dir():
-        raise ConfigError(f"save_dir={str(directory)!r} is a file; allowed: a new or empty folder, or a "
-                          f"checkpoint prunebench wrote")
-    if any(directory.iterdir()) and not (directory / MARKER).is_file():
+        raise ConfigError(f"save_dir={str(directory)!r} is a file; {allowed}")
+    if any(directory.iterdir()) and checkpoint.read_own_files(directory) is None:
         raise ConfigError(f"save_dir={str(directory)!r} is a non-empty folder that is not a prunebench checkpoint "
-                          f"(no {MARKER}); allowed: a new or empty folder, or a checkpoint prunebench wrote")
+                          f"(no {MARKER} of ours listing every file in it); {allowed}")

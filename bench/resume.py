@@ -18,9 +18,12 @@ moment leaves either the previous commit or the new one. Blocks are saved at mos
 `resume_every_s` seconds (the blocks pruned since are written together at the next save), so a fast
 cell pays little: what is lost on an interruption is at most that long plus one block.
 
-The key is the cell's config hash, the code that prunes (engine, families, model loading, every method
-module) and the device: a state written under another key is never resumed from: the cell starts from
-scratch, says so in a warning, and overwrites it. A cell that finishes removes the folder (`clear`).
+The key is the cell's config hash, the code that prunes (engine, families, model loading, the calibration
+sampler, every method module), the device, the calibration samples and the loaded checkpoint's files
+(`model.path` rewritten in place: their sizes and modification times); state.json also holds the SHA-256
+of every file it commits. A state written under another key, or whose files do not match their digests
+(copied in from another cell, truncated, an edited `next_block`), is never resumed from: the cell starts
+from scratch, says so in one warning line, and overwrites it. A cell that finishes removes the folder (`clear`).
 Streamed cells (`model.stream`) are not resumable: they restart from scratch.
 """
 from __future__ import annotations
@@ -49,7 +52,7 @@ FOLDER = "resume"
 STATE_FILE = "state.json"
 ALLOCATION_FILE = "allocation.safetensors"
 # The harness modules whose code decides the pruned weights, besides every module of `methods`.
-PRUNING_MODULES = ("bench.core.engine", "bench.core.families", "bench.models", "bench.llm")
+PRUNING_MODULES = ("bench.core.engine", "bench.core.families", "bench.models", "bench.llm", "bench.data")
 
 
 def code_fingerprint() -> str:
@@ -65,9 +68,12 @@ def clear(cell_dir: Path) -> None:
 class ResumeState:
     """The resume store of one cell, given to `lifecycle.prune` as its `resume`."""
 
-    def __init__(self, cell_dir: Path, config_hash: str, device: str, every_s: float):
+    def __init__(self, cell_dir: Path, config_hash: str, device: str, every_s: float, samples: str = "",
+                 model_files: str = ""):
         self.root = Path(cell_dir) / FOLDER
-        self.key = {"config_hash": config_hash, "code": code_fingerprint(), "device": device}
+        self.key = {"config_hash": config_hash, "code": code_fingerprint(), "device": device, "samples": samples,
+                    "model_files": model_files}
+        self.files: dict[str, str] = {}  # SHA-256 of every file the next commit covers
         self.digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:24]
         self.every_s = every_s
         self.pending: dict[int, nn.Module] = {}  # pruned blocks not saved yet
@@ -78,6 +84,12 @@ class ResumeState:
     def load(self) -> Optional[ResumePoint]:
         """The saved point of this key, or None (nothing saved, or saved under another key)."""
         path = self.root / STATE_FILE
+        if self.root.is_symlink():  # what it points to is not ours: neither read nor ever cleared
+            self.failed = True
+            message = f"resume state {self.root} is a symlink and is not used; the cell runs without resume state"
+            log.warning(message)
+            self.warnings.append(message)
+            return None
         if not path.exists():
             return None
         try:
@@ -85,16 +97,26 @@ class ResumeState:
             if state["key"] != self.key:
                 differ = ", ".join(k for k in self.key if state["key"].get(k) != self.key[k])
                 raise ValueError(f"it was saved for another {differ}")
-            allocation = Allocation(**caching.read_entry(self.root / ALLOCATION_FILE, self.digest))
             missing = [i for i in range(state["next_block"]) if not self._block_path(i).exists()]
             if missing:
                 raise FileNotFoundError(f"block files {missing} are missing")
+            files = state.get("files")
+            needed = {ALLOCATION_FILE, *(self._block_path(i).name for i in range(state["next_block"])),
+                      *([state["inputs"]] if state["inputs"] is not None else [])}
+            if not isinstance(files, dict) or set(files) != needed:
+                raise ValueError(f"its file digests cover {sorted(files) if isinstance(files, dict) else files}, "
+                                 f"not {sorted(needed)}")
+            changed = [name for name in sorted(needed) if _sha256(self.root / name) != files[name]]
+            if changed:
+                raise ValueError(f"files {changed} do not match their digests")
+            allocation = Allocation(**caching.read_entry(self.root / ALLOCATION_FILE, self.digest))
             inputs = None if state["inputs"] is None else load_file(self.root / state["inputs"])["inputs"]
         except Exception as exc:  # unreadable, foreign or stale: never trusted
-            message = f"resume state {self.root} not used ({exc}); the cell started from scratch"
+            message = " ".join(f"resume state {self.root} not used ({exc}); the cell started from scratch".split())
             log.warning(message)
             self.warnings.append(message)
             return None
+        self.files = dict(files)
         return ResumePoint(allocation=allocation, next_block=state["next_block"], inputs=inputs)
 
     def block(self, index: int) -> dict[str, torch.Tensor]:
@@ -125,25 +147,32 @@ class ResumeState:
             self.warnings.append(message)
 
     def _save_allocation(self, allocation: Allocation) -> None:
+        if self.root.is_symlink():
+            raise OSError(f"{self.root} is a symlink; nothing under it is removed")
         (self.root / STATE_FILE).unlink(missing_ok=True)  # first: a kill while clearing leaves no commit
         shutil.rmtree(self.root, ignore_errors=True)
         self.root.mkdir(parents=True)
         caching.write_entry(self.root / ALLOCATION_FILE, self.digest, vars(allocation))
+        self.files = {ALLOCATION_FILE: _sha256(self.root / ALLOCATION_FILE)}
         self._commit(0, None)
 
     def _save_blocks(self, index: int, next_inputs: Optional[torch.Tensor]) -> None:
         for pending, module in self.pending.items():
             state = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in module.state_dict().items()}
             _write(self._block_path(pending), state)
+            self.files[self._block_path(pending).name] = _sha256(self._block_path(pending))
         self.pending = {}
+        self.files = {name: digest for name, digest in self.files.items() if not name.startswith("inputs_")}
         inputs = None
         if next_inputs is not None:
             inputs = f"inputs_{index + 1}.safetensors"
             _write(self.root / inputs, {"inputs": next_inputs.contiguous()})
+            self.files[inputs] = _sha256(self.root / inputs)
         self._commit(index + 1, inputs)
 
     def _commit(self, next_block: int, inputs: Optional[str]) -> None:
-        state = {"key": self.key, "next_block": next_block, "inputs": inputs, "saved": time.time()}
+        state = {"key": self.key, "next_block": next_block, "inputs": inputs, "files": self.files,
+                 "saved": time.time()}
         records.write_atomic(self.root / STATE_FILE, json.dumps(state))
         for stale in self.root.glob("inputs_*.safetensors"):
             if stale.name != inputs:
@@ -156,3 +185,28 @@ class ResumeState:
 
 def _write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     records.write_atomic(path, lambda staging: save_file(tensors, str(staging)))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def samples_digest(samples: torch.Tensor) -> str:
+    """The calibration samples' identity in the key: the same config with another sampler or corpus file
+    draws other samples, and blocks pruned on those must not be resumed."""
+    return hashlib.sha256(samples.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:24]
+
+
+def files_signature(path: Optional[str]) -> str:
+    """The files of a local checkpoint (`model.path`) by name, size and modification time: one rewritten in
+    place is another model. Reading every byte would cost minutes on a large checkpoint at every start."""
+    if path is None:
+        return ""
+    root = Path(path).expanduser()
+    entries = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                     for p in root.rglob("*") if p.is_file())
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:24]

@@ -89,8 +89,9 @@ class InMemory(ModelSource):
             self.dense = families.ffn_sizes(model), families.parameter_count(model)
             self.reference = copy.deepcopy(model) if cfg.eval.speed else None
         self.observer.enter("prune")
-        store = None if cfg.resume_every_s is None else resume.ResumeState(self.out_dir, self.config_hash, cfg.device,
-                                                                           cfg.resume_every_s)
+        store = None if cfg.resume_every_s is None else resume.ResumeState(
+            self.out_dir, self.config_hash, cfg.device, cfg.resume_every_s, resume.samples_digest(samples),
+            resume.files_signature(cfg.model.path))
         report = lifecycle.prune(model, method, samples, cfg.sparsity, cfg.device, cache=shared,
                                  make_llm=lambda chat: llm.make_backend(chat, device=cfg.device),
                                  on_step=self.observer.step, batch=cfg.data.calib.batch, resume=store)

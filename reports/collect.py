@@ -31,14 +31,14 @@ from typing import Callable, Optional
 import pandas as pd
 
 from bench.core.metrics import METRICS, display, metric, names
-from bench.core.records import Result, baselines, read_results
+from bench.core.records import Result, baselines, read_results, write_atomic
 from reports import league
 from reports.frame import aggregate, long_frame, row_labels
 from reports.html import render
 from reports.latex import paper_results
 from reports.plots import write_plots
 from reports.select import unique_results
-from reports.table import Table, fmt
+from reports.table import Table, csv_escape, fmt
 from reports.targets import targets_table
 
 FORMATS = ("md", "csv", "tex", "html")
@@ -285,7 +285,7 @@ def _wide(report: Report) -> str:
     stats = ["mean", "std", "n"]
     wide = wide[sorted(wide.columns, key=lambda c: (c[1], list(agg["metric"].unique()).index(c[2]), stats.index(c[0])))]
     wide.columns = [f"{s:.0%} {m} {stat}" for stat, s, m in wide.columns]
-    return wide.reset_index().to_csv(index=False)
+    return wide.reset_index().map(csv_escape).to_csv(index=False)
 
 
 def _write(report: Report, sweep_dir: Path, fmt: str, images: list[Path]) -> list[Path]:
@@ -301,5 +301,5 @@ def _write(report: Report, sweep_dir: Path, fmt: str, images: list[Path]) -> lis
     else:
         paths = {sweep_dir / "report.html": render(report, f"prunebench report: {sweep_dir.name}", images)}
     for path, text in paths.items():
-        path.write_text(text)
+        write_atomic(path, text)  # replaces a symlink planted at the name instead of writing through it
     return list(paths)

@@ -7,6 +7,7 @@ to plot writes nothing.
 """
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
@@ -29,9 +30,15 @@ matplotlib.rcParams["svg.hashsalt"] = "prunebench"
 SUFFIXES = (".png", ".svg", ".pdf")
 
 
+def _safe_stem(stem: str) -> str:
+    """A file name from names read from records (a model name): no separator or dot-run can take the
+    file out of its folder, whatever a record says."""
+    return re.sub(r"\.\.+", "_", re.sub(r"[^A-Za-z0-9_.+=@,-]", "_", stem)).lstrip(".-") or "plot"
+
+
 def _save(fig, out_dir: Path, stem: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{stem}{suffix}" for suffix in SUFFIXES]
+    paths = [out_dir / f"{_safe_stem(stem)}{suffix}" for suffix in SUFFIXES]
     for path in paths:
         options = {"dpi": 120} if path.suffix == ".png" else {"metadata": {"CreationDate": None} if
                                                                  path.suffix == ".pdf" else {"Date": None}}
@@ -190,8 +197,8 @@ def plot_all_layer_schedules(records: list[Result], labels: dict[int, str], out_
     for model, sparsity in sorted({(r.cell.model, r.cell.sparsity) for r in scheduled}):
         runs = [r for r in scheduled if (r.cell.model, r.cell.sparsity) == (model, sparsity)]
         if any(len(set(r.sparsity["allocated"].values())) > 1 for r in runs):
-            written += plot_layer_schedules(runs, Path(out_dir) / f"layer_schedules_{model}_{round(100 * sparsity)}",
-                                            labels)
+            stem = _safe_stem(f"layer_schedules_{model}_{round(100 * sparsity)}")
+            written += plot_layer_schedules(runs, Path(out_dir) / stem, labels)
     return written
 
 

@@ -90,6 +90,10 @@ def _dead(process: dict) -> str:
             return f"killed: pid {process['pid']} exited without writing a result"
         except PermissionError:
             pass
+        # a pid is reused: a process that started after the cell did is another one, and the cell's is gone
+        began, wrote = _start_time(process["pid"]), process.get("started")
+        if began is not None and isinstance(wrote, (int, float)) and began > wrote + START_SLACK_S:
+            return f"killed: pid {process['pid']} now belongs to a process started after the cell"
         return ""
     job = process.get("slurm_job_id")
     if job and shutil.which("squeue"):
@@ -97,6 +101,20 @@ def _dead(process: dict) -> str:
         if not proc.stdout.strip():
             return f"killed: Slurm job {job} ended without writing a result"
     return ""
+
+
+START_SLACK_S = 2.0  # /proc's start times are in clock ticks from a boot time in whole seconds
+
+
+def _start_time(pid: int) -> Optional[float]:
+    """When process `pid` started (Unix time), from Linux's /proc; None where that cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def render(rows: list[CellStatus], corrupt: list[tuple[str, str]] = ()) -> str:
@@ -114,9 +132,20 @@ def render(rows: list[CellStatus], corrupt: list[tuple[str, str]] = ()) -> str:
 def progress_of(row: CellStatus) -> Optional[dict]:
     """A running cell's progress.json (`bench.progress`), or None when it has none (yet)."""
     try:
-        return json.loads((Path(row.path).parent / PROGRESS_FILE).read_text())
-    except (OSError, TypeError, ValueError):
+        info = json.loads((Path(row.path).parent / PROGRESS_FILE).read_text())
+    except (OSError, TypeError, ValueError, RecursionError):
         return None
+    # a file of another shape (`[]`, a hand edit) is no progress, not a crash of the whole status
+    numbers = (int, float)
+    if not (isinstance(info, dict) and isinstance(info.get("stage"), str)
+            and isinstance(info.get("stage_started"), numbers) and isinstance(info.get("cell_started"), numbers)):
+        return None
+    step = info.get("step")
+    if step is not None and not (isinstance(step, dict) and isinstance(step.get("pass"), str)
+                                 and isinstance(step.get("unit"), str) and isinstance(step.get("done"), int)
+                                 and isinstance(step.get("total"), int) and step["total"] > 0):
+        return None
+    return info
 
 
 def stage_of(row: CellStatus, now: float) -> str:

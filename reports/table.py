@@ -66,6 +66,24 @@ def _header_rows(levels: list[list[str]]) -> list[str]:
     return rows
 
 
+def _md_escape(text: str) -> str:
+    """One markdown table cell: a `|` or a line break in a name (method.display, a model name) would end
+    the cell or the row and forge another."""
+    return re.sub(r"[\x00-\x1f\x7f]+", " ", text.replace("|", "\\|"))
+
+
+_CSV_FORMULA = re.compile(r"^[=+\-@\t\r]")
+_CSV_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?%?( ± [\d.]+)?( \(\d+\))?$")
+
+
+def csv_escape(value):
+    """A CSV cell a spreadsheet will not run: text starting with = + - @ tab or CR gets a leading quote
+    (OWASP's CSV injection advice); numbers, written or parsed, stay as they are."""
+    if isinstance(value, str) and _CSV_FORMULA.match(value) and not _CSV_NUMBER.match(value):
+        return "'" + value
+    return value
+
+
 _NUMBER_LIKE = re.compile(r"^([-+±]?\d|[-+]?\.\d|-$|failed$|running$|not measured)")
 
 
@@ -97,21 +115,21 @@ class Table:
 
     @property
     def markdown(self) -> str:
-        lines = ["| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
-        lines += ["| " + " | ".join(row) + " |" for row in self._cells(lambda t: f"**{t}**")]
+        lines = ["| " + " | ".join(map(_md_escape, self.header)) + " |", "|" + "---|" * len(self.header)]
+        lines += ["| " + " | ".join(map(_md_escape, row)) + " |" for row in self._cells(lambda t: f"**{t}**")]
         if self.footnotes:
             lines.append("")
-            lines += [f"- {note}" for note in self.footnotes]
+            lines += [f"- {_md_escape(note)}" for note in self.footnotes]
         return "\n".join(lines)
 
     @property
     def csv(self) -> str:
         if self.data is not None:
-            return self.data.to_csv(index=False)
+            return self.data.map(csv_escape).rename(columns=csv_escape).to_csv(index=False)
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(self.header)
-        writer.writerows(self.rows)
+        writer.writerow(map(csv_escape, self.header))
+        writer.writerows([map(csv_escape, row) for row in self.rows])
         return buffer.getvalue()
 
     def _styler(self, escape: str):

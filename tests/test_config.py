@@ -88,7 +88,7 @@ def test_a_hub_id_reaches_the_hub_loader(make_config, monkeypatch):
         asked.append(where)
         raise OSError("offline")
 
-    monkeypatch.setattr(models.transformers.AutoConfig, "from_pretrained", offline)
+    monkeypatch.setattr(models.transformers.PretrainedConfig, "get_config_dict", offline)
     cfg, _ = make_config("model.id=Qwen/Qwen2-0.5B")
     with pytest.raises(OSError, match="offline"):
         models.load(cfg.model)

@@ -79,6 +79,7 @@ def test_a_streamed_cell_records_the_corpus_it_fell_back_from_like_the_in_memory
     dense = _saved_tiny(make_config, tmp_path / "dense")
     common = (*TINY, "model=llama-tiny", f"model.path={dense}", "method=magnitude", "sparsity=0.5", "cache=false",
               f"data.dir={tmp_path / 'no-corpora'}", "eval.ppl.datasets=[pydoc,ptb]")
+    (tmp_path / "no-corpora").mkdir()  # a data dir without PTB: a dir that does not exist is refused
     fields = {}
     for stream in ("false", "true"):
         cfg, resolved = make_config(*common, f"model.stream={stream}", f"save_dir={tmp_path / stream}")

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoConfig
 
 FFN_SIZES_KEY = "prunebench_ffn_sizes"
 SPARSITY_KEY = "prunebench_sparsity_config"
@@ -108,7 +107,7 @@ class PrunedMixin:
 
     @classmethod
     def from_pretrained(cls, path, *args, config=None, **kwargs):
-        model = cls(config if config is not None else AutoConfig.from_pretrained(path))
+        model = cls(config if config is not None else cls.config_class.from_pretrained(path))
         load_weights(model, path)
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         if isinstance(dtype, torch.dtype):

@@ -120,13 +120,28 @@ class Result:
             values["cell"] = CellKey(**{"baseline": payload["cell"].get("method") == "dense", **payload["cell"]})
             values["error"] = None if payload.get("error") is None else Failure(**payload["error"])
             values["schema"] = SCHEMA_VERSION
-            return Result(**values)
+            result = Result(**values)
         except TypeError as exc:
             raise CorruptResult(str(exc)) from None
+        _check_metric_values(result)
+        return result
 
 
 class CorruptResult(ValueError):
     """A result file that cannot be read as a record."""
+
+
+def _check_metric_values(result: "Result") -> None:
+    """Every metric the registry reads from the record is a number: one string or list there (a hand-edited
+    record) would otherwise fail the aggregation of a whole report, not just its own row."""
+    try:
+        values = result.metric_values()
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise CorruptResult(f"its metrics do not read as numbers ({type(exc).__name__}: {exc})") from None
+    bad = {name: v for name, v in values.items()
+           if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))}
+    if bad:
+        raise CorruptResult(f"metrics {', '.join(f'{k}={v!r:.40}' for k, v in bad.items())} are not numbers")
 
 
 # --- writing and reading -------------------------------------------------------------------------
@@ -151,6 +166,7 @@ def write_atomic(path: Path, content: Union[str, bytes, Callable[[Path], None]])
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
+    os.chmod(staging, 0o666 & ~current_umask())  # mkstemp's 0600 would keep teammates from reading it
     try:
         if callable(content):
             content(Path(staging))
@@ -162,6 +178,13 @@ def write_atomic(path: Path, content: Union[str, bytes, Callable[[Path], None]])
     except BaseException:
         Path(staging).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

@@ -1,0 +1,508 @@
+"""Hardening, the second probe set (issue 23): no file we did not write is ever removed, hostile files
+and responses are bounded and verified, a value that changes nothing keeps the identity, names never
+forge output, and bad input is one line before any work."""
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from bench import checkpoint, data, models, resume
+from bench.cell import run_cell
+from bench.config import ModelConfig, compose, validate
+from bench.core import families, records
+from bench.core import identity as identity_of
+from bench.core.vocab import ConfigError
+from bench.llm import LLMConfig, LLMError, make_backend
+from reports.collect import collect
+from reports.status import CellStatus, _dead, _milestone, stage_of
+from tests.conftest import TINY
+from tests.test_reports import fake
+
+BASE = ["model=llama-tiny"]
+
+
+def _tiny(make_config, *extra):
+    return make_config(*BASE, "method=magnitude", *TINY, *extra)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# --- data loss: save_dir ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("record", ["{}", "not json", json.dumps({"protocol_id": None, "result": None})])
+def test_save_dir_holding_a_file_named_prunebench_json_is_refused_and_left_byte_for_byte(record, tmp_path):
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / models.MARKER).write_text(record)
+    (target / "thesis.tex").write_text("years of work")
+    before = _tree(tmp_path)
+    with pytest.raises(ConfigError, match="save_dir=.*not a prunebench checkpoint"):
+        models.check_save_dir(target)
+    assert _tree(tmp_path) == before
+
+
+def test_a_checkpoint_of_ours_with_a_users_file_added_is_not_replaced(make_config, tmp_path):
+    target = tmp_path / "ckpt"
+    cfg, resolved = _tiny(make_config, f"save_dir={target}")
+    assert run_cell(cfg, resolved, tmp_path / "a").ok
+    (target / "notes.md").write_text("mine")
+    before = _tree(target)
+    again = run_cell(cfg, resolved, tmp_path / "b", rerun="all")
+    assert again.status == "failed" and "not a prunebench checkpoint" in again.error.message
+    assert _tree(target) == before
+
+
+def test_a_symlinked_save_dir_replaces_its_target_and_keeps_the_link(make_config, tmp_path):
+    real, link = tmp_path / "real", tmp_path / "link"
+    real.mkdir()
+    link.symlink_to(real)
+    cfg, resolved = _tiny(make_config, f"save_dir={link}")
+    first = run_cell(cfg, resolved, tmp_path / "a")
+    assert first.ok and first.saved_to == str(real.resolve())
+    assert link.is_symlink() and (real / "config.json").is_file()
+    (real / "config.json").write_text("{}")
+    assert run_cell(cfg, resolved, tmp_path / "b", rerun="all").ok
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert json.loads((real / "config.json").read_text()).get("model_type") == "llama"  # not left stale
+
+
+# --- data loss: resume/ ------------------------------------------------------------------------------
+
+def test_a_symlinked_resume_folder_is_neither_read_nor_cleared(make_config, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / resume.STATE_FILE).write_text('{"key": "someone else\'s"}')
+    (elsewhere / "block_0.safetensors").write_bytes(b"not ours")
+    cell_dir = tmp_path / "cell"
+    cell_dir.mkdir()
+    (cell_dir / resume.FOLDER).symlink_to(elsewhere)
+    before = _tree(elsewhere)
+    cfg, resolved = _tiny(make_config, "method=wanda", "resume_every_s=0", "cache=false")
+    result = run_cell(cfg, resolved, cell_dir)
+    assert result.ok and any("is a symlink and is not used" in w for w in result.warnings)
+    assert _tree(elsewhere) == before and (cell_dir / resume.FOLDER).is_symlink()
+
+
+# --- security: the LLM backend's size cap counts decoded bytes ---------------------------------------
+
+class _GzipBomb(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = json.dumps({"choices": [{"message": {"content": "x" * self.server.inflated}}]}).encode()
+        packed = gzip.compress(body, compresslevel=9)
+        self.server.sent.append(len(packed))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(packed)))
+        self.end_headers()
+        self.wfile.write(packed)
+
+
+@pytest.mark.parametrize("inflated, refused", [(20_000_000, True), (1_000, False)])
+def test_the_response_cap_counts_decoded_not_compressed_bytes(inflated, refused, monkeypatch):
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _GzipBomb)
+    httpd.daemon_threads, httpd.inflated, httpd.sent = True, inflated, []
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setenv("PRUNEBENCH_TEST_KEY", "k")
+    try:
+        llm = make_backend(LLMConfig(backend="http", model="stub", base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1",
+                                     api_key_env="PRUNEBENCH_TEST_KEY", timeout_s=20.0, max_retries=0,
+                                     max_response_bytes=100_000))
+        if refused:
+            with pytest.raises(LLMError, match="max_response_bytes=100000"):
+                llm.chat([{"role": "user", "content": "rates"}], seed=0)
+            assert httpd.sent[0] < 100_000  # the compressed body alone was under the cap
+        else:
+            assert llm.chat([{"role": "user", "content": "rates"}], seed=0) == "x" * inflated
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+# --- security: the shipped model code is recorded and verified ----------------------------------------
+
+def test_the_shipped_model_code_is_recorded_and_a_changed_copy_is_refused_on_load(make_config, tmp_path):
+    cfg, _ = make_config(*BASE, *TINY)
+    model, tokenizer = models.load(cfg.model)
+    arch = families.arch_for(model)
+    for block, width in zip(arch.blocks(model), (100, 150)):  # per-block widths: the code ships
+        arch.shrink_ffn(block, torch.arange(width))
+    target = models.save(model, tokenizer, tmp_path / "ckpt")
+    code = (target / checkpoint.MODELING_FILE).read_bytes()
+    record = json.loads((target / checkpoint.RECORD_FILE).read_text())
+    assert record[checkpoint.CODE_DIGEST_KEY] == hashlib.sha256(code).hexdigest()
+    checkpoint.write_recipe(target, None, {})  # the cell's final rewrite keeps the digest of what it wrote
+    assert json.loads((target / checkpoint.RECORD_FILE).read_text())[checkpoint.CODE_DIGEST_KEY] == \
+        hashlib.sha256(code).hexdigest()
+    assert models.load(ModelConfig(name="ours", source="hub", path=str(target)))[0] is not None
+    (target / checkpoint.MODELING_FILE).write_bytes(code + b"\nimport os; os.system('touch /tmp/pwned')\n")
+    tampered = (target / checkpoint.MODELING_FILE).read_bytes()
+    with pytest.raises(ConfigError, match="model.path=.*modeling_prunebench.py has SHA-256"):
+        models.load(ModelConfig(name="ours", source="hub", path=str(target)))
+    assert (target / checkpoint.MODELING_FILE).read_bytes() == tampered  # reported, not rewritten
+
+
+# --- silently wrong: a checkpoint that ships its code never loads plainly ------------------------------
+
+@pytest.mark.parametrize("kind", ["bitmask", "added bias"])
+def test_a_checkpoint_shipping_its_code_fails_every_plain_load_and_reloads_exactly_through_ours(kind, make_config,
+                                                                                                  tmp_path):
+    cfg, _ = make_config(*BASE, *TINY)
+    model, tokenizer = models.load(cfg.model)
+    arch = families.arch_for(model)
+    with torch.no_grad():
+        if kind == "bitmask":
+            for linear in families.prunable_linears(model).values():
+                linear.weight[:, ::2] = 0
+        else:  # FLAP's compensation on LLaMA: one FFN width, an output bias the family has not
+            for block in arch.blocks(model):
+                down = block.get_submodule(arch.ffn_out)
+                down.bias = torch.nn.Parameter(torch.full((down.out_features,), 0.25))
+    ids = torch.tensor([[5, 17, 200, 33, 91, 4]])
+    with torch.no_grad():
+        expected = model(ids).logits
+    target = models.save(model, tokenizer, tmp_path / "ckpt", save_format="bitmask" if kind == "bitmask" else "dense")
+    config = json.loads((target / "config.json").read_text())
+    assert config["model_type"] == "prunebench_llama" and config[checkpoint.BASE_TYPE_KEY] == "llama"
+    for plain in (transformers.AutoConfig, transformers.AutoModelForCausalLM):
+        with pytest.raises(ValueError, match="trust_remote_code"):
+            plain.from_pretrained(target, trust_remote_code=False)
+    ours = models.load(ModelConfig(name="ours", source="hub", path=str(target)))[0]
+    remote = transformers.AutoModelForCausalLM.from_pretrained(target, trust_remote_code=True)
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, expected) and torch.equal(remote(ids).logits, expected)
+
+
+# --- silently wrong: a value that changes nothing keeps the identity ----------------------------------
+
+@pytest.mark.parametrize("same, canonical", [
+    (["sparsity=-0.0"], ["sparsity=0.0"]),
+    (["sparsity=0.5", "method.sparsity_type=02:04"], ["sparsity=0.5", "method.sparsity_type=2:4"]),
+    (["sparsity=0.25", "method.sparsity_type=003:4"], ["sparsity=0.25", "method.sparsity_type=3:4"]),
+    (["seed=1.0"], ["seed=1"]),
+    (["seed=0.0"], ["seed=0"]),
+])
+def test_a_spelling_of_the_same_value_is_the_same_cell(same, canonical, make_config):
+    def identity(*overrides):
+        cfg, resolved = make_config(*BASE, "method=wanda", *overrides)
+        recorded = cfg.recorded(resolved)
+        return (identity_of.config_hash(recorded), recorded["sparsity"], recorded["method"]["sparsity_type"],
+                recorded["seed"])
+
+    spelled, plain = identity(*same), identity(*canonical)
+    assert spelled == plain and [str(v) for v in spelled] == [str(v) for v in plain]
+
+
+# --- names never forge output -------------------------------------------------------------------------
+
+def _forged(root: Path, **changes) -> None:
+    """The report fixture's records, one of them edited as a hostile or careless hand would."""
+    fake(root, "llama-tiny", "dense", 0.0, 12.0)
+    fake(root, "llama-tiny", "wanda", 0.5, 20.5)
+    path = root / "llama-tiny_wanda_0.5" / records.RESULT_FILE
+    record = json.loads(path.read_text())
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        node = record
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    path.write_text(json.dumps(record))
+
+
+def test_a_display_name_with_a_newline_and_pipes_stays_one_markdown_cell(tmp_path):
+    _forged(tmp_path / "s", **{"cell.display": "wanda | 0.01 |\n| fake | 1.00 |"})
+    table = collect(tmp_path / "s").results.markdown.split("\n\n")[0]
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert len(rows) == 4, table  # header, rule, dense, wanda: no forged row
+    cells = [len(re.findall(r"(?<!\\)\|", row)) for row in rows]
+    assert len(set(cells)) == 1, table
+
+
+@pytest.mark.parametrize("field", ["cell.display", "cell.model"])
+def test_csv_cells_that_a_spreadsheet_would_run_are_quoted(field, tmp_path):
+    _forged(tmp_path / "s", **{field: '=HYPERLINK("http://evil","x")'})
+    collect(tmp_path / "s")
+    for name in ("table.csv", "table_wide.csv"):
+        with open(tmp_path / "s" / name, newline="") as handle:
+            cells = [cell for row in csv.reader(handle) for cell in row]
+        assert not any(c.startswith(("=", "+", "@")) for c in cells), name
+        assert any(c.startswith("'=HYPERLINK(") for c in cells), name
+        assert any(c.startswith("-") or c[:1].isdigit() for c in cells)  # numbers stay numbers
+
+
+def test_a_crafted_model_name_writes_no_plot_outside_the_sweep_dir(tmp_path):
+    root = tmp_path / "a" / "b" / "sweep"
+    _forged(root, **{"cell.model": "../../../../escaped", "sparsity.target": 0.5, "sparsity.allocated": {
+        "model.layers.0.mlp.up_proj": 0.3, "model.layers.1.mlp.up_proj": 0.7}})
+    collect(root, plots=True)
+    outside = [p for p in tmp_path.rglob("*") if p.is_file() and root not in p.parents]
+    assert not outside, outside
+    assert any(p.name.startswith("layer_schedules_") for p in (root / "plots").iterdir())
+
+
+# --- silently wrong: an explicit data location that does not exist -----------------------------------
+
+def test_a_data_location_the_user_named_must_exist(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNEBENCH_DATA", str(tmp_path / "shraed"))  # a typo
+    with pytest.raises(ConfigError, match=r"data.dir='.*shraed' \(set directly or through PRUNEBENCH_DATA\)") as info:
+        validate(compose([*BASE, "data=wikitext2"]))
+    assert "\n" not in str(info.value)
+    monkeypatch.delenv("PRUNEBENCH_DATA")
+    with pytest.raises(ConfigError, match=r"data.dir='.*nowhere'"):
+        validate(compose([*BASE, f"data.dir={tmp_path / 'nowhere'}"]))
+    assert validate(compose([*BASE, "data=wikitext2"])).data.dir is None  # unset: the hub, then the fallback
+    assert validate(compose([*BASE, f"data.dir={tmp_path}"])).data.dir == str(tmp_path)
+
+
+# --- silently wrong: resume state is verified, never trusted ------------------------------------------
+
+RESUMABLE = [*BASE, "model.architecture.num_hidden_layers=4", "cache=false", "resume_every_s=0", *TINY,
+             "method=wanda", "sparsity=0.5"]
+
+
+class _Preempted(BaseException):
+    pass
+
+
+def _interrupted(make_config, monkeypatch, cell_dir: Path, *extra: str, after: int = 2) -> None:
+    save_block = resume.ResumeState.save_block
+
+    def save_then_stop(self, index, module, next_inputs):
+        save_block(self, index, module, next_inputs)
+        if index == after:
+            raise _Preempted
+
+    cfg, resolved = make_config(*RESUMABLE, *extra)
+    with monkeypatch.context() as patch:
+        patch.setattr(resume.ResumeState, "save_block", save_then_stop)
+        with pytest.raises(_Preempted):
+            run_cell(cfg, resolved, cell_dir)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _swap_in_another_cells_block(path: Path, other: Path) -> None:
+    path.write_bytes((other / resume.FOLDER / path.name).read_bytes())
+
+
+def _bump_next_block(state: Path) -> None:
+    record = json.loads(state.read_text())
+    record["next_block"] += 1
+    state.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("tamper", ["truncated block", "block of another cell", "edited next_block"])
+def test_resume_state_that_does_not_verify_is_discarded_and_the_cell_starts_over(tamper, make_config, tmp_path,
+                                                                                  monkeypatch):
+    cell_dir = tmp_path / "cell"
+    _interrupted(make_config, monkeypatch, cell_dir)
+    folder = cell_dir / resume.FOLDER
+    if tamper == "truncated block":
+        _truncate(folder / "block_1.safetensors")
+    elif tamper == "block of another cell":
+        _interrupted(make_config, monkeypatch, tmp_path / "other", "data.calib.nsamples=5")
+        _swap_in_another_cells_block(folder / "block_1.safetensors", tmp_path / "other")
+    else:
+        (folder / "block_3.safetensors").write_bytes((folder / "block_2.safetensors").read_bytes())
+        _bump_next_block(folder / resume.STATE_FILE)
+    cfg, resolved = make_config(*RESUMABLE)
+    result = run_cell(cfg, resolved, cell_dir)
+    assert result.ok and "resumed_from_block" not in result.process, result.error
+    notes = [w for w in result.warnings if "not used" in w]
+    assert len(notes) == 1 and "\n" not in notes[0] and "started from scratch" in notes[0]
+    fresh = run_cell(cfg, resolved, tmp_path / "fresh")
+    assert result.metrics["ppl"] == fresh.metrics["ppl"]
+
+
+def test_resume_state_of_other_calibration_samples_is_not_resumed(make_config, tmp_path, monkeypatch):
+    cell_dir = tmp_path / "cell"
+    _interrupted(make_config, monkeypatch, cell_dir)
+    state = json.loads((cell_dir / resume.FOLDER / resume.STATE_FILE).read_text())
+    assert state["key"]["samples"] and set(state["files"]) == {
+        resume.ALLOCATION_FILE, "block_0.safetensors", "block_1.safetensors", "block_2.safetensors",
+        "inputs_3.safetensors"}
+    cfg, resolved = make_config(*RESUMABLE)
+    monkeypatch.setattr(resume, "samples_digest", lambda samples: "other samples")
+    result = run_cell(cfg, resolved, cell_dir)
+    assert result.ok and "resumed_from_block" not in result.process
+    assert any("saved for another samples" in w for w in result.warnings)
+
+
+# --- bad input: one line naming the key, before any model is loaded -----------------------------------
+
+TARGET = ("+targets=[{{model: llama-tiny, method: wanda, sparsity: 0.5, metric: ppl/pydoc, reported: {reported}, "
+          "tolerance: 0.05, unit: relative}}]")
+BAD_INPUTS = [
+    (["eval.ppl.datasets=[]"], "eval.ppl.datasets"),
+    (["threads=true"], "threads"),
+    ([f"model.name={'m' * 260}"], "model.name"),
+    ([f"method.name={'w' * 260}"], "method.name"),
+    (["+model.architecture.vocab_size=10"], "model.architecture.vocab_size"),
+    (["+model.architecture.eos_token_id=3"], "model.architecture.eos_token_id"),
+    (["method=wanda_sp", "sparsity=0.999"], "sparsity"),
+    (["method=flap", "sparsity=0.9999"], "sparsity"),
+    (["eval.ppl.split=dev"], "eval.ppl.split"),
+    (["data.calib.split=foo"], "data.calib.split"),
+    (["seed=18446744073709551616"], "seed"),
+    (["seed=-1"], "seed"),
+    *[([TARGET.format(reported=bad), "eval.ppl.datasets=[pydoc]"], "reported") for bad in ("abc", "0", "true", ".nan")],
+    (["model.architecture.num_hidden_layers=0"], "model.architecture"),
+    (["method=wanda", "method.sparsity_type=2:3", "sparsity=0.33333333333333337"], "method.sparsity_type"),
+    (["method=magnitude", "method.sparsity_type=5:7", "sparsity=0.2857142857142857"], "method.sparsity_type"),
+    (["method=cfsp", "recovery=lora", "recovery.seqlen=100000"], "recovery.seqlen"),
+    (["model.architecture.hidden_size=63"], "model.architecture"),
+]
+
+
+@pytest.mark.parametrize("overrides, key", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_naming_the_key(overrides, key, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded while validating")
+
+    monkeypatch.setattr(models, "load", no_loading)
+    base = [] if overrides[0].startswith("model=") else BASE
+    with pytest.raises(ConfigError) as info:
+        validate(compose([*base, *overrides]))
+    message = str(info.value)
+    assert "\n" not in message and key in message, message
+
+
+# --- one bad record never stops a report of the others ------------------------------------------------
+
+@pytest.mark.parametrize("bad", ["20.5", [20.5], True])
+def test_a_record_with_a_metric_that_is_not_a_number_is_reported_and_the_others_tabled(bad, tmp_path):
+    root = tmp_path / "s"
+    fake(root, "llama-tiny", "magnitude", 0.5, 30.0)
+    _forged(root, **{"metrics.ppl.pydoc": bad})
+    report = collect(root)
+    table = report.results.markdown
+    assert "magnitude" in table and "dense" in table and "30.00" in table
+    assert "llama-tiny_wanda_0.5" in table and "not numbers" in table  # named in the footnotes, left alone
+
+
+ZERO_STEPS = ('{"stage": "prune", "stage_started": 0, "cell_started": 0, '
+              '"step": {"pass": "prune", "unit": "block", "done": 1, "total": 0}}')
+
+
+@pytest.mark.parametrize("content", ["[]", "{}", '{"stage": 1}', ZERO_STEPS, "null"])
+def test_a_progress_file_of_another_shape_is_no_progress_not_a_crash(content, tmp_path):
+    cell = tmp_path / "c"
+    cell.mkdir()
+    (cell / "progress.json").write_text(content)
+    row = CellStatus([], "c", "running", "", str(cell / records.RESULT_FILE))
+    assert stage_of(row, time.time()) == "" and _milestone(row) == ("running",)
+
+
+# --- sharing results: the umask is honoured ----------------------------------------------------------
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_results_manifests_and_checkpoints_follow_the_umask(umask, make_config, tmp_path):
+    old = os.umask(umask)
+    try:
+        cfg, resolved = _tiny(make_config, f"save_dir={tmp_path / 'ckpt'}")
+        assert run_cell(cfg, resolved, tmp_path / "cell").ok
+        records.write_json_atomic(tmp_path / "cells.json", [])
+    finally:
+        os.umask(old)
+    files = [tmp_path / "cell" / records.RESULT_FILE, tmp_path / "cells.json",
+             *(p for p in (tmp_path / "ckpt").iterdir())]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o666 & ~umask) for p in files}
+    assert oct((tmp_path / "ckpt").stat().st_mode & 0o777) == oct(0o777 & ~umask)
+
+
+# --- hangs: a reused pid is not the cell's process --------------------------------------------------
+
+def test_a_running_record_whose_pid_now_belongs_to_a_later_process_is_dead(tmp_path):
+    later = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.5)
+        host = socket.gethostname()
+        reused = {"host": host, "pid": later.pid, "started": time.time() - 3600}
+        assert "now belongs to a process started after the cell" in _dead(reused)
+        ours = {"host": host, "pid": later.pid, "started": time.time()}
+        assert _dead(ours) == ""  # the pid's process started before the cell wrote its record: alive
+    finally:
+        later.kill()
+        later.wait()
+
+
+def test_streaming_a_checkpoint_that_ships_its_code_is_refused_at_validation(make_config, tmp_path):
+    cfg, _ = make_config(*BASE, *TINY)
+    model, tokenizer = models.load(cfg.model)
+    target = models.save(model, tokenizer, tmp_path / "ckpt", save_format="bitmask")
+    with pytest.raises(ConfigError, match=r"model.stream=true cannot stream model.path=.*auto_map") as info:
+        validate(compose([*BASE, f"model.path={target}", "model.stream=true", f"save_dir={tmp_path / 'out'}",
+                          "method=magnitude"]))
+    assert "\n" not in str(info.value)
+
+
+def test_collect_replaces_a_symlink_planted_at_a_table_name_and_writes_nothing_through_it(tmp_path):
+    root = tmp_path / "s"
+    _forged(root)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (root / "table.md").symlink_to(victim)
+    (root / "table.csv").symlink_to(victim)
+    collect(root)
+    assert victim.read_text() == "precious"
+    assert not (root / "table.md").is_symlink() and "| model |" in (root / "table.md").read_text()
+
+
+def test_a_glob_over_a_huge_tree_is_refused_once_it_passes_the_bound(tmp_path, monkeypatch):
+    for i in range(7):
+        (tmp_path / "tree" / str(i)).mkdir(parents=True)
+        (tmp_path / "tree" / str(i) / "a.txt").write_text("text\n" * 10)
+    monkeypatch.setattr(data, "MAX_CUSTOM_FILES", 5)
+    walked = []
+    real = data.glob.iglob
+
+    def counting(*args, **kwargs):
+        for match in real(*args, **kwargs):
+            walked.append(match)
+            yield match
+
+    monkeypatch.setattr(data.glob, "iglob", counting)
+    with pytest.raises(ConfigError, match=r"data.path='.*tree/\*\*' matches more than 5 files") as info:
+        validate(compose([*BASE, "data=text", f"data.path={tmp_path / 'tree'}/**"]))
+    assert "\n" not in str(info.value) and len([m for m in walked if m.endswith(".txt")]) == 6  # stopped early
+    monkeypatch.setattr(data, "MAX_CUSTOM_FILES", 10)
+    assert validate(compose([*BASE, "data=text", f"data.path={tmp_path / 'tree'}/**"])).data.path
+
+
+@pytest.mark.parametrize("corpus, content", [("wikitext2", b"caf\xe9 au lait\n"),
+                                             ("c4", gzip.compress(b'{"text": "a"}\n')[:-12])])
+def test_a_corpus_file_that_does_not_decode_is_named_in_one_line(corpus, content, tmp_path):
+    spec = data.CORPORA[corpus]
+    split = "validation" if corpus == "c4" else "test"
+    path = tmp_path / spec.files[split]
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(str(path))) as info:
+        data.load_corpus(corpus, split, str(tmp_path), "eval", allow_fallback=True)  # never a fallback
+    assert "\n" not in str(info.value)
