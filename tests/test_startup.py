@@ -4,6 +4,7 @@ imported everything already) and reads its `sys.modules`; how long anything take
 scripts/bench_startup.py, not a test."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pickle
@@ -13,12 +14,12 @@ import textwrap
 
 import pytest
 from hydra._internal.callbacks import Callbacks
+from hydra.core.plugins import Plugins
 from hydra.experimental.callback import Callback
 from hydra.types import HydraContext, RunMode
 
 from bench.grid import SweepStart
 from bench.sweep import SweepCallback
-from hydra_plugins.prunebench_launcher import LocalLauncher
 from reports.callback import CollectTable, SweepProgress
 from tests.conftest import ROOT, TINY
 
@@ -97,7 +98,10 @@ class _JobHook(Callback):
 def test_a_submitit_cell_carries_only_the_callbacks_that_hook_its_job():
     """Submitit pickles the launcher, Hydra's callbacks with it, into every cell's job; ours act at the sweep's
     start and end only, and unpickled in a cell they would import the reports (pandas, matplotlib) there."""
-    launcher = LocalLauncher(submitit_folder="unused")
+    # Hydra's first plugin scan executes hydra_plugins' modules again: the class to pickle is the one in
+    # sys.modules after that scan, not one imported when this file was collected
+    Plugins.instance()
+    launcher = importlib.import_module("hydra_plugins.prunebench_launcher").LocalLauncher(submitit_folder="unused")
     callbacks = Callbacks()
     callbacks.callbacks = [SweepStart(RunMode.RUN, None, []), SweepCallback(), CollectTable(), SweepProgress(),
                            _JobHook()]
