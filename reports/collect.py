@@ -16,7 +16,7 @@ is its own row, labelled by the keys that differ (`owl_wanda (lam=0.04)`); cells
 
 CSV: `table.csv` is long (one row per cell x metric, raw numbers, config hash, protocol id, seed),
 `table_wide.csv` the results table as numbers (mean, std, n). LaTeX is written by `reports.table` (booktabs,
-one header row per level with `\cmidrule`, never scaled down), the results table in the layout a paper
+one header row per level with `\\cmidrule`, never scaled down), the results table in the layout a paper
 prints (`reports.latex`); HTML comes from pandas' Styler. A cell that failed shows "failed", one never run "-": a number only
 ever comes from a result file. Footnotes give each protocol, every fallback warning and failure, and
 every file under the sweep that is not a readable record.
