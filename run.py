@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from bench.compose import unknown_key
+from bench.compose import eval_sweep, unknown_key
 
 log = logging.getLogger("prunebench")
 
@@ -58,6 +58,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    if (unknown := unknown_key(sys.argv[1:])) is not None:  # before Hydra's multi-line hint to add `+key=`
-        sys.exit(f"prunebench: config error: {unknown}")
+    # before Hydra: its hint for an unknown key is to add `+key=`, and it sweeps `eval=ppl,zeroshot` silently
+    if (error := eval_sweep(sys.argv[1:]) or unknown_key(sys.argv[1:])) is not None:
+        sys.exit(f"prunebench: config error: {error}")
     main()
