@@ -54,7 +54,12 @@ def main(cfg: DictConfig) -> None:
         # pandas and matplotlib: only a single run prints its own table; a sweep's is its callback's
         from reports.collect import collect
 
-        print(collect(out_dir).markdown)
+        # the cell's own dir: `<dir>.1` where the asked one already holds a result it must not overwrite
+        print(collect(Path(result.path).parent).markdown)
+        # a timestamped dir under outputs/ (or that `<dir>.1`) is not where one looks
+        print(f"prunebench: result in {result.path}")
+        if result.saved_to:
+            print(f"prunebench: checkpoint in {result.saved_to}")
 
 
 if __name__ == "__main__":
