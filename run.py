@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from bench.compose import unknown_key
+from bench.compose import eval_sweep, unknown_key
 
 log = logging.getLogger("prunebench")
 
@@ -54,10 +54,16 @@ def main(cfg: DictConfig) -> None:
         # pandas and matplotlib: only a single run prints its own table; a sweep's is its callback's
         from reports.collect import collect
 
-        print(collect(out_dir).markdown)
+        # the cell's own dir: `<dir>.1` where the asked one already holds a result it must not overwrite
+        print(collect(Path(result.path).parent).markdown)
+        # a timestamped dir under outputs/ (or that `<dir>.1`) is not where one looks
+        print(f"prunebench: result in {result.path}")
+        if result.saved_to:
+            print(f"prunebench: checkpoint in {result.saved_to}")
 
 
 if __name__ == "__main__":
-    if (unknown := unknown_key(sys.argv[1:])) is not None:  # before Hydra's multi-line hint to add `+key=`
-        sys.exit(f"prunebench: config error: {unknown}")
+    # before Hydra: its hint for an unknown key is to add `+key=`, and it sweeps `eval=ppl,zeroshot` silently
+    if (error := eval_sweep(sys.argv[1:]) or unknown_key(sys.argv[1:])) is not None:
+        sys.exit(f"prunebench: config error: {error}")
     main()

@@ -92,7 +92,7 @@ def run_cell(cfg: RunConfig, resolved: dict, out_dir: Path, sweep_dir: Optional[
     finally:
         result.timings["total"] = time.perf_counter() - started
         result.peak_memory = provenance.peak_memory()
-        records.write_result(out_dir, result)
+        result.path = str(records.write_result(out_dir, result))
         cell_progress.finish()
         if result.saved_to:  # the checkpoint's record gets the evaluation too
             checkpoint.write_recipe(Path(result.saved_to), result, result.config)

@@ -17,8 +17,10 @@ that prunes saves with no entry of its own.
   scripts/check_compressed_tensors.py), decompressed on load by the shipped model code. The releases
   that transformers 5 can use (>= 0.15) have no sparse compressor (README, "Checkpoints").
 
-Every checkpoint carries its recipe: `recipe.yaml` (the resolved config) and `prunebench.json` (the
-result record, with the protocol id). `use_cache` is saved as true: it is an inference setting that the
+Every checkpoint carries how it was made: `prunebench_config.yaml` (our resolved config, which
+`python run.py --config-dir <dir> --config-name prunebench_config save_dir=null` replays; checkpoints
+written before it had that name call it `recipe.yaml`, which llm-compressor cannot read) and
+`prunebench.json` (the result record, with the protocol id). `use_cache` is saved as true: it is an inference setting that the
 harness turns off for its own evaluation, not a property of the weights.
 """
 from __future__ import annotations
@@ -52,7 +54,7 @@ AUTO_MAP = {"AutoConfig": f"{MODELING_FILE[:-3]}.PrunedConfig",
 # and silently re-initialise bitmask weights or drop an added bias. The family's own is kept beside it.
 MODEL_TYPE_PREFIX = "prunebench_"
 BASE_TYPE_KEY = "prunebench_base_model_type"
-RECIPE_FILE = "recipe.yaml"
+CONFIG_FILE = "prunebench_config.yaml"
 RECORD_FILE = "prunebench.json"
 CODE_DIGEST_KEY = "modeling_sha256"  # of MODELING_FILE, in RECORD_FILE
 _ABSENT = object()
@@ -167,12 +169,12 @@ def load(path: str | Path, dtype: torch.dtype) -> nn.Module:
 
 
 def write_recipe(directory: Path, result: Optional[Result], resolved: dict) -> None:
-    """`recipe.yaml` (the resolved config) and `prunebench.json` (the record, its protocol id, the files
+    """`prunebench_config.yaml` (the resolved config) and `prunebench.json` (the record, its protocol id, the files
     we wrote) beside the weights; called again when the cell ends, so the record there has the evaluation
     too. The file list is what `read_own_files` later trusts to replace the folder, so a rewrite keeps
     the list it finds rather than claiming files that appeared since."""
     directory = Path(directory)
-    (directory / RECIPE_FILE).write_text("# prunebench: the resolved config this checkpoint was made with\n"
+    (directory / CONFIG_FILE).write_text("# prunebench: the resolved config this checkpoint was made with\n"
                                          + yaml.safe_dump(resolved, sort_keys=False))
     files = read_own_files(directory)
     if files is None:

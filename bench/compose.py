@@ -67,6 +67,22 @@ def unknown_key(arguments: list[str]) -> Optional[str]:
     return None
 
 
+def eval_sweep(arguments: list[str]) -> Optional[str]:
+    """The one-line refusal of a multirun's `eval=ppl,zeroshot`, or None. `eval` is the one group whose
+    presets are meant to be combined (`eval=[ppl,zeroshot]`), and Hydra reads the comma without brackets
+    as a sweep axis: every cell would run twice, one evaluation each, and nothing would say so.
+    `eval=choice(ppl,zeroshot)` still sweeps them for whoever means it."""
+    if not any(a in ("-m", "--multirun") for a in arguments):
+        return None  # Hydra itself refuses a comma outside a multirun
+    for argument in arguments:
+        key, equals, value = argument.partition("=")
+        if equals and key.lstrip("+~") == "eval" and "," in value and not value.startswith(("[", "choice(")):
+            return (f"eval={value} would sweep over {len(value.split(','))} evaluations, one per cell; "
+                    f"to run them all in every cell write eval=[{value}] "
+                    f"(to sweep them on purpose: eval=choice({value}))")
+    return None
+
+
 def _dotted(tree: dict, prefix: str = "") -> list[str]:
     """Every key of a nested config, dotted (`eval.ppl.seqlen`)."""
     keys = []

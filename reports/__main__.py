@@ -14,6 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
+from bench.core.records import CELLS_FILE
 from reports.collect import FORMATS, collect
 from reports.status import render, status, watch
 from reports.wandb_report import build_report
@@ -45,12 +46,18 @@ def main(argv=None) -> int:
     status_cmd.add_argument("--watch", action="store_true", help="live status until every cell has finished")
     status_cmd.add_argument("--interval", type=float, default=5.0, help="seconds between polls (--watch)")
     args = parser.parse_args(argv)
-    if not args.sweep_dir.is_dir():
+    # a watch is often started beside `python run.py -m`, before the sweep has made its dir and manifest
+    waiting = args.command == "status" and args.watch and not (args.sweep_dir / CELLS_FILE).exists()
+    if not args.sweep_dir.is_dir() and not waiting:
         print(f"reports: {args.sweep_dir} is not a directory", file=sys.stderr)
         return 2
     if args.command == "status":
         try:
-            status(args.sweep_dir)
+            if waiting:
+                print(f"reports: waiting for the sweep in {args.sweep_dir} to start (it writes {CELLS_FILE})",
+                      flush=True)
+            else:
+                status(args.sweep_dir)
             if args.watch:
                 watch(args.sweep_dir, threading.Event(), args.interval, out=lambda text: print(text, flush=True))
             print(render(*status(args.sweep_dir)))

@@ -61,9 +61,10 @@ def status(sweep_dir: Path) -> tuple[list[CellStatus], list[tuple[str, str]]]:
     by_hash: dict[str, list[Result]] = {}
     for result in found.records:
         by_hash.setdefault(result.config_hash, []).append(result)
+    queued = _queued_jobs(found.records)
     rows = []
     for cell in cells:
-        ranked = sorted((_state(result) + (result.path,) for result in by_hash.get(cell["config_hash"], [])),
+        ranked = sorted((_state(result, queued) + (result.path,) for result in by_hash.get(cell["config_hash"], [])),
                         key=lambda s: STATES.index(s[0]))
         state, detail, path = ranked[0] if ranked else ("missing", "", None)
         total = next((r.timings.get("total") for r in by_hash.get(cell["config_hash"], []) if r.path == path), None)
@@ -71,19 +72,38 @@ def status(sweep_dir: Path) -> tuple[list[CellStatus], list[tuple[str, str]]]:
     return rows, found.corrupt
 
 
-def _state(result: Result) -> tuple[str, str]:
+def _state(result: Result, queued: Optional[set[str]]) -> tuple[str, str]:
     if result.ok:
         return "done", ""
     if result.status == "running":
-        dead = _dead(result.process)
+        dead = _dead(result.process, queued)
         return ("failed", dead) if dead else ("running", "")
     error = result.error
     return "failed", f"{result.status}: {error.type if error else None}: {error.message if error else ''}".strip()
 
 
-def _dead(process: dict) -> str:
-    """Why the process that wrote a "running" result is known to be gone, or "" if it may be alive."""
-    if process.get("host") == socket.gethostname() and process.get("pid"):
+def _queued_jobs(results: list[Result]) -> Optional[set[str]]:
+    """The Slurm jobs squeue still knows among those of the running cells elsewhere, from one query (a
+    watch polls every few seconds, and one squeue per running cell loads slurmctld with a big sweep's
+    hundreds); None where squeue cannot tell."""
+    jobs = sorted({str(r.process["slurm_job_id"]) for r in results
+                   if r.status == "running" and r.process.get("slurm_job_id") and not _local(r.process)})
+    if not jobs or not shutil.which("squeue"):
+        return None
+    # %A: each array element's own id, the SLURM_JOB_ID its cell recorded (%i would print `<array>_<index>`)
+    proc = subprocess.run(["squeue", "--noheader", "--format=%A", "--jobs", ",".join(jobs)], capture_output=True,
+                          text=True)
+    return set(proc.stdout.split())
+
+
+def _local(process: dict) -> bool:
+    return process.get("host") == socket.gethostname() and bool(process.get("pid"))
+
+
+def _dead(process: dict, queued: Optional[set[str]] = None) -> str:
+    """Why the process that wrote a "running" result is known to be gone, or "" if it may be alive;
+    `queued`: the Slurm jobs squeue knows (`_queued_jobs`), None where it cannot tell."""
+    if _local(process):
         try:
             os.kill(process["pid"], 0)
         except ProcessLookupError:
@@ -96,10 +116,8 @@ def _dead(process: dict) -> str:
             return f"killed: pid {process['pid']} now belongs to a process started after the cell"
         return ""
     job = process.get("slurm_job_id")
-    if job and shutil.which("squeue"):
-        proc = subprocess.run(["squeue", "--noheader", "--jobs", job], capture_output=True, text=True)
-        if not proc.stdout.strip():
-            return f"killed: Slurm job {job} ended without writing a result"
+    if job and queued is not None and str(job) not in queued:
+        return f"killed: Slurm job {job} ended without writing a result"
     return ""
 
 

@@ -149,7 +149,7 @@ def test_a_cell_saves_its_recipe_and_record(make_config, tmp_path):
     result = run_cell(cfg, resolved, tmp_path / "cell")
     assert result.status == "ok", result.error
     saved = Path(result.saved_to)
-    recipe = yaml.safe_load((saved / checkpoint.RECIPE_FILE).read_text())
+    recipe = yaml.safe_load((saved / checkpoint.CONFIG_FILE).read_text())
     assert recipe["method"]["sparsity_type"] == "2:4" and recipe["save_format"] == "bitmask"
     record = json.loads((saved / checkpoint.RECORD_FILE).read_text())
     assert record["result"]["metrics"]["ppl"] == result.metrics["ppl"]  # written again after the evaluation
@@ -228,3 +228,22 @@ def test_run_py_saves_a_structured_qwen2_that_reloads(tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(result.saved_to, trust_remote_code=True)
     assert families.ffn_sizes(reloaded) == result.sparsity["ffn_sizes"]
     assert torch.equal(logits(reloaded), logits(load_with_prunebench(Path(result.saved_to))))
+
+
+def test_the_saved_config_is_named_for_what_it_is_and_the_readme_command_replays_it(tmp_path):
+    # before: `recipe.yaml`, which llm-compressor's oneshot(recipe=...) cannot read, and no replay command
+    made = subprocess.run([sys.executable, "run.py", "model=llama-tiny", "method=wanda", "threads=1", "cache=false",
+                           "eval.speed=null", *TINY, f"save_dir={tmp_path / 'ckpt'}", f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    assert not (tmp_path / "ckpt" / "recipe.yaml").exists()
+    command = next(line.strip() for line in (ROOT / "README.md").read_text().splitlines()
+                   if "--config-name prunebench_config" in line).split()
+    assert command[:2] == ["python", "run.py"]
+    command = [a.replace("<dir>", str(tmp_path / "ckpt")) for a in command[2:]]
+    replayed = subprocess.run([sys.executable, "run.py", *command, f"hydra.run.dir={tmp_path / 'replay'}"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+    assert replayed.returncode == 0, replayed.stderr[-3000:]
+    first, again = (records.read_result(tmp_path / d / records.RESULT_FILE) for d in ("run", "replay"))
+    assert again.metrics == first.metrics and again.config_hash == first.config_hash
+    assert again.saved_to is None  # the replay leaves the checkpoint it read alone

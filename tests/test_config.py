@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from bench import models
-from bench.compose import compose, unknown_key
+from bench.compose import compose, eval_sweep, unknown_key
 from bench.config import LoggerConfig, ModelConfig, PplConfig, Resources, SpeedConfig
 from bench.data import CalibConfig, DataConfig
 from bench.zeroshot import ZeroShotConfig
@@ -151,3 +151,16 @@ def test_known_keys_sweeps_and_hydras_own_are_left_alone():
     assert unknown_key(["-m", "method=dense,wanda", "sparsity=0.5,0.7", "eval=[ppl,zeroshot]",
                         "hydra.sweep.dir=x", "method.display=W"]) is None
     assert unknown_key(["--cfg", "job", "eval.ppl.seqln=3"]) is None  # Hydra's flags: Hydra answers
+
+
+def test_an_eval_sweep_without_brackets_is_refused_with_the_fix(tmp_path):
+    # before: two cells per cell of the grid, one evaluation each, and not a word about it
+    proc = subprocess.run([sys.executable, "run.py", "-m", "model=llama-tiny", "eval=ppl,zeroshot",
+                           f"hydra.sweep.dir={tmp_path}/sweep"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and not (tmp_path / "sweep").exists()
+    assert proc.stderr.strip().splitlines() == [
+        "prunebench: config error: eval=ppl,zeroshot would sweep over 2 evaluations, one per cell; to run them "
+        "all in every cell write eval=[ppl,zeroshot] (to sweep them on purpose: eval=choice(ppl,zeroshot))"]
+    assert eval_sweep(["-m", "eval=[ppl,zeroshot]"]) is None
+    assert eval_sweep(["-m", "eval=choice(ppl,zeroshot)"]) is None

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -99,9 +101,6 @@ def test_engine_reports_each_block_of_each_pass_as_it_is_done(method, extra, sta
 
 
 def test_python_entry_point_runs_a_cell_in_a_fresh_interpreter_and_returns_its_record(tmp_path):
-    import subprocess
-    import sys
-
     code = ("import prunebench, sys\n"
             "result = prunebench.run(['model=llama-tiny', 'method=magnitude', 'sparsity=0.5', 'threads=1', "
             + ", ".join(repr(o) for o in TINY) + f"], out_dir={str(tmp_path / 'cell')!r})\n"
@@ -115,3 +114,16 @@ def test_python_entry_point_runs_a_cell_in_a_fresh_interpreter_and_returns_its_r
     assert lines[0] == "Result ok 0.5 True"
     assert (tmp_path / "cell" / "result.json").exists()
     assert lines[1].startswith("ConfigError ") and "sparsity_type" in lines[1]  # one line, did you mean
+
+
+def test_a_single_run_ends_by_saying_where_its_result_and_checkpoint_are(tmp_path):
+    # before: the table alone; the timestamped dir under outputs/ was the user's to find
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "result.json").write_text("not a record")  # so the cell's dir is `run.1`, not the one asked
+    proc = subprocess.run([sys.executable, "run.py", "model=llama-tiny", "method=magnitude", "threads=1",
+                           "cache=false", "eval.speed=null", *TINY, f"save_dir={tmp_path / 'ckpt'}",
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-2:] == [f"prunebench: result in {tmp_path / 'run.1' / 'result.json'}",
+                                                     f"prunebench: checkpoint in {tmp_path / 'ckpt'}"]

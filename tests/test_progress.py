@@ -95,6 +95,22 @@ def test_status_watch_cli_on_a_finished_sweep(tmp_path, capsys):
     assert "1 cells: 1 done, 0 running, 0 failed, 0 waiting" in out and "done     method=dense" in out
 
 
+def test_status_watch_waits_for_a_sweep_dir_made_after_it_started(tmp_path, capsys):
+    # before: "not a directory", exit 2, for a watch started in the same breath as the sweep
+    root = tmp_path / "later"
+    watching = threading.Thread(target=reports_main, args=(["status", str(root), "--watch", "--interval", "0.05"],))
+    watching.start()
+    time.sleep(0.3)
+    assert watching.is_alive() and not root.exists()
+    records.write_manifest(root, [{"overrides": ["method=dense"], "config_hash": "dense"}])
+    cell(root, "dense", "ok", total=3.0)
+    watching.join(timeout=10)
+    assert not watching.is_alive()
+    out = capsys.readouterr().out
+    assert out.startswith(f"reports: waiting for the sweep in {root} to start (it writes cells.json)\n")
+    assert "1 cells: 1 done, 0 running, 0 failed, 0 waiting" in out
+
+
 def test_a_cell_reports_its_stages_and_removes_its_progress_file(make_config, tmp_path, monkeypatch):
     seen = []
     write = progress.write_json_atomic

@@ -217,6 +217,27 @@ def test_status_tells_killed_and_missing_cells(tmp_path):
     assert "killed" in rows[1].detail
 
 
+def test_status_asks_squeue_once_per_poll_for_every_running_slurm_cell(tmp_path, monkeypatch):
+    # before: one squeue per running cell, every 5 s of a watch
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\nprintf '101\\n103\\n'\n")
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    sweep_dir = tmp_path / "sweep"
+    cells = [{"overrides": [f"seed={j}"], "config_hash": f"h{j}"} for j in (101, 102, 103)]
+    records.write_json_atomic(sweep_dir / records.CELLS_FILE, {"cells": cells})
+    for job in (101, 102, 103):
+        records.write_json_atomic(sweep_dir / str(job) / records.RESULT_FILE, {
+            "schema": 2, "config_hash": f"h{job}", "status": "running", "metrics": {},
+            "cell": {"model": "m", "method": "x", "sparsity": 0.5},
+            "process": {"host": "node-7", "pid": 4242, "slurm_job_id": str(job)}})
+    rows, _ = status(sweep_dir)
+    assert calls.read_text().splitlines() == ["--noheader --format=%A --jobs 101,102,103"]
+    assert [row.state for row in rows] == ["running", "failed", "running"]
+    assert rows[1].detail == "killed: Slurm job 102 ended without writing a result"
+
+
 def test_cache_reuses_invariant_work_and_changes_no_number(make_config, tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNEBENCH_CACHE", str(tmp_path / "cache"))
     cells = {s: make_config("model=llama-tiny", "method=sparsegpt", f"sparsity={s}", *TINY) for s in (0.5, 0.7)}

@@ -76,7 +76,7 @@ class Result:
     cache: dict = field(default_factory=dict)  # cross-cell cache hits and misses
     peak_memory: dict = field(default_factory=dict)
     schema: int = SCHEMA_VERSION
-    path: Optional[str] = None  # where it was read from; not written
+    path: Optional[str] = None  # where it was read from or last written; not itself written
 
     @property
     def ok(self) -> bool:
