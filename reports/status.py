@@ -90,10 +90,22 @@ def _queued_jobs(results: list[Result]) -> Optional[set[str]]:
                    if r.status == "running" and r.process.get("slurm_job_id") and not _local(r.process)})
     if not jobs or not shutil.which("squeue"):
         return None
+    return _squeue(jobs)
+
+
+def _squeue(jobs: list[str]) -> Optional[set[str]]:
     # %A: each array element's own id, the SLURM_JOB_ID its cell recorded (%i would print `<array>_<index>`)
     proc = subprocess.run(["squeue", "--noheader", "--format=%A", "--jobs", ",".join(jobs)], capture_output=True,
                           text=True)
-    return set(proc.stdout.split())
+    if proc.returncode == 0:
+        return set(proc.stdout.split())
+    if "invalid job id" not in proc.stderr.lower():
+        return None  # slurmctld unreachable, a timeout: that tells nothing of the jobs
+    if len(jobs) == 1:
+        return set()  # the one job is gone from the controller
+    # a job the controller purged makes squeue refuse the whole list: each alone says which are gone
+    known = [_squeue([job]) for job in jobs]
+    return None if None in known else set().union(*known)
 
 
 def _local(process: dict) -> bool:

@@ -238,6 +238,33 @@ def test_status_asks_squeue_once_per_poll_for_every_running_slurm_cell(tmp_path,
     assert rows[1].detail == "killed: Slurm job 102 ended without writing a result"
 
 
+@pytest.mark.parametrize("stderr, expected", [
+    # the controller purged job 102: squeue refuses the list, and each job alone tells which one is gone
+    ("slurm_load_jobs error: Invalid job id specified", ["running", "failed", "running"]),
+    # the controller does not answer: nothing is known of any job, so none is called killed
+    ("slurm_load_jobs error: Unable to contact slurm controller", ["running", "running", "running"]),
+])
+def test_a_failing_batched_squeue_never_calls_every_running_cell_killed(tmp_path, monkeypatch, stderr, expected):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text(
+        "#!/bin/sh\ncase \"$*\" in\n  *102,*|*,102*|*' 102') "
+        f"echo '{stderr}' >&2; exit 1;;\nesac\n"
+        "case \"$*\" in *101*) echo 101;; esac\ncase \"$*\" in *103*) echo 103;; esac\n")
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    sweep_dir = tmp_path / "sweep"
+    cells = [{"overrides": [f"seed={j}"], "config_hash": f"h{j}"} for j in (101, 102, 103)]
+    records.write_json_atomic(sweep_dir / records.CELLS_FILE, {"cells": cells})
+    for job in (101, 102, 103):
+        records.write_json_atomic(sweep_dir / str(job) / records.RESULT_FILE, {
+            "schema": 2, "config_hash": f"h{job}", "status": "running", "metrics": {},
+            "cell": {"model": "m", "method": "x", "sparsity": 0.5},
+            "process": {"host": "node-7", "pid": 4242, "slurm_job_id": str(job)}})
+    rows, _ = status(sweep_dir)
+    assert [row.state for row in rows] == expected
+
+
 def test_cache_reuses_invariant_work_and_changes_no_number(make_config, tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNEBENCH_CACHE", str(tmp_path / "cache"))
     cells = {s: make_config("model=llama-tiny", "method=sparsegpt", f"sparsity={s}", *TINY) for s in (0.5, 0.7)}
