@@ -36,10 +36,10 @@ from bench.config import validate, zoo_entry
 from bench.core import engine
 
 # fp16 rounds every block output (11 mantissa bits) and the GPU sums in another order than the CPU. The
-# tiny CPU cells of tests/test_half_precision.py move by at most 0.3% in fp16; this is ten times that,
-# since a pretrained model's outliers and SparseGPT's sequential solve amplify rounding more than a
-# random one. Not yet measured on a GPU: tighten it from the first real table.
-PPL_TOLERANCE = 0.03
+# tiny CPU cells of tests/test_half_precision.py move by up to 1.4% in fp16 (SparseGPT); a pretrained
+# model's outlier features amplify rounding more than a random one, hence more room. Not yet measured on
+# a GPU: tighten it from the first real table.
+PPL_TOLERANCE = 0.05
 # Per model: the cells' sizes (a CPU reference of SmolLM2 must stay within the 8-minute budget) and the
 # calibration shape timed at batch 1 and 8.
 SIZES = {

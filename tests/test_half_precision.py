@@ -19,10 +19,10 @@ DATA_FREE = {"magnitude", "magnitude_sp"}  # no block runs before they prune: no
 # No speed measurement: it times, it does not test precision.
 SETUP = ["model=llama-tiny", "+model.architecture.initializer_range=0.2", "sparsity=0.5", "cache=false",
          "eval.speed=null", *TINY]
-# Measured |ppl / ppl_fp32 - 1| on these cells: at most 0.3% in fp16 and 1.8% in bf16 (sparsegpt, whose
-# pruned weights are rounded again after the fp32 solve); bf16 keeps 8 mantissa bits (0.4% per rounding)
-# against fp16's 11. Twice the worst, rounded up.
-TOLERANCE = {"float16": 0.02, "bfloat16": 0.04}
+# Measured |ppl / ppl_fp32 - 1| on these cells: at most 1.4% in fp16 and 1.8% in bf16, both SparseGPT (its
+# masks and updates follow the Hessian of the rounded block inputs; the others stay within 0.3% in fp16
+# and 1.0% in bf16). Twice the worst, rounded up.
+TOLERANCE = {"float16": 0.03, "bfloat16": 0.04}
 
 _FP32: dict[str, float] = {}
 
