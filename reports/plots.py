@@ -91,10 +91,9 @@ def _metric_panels(agg: pd.DataFrame, long: pd.DataFrame, out_dir: Path, metrics
             if xs:
                 ax.set_xlim(xs[0] - step / 3, xs[-1] + step / 3)
             ax.set_xlabel("sparsity (%)")
-            arg = name.partition("/")[2]
-            ax.set_ylabel(metric(name).label.format(arg=arg) + (" (log)" if log_y else "")
-                          + (" (%)" if metric(name).unit == "%" else ""))
-            ax.set_title(f"{model}: {metric(name).label.format(arg=arg)}")
+            label = points["label"].iloc[0]  # says "(mirror)" for scores on offline zero-shot mirrors
+            ax.set_ylabel(label + (" (log)" if log_y else "") + (" (%)" if metric(name).unit == "%" else ""))
+            ax.set_title(f"{model}: {label}")
             ax.grid(True, which="both", alpha=0.3)
         handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(labels)),

@@ -167,7 +167,7 @@ def test_wandb_offline_logs_the_cell_and_its_table(make_config, tmp_path):
     assert len(run_dirs) == 1
     tables = list(run_dirs[0].rglob("metrics_*.table.json"))
     assert tables, sorted(p.name for p in run_dirs[0].rglob("*"))
-    logged = dict(json.loads(tables[0].read_text())["data"])
+    logged = {name: value for name, _, value in json.loads(tables[0].read_text())["data"]}
     assert logged["ppl/pydoc"] == result.metrics["ppl"]["pydoc"]  # numbers as numbers, under registry names
     assert logged["sparsity/measured"] == result.sparsity["measured"]
     assert list(run_dirs[0].rglob("per_layer_sparsity_*.table.json"))
