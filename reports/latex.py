@@ -19,7 +19,7 @@ import pandas as pd
 from bench.core.metrics import MIRROR, display, metric
 from bench.core.records import Result
 from reports.frame import aggregate, row_labels
-from reports.table import Table, fmt
+from reports.table import Table, fmt, percent
 
 DENSE = "dense"
 STRUCTURED = "structured"
@@ -37,15 +37,15 @@ def _group_order(key: tuple[str, float]) -> tuple:
     return (kind != DENSE, kind == STRUCTURED, kind != "unstructured", kind, sparsity)
 
 
-def _heading(kind: str, sparsity: float, members: list[Result]) -> str:
+def _heading(kind: str, sparsity: float, members: list[Result], sparsities: set) -> str:
     if kind == DENSE:
         return "Dense"
     if kind == "unstructured":
-        return f"{sparsity:.0%} unstructured sparsity"
+        return f"{percent(sparsity, sparsities)} unstructured sparsity"
     if kind != STRUCTURED:
         return f"{kind} semi-structured sparsity"
     removed = pd.Series([r.sparsity["params_removed"] for r in members if "params_removed" in r.sparsity]).mean()
-    return f"{sparsity:.0%} of FFN channels removed" + ("" if pd.isna(removed) else f" ({removed:.1%} of parameters)")
+    return f"{percent(sparsity, sparsities)} of FFN channels removed" + ("" if pd.isna(removed) else f" ({removed:.1%} of parameters)")
 
 
 def _protocol_words(results: list[Result]) -> list[str]:
@@ -104,7 +104,7 @@ def paper_results(unique: list[Result], long: pd.DataFrame, metric_names: list[s
     rows, bold, starts = [], set(), {}
     for (model, kind, sparsity), members in sorted(groups.items(), key=lambda item: (
             models.index(item[0][0]), _group_order(item[0][1:]))):
-        starts[len(rows)] = f"{model}: {_heading(kind, sparsity, members)}"
+        starts[len(rows)] = f"{model}: {_heading(kind, sparsity, members, {key[2] for key in groups})}"
         keys = sorted({labels[id(r)] for r in members}, key=lambda label: rank.get((model, label), len(rank)))
         first, means = len(rows), []
         for label in keys:

@@ -24,6 +24,7 @@ from bench.core.metrics import metric  # noqa: E402
 from bench.core.records import Result  # noqa: E402
 from reports.frame import aggregate, long_frame, row_labels  # noqa: E402
 from reports.select import method_label  # noqa: E402
+from reports.table import percent  # noqa: E402
 
 # Reproducible SVGs and PDFs: no timestamp, fixed element ids
 matplotlib.rcParams["svg.hashsalt"] = "prunebench"
@@ -183,7 +184,7 @@ def plot_layer_schedules(results: list[Result], path, labels: Optional[dict[int,
     axes[0, 0].set_ylim(max(0.0, lowest - 10), 100)
     axes[0, 0].legend(fontsize=8, loc="upper right")
     axes[-1, 0].set_xlabel("decoder block")
-    fig.suptitle(f"{runs[0].cell.model}: per-block sparsity at {runs[0].cell.sparsity:.0%}", fontsize=10)
+    fig.suptitle(f"{runs[0].cell.model}: per-block sparsity at {percent(runs[0].cell.sparsity)}", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     return _save(fig, path.parent, path.name)

@@ -551,3 +551,14 @@ def test_a_searchs_own_seed_folds_into_the_seed_band_like_the_cells():
         return records.Result("ok", f"h{seed}", records.CellKey("m", "self_pruner", 0.7, seed=seed),
                               config=config, metrics={"ppl": {"wikitext2": 400.0 + seed}})
     assert set(frame.row_labels([result(0), result(1), result(2)]).values()) == {"self_pruner"}
+
+
+def test_sparsity_headers_tell_distinct_targets_apart_and_never_round_to_100(tmp_path):
+    root = tmp_path / "sweep"
+    for sparsity in (0.5, 0.501, 0.999999):
+        fake(root, "llama-tiny", "wanda", sparsity, 20.0, targets=[])
+    report = collect(root, write=False)
+    heads = [h for h in report.results.header if h.endswith("ppl")]
+    assert len(set(heads)) == 3 and not any(h.startswith("100") for h in heads), heads
+    assert "99.9999% pydoc ppl" in heads and "50.1% pydoc ppl" in heads and "50.0% pydoc ppl" in heads
+    assert {row[2] for row in report.details.rows} == {"50.0%", "50.1%", "99.9999%"}
