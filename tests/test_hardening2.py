@@ -23,7 +23,8 @@ import transformers
 
 from bench import checkpoint, data, models, resume
 from bench.cell import run_cell
-from bench.config import ModelConfig, compose, validate
+from bench.compose import compose
+from bench.config import ModelConfig, validate
 from bench.core import families, records
 from bench.core import identity as identity_of
 from bench.core.vocab import ConfigError
