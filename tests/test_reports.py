@@ -562,3 +562,14 @@ def test_sparsity_headers_tell_distinct_targets_apart_and_never_round_to_100(tmp
     assert len(set(heads)) == 3 and not any(h.startswith("100") for h in heads), heads
     assert "99.9999% pydoc ppl" in heads and "50.1% pydoc ppl" in heads and "50.0% pydoc ppl" in heads
     assert {row[2] for row in report.details.rows} == {"50.0%", "50.1%", "99.9999%"}
+
+
+def test_a_result_json_that_cannot_be_read_is_reported_beside_the_others(tmp_path):
+    root = tmp_path / "run"
+    fake(root, "llama-tiny", "dense", 0.0, 12.0, targets=[])
+    (root / "moved").mkdir()
+    (root / "moved" / records.RESULT_FILE).symlink_to(tmp_path / "unmounted" / records.RESULT_FILE)
+    report = collect(root, write=False)
+    assert "| llama-tiny | dense | 12.00 |" in report.markdown
+    assert any(str(root / "moved" / records.RESULT_FILE) in note and "FileNotFoundError" in note
+               for note in report.results.footnotes), report.results.footnotes
