@@ -53,8 +53,12 @@ def test_cell_scores_every_task_on_local_mirrors(mirrors, make_config, tmp_path)
     # after the cell (before: a random id, with an empty model name in the JSON)
     own = json.loads(next((tmp_path / "lm_eval" / tmp_path.name).glob("results_*.json")).read_text())
     assert own["model_name"] == tmp_path.name
-    assert own["results"]["piqa"]["acc,none"] == zs["tasks"]["piqa"]["acc"]
-    assert len(list((tmp_path / "lm_eval").rglob("samples_*.jsonl"))) == len(TASKS)
+    # the mirrors under their own names: lm-eval's files never pass them off as the benchmarks
+    assert own["results"]["piqa_mirror"]["acc,none"] == zs["tasks"]["piqa"]["acc"]
+    assert set(own["results"]) == set(own["configs"]) == {f"{task}_mirror" for task in TASKS}
+    assert own["configs"]["piqa_mirror"]["task"] == "piqa_mirror"
+    samples = list((tmp_path / "lm_eval").rglob("samples_*.jsonl"))
+    assert len(samples) == len(TASKS) and all("_mirror_" in path.name for path in samples)
 
 
 @pytest.mark.parametrize("override, message", [
