@@ -180,8 +180,9 @@ def _footnotes(unique: list[Result], corrupt: list[tuple[str, str]]) -> list[str
             notes.append(f"WARNING ({result.cell.method}): {warning}")
         if result.status == "failed":
             message = (result.error.message or "").splitlines()[:1]  # one line keeps the footnote list intact
-            notes.append(f"failed: {result.cell.model} {result.cell.method} {percent(result.cell.sparsity, sparsities)}: "
-                         f"{result.error.type}: {''.join(message)} ({result.path})")
+            notes.append(f"failed: {result.cell.model} {result.cell.method} "
+                         f"{percent(result.cell.sparsity, sparsities)}: {result.error.type}: {''.join(message)} "
+                         f"({result.path})")
     notes += [f"not a result, left alone: {path}: {why}" for path, why in corrupt]
     return list(dict.fromkeys(notes))
 

@@ -45,7 +45,8 @@ def _heading(kind: str, sparsity: float, members: list[Result], sparsities: set)
     if kind != STRUCTURED:
         return f"{kind} semi-structured sparsity"
     removed = pd.Series([r.sparsity["params_removed"] for r in members if "params_removed" in r.sparsity]).mean()
-    return f"{percent(sparsity, sparsities)} of FFN channels removed" + ("" if pd.isna(removed) else f" ({removed:.1%} of parameters)")
+    return (f"{percent(sparsity, sparsities)} of FFN channels removed"
+            + ("" if pd.isna(removed) else f" ({removed:.1%} of parameters)"))
 
 
 def _protocol_words(results: list[Result]) -> list[str]:

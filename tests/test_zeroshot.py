@@ -144,7 +144,8 @@ def test_offline_mirrors_are_labelled_as_mirrors_in_tables_and_csv(mirrors, tmp_
                           "eval.zeroshot.limit=4", f"eval.zeroshot.include_path={mirrors}",
                           f"hydra.sweep.dir={sweep}"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    collected = subprocess.run([sys.executable, "-m", "reports", "collect", str(sweep), "--no-plots", "--format", "md,csv,tex"],
+    collected = subprocess.run([sys.executable, "-m", "reports", "collect", str(sweep), "--no-plots",
+                                "--format", "md,csv,tex"],
                                cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert collected.returncode == 0, collected.stderr[-3000:]
     table = (sweep / "table.md").read_text()

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 TABLES = ("results", "details", "")
-MIRROR = " (mirror)"  # after a zero-shot task or average scored on offline mirrors (`zeroshot.mirror`)  # where a metric is a column; "": read by name only (targets)
+# after the label of a zero-shot score on offline mirrors (`zeroshot.mirror`), never the benchmark's own
+MIRROR = " (mirror)"  # where a metric is a column; "": read by name only (targets)
 
 
 @dataclass(frozen=True)
