@@ -233,9 +233,7 @@ class HttpChat:
 
         if not cfg.base_url:
             raise ConfigError(f"{key}.base_url is not set; give the endpoint, e.g. http://127.0.0.1:8000/v1")
-        url = urllib.parse.urlsplit(cfg.base_url)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise ConfigError(f"{key}.base_url={cfg.base_url!r} is not an http:// or https:// URL")
+        url = urllib.parse.urlsplit(cfg.base_url)  # an http(s) URL with a host: LLMConfig checked it
         if url.username or url.password:
             raise ConfigError(f"{key}.base_url must not carry credentials; put the key in ${cfg.api_key_env}")
         api_key = os.environ.get(cfg.api_key_env)

@@ -102,6 +102,7 @@ class SweepCallback(Callback):
         loader = GlobalHydra.instance().config_loader()
         sweep_dir = Path(str(config.hydra.sweep.dir))
         try:
+            _check_sweep_dir(sweep_dir)
             cells = expand(sweep_arguments(config), lambda o: loader.load_sweep_config(config, o))
             slurm = config.hydra.launcher.get("_target_") == SLURM_LAUNCHER
             printed, refusals = plan.sweep_plan([
@@ -132,6 +133,17 @@ class SweepCallback(Callback):
         if self.lock is not None:
             os.close(self.lock)  # releases the flock
             self.lock = None
+
+
+def _check_sweep_dir(sweep_dir: Path) -> None:
+    """Before the cells are validated: Hydra reports an error raised by a callback as a warning and goes on
+    to its own mkdir, whose traceback would be the only word on a sweep dir that cannot be a folder."""
+    for path in (sweep_dir, *sweep_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ConfigError(f"hydra.sweep.dir={sweep_dir} cannot be a folder: {path} is a file; "
+                                  f"pass a folder, or a path that does not exist yet")
+            return
 
 
 def _probe_llm_endpoints(cells: list[Cell]) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from bench.config import LoggerConfig
+from bench.core.metrics import METRICS, metric
 from bench.core.records import Result
 from methods.lifecycle import PRUNE_STEPS
 
@@ -33,6 +34,14 @@ def summary(result: Result) -> dict:
         flat["sparsity/measured"] = result.sparsity["measured"]
     flat.update({f"time/{stage}": seconds for stage, seconds in result.timings.items()})
     return flat
+
+
+def _label(result: Result, name: str) -> str:
+    """How tables print `name`: W&B's summary keys stay registry names (its panels and targets read them),
+    so the label is where a score on offline mirrors says so."""
+    if name.partition("/")[0] not in METRICS:  # sparsity/measured, time/<stage>
+        return name
+    return metric(name).heading(result.metrics, name.partition("/")[2])
 
 
 def run_name(result: Result) -> str:
@@ -117,7 +126,8 @@ def _log(run, result: Result) -> Path:
                             **dataclasses.asdict(result.cell), **values})
         run.log({"per_layer_sparsity": wandb.Table(columns=["index", "linear", "sparsity"],
                                                    data=[[i, n, v] for i, (n, v) in enumerate(per_layer.items())]),
-                 "metrics": wandb.Table(columns=["metric", "value"], data=[[k, v] for k, v in values.items()])})
+                 "metrics": wandb.Table(columns=["metric", "label", "value"],
+                                        data=[[k, _label(result, k), v] for k, v in values.items()])})
         return Path(run.dir).parent
     finally:
         run.finish()

@@ -9,7 +9,8 @@ version, the few-shot count and the example limit.
 
 Tasks come from lm-eval's standard task registry (datasets from the hub) on users' machines, or from a
 dir of local task YAMLs with the same task names (`include_path`), such as the offline mirrors that
-`python scripts/zeroshot_mirrors.py <dir>` writes; results say which source was used.
+`python scripts/zeroshot_mirrors.py <dir>` writes; results say which source was used, and lm-eval's own
+files beside them name such local tasks `<task>_mirror`.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 ZEROSHOT_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "rte")
 ZEROSHOT_METRICS = ("acc", "acc_norm")
 ACC_ONLY_TASKS = ("boolq", "winogrande", "rte")  # lm-eval reports no acc_norm for these
+MIRROR_SUFFIX = "_mirror"  # a local task's name in lm-eval's own files: never the real benchmark's name
 
 
 @dataclass
@@ -112,9 +114,14 @@ def evaluate(model: nn.Module, tokenizer, cfg: ZeroShotConfig, device: str, seed
         tracker.general_config_tracker.model_name = tracker.general_config_tracker.model_name_sanitized = \
             Path(out_dir).name
         samples = out.pop("samples", None)
-        tracker.save_results_aggregated(results=out, samples=samples)
+        mirrored = set(out["configs"]) if cfg.include_path else set()
+        name = lambda key: f"{key}{MIRROR_SUFFIX}" if key in mirrored else key  # noqa: E731
+        saved = {key: _renamed(value, name) for key, value in out.items()}
+        for config in saved.get("configs", {}).values():
+            config["task"] = name(config["task"])
+        tracker.save_results_aggregated(results=saved, samples=_renamed(samples, name))
         for task in out["configs"] if samples else ():
-            tracker.save_results_samples(task_name=task, samples=samples[task])
+            tracker.save_results_samples(task_name=name(task), samples=samples[task])
     tasks = {}
     for task in cfg.tasks:
         scores = out["results"][task]
@@ -139,6 +146,14 @@ def evaluate(model: nn.Module, tokenizer, cfg: ZeroShotConfig, device: str, seed
 
 
 _MISSING = object()
+
+
+def _renamed(value: Any, name) -> Any:
+    """A dict of lm-eval's output with its keys renamed by `name` (which renames task names only),
+    copied one level deep; anything else as it is."""
+    if not isinstance(value, dict):
+        return value
+    return {name(key): dict(entry) if isinstance(entry, dict) else entry for key, entry in value.items()}
 
 
 def _score(scores: dict, metric: str, default=_MISSING):

@@ -38,7 +38,7 @@ from reports.html import render
 from reports.latex import paper_results
 from reports.plots import write_plots
 from reports.select import unique_results
-from reports.table import Table, csv_escape, fmt
+from reports.table import Table, csv_escape, fmt, percent
 from reports.targets import targets_table
 
 FORMATS = ("md", "csv", "tex", "html")
@@ -105,8 +105,8 @@ def results_table(unique: list[Result], long: pd.DataFrame) -> Table:
     protocols = sorted(set(long["protocol_id"]))
     marked = len(protocols) > 1  # numbers of different protocols never sit side by side unmarked
     lead = ["model", "method"] + (["protocol"] if marked else [])
-    header = lead + [f"{s:.0%} {labels[m]}" for s, m in columns]
-    spans = [""] * len(lead) + [f"{s:.0%}" for s, _ in columns]
+    header = lead + [f"{percent(s, sparsities)} {labels[m]}" for s, m in columns]
+    spans = [""] * len(lead) + [percent(s, sparsities) for s, _ in columns]
     agg = aggregate(long).set_index(["model", "row", "sparsity", "metric"])
     keys = _row_keys(long)
     dense = set(map(tuple, long.loc[long["baseline"], ["model", "row"]].drop_duplicates().to_numpy()))
@@ -174,13 +174,15 @@ def _protocol_note(result: Result) -> str:
 
 def _footnotes(unique: list[Result], corrupt: list[tuple[str, str]]) -> list[str]:
     notes = sorted({_protocol_note(r) for r in unique if r.ok})
+    sparsities = {r.cell.sparsity for r in unique}
     for result in unique:
         for warning in result.warnings:
             notes.append(f"WARNING ({result.cell.method}): {warning}")
         if result.status == "failed":
             message = (result.error.message or "").splitlines()[:1]  # one line keeps the footnote list intact
-            notes.append(f"failed: {result.cell.model} {result.cell.method} {result.cell.sparsity:.0%}: "
-                         f"{result.error.type}: {''.join(message)} ({result.path})")
+            notes.append(f"failed: {result.cell.model} {result.cell.method} "
+                         f"{percent(result.cell.sparsity, sparsities)}: {result.error.type}: {''.join(message)} "
+                         f"({result.path})")
     notes += [f"not a result, left alone: {path}: {why}" for path, why in corrupt]
     return list(dict.fromkeys(notes))
 
@@ -232,7 +234,8 @@ def details_table(unique: list[Result], labels: dict[int, str], rows_in_order: l
     if not present:
         return None
     seeds = len({r.cell.seed for r in ok}) > 1
-    rows = [[r.cell.model, labels[id(r)], f"{r.cell.sparsity:.0%}"] + ([str(r.cell.seed)] if seeds else [])
+    sparsities = {r.cell.sparsity for r in ok}
+    rows = [[r.cell.model, labels[id(r)], percent(r.cell.sparsity, sparsities)] + ([str(r.cell.seed)] if seeds else [])
             + [read(r) or "-" for _, read in present] for r in ok]
     notes = ["peak memory: CUDA max allocated when on a GPU, else the process's max RSS"]
     lead = ["model", "method", "sparsity"] + (["seed"] if seeds else [])
@@ -284,7 +287,8 @@ def _wide(report: Report) -> str:
                            sort=False).astype({("n",) + key: "Int64" for key in agg.groupby(["sparsity", "metric"]).groups})
     stats = ["mean", "std", "n"]
     wide = wide[sorted(wide.columns, key=lambda c: (c[1], list(agg["metric"].unique()).index(c[2]), stats.index(c[0])))]
-    wide.columns = [f"{s:.0%} {m} {stat}" for stat, s, m in wide.columns]
+    sparsities = set(agg["sparsity"])
+    wide.columns = [f"{percent(s, sparsities)} {m} {stat}" for stat, s, m in wide.columns]
     return wide.reset_index().map(csv_escape).to_csv(index=False)
 
 

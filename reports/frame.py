@@ -21,13 +21,14 @@ from typing import Optional
 import pandas as pd
 
 from bench.core.identity import row_identity
+from bench.core.metrics import metric
 from bench.core.records import CELLS_FILE, Result, baselines, read_manifest
 from reports.select import method_label
 
 # Keys already spelled out in the base label (`Wanda (2:4) + 4-bit`).
 IN_BASE_LABEL = ("method.name", "method.sparsity_type", "method.wbits")
 LONG_COLUMNS = ["model", "row", "method", "baseline", "sparsity", "sparsity_type", "seed", "config_hash", "protocol_id",
-                "status", "metric", "value", "stderr", "order"]
+                "status", "metric", "label", "value", "stderr", "order"]
 
 
 def row_labels(results: list[Result]) -> dict[int, str]:
@@ -81,9 +82,10 @@ def long_frame(results: list[Result], sweep_dir: Optional[Path] = None) -> pd.Da
                 "order": order[id(result)]}
         values = result.metric_values(compared.get(id(result))) if result.ok else {}
         for name, value in values.items():
-            rows.append({**base, "metric": name, "value": value, "stderr": _stderr(result, name)})
+            rows.append({**base, "metric": name, "label": metric(name).heading(result.metrics, name.partition("/")[2]),
+                         "value": value, "stderr": _stderr(result, name)})
         if not values:
-            rows.append({**base, "metric": None, "value": float("nan"), "stderr": float("nan")})
+            rows.append({**base, "metric": None, "label": None, "value": float("nan"), "stderr": float("nan")})
     return pd.DataFrame(rows, columns=LONG_COLUMNS)
 
 
@@ -105,4 +107,5 @@ def aggregate(long: pd.DataFrame) -> pd.DataFrame:
     out["stderr"] = grouped["stderr"].mean().to_numpy()
     out["seeds"] = grouped["seed"].agg(lambda s: ",".join(str(v) for v in sorted(s))).to_numpy()
     out["protocol_id"] = grouped["protocol_id"].agg(lambda s: ",".join(sorted(set(s)))).to_numpy()
+    out["label"] = grouped["label"].first().to_numpy()
     return out

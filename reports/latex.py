@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from bench.core.metrics import display, metric
+from bench.core.metrics import MIRROR, display, metric
 from bench.core.records import Result
 from reports.frame import aggregate, row_labels
-from reports.table import Table, fmt
+from reports.table import Table, fmt, percent
 
 DENSE = "dense"
 STRUCTURED = "structured"
@@ -37,15 +37,16 @@ def _group_order(key: tuple[str, float]) -> tuple:
     return (kind != DENSE, kind == STRUCTURED, kind != "unstructured", kind, sparsity)
 
 
-def _heading(kind: str, sparsity: float, members: list[Result]) -> str:
+def _heading(kind: str, sparsity: float, members: list[Result], sparsities: set) -> str:
     if kind == DENSE:
         return "Dense"
     if kind == "unstructured":
-        return f"{sparsity:.0%} unstructured sparsity"
+        return f"{percent(sparsity, sparsities)} unstructured sparsity"
     if kind != STRUCTURED:
         return f"{kind} semi-structured sparsity"
     removed = pd.Series([r.sparsity["params_removed"] for r in members if "params_removed" in r.sparsity]).mean()
-    return f"{sparsity:.0%} of FFN channels removed" + ("" if pd.isna(removed) else f" ({removed:.1%} of parameters)")
+    return (f"{percent(sparsity, sparsities)} of FFN channels removed"
+            + ("" if pd.isna(removed) else f" ({removed:.1%} of parameters)"))
 
 
 def _protocol_words(results: list[Result]) -> list[str]:
@@ -104,7 +105,7 @@ def paper_results(unique: list[Result], long: pd.DataFrame, metric_names: list[s
     rows, bold, starts = [], set(), {}
     for (model, kind, sparsity), members in sorted(groups.items(), key=lambda item: (
             models.index(item[0][0]), _group_order(item[0][1:]))):
-        starts[len(rows)] = f"{model}: {_heading(kind, sparsity, members)}"
+        starts[len(rows)] = f"{model}: {_heading(kind, sparsity, members, {key[2] for key in groups})}"
         keys = sorted({labels[id(r)] for r in members}, key=lambda label: rank.get((model, label), len(rank)))
         first, means = len(rows), []
         for label in keys:
@@ -120,7 +121,9 @@ def paper_results(unique: list[Result], long: pd.DataFrame, metric_names: list[s
                 if len(column) > 1:
                     best = column.min() if metric(names[c]).lower_is_better else column.max()
                     bold |= {(first + r, c + 1) for r in column.index[column == best]}
-    header = ["Method", *(display(name)[1] for name in names)]
+    mirrored = {name for name in names  # a score on offline mirrors never passes for the benchmark's
+                if long.loc[long["metric"] == name, "label"].str.contains(MIRROR, regex=False).any()}
+    header = ["Method", *(display(name)[1] + (MIRROR if name in mirrored else "") for name in names)]
     families = ["", *(display(name)[0] for name in names)]
     seeds = (f" Mean ± sample standard deviation over n = {int(multi.iloc[0])} seeds where a cell ran several; "
              f"a single seed's value alone." if len(multi) and not show_n else

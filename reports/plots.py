@@ -24,6 +24,7 @@ from bench.core.metrics import metric  # noqa: E402
 from bench.core.records import Result  # noqa: E402
 from reports.frame import aggregate, long_frame, row_labels  # noqa: E402
 from reports.select import method_label  # noqa: E402
+from reports.table import percent  # noqa: E402
 
 # Reproducible SVGs and PDFs: no timestamp, fixed element ids
 matplotlib.rcParams["svg.hashsalt"] = "prunebench"
@@ -91,10 +92,9 @@ def _metric_panels(agg: pd.DataFrame, long: pd.DataFrame, out_dir: Path, metrics
             if xs:
                 ax.set_xlim(xs[0] - step / 3, xs[-1] + step / 3)
             ax.set_xlabel("sparsity (%)")
-            arg = name.partition("/")[2]
-            ax.set_ylabel(metric(name).label.format(arg=arg) + (" (log)" if log_y else "")
-                          + (" (%)" if metric(name).unit == "%" else ""))
-            ax.set_title(f"{model}: {metric(name).label.format(arg=arg)}")
+            label = points["label"].iloc[0]  # says "(mirror)" for scores on offline zero-shot mirrors
+            ax.set_ylabel(label + (" (log)" if log_y else "") + (" (%)" if metric(name).unit == "%" else ""))
+            ax.set_title(f"{model}: {label}")
             ax.grid(True, which="both", alpha=0.3)
         handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(labels)),
@@ -184,7 +184,7 @@ def plot_layer_schedules(results: list[Result], path, labels: Optional[dict[int,
     axes[0, 0].set_ylim(max(0.0, lowest - 10), 100)
     axes[0, 0].legend(fontsize=8, loc="upper right")
     axes[-1, 0].set_xlabel("decoder block")
-    fig.suptitle(f"{runs[0].cell.model}: per-block sparsity at {runs[0].cell.sparsity:.0%}", fontsize=10)
+    fig.suptitle(f"{runs[0].cell.model}: per-block sparsity at {percent(runs[0].cell.sparsity)}", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     return _save(fig, path.parent, path.name)

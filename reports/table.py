@@ -13,6 +13,18 @@ import pandas as pd
 from bench.core.metrics import metric
 
 
+def percent(value: float, among=()) -> str:
+    """`value` (a fraction) as a percentage with the fewest decimals that tell it apart from every other
+    value of `among` and never round a value strictly between 0 and 1 to 0% or 100%: a sparsity of
+    0.999999 is not a dense-free model, and 0.5 and 0.501 are different cells."""
+    for decimals in range(17):
+        text = f"{value:.{decimals}%}"
+        honest = value <= 0 or value >= 1 or 0 < float(text[:-1]) < 100
+        if honest and all(f"{other:.{decimals}%}" != text for other in among if other != value):
+            return text
+    return f"{100 * value!r}%"
+
+
 def fmt(value: float, name: str) -> str:
     """`value` of metric `name` with the registry's decimals."""
     return f"{value:.{metric(name).decimals}f}"

@@ -9,7 +9,7 @@ import pandas as pd
 
 from bench.core.metrics import display, metric
 from bench.core.records import Result, baselines
-from reports.table import Table, fmt
+from reports.table import Table, fmt, percent
 
 
 def _target_groups(target: dict, unique: list[Result], labels: dict[int, str]) -> dict[str, list[Result]]:
@@ -150,7 +150,7 @@ def targets_table(unique: list[Result], labels: dict[int, str]) -> Optional[Tabl
                     ratios = [_ratio(ours, _dense_mean(target["model"], name, unique), name), _ratio(reported, dense_paper.get(key), name)]
                     if key in dense_gap:
                         judged += f" (dense differs by {dense_gap[key]:+.1%}: pruned verdicts not comparable)"
-            rows.append([target["model"], label, f"{float(target['sparsity']):.0%}", name, text,
+            rows.append([target["model"], label, percent(float(target["sparsity"])), name, text,
                          fmt(reported, name), diff, allowed, judged, band, *ratios, differs,
                          str(target.get("source", ""))])
     notes = sorted({f"{t['model']} {t['method']} {t['metric']}: {t['note']}" for t in targets if t.get("note")})

@@ -31,7 +31,7 @@ from bench.core.vocab import ConfigError
 from bench.llm import LLMConfig, LLMError, make_backend
 from reports.collect import collect
 from reports.status import CellStatus, _dead, _milestone, stage_of
-from tests.conftest import TINY
+from tests.conftest import ROOT, TINY
 from tests.test_reports import fake
 
 BASE = ["model=llama-tiny"]
@@ -507,3 +507,17 @@ def test_a_corpus_file_that_does_not_decode_is_named_in_one_line(corpus, content
     with pytest.raises(ValueError, match=re.escape(str(path))) as info:
         data.load_corpus(corpus, split, str(tmp_path), "eval", allow_fallback=True)  # never a fallback
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("where", ["file", "under_a_file"])
+def test_a_sweep_dir_that_is_a_file_is_one_line_before_any_cell(where, tmp_path):
+    planted = tmp_path / "sweep"
+    planted.write_text("mine")
+    sweep_dir = planted if where == "file" else planted / "inner"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "run.py", "-m", "hydra/launcher=local", "cache=false", *BASE, *TINY,
+                          f"hydra.sweep.dir={sweep_dir}"], cwd=ROOT, capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert f"hydra.sweep.dir={sweep_dir}" in run.stderr and "validating" not in run.stderr.split("sweep not started")[1]
+    assert planted.read_text() == "mine"

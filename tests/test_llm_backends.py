@@ -22,6 +22,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+from bench.compose import compose
+from bench.config import validate
 from bench.core.vocab import ConfigError
 from bench.llm import HttpChat, make_backend
 from methods.search.chat import LLMConfig, LLMError, RatesSchema, parse_rates
@@ -550,3 +552,12 @@ def test_a_real_llama_cpp_server(monkeypatch, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_url_that_is_not_http_fails_at_validation_before_any_backend(monkeypatch):
+    monkeypatch.setattr(HttpChat, "__init__", lambda *a, **k: pytest.fail("the backend was built"))
+    overrides = ["model=llama-tiny", "method=self_pruner", "method.llm.backend=http", "method.llm.model=stub",
+                 "method.llm.base_url=ftp://127.0.0.1/v1"]
+    with pytest.raises(ConfigError, match=r"method\.llm\.base_url='ftp://127\.0\.0\.1/v1' is not an http:// or "
+                                          r"https:// URL"):
+        validate(compose(overrides))

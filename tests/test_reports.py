@@ -167,7 +167,7 @@ def test_wandb_offline_logs_the_cell_and_its_table(make_config, tmp_path):
     assert len(run_dirs) == 1
     tables = list(run_dirs[0].rglob("metrics_*.table.json"))
     assert tables, sorted(p.name for p in run_dirs[0].rglob("*"))
-    logged = dict(json.loads(tables[0].read_text())["data"])
+    logged = {name: value for name, _, value in json.loads(tables[0].read_text())["data"]}
     assert logged["ppl/pydoc"] == result.metrics["ppl"]["pydoc"]  # numbers as numbers, under registry names
     assert logged["sparsity/measured"] == result.sparsity["measured"]
     assert list(run_dirs[0].rglob("per_layer_sparsity_*.table.json"))
@@ -551,3 +551,25 @@ def test_a_searchs_own_seed_folds_into_the_seed_band_like_the_cells():
         return records.Result("ok", f"h{seed}", records.CellKey("m", "self_pruner", 0.7, seed=seed),
                               config=config, metrics={"ppl": {"wikitext2": 400.0 + seed}})
     assert set(frame.row_labels([result(0), result(1), result(2)]).values()) == {"self_pruner"}
+
+
+def test_sparsity_headers_tell_distinct_targets_apart_and_never_round_to_100(tmp_path):
+    root = tmp_path / "sweep"
+    for sparsity in (0.5, 0.501, 0.999999):
+        fake(root, "llama-tiny", "wanda", sparsity, 20.0, targets=[])
+    report = collect(root, write=False)
+    heads = [h for h in report.results.header if h.endswith("ppl")]
+    assert len(set(heads)) == 3 and not any(h.startswith("100") for h in heads), heads
+    assert "99.9999% pydoc ppl" in heads and "50.1% pydoc ppl" in heads and "50.0% pydoc ppl" in heads
+    assert {row[2] for row in report.details.rows} == {"50.0%", "50.1%", "99.9999%"}
+
+
+def test_a_result_json_that_cannot_be_read_is_reported_beside_the_others(tmp_path):
+    root = tmp_path / "run"
+    fake(root, "llama-tiny", "dense", 0.0, 12.0, targets=[])
+    (root / "moved").mkdir()
+    (root / "moved" / records.RESULT_FILE).symlink_to(tmp_path / "unmounted" / records.RESULT_FILE)
+    report = collect(root, write=False)
+    assert "| llama-tiny | dense | 12.00 |" in report.markdown
+    assert any(str(root / "moved" / records.RESULT_FILE) in note and "FileNotFoundError" in note
+               for note in report.results.footnotes), report.results.footnotes

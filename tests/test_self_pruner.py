@@ -599,3 +599,16 @@ def test_kl_fitness_is_zero_for_the_dense_model_and_grows_with_pruning(make_conf
     assert abs(kl[0]) < 1e-5 and 0 < kl[1] < kl[2]
     # the dense distributions: once per search, on the fitness's windows and on the re-score's
     assert dense_passes == [True, True, False, False, False]
+
+
+def test_rates_outside_0_1_are_marked_apart_from_rates_outside_the_search_band(make_config):
+    """1.7 and -0.4 are not rates at all, 0.75 is one the band [0.3, 0.7] does not allow: both are clipped,
+    and the record tells them apart, per call and in its counts."""
+    fake = ScriptedLLM(['{"rates": [1.7, -0.4]}', '{"rates": [0.75, 0.25]}'])
+    _, search, _ = _search(make_config, "method=self_pruner", "method.retries=0", "method.max_deviation=0.2",
+                           make_llm=lambda cfg: fake)
+    marks = {c["answer"]: c["repairs"] for c in search["calls"]}
+    assert marks['{"rates": [1.7, -0.4]}'] == ["out_of_domain", "clipped"]
+    assert marks['{"rates": [0.75, 0.25]}'] == ["clipped"]
+    assert search["answers"]["repairs"]["out_of_domain"] == sum(
+        c["answer"] == '{"rates": [1.7, -0.4]}' for c in search["calls"])

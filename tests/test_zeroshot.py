@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
+import pandas as pd
 import pytest
 
 from bench.cell import run_cell
 from bench.core.vocab import ConfigError
-from tests.conftest import TINY, load_script
+from tests.conftest import ROOT, TINY, load_script
 
 TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "rte"]
 
@@ -49,8 +53,12 @@ def test_cell_scores_every_task_on_local_mirrors(mirrors, make_config, tmp_path)
     # after the cell (before: a random id, with an empty model name in the JSON)
     own = json.loads(next((tmp_path / "lm_eval" / tmp_path.name).glob("results_*.json")).read_text())
     assert own["model_name"] == tmp_path.name
-    assert own["results"]["piqa"]["acc,none"] == zs["tasks"]["piqa"]["acc"]
-    assert len(list((tmp_path / "lm_eval").rglob("samples_*.jsonl"))) == len(TASKS)
+    # the mirrors under their own names: lm-eval's files never pass them off as the benchmarks
+    assert own["results"]["piqa_mirror"]["acc,none"] == zs["tasks"]["piqa"]["acc"]
+    assert set(own["results"]) == set(own["configs"]) == {f"{task}_mirror" for task in TASKS}
+    assert own["configs"]["piqa_mirror"]["task"] == "piqa_mirror"
+    samples = list((tmp_path / "lm_eval").rglob("samples_*.jsonl"))
+    assert len(samples) == len(TASKS) and all("_mirror_" in path.name for path in samples)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -124,3 +132,25 @@ def test_a_preset_adds_reasoning_and_instruction_following_beside_the_seven(make
     cfg, _ = make_config("model=llama-tiny", *TINY, "eval=[ppl,zeroshot_beyond]")
     assert cfg.eval.zeroshot.tasks[:7] == TASKS[:7] and {"mmlu", "gsm8k", "ifeval"} <= set(cfg.eval.zeroshot.tasks)
     assert cfg.eval.zeroshot.metric["hellaswag"] == "acc_norm"  # the papers' choices kept
+
+
+def test_offline_mirrors_are_labelled_as_mirrors_in_tables_and_csv(mirrors, tmp_path):
+    """Through run.py and `reports collect`: a score on a mirror never prints as the real benchmark's."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets")}
+    sweep = tmp_path / "sweep"
+    run = subprocess.run([sys.executable, "run.py", "-m", "hydra/launcher=local", "cache=false", "model=llama-tiny",
+                          "method=dense", *TINY, "eval=[ppl,zeroshot]", "eval.zeroshot.tasks=[boolq]",
+                          "eval.zeroshot.limit=4", f"eval.zeroshot.include_path={mirrors}",
+                          f"hydra.sweep.dir={sweep}"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    collected = subprocess.run([sys.executable, "-m", "reports", "collect", str(sweep), "--no-plots",
+                                "--format", "md,csv,tex"],
+                               cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert collected.returncode == 0, collected.stderr[-3000:]
+    table = (sweep / "table.md").read_text()
+    assert "boolq (mirror) acc" in table and "avg acc (mirror)" in table
+    assert " boolq acc " not in table and " avg acc |" not in table and " avg acc drop |" not in table
+    long = pd.read_csv(sweep / "table.csv")
+    assert set(long.loc[long["metric"] == "acc/boolq", "label"]) == {"boolq (mirror) acc"}
+    assert r"BoolQ\\(mirror)" in (sweep / "table.tex").read_text()

@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-TABLES = ("results", "details", "")  # where a metric is a column; "": read by name only (targets)
+TABLES = ("results", "details", "")
+# after the label of a zero-shot score on offline mirrors (`zeroshot.mirror`), never the benchmark's own
+MIRROR = " (mirror)"  # where a metric is a column; "": read by name only (targets)
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class Metric:
     arg: str = ""  # what the argument is (dataset, task, stage); "": the metric takes none
     default_arg: str = ""
     table: str = "results"  # one of TABLES
-    column: Optional[Callable[[dict, str], str]] = None  # a label that depends on the record, instead of `label`
+    column: Optional[Callable[[dict, str], str]] = None  # a `label` that depends on the record
     evaluated_by: str = ""  # the `eval.` section whose evaluation writes it (config checks targets against it)
 
     @property
@@ -42,7 +44,12 @@ class Metric:
         return f"{value:.{self.decimals}f}" + ("x" if self.unit == "x" else "")
 
     def heading(self, metrics: dict, arg: str) -> str:
-        return self.column(metrics, arg) if self.column else self.label.format(arg=arg)
+        """The column label of this metric in a record, which says when the scores come from offline
+        mirrors: a mirror's score must never pass for the real benchmark's."""
+        label = self.column(metrics, arg) if self.column else self.label
+        if not (self.evaluated_by == "zeroshot" and metrics.get("zeroshot", {}).get("mirror") is True):
+            return label.format(arg=arg)
+        return label.format(arg=f"{arg}{MIRROR}") if arg else f"{label}{MIRROR}"
 
 
 def _ppl(metrics: dict, dataset: str) -> Optional[float]:
@@ -75,7 +82,7 @@ METRICS = {m.name: m for m in (
            evaluated_by="ppl"),
     # the task's configured acc or acc_norm, labelled by which
     Metric("acc", "higher", "%", "{arg} acc", 1, _accuracy("acc"), lambda m: list(_tasks(m)), arg="task",
-           column=lambda m, task: f"{task} {_tasks(m)[task]['metric']}", evaluated_by="zeroshot"),
+           column=lambda m, task: "{arg} " + _tasks(m)[task]["metric"], evaluated_by="zeroshot"),
     Metric("acc_norm", "higher", "%", "{arg} acc_norm", 1, _accuracy("acc_norm"), lambda m: list(_tasks(m)),
            arg="task", table="", evaluated_by="zeroshot"),
     Metric("acc_avg", "higher", "%", "avg acc", 1, _acc_avg,

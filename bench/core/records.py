@@ -209,6 +209,14 @@ def read_result(path: Path) -> Result:
     return result
 
 
+def _result_paths(root: Path):
+    """Every entry named result.json below `root`, a dangling link included: `rglob` passes over one, and
+    a result that cannot be read is reported, never silently missing from a table. Like `rglob`, it does
+    not descend into linked folders."""
+    for folder, folders, files in os.walk(root):
+        yield from (Path(folder) / name for name in folders + files if name == RESULT_FILE)
+
+
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not strict JSON")
 
@@ -223,7 +231,7 @@ class Results:
 
 def read_results(root: Path) -> Results:
     records, corrupt = [], []
-    for path in sorted(Path(root).rglob(RESULT_FILE)):
+    for path in sorted(_result_paths(Path(root))):
         try:
             records.append(read_result(path))
         except CorruptResult as exc:

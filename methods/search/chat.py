@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import re
+import urllib.parse
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -44,6 +45,10 @@ class LLMConfig:
                 ("max_retries", self.max_retries >= 0, ">= 0"),
                 ("max_response_bytes", self.max_response_bytes >= 1, ">= 1")):
             check_range(f"method.llm.{key}", getattr(self, key), ok, allowed)
+        if self.base_url is not None:  # at validation, not when a cell first builds the backend
+            url = urllib.parse.urlsplit(self.base_url)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ConfigError(f"method.llm.base_url={self.base_url!r} is not an http:// or https:// URL")
 
 
 class LLMError(RuntimeError):

@@ -151,12 +151,16 @@ class Search:
             self.answers["usable"] += 1
             if status == "percent":
                 self._count("repairs", "percent_to_fraction")
+            # not a rate at all (1.7, -0.4), unlike one the band leaves out: both are clipped, only this is nonsense
+            outside = any(not 0 <= rate <= 1 for rate in rates)
+            if outside:
+                self._count("repairs", "out_of_domain")
             fixed, clipped, adjusted = repair(rates, self.weights, self.target, self.low, self.high)
             for name, happened in (("clipped", clipped), ("mean_adjusted", adjusted)):
                 if happened:
                     self._count("repairs", name)
-            entry["repairs"] = [k for k, v in (("percent_to_fraction", status == "percent"), ("clipped", clipped),
-                                               ("mean_adjusted", adjusted)) if v]
+            entry["repairs"] = [k for k, v in (("percent_to_fraction", status == "percent"), ("out_of_domain", outside),
+                                               ("clipped", clipped), ("mean_adjusted", adjusted)) if v]
             # how far the repair moved the answer, in rate units, per block (percent->fraction is no move)
             change = np.abs(fixed - np.asarray(rates))
             entry["rates"], entry["change"] = [float(r) for r in fixed], float(change.mean())
