@@ -13,6 +13,11 @@ from bench.config import validate
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
+# The README's commands set PRUNEBENCH_DATA=../shared/data, relative to the clone; the tests run cells in
+# subprocesses under temporary dirs, where that path names nothing (and a named data dir that does not
+# exist is an error), so it is made absolute once, against the dir pytest started in.
+if os.environ.get("PRUNEBENCH_DATA"):
+    os.environ["PRUNEBENCH_DATA"] = os.path.abspath(os.environ["PRUNEBENCH_DATA"])
 # Small enough for a 2-core CPU: a few short calibration windows and eval windows.
 TINY = ["data=pydoc", "eval.ppl.datasets=[pydoc]", "data.calib.nsamples=4", "data.calib.seqlen=64",
         "eval.ppl.seqlen=64", "eval.ppl.max_windows=4"]

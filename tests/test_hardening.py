@@ -87,7 +87,7 @@ BAD_INPUTS = [
     (["device=tpu"], "device"),
     (["logger.name=mlflow"], "logger.name"),
     (["logger.mode=sometimes"], "logger.mode"),
-    (["eval=zeroshot", "eval.zeroshot.tasks=[mmlu]"], "eval.zeroshot.tasks"),
+    (["eval=zeroshot", "eval.zeroshot.tasks=[1]"], "eval.zeroshot.tasks"),
     (["eval=zeroshot", "eval.zeroshot.metric.boolq=acc_norm"], "eval.zeroshot.metric.boolq"),
     (["eval=zeroshot", "eval.zeroshot.num_fewshot=-1"], "eval.zeroshot.num_fewshot"),
     (["eval=zeroshot", "eval.zeroshot.limit=0"], "eval.zeroshot.limit"),

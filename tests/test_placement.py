@@ -57,8 +57,9 @@ def test_free_gpu_memory_is_measured_after_releasing_the_allocators_cache(monkey
     seen = []
     monkeypatch.setattr(placement, "gpu_budget", lambda size, free: seen.append(free) or {0: size, 1: size})
     monkeypatch.setattr(placement, "device_map", lambda model, budget: {"": 0})
-    monkeypatch.setattr(placement, "dispatch_model", lambda model, device_map: model)
-    monkeypatch.setattr(placement, "remove_hook_from_module", lambda model, recurse: None)
+    # accelerate is imported where a model is dispatched (bench/placement.py), so it is patched at its source
+    monkeypatch.setattr("accelerate.dispatch_model", lambda model, device_map: model)
+    monkeypatch.setattr("accelerate.hooks.remove_hook_from_module", lambda model, recurse: None)
     model = models.load(zoo_entry("llama-tiny"))[0]
     with placement.placed(model, "cuda"):
         pass
