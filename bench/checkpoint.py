@@ -37,7 +37,6 @@ import transformers
 import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers.initialization import no_init_weights
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from bench.core import families, pruned_model, records
@@ -153,19 +152,18 @@ def base_config(where: str | Path) -> transformers.PretrainedConfig:
 
 
 def load(path: str | Path, dtype: torch.dtype) -> nn.Module:
-    """A checkpoint that ships our model code, loaded without running that copy: the family's class built
-    from the config, each block's FFN cut to its saved width, and the weights (bitmask ones decompressed)
-    loaded into it, by the same functions the shipped code runs."""
-    verify_model_code(path)
-    config = base_config(path)
-    with no_init_weights():  # every tensor is overwritten below
+    """A checkpoint that ships our model code (a folder or a hub id), loaded without running that copy: the
+    family's class built from the config, each block's FFN cut to its saved width, and the weights (bitmask
+    ones decompressed) loaded into it, by the same functions the shipped code runs."""
+    folder = pruned_model.checkpoint_folder(path)
+    verify_model_code(folder)
+    config = base_config(folder)
+    with pruned_model.empty_weights():
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.tie_weights()  # skipped under no_init_weights
     arch = families.arch_for(model)
     pruned_model.set_ffn_widths(arch.blocks(model), getattr(config, FFN_SIZES_KEY, None) or [], arch.ffn_in,
                                 arch.ffn_out)
-    pruned_model.load_weights(model, path)
-    return model
+    return pruned_model.load_into(model, folder, dtype)
 
 
 def write_recipe(directory: Path, result: Optional[Result], resolved: dict) -> None:

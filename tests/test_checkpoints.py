@@ -7,10 +7,12 @@ import ast
 import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
 import transformers
@@ -180,7 +182,76 @@ def test_the_shipped_model_code_imports_nothing_of_prunebench():
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert imported == {"pathlib", "numpy", "torch", "safetensors"}  # the tail names the family's classes
+    # the tail names the family's classes; accelerate and huggingface_hub come with transformers' device_map and hub
+    assert imported == {"pathlib", "numpy", "torch", "safetensors", "accelerate", "huggingface_hub"}
+
+
+LOAD_AS_TRANSFORMERS = """
+import json, sys, torch, transformers
+kwargs = json.loads(sys.argv[2])
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, **kwargs)
+with torch.no_grad():
+    torch.save(model(torch.load(sys.argv[3])).logits, sys.argv[4])
+print(json.dumps({"dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+                  "device_map": getattr(model, "hf_device_map", None), "widths": model.config.prunebench_ffn_sizes}))
+"""
+
+
+def load_as_transformers(where: str, tmp_path: Path, env: dict = {}, **kwargs) -> tuple[torch.Tensor, dict]:
+    """Logits and what the model looks like, loaded by plain transformers (fresh interpreter, no prunebench)."""
+    torch.save(IDS, tmp_path / "ids.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"} | env
+    run = subprocess.run([sys.executable, "-c", LOAD_AS_TRANSFORMERS, where, json.dumps(kwargs),
+                          str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return torch.load(tmp_path / "logits.pt"), json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def bf16_per_block_checkpoint(make_config, target: Path, save_format: str = "dense"):
+    cfg, _ = make_config("model=llama-tiny", "model.dtype=bfloat16", *TINY)
+    model, tokenizer = models.load(cfg.model)
+    shrink(model, [100, 150])
+    if save_format == "bitmask":
+        two_four(model)
+    return logits(model), models.save(model, tokenizer, target, save_format=save_format)
+
+
+@pytest.mark.parametrize("save_format", ["dense", "bitmask"])
+def test_the_shipped_model_code_honours_dtype_auto_and_device_map_auto(make_config, tmp_path, save_format):
+    """Before: the shipped code globbed the weights into host RAM, ignored device_map and built float32
+    whatever the checkpoint's dtype ("auto", transformers' default, gave float32 here)."""
+    expected, target = bf16_per_block_checkpoint(make_config, tmp_path / "ckpt", save_format)
+    assert json.loads((target / "config.json").read_text())["dtype"] == "bfloat16"
+    got, seen = load_as_transformers(str(target), tmp_path, dtype="auto", device_map="auto")
+    assert seen["dtypes"] == ["torch.bfloat16"] and seen["widths"] == [100, 150]
+    assert seen["device_map"] == {"": "cpu"}  # accelerate's map of this machine: no GPU here
+    assert torch.equal(got, expected)
+    default, seen = load_as_transformers(str(target), tmp_path)  # no dtype: "auto", as for any transformers model
+    assert seen["dtypes"] == ["torch.bfloat16"] and seen["device_map"] is None and torch.equal(default, expected)
+    wide, seen = load_as_transformers(str(target), tmp_path, dtype="float32",
+                                      device_map={"model.embed_tokens": "cpu", "model.layers": "cpu",
+                                                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"})
+    assert seen["dtypes"] == ["torch.float32"] and torch.allclose(wide, expected.float(), atol=0.05)
+
+
+def test_the_shipped_model_code_loads_from_a_hub_repo_id(make_config, tmp_path, monkeypatch):
+    """Before: prunebench's own loader (model.id=<org>/<name>) globbed a local folder of that name and found no
+    weights (AutoModelForCausalLM hands the shipped code the snapshot's folder)."""
+    expected, target = bf16_per_block_checkpoint(make_config, tmp_path / "ckpt")
+    cache, commit = tmp_path / "hub", "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--prunebench--llama-tiny-pruned"
+    shutil.copytree(target, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    got, seen = load_as_transformers("prunebench/llama-tiny-pruned", tmp_path, env={"HF_HUB_CACHE": str(cache)},
+                                     dtype="auto")
+    assert torch.equal(got, expected) and seen["widths"] == [100, 150]
+    # read when huggingface_hub was imported, before the fixture set HF_HUB_OFFLINE (else it waits on the network)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    ours = models.load(ModelConfig(name="hub", source="hub", id="prunebench/llama-tiny-pruned", dtype="bfloat16"))[0]
+    assert torch.equal(logits(ours), expected)
 
 
 def pruned(make_config, preset: str, *overrides: str):

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 FFN_SIZES_KEY = "prunebench_ffn_sizes"
@@ -68,34 +67,144 @@ def decompress(state: dict) -> dict:
     return out
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+HUB_KEYS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
+
+
+def checkpoint_folder(where, subfolder: str = "", **hub) -> Path:
+    """The folder of a checkpoint named as transformers names one: a local folder, or a hub repo id whose
+    weights, config and code are fetched into the hub cache (offline: read from it) as transformers does."""
+    folder = Path(where)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        pattern = f"{subfolder}/*" if subfolder else "*"
+        folder = Path(snapshot_download(str(where), allow_patterns=[pattern + ".safetensors", pattern + ".json",
+                                                                    pattern + ".py"],
+                                        **{k: v for k, v in hub.items() if k in HUB_KEYS and v is not None}))
+    return folder / subfolder if subfolder else folder
+
+
+def resolve_dtype(dtype, config) -> torch.dtype:
+    """`dtype` as transformers reads it: None and "auto" (its default) are the dtype the config was saved in."""
+    if dtype is None or dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype={dtype!r}: allowed: 'auto', a torch.dtype or its name")
+    return dtype
+
+
+def empty_weights():
+    """Build a model under this context: parameters on the meta device (no memory), buffers real, so that
+    `load_into` places each weight where the device map puts it, one tensor at a time."""
+    from accelerate import init_empty_weights
+
+    return init_empty_weights()
+
+
+def _device_map(model: nn.Module, device_map, max_memory, dtype) -> dict:
+    if device_map is None:
+        return {"": "cpu"}
+    if isinstance(device_map, dict):
+        placement = dict(device_map)
+    elif device_map in DEVICE_MAP_STRATEGIES:
+        from accelerate.utils import get_balanced_memory, infer_auto_device_map
+
+        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
+                                             dtype=dtype, low_zero=device_map == "balanced_low_0")
+        placement = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+    else:  # one device: "cpu", "cuda:1", 0, torch.device(...)
+        placement = {"": device_map}
+    if "disk" in placement.values():
+        raise ValueError(f"device_map={device_map!r} puts {[k for k, v in placement.items() if v == 'disk']} on "
+                         f"disk; allowed: devices only (give max_memory room for the model on GPUs and CPU)")
+    return placement
+
+
+def _device_of(placement: dict, name: str):
+    prefixes = [p for p in placement if p == "" or name == p or name.startswith(p + ".")]
+    if not prefixes:
+        raise ValueError(f"device_map names no device for {name}")
+    return placement[max(prefixes, key=len)]
+
+
+def _stored_name(key: str) -> str:
+    """The model tensor a stored tensor is (part of): `<linear>.weight` for each part of its bitmask layout."""
+    name, _, leaf = key.rpartition(".")
+    return f"{name}.weight" if leaf in BITMASK_PARTS else key
+
+
+def _tensors(handle):
+    """(name, dense tensor) of one safetensors file, one at a time; bitmask weights decompressed."""
+    keys = list(handle.keys())
+    for key in keys:
+        leaf = key.rpartition(".")[2]
+        if leaf == "compressed":
+            name = key[: -len(".compressed")]
+            parts = {part: handle.get_tensor(f"{name}.{part}") for part in BITMASK_PARTS}
+            yield from decompress({f"{name}.{part}": t for part, t in parts.items()}).items()
+        elif leaf not in BITMASK_PARTS:
+            yield key, handle.get_tensor(key)
+
+
 @torch.no_grad()
-def load_weights(model: nn.Module, path) -> None:
-    """Load the checkpoint's `*.safetensors` into `model` (already at its FFN widths), creating the
-    biases pruning added where the family has none (FLAP's compensation on LLaMA); a tensor the model
+def load_into(model: nn.Module, folder, dtype: torch.dtype, device_map=None, max_memory=None) -> nn.Module:
+    """Load the checkpoint's `*.safetensors` into `model`, built under `empty_weights()` at its FFN widths:
+    each tensor read from its file and put on the device `device_map` gives it (transformers' values: None
+    is the CPU, a device, a dict of module prefixes, or "auto"/"balanced"/"sequential" computed with
+    accelerate for `max_memory`), cast to `dtype`, so the model is never whole in host RAM. The biases
+    pruning added where the family has none (FLAP's compensation on LLaMA) are created; a tensor the model
     lacks or a weight nobody provides is an error, not a silently random or dropped weight."""
-    state = {}
-    for file in sorted(Path(path).glob("*.safetensors")):
-        state.update(load_file(file))
-    if not state:
-        raise FileNotFoundError(f"{path}: no *.safetensors weights")
-    state = decompress(state)
-    for key, tensor in state.items():
+    from accelerate import dispatch_model
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights")
+    names = set()
+    for file in files:
+        with safe_open(file, "pt") as handle:
+            names.update(_stored_name(key) for key in handle.keys())
+    modules = dict(model.named_modules())
+    for key in names:
         owner, _, leaf = key.rpartition(".")
-        module = model.get_submodule(owner)
+        module = modules.get(owner)
         if leaf == "bias" and isinstance(module, nn.Linear) and module.bias is None:
-            module.bias = nn.Parameter(torch.zeros_like(tensor, dtype=module.weight.dtype))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+            module.bias = nn.Parameter(torch.empty(module.out_features, device="meta"))
     model.tie_weights()
-    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - set(dict(model.named_parameters()))
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(f"{path}: checkpoint does not match its config (missing {sorted(set(missing) - tied)}, "
-                           f"unexpected {sorted(unexpected)})")
+    placement = _device_map(model, device_map, max_memory, dtype)
+    own = set(model.state_dict())
+    unexpected = sorted(names - own)
+    if unexpected:
+        raise RuntimeError(f"{folder}: checkpoint does not match its config (unexpected {unexpected})")
+    for file in files:
+        with safe_open(file, "pt") as handle:
+            for key, tensor in _tensors(handle):
+                set_module_tensor_to_device(model, key, _device_of(placement, key), value=tensor,
+                                            dtype=dtype if tensor.is_floating_point() else None)
+    model.tie_weights()
+    missing = sorted(name for name, p in model.named_parameters() if p.device.type == "meta")
+    if missing:
+        raise RuntimeError(f"{folder}: checkpoint does not match its config (missing {missing})")
+    if len({str(device) for device in placement.values()}) > 1:
+        dispatch_model(model, placement)
+    else:
+        model.to(next(iter(placement.values())))  # the buffers, built on the CPU
+    if device_map is not None:
+        model.hf_device_map = placement
+    return model.eval()
 
 
 class PrunedMixin:
     """Put before a family's CausalLM class, with the family's BLOCKS (path to the decoder blocks), FFN_IN
     and FFN_OUT (linears, relative to a block): the class builds every block at its saved FFN width and
-    loads the weights whatever their layout."""
+    loads the weights whatever their layout, from a folder or a hub repo, honouring `dtype` ("auto" by
+    default, as transformers), `device_map` and `max_memory`."""
     BLOCKS: str
     FFN_IN: tuple
     FFN_OUT: str
@@ -106,10 +215,12 @@ class PrunedMixin:
                        self.FFN_IN, self.FFN_OUT)
 
     @classmethod
-    def from_pretrained(cls, path, *args, config=None, **kwargs):
-        model = cls(config if config is not None else cls.config_class.from_pretrained(path))
-        load_weights(model, path)
-        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-        if isinstance(dtype, torch.dtype):
-            model = model.to(dtype)
-        return model.eval()
+    def from_pretrained(cls, path, *args, config=None, dtype=None, torch_dtype=None, device_map=None,
+                        max_memory=None, subfolder="", **kwargs):
+        folder = checkpoint_folder(path, subfolder, **kwargs)
+        if config is None:
+            config = cls.config_class.from_pretrained(folder)
+        dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config)
+        with empty_weights():
+            model = cls._from_config(config, dtype=dtype)
+        return load_into(model, folder, dtype, device_map, max_memory)
