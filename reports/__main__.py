@@ -1,9 +1,11 @@
 """python -m reports collect <sweep dir> [--format md,csv,tex,html] [--no-plots]
 python -m reports wandb-report <sweep dir> [--project P] [--entity E] [--online]
+python -m reports wandb-report <sweep dir>/wandb_report.json --online [--project P] [--entity E]
 
 collect prints the markdown tables and writes table.md / table.csv / table.tex / report.html and
 plots/*.png|svg into the sweep dir; wandb-report builds a W&B Report of the sweep (offline: its spec
-JSON, wandb_report.json; online: saved to W&B, URL printed).
+JSON, wandb_report.json, which a later --online saves as it is; online: saved to W&B, URL printed).
+Offline, the report to read is report.html.
 python -m reports status <sweep dir> [--watch]: done / running / failed / missing cells of a sweep; --watch
 prints the live status (stages, elapsed, estimated time left) until every cell has finished.
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 from bench.core.records import CELLS_FILE
 from reports.collect import FORMATS, collect
 from reports.status import render, status, watch
-from reports.wandb_report import build_report
+from reports.wandb_report import build_report, upload_spec
 
 
 def _formats(text: str) -> tuple:
@@ -37,7 +39,7 @@ def main(argv=None) -> int:
                              help=f"comma-separated, of {','.join(FORMATS)} (default md,csv)")
     collect_cmd.add_argument("--no-plots", action="store_true", help="skip the PNG/SVG plots")
     report_cmd = commands.add_parser("wandb-report", help="a W&B Report of a sweep (offline: spec JSON)")
-    report_cmd.add_argument("sweep_dir", type=Path)
+    report_cmd.add_argument("sweep_dir", type=Path, help="a sweep dir, or a wandb_report.json to save (--online)")
     report_cmd.add_argument("--project", default="prunebench")
     report_cmd.add_argument("--entity", default=None, help="W&B entity (online: your default entity)")
     report_cmd.add_argument("--online", action="store_true", help="save the report to W&B (needs wandb login)")
@@ -48,7 +50,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     # a watch is often started beside `python run.py -m`, before the sweep has made its dir and manifest
     waiting = args.command == "status" and args.watch and not (args.sweep_dir / CELLS_FILE).exists()
-    if not args.sweep_dir.is_dir() and not waiting:
+    spec = args.command == "wandb-report" and args.sweep_dir.is_file()
+    if not args.sweep_dir.is_dir() and not waiting and not spec:
         print(f"reports: {args.sweep_dir} is not a directory", file=sys.stderr)
         return 2
     if args.command == "status":
@@ -73,8 +76,20 @@ def main(argv=None) -> int:
             print(report.markdown)
             print(f"\nwrote {', '.join(str(p.relative_to(args.sweep_dir)) for p in report.written)} "
                   f"into {args.sweep_dir}")
+        elif args.sweep_dir.is_file():
+            if not args.online:
+                print(f"reports: {args.sweep_dir} is a saved spec; --online saves it to W&B", file=sys.stderr)
+                return 2
+            try:
+                print(upload_spec(args.sweep_dir, args.project, args.entity))
+            except ValueError as exc:
+                print(f"reports: {exc}", file=sys.stderr)
+                return 2
         else:
             print(build_report(args.sweep_dir, args.project, args.entity, args.online))
+            if not args.online:
+                print("offline: the report to read is report.html (python -m reports collect <dir> --format html); "
+                      "save this spec to W&B later with: python -m reports wandb-report <spec> --online")
     except FileNotFoundError as exc:
         print(f"reports: {exc}", file=sys.stderr)
         return 2

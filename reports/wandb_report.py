@@ -3,9 +3,12 @@ metric against sparsity (log y for perplexity), the per-layer sparsity lines, an
 the cells logged (`logger=wandb`), plus the markdown tables and the targets' verdicts as text.
 
 Offline (the default) it writes the report's spec, the JSON W&B stores for a report, to
-`<sweep dir>/wandb_report.json`, so it can be reviewed, diffed and saved later; `--online` saves it to
-W&B (needs `wandb login`) and prints its URL. The panel ids wandb-workspaces draws at random are seeded
-from the sweep's name, so the same sweep gives the same spec.
+`<sweep dir>/wandb_report.json`, so it can be reviewed, diffed and saved later: given that file instead of
+a sweep dir, `--online` saves the spec as it is (from a machine that can reach W&B, after `wandb sync` of
+the offline runs), its runsets pointed at the project. `--online` on a sweep dir saves the report built
+there. Either needs `wandb login` and prints the report's URL. The panel ids wandb-workspaces draws at
+random are seeded from the sweep's name, so the same sweep gives the same spec. Offline, the report to read
+is `report.html` (`collect --format html`): the spec is what W&B will show, not something to open.
 """
 from __future__ import annotations
 
@@ -60,3 +63,22 @@ def build_report(sweep_dir: Path, project: str = "prunebench", entity: Optional[
     path = sweep_dir / SPEC_FILE
     path.write_text(json.dumps(spec.model_dump(by_alias=True, exclude_none=True, mode="json"), indent=1) + "\n")
     return str(path)
+
+
+def upload_spec(spec_path: Path, project: str = "prunebench", entity: Optional[str] = None) -> str:
+    """Save a spec written offline to W&B under `project` (offline, its runsets could name no project) and
+    return the report's URL."""
+    import wandb
+    import wandb_workspaces.reports.v2 as wr
+    from wandb_workspaces.reports.v2 import internal
+
+    try:
+        report = wr.Report._from_model(internal.ReportViewspec.model_validate(json.loads(Path(spec_path).read_text())))
+    except ValueError as exc:  # JSON and pydantic's validation errors alike
+        raise ValueError(f"{spec_path}: not a W&B report spec ({str(exc).splitlines()[0]})") from None
+    report.project, report.entity = project, entity or wandb.Api().default_entity
+    for block in report.blocks:
+        if isinstance(block, wr.PanelGrid):
+            for runset in block.runsets:
+                runset.entity, runset.project = report.entity, report.project
+    return report.save().url

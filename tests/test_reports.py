@@ -158,6 +158,41 @@ def test_wandb_report_spec_matches_golden(sweep):
     assert json.loads(spec) == json.loads((GOLDEN / "wandb_report.json").read_text())
 
 
+def test_a_spec_written_offline_is_saved_to_wandb_later_as_it_is(sweep, monkeypatch, capsys):
+    """Before: the offline spec was a file nothing could read back; wandb-report took only a sweep dir."""
+    import wandb_workspaces.reports.v2 as wr
+
+    from reports.__main__ import main
+
+    assert main(["wandb-report", str(sweep)]) == 0
+    printed = capsys.readouterr().out
+    assert "report.html" in printed and "--online" in printed  # what to read offline, and how to save later
+    spec = sweep / "wandb_report.json"
+    saved = []
+
+    def save(report, draft=False, clone=False):
+        saved.append(report)
+        report.id = "abc"
+        return report
+
+    monkeypatch.setattr(wr.Report, "save", save)
+    monkeypatch.setattr(wr.Report, "url", property(lambda report: f"https://wandb.test/{report.entity}/{report.id}"))
+    assert main(["wandb-report", str(spec), "--online", "--entity", "me", "--project", "pb"]) == 0
+    assert capsys.readouterr().out.strip() == "https://wandb.test/me/abc"
+    (report,) = saved
+    grids = [b for b in report.blocks if isinstance(b, wr.PanelGrid)]
+    assert grids and all((r.entity, r.project) == ("me", "pb") for g in grids for r in g.runsets)
+    assert report.title == "prunebench: sweep_fixture" and (report.entity, report.project) == ("me", "pb")
+    tables = [b.text for b in report.blocks if isinstance(b, wr.MarkdownBlock)]
+    assert tables == [t.markdown for t in collect(sweep, write=False).tables]  # the report the sweep gave
+    # (rendering the grids again, as a check, would ask the server for the project's id)
+    assert main(["wandb-report", str(spec)]) == 2  # a spec is only ever saved
+    assert "--online saves it" in capsys.readouterr().err
+    spec.write_text("{}")
+    assert main(["wandb-report", str(spec), "--online", "--entity", "me"]) == 2
+    assert "not a W&B report spec" in capsys.readouterr().err
+
+
 def test_wandb_offline_logs_the_cell_and_its_table(make_config, tmp_path):
     cfg, resolved = make_config("model=llama-tiny", "method=magnitude", *TINY, "logger=wandb")
     assert cfg.logger.mode == "offline"
