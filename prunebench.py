@@ -3,11 +3,12 @@
     import prunebench
     result = prunebench.run(["model=llama-tiny", "method=wanda", "sparsity=0.5"])
     result.metrics["ppl"], result.sparsity["measured"], result.path
+    model, tokenizer = prunebench.load(result)   # the pruned model, when the cell ran with save_dir=<dir>
 
 It returns the cell's typed record (`bench.core.records.Result`, the `result.json` every table reads);
 `save_dir=<dir>` among the overrides also writes the pruned checkpoint there, loadable with plain
-transformers. A bad key or value raises `ConfigError` with the same one line the CLI prints; a failed
-cell is returned with `status == "failed"` and its error, as in a sweep.
+transformers, or by `load(result)`. A bad key or value raises `ConfigError` with the same one line the
+CLI prints; a failed cell is returned with `status == "failed"` and its error, as in a sweep.
 """
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ from typing import Optional, Sequence
 
 from omegaconf import OmegaConf
 
+from bench import models
 from bench.cell import run_cell
 from bench.compose import compose
-from bench.config import ConfigError, validate
+from bench.config import ConfigError, ModelConfig, validate
 from bench.core.records import Result
 from bench.sweep import rerun_mode
 
-__all__ = ["run", "Result", "ConfigError"]
+__all__ = ["run", "load", "Result", "ConfigError"]
 
 
 def run(overrides: Sequence[str] = (), out_dir: Optional[Path] = None) -> Result:
@@ -37,3 +39,13 @@ def run(overrides: Sequence[str] = (), out_dir: Optional[Path] = None) -> Result
         out_dir = Path("outputs") / (f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{cfg.model.name}_{cfg.method.name}_"
                                      f"{cfg.sparsity}")
     return run_cell(run_cfg, resolved, Path(out_dir), rerun=rerun_mode(cfg), cache=bool(cfg.get("cache", True)))
+
+
+def load(result: Result) -> tuple:
+    """(model, tokenizer) of the pruned checkpoint a cell wrote (`save_dir=<dir>` among its overrides), in
+    the cell's dtype, on the CPU in eval mode: the pruned model as the cell evaluated it."""
+    if result.saved_to is None:
+        raise ConfigError(f"{result.path or 'this result'}: the cell saved no checkpoint; run it with save_dir=<dir>"
+                          f" among the overrides to load its pruned model")
+    dtype = (result.config.get("model") or {}).get("dtype", "float32")
+    return models.load(ModelConfig(name=result.cell.model, source="hub", path=result.saved_to, dtype=dtype))

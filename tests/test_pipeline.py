@@ -103,17 +103,26 @@ def test_engine_reports_each_block_of_each_pass_as_it_is_done(method, extra, sta
 def test_python_entry_point_runs_a_cell_in_a_fresh_interpreter_and_returns_its_record(tmp_path):
     code = ("import prunebench, sys\n"
             "result = prunebench.run(['model=llama-tiny', 'method=magnitude', 'sparsity=0.5', 'threads=1', "
-            + ", ".join(repr(o) for o in TINY) + f"], out_dir={str(tmp_path / 'cell')!r})\n"
+            + ", ".join(repr(o) for o in TINY) + f", 'save_dir={tmp_path / 'ckpt'}'], "
+            f"out_dir={str(tmp_path / 'cell')!r})\n"
             "print(type(result).__name__, result.status, round(result.sparsity['measured'], 2), "
             "result.metrics['ppl']['pydoc'] > 1)\n"
+            "model, tokenizer = prunebench.load(result)\n"
+            "from bench.core import families\n"
+            "print(type(model).__name__, round(families.measured_sparsity(model)[0], 2), model.training)\n"
             "try:\n    prunebench.run(['method.sparsity_typ=2:4'])\n"
+            "except prunebench.ConfigError as exc:\n    print('ConfigError', exc)\n"
+            "result.saved_to = None\n"
+            "try:\n    prunebench.load(result)\n"
             "except prunebench.ConfigError as exc:\n    print('ConfigError', exc)\n")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
     assert lines[0] == "Result ok 0.5 True"
+    assert lines[1] == "LlamaForCausalLM 0.5 False"  # the pruned model on request, ready to use
     assert (tmp_path / "cell" / "result.json").exists()
-    assert lines[1].startswith("ConfigError ") and "sparsity_type" in lines[1]  # one line, did you mean
+    assert lines[2].startswith("ConfigError ") and "sparsity_type" in lines[2]  # one line, did you mean
+    assert lines[3].startswith("ConfigError ") and "save_dir=<dir>" in lines[3]
 
 
 def test_a_single_run_ends_by_saying_where_its_result_and_checkpoint_are(tmp_path):
