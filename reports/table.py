@@ -39,6 +39,8 @@ def _latex_escape(text: str) -> str:
     return _CODE.sub(r"\\texttt{\1}", text)  # `quick` is a name in code type, not quotes
 
 
+# Body rows of one LaTeX float: more run off an article page at \footnotesize (54 rows overflowed it by 53pt)
+PAGE_ROWS = 40
 _CODE = re.compile(r"`([^`]*)`")
 _SPREAD = re.compile(r"(?<=\d) \$\\pm\$ (\d[\d.]*)")
 
@@ -173,6 +175,8 @@ class Table:
         line width prints its numbers too small to read."""
         if self.paper is not None:
             return self.paper.latex
+        if self.sections and len(self.rows) > PAGE_ROWS:
+            return "\n\n".join(part.latex for part in self._pages())
         if self.sections:
             starts = {r: row[0] for r, row in enumerate(self.rows) if r == 0 or self.rows[r - 1][0] != row[0]}
             return replace(self, header=self.header[1:], rows=[row[1:] for row in self.rows], groups=starts,
@@ -208,6 +212,25 @@ class Table:
             lines += [r"\par\smallskip\footnotesize\raggedright"]
             lines += [_latex_escape(note) + r"\par" for note in self.footnotes]
         return "\n".join(lines + [r"\end{table}"])
+
+    def _pages(self) -> list["Table"]:
+        """A sectioned table too long for a page as floats of at most PAGE_ROWS rows each: whole sections
+        packed together where they fit, a longer section cut (its heading repeated); the caption says
+        "continued", the notes come once, under the last."""
+        starts = [r for r in range(len(self.rows)) if r == 0 or self.rows[r - 1][0] != self.rows[r][0]]
+        pieces = [list(range(start, end))[i:i + PAGE_ROWS] for start, end in zip(starts, starts[1:] + [len(self.rows)])
+                  for i in range(0, end - start, PAGE_ROWS)]
+        pages: list[list[int]] = []
+        for piece in pieces:
+            if pages and len(pages[-1]) + len(piece) <= PAGE_ROWS:
+                pages[-1] += piece
+            else:
+                pages.append(piece)
+        return [replace(self, rows=[self.rows[r] for r in page], bold={(page.index(r), c) for r, c in self.bold
+                                                                        if r in page},
+                        footnotes=self.footnotes if i == len(pages) - 1 else [],
+                        caption=(self.caption or self.title) + (" (continued)" if i else ""),
+                        label=self.label if i == 0 else "") for i, page in enumerate(pages)]
 
     @property
     def html(self) -> str:

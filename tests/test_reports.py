@@ -429,6 +429,7 @@ def _compile(tex: str, tmp_path: Path) -> Path:
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:]
     assert "Overfull \\hbox" not in run.stdout  # every table fits the line, none shrunk
+    assert "Float too large" not in run.stdout  # and its page (a long details table ran past the page's foot)
     return tmp_path / "tables.pdf"
 
 
@@ -460,6 +461,14 @@ def test_latex_is_the_table_a_paper_prints_and_compiles(paper_sweep, tmp_path):
     # the protocol in words: no hash, no backticks, no shrinking
     assert "Calibration: 4 sequences of 64 tokens from Python docs (validation split)." in results
     assert "`" not in tex and "protocol id" not in tex and "\\resizebox" not in tex
+    # 50 cells: the details table comes as floats of a page each, every row once, the notes under the last
+    details = tex.split("\\label{tab:prunebench-details}")[1]
+    floats = details.split("\\end{table}")[:-1]
+    assert len(floats) == 2 and "Details of every cell (continued)" in floats[1]
+    body = [line for f in floats for line in f.split("\\midrule", 1)[1].splitlines() if line.endswith("\\\\")
+            and "emph" not in line and "cmidrule" not in line]
+    assert len(body) == 50 and all(len(f.split("\\midrule", 1)[1].splitlines()) <= 45 for f in floats)
+    assert "peak memory" in floats[1] and "peak memory" not in floats[0]
     pdf = _compile(tex, tmp_path)
     assert pdf.stat().st_size > 1000
 
