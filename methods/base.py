@@ -20,11 +20,13 @@ component must implement are abstract methods (`allocate`; `prune_block`, or `pr
 """
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch import nn
 
 from bench.core.vocab import ConfigError, SparsityPattern
 
@@ -110,11 +112,28 @@ class Pruner(Component):
         """Prune one block (`view`: a `bench.core.engine.BlockView`) at the rates of its linears."""
 
 
+DEFAULT_TARGETS = ("Linear",)
+
+
+def matches(pattern: str, name: str, module: nn.Module) -> bool:
+    """llm-compressor's rule for `targets`/`ignore`: `re:<regex>` matched (re.match) against the module's
+    full name, else the full name itself or the module's class name."""
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], name) is not None
+    return pattern in (name, type(module).__name__)
+
+
 @dataclass
 class Method:
     name: str
     allocator: Allocator
     pruner: Pruner
+    targets: tuple = DEFAULT_TARGETS  # which prunable linears the method prunes; the others stay dense
+    ignore: tuple = ()
+
+    def selects(self, name: str, linear: nn.Module) -> bool:
+        return (any(matches(p, name, linear) for p in self.targets)
+                and not any(matches(p, name, linear) for p in self.ignore))
 
 
 class LinearPruner(Pruner):
@@ -122,7 +141,8 @@ class LinearPruner(Pruner):
 
     def prune_block(self, view, rates: dict[str, float]) -> None:
         for name, linear in view.linears.items():
-            self.prune_linear(linear.weight.data, view.stats.get(name), rates[name])
+            if name in rates:  # a linear outside the method's targets (or ignored) has no rate: it stays dense
+                self.prune_linear(linear.weight.data, view.stats.get(name), rates[name])
 
     @abstractmethod
     def prune_linear(self, weight, stats, sparsity: float) -> None:

@@ -6,20 +6,21 @@ from __future__ import annotations
 
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from bench.core.vocab import ConfigError, SparsityPattern, check_range, typed
 from methods import registry
 from methods.allocators import cfsp_coarse, loss_estimate, owl, self_pruner, uniform
-from methods.base import Method
+from methods.base import DEFAULT_TARGETS, Method
 from methods.pruners import cfsp_fine, flap, magnitude, magnitude_sp, none, sparsegpt, wanda, wanda_sp
 
 # Every component module, imported for its registration (`@register_allocator` / `@register_pruner`).
 COMPONENTS = (cfsp_coarse, loss_estimate, owl, self_pruner, uniform,
               cfsp_fine, flap, magnitude, magnitude_sp, none, sparsegpt, wanda, wanda_sp)
 
-SPEC_KEYS = ("name", "display", "allocator", "pruner", "sparsity_type")
+SPEC_KEYS = ("name", "display", "allocator", "pruner", "sparsity_type", "targets", "ignore")
 
 
 @dataclass
@@ -33,6 +34,8 @@ class MethodSpec:
     allocator_options: Any
     pruner_options: Any
     display: str = ""  # the name tables print ("OWL (Wanda)"); parse() sets it, to `name` when unset
+    targets: tuple = DEFAULT_TARGETS  # which linears are pruned, as llm-compressor's targets/ignore
+    ignore: tuple = ()
 
     @property
     def dense(self) -> bool:
@@ -47,6 +50,8 @@ def parse(raw: dict) -> MethodSpec:
     allocator = raw.pop("allocator", "uniform")
     pruner = raw.pop("pruner", None)
     pattern = SparsityPattern.parse(str(raw.pop("sparsity_type", "unstructured")))
+    targets = _patterns("method.targets", raw.pop("targets", list(DEFAULT_TARGETS)), least=1)
+    ignore = _patterns("method.ignore", raw.pop("ignore", []), least=0)
     alloc_class, prune_class = registry.allocator(allocator), registry.pruner(pruner)
     check_range("method.display", display, display is None or (isinstance(display, str) and display.strip() != ""),
                 "a non-empty string, or null for the method's name")
@@ -58,10 +63,31 @@ def parse(raw: dict) -> MethodSpec:
         allowed = [*SPEC_KEYS, *sorted(alloc_keys | prune_keys)]
         raise ConfigError(f"method.{unknown[0]} is not an option of allocator={allocator}, pruner={pruner}; "
                           f"allowed: {', '.join(allowed)}")
+    if (targets, ignore) != (DEFAULT_TARGETS, ()) and (prune_class.structured or not prune_class.prunes):
+        why = "removes FFN channels, which couple its linears" if prune_class.prunes else "prunes nothing"
+        raise ConfigError(f"method.targets={list(targets)}, method.ignore={list(ignore)}: pruner={pruner} {why}; "
+                          f"allowed with it: the defaults, targets=[Linear] and ignore=[]")
     return MethodSpec(
         name=name or pruner, display=display or name or pruner, allocator=allocator, pruner=pruner, pattern=pattern,
+        targets=targets, ignore=ignore,
         allocator_options=typed("method", alloc_schema, {k: raw[k] for k in alloc_keys & set(raw)}),
         pruner_options=typed("method", prune_schema, {k: raw[k] for k in prune_keys & set(raw)}))
+
+
+def _patterns(key: str, value: Any, least: int) -> tuple:
+    """A list of llm-compressor patterns: names, class names, or `re:<regex>` (checked to compile)."""
+    ok = isinstance(value, (list, tuple)) and len(value) >= least and all(isinstance(p, str) and p.strip()
+                                                                          for p in value)
+    check_range(key, value, ok, f"a list of {'at least one of ' if least else ''}module names, class names (Linear) "
+                f"or re:<regex> patterns")
+    for pattern in value:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as exc:
+                raise ConfigError(f"{key}: {pattern!r} is not a regular expression ({exc}); allowed: "
+                                  f"re:<a Python regex>, matched against full module names") from None
+    return tuple(value)
 
 
 def build(spec: MethodSpec) -> Method:
@@ -75,4 +101,4 @@ def build(spec: MethodSpec) -> Method:
     if pruner.structured and pruner.selection == "global" and spec.allocator != "uniform":
         raise ConfigError(f"method.selection=global picks every block's width itself and would ignore the "
                           f"per-block rates of allocator={spec.allocator}; allowed with it: method.selection=per_block")
-    return Method(name=spec.name, allocator=allocator, pruner=pruner)
+    return Method(name=spec.name, allocator=allocator, pruner=pruner, targets=spec.targets, ignore=spec.ignore)

@@ -17,7 +17,7 @@ from torch import nn
 
 from bench.core.engine import Block0Cache, BlockView, OnBlock, OnStep, Stream, traverse, walk
 from bench.core.families import arch_for, prunable_linears
-from bench.core.vocab import STATS_LEVELS
+from bench.core.vocab import STATS_LEVELS, ConfigError
 from methods.base import Method, Pruner
 from methods.search.chat import ChatLLM, LLMConfig
 
@@ -118,7 +118,12 @@ def prune(model: nn.Module, method: Method, samples: torch.Tensor, sparsity: flo
         raise ValueError("a streamed pass cannot be resumed: its blocks are written to the output checkpoint")
     arch = arch_for(model)
     blocks = arch.blocks(model)
-    sizes = {name: linear.weight.numel() for name, linear in prunable_linears(model).items()}
+    sizes = {name: linear.weight.numel() for name, linear in prunable_linears(model).items()
+             if method.selects(name, linear)}
+    if not sizes:
+        raise ConfigError(f"method.targets={list(method.targets)} less method.ignore={list(method.ignore)} select "
+                          f"none of the {len(prunable_linears(model))} prunable linears (e.g. "
+                          f"{next(iter(prunable_linears(model)))}); allowed: patterns that leave at least one")
     allocator, pruner = method.allocator, method.pruner
     allocator.check(sparsity, len(sizes))  # before the (long) dense pass
     point = None if resume is None else resume.load()

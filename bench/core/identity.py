@@ -26,7 +26,7 @@ import json
 NOT_NUMERIC = ("save_dir", "save_format", "device", "targets", "paper_protocol", "logger", "rerun", "cache",
                "resume_every_s", "method.display", "eval.zeroshot.log_samples",
                "plan", "method.realised_pruner")
-LATER_KEYS = {"data.calib.batch": 1}
+LATER_KEYS = {"data.calib.batch": 1, "method.targets": ["Linear"], "method.ignore": []}
 TABLE_AXES = ("model", "sparsity", "seed", "method.seed")
 BASELINE_SHARES = ("model", "protocol", "seed", "data", "eval")
 
