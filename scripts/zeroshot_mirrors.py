@@ -43,6 +43,12 @@ _TEMPLATES = {
                    "doc_to_choice": "{{choices.text}}", "metrics": ["acc", "acc_norm"]},
     "rte": {"doc_to_text": "{{sentence1}}\nQuestion: {{sentence2}} True or False?\nAnswer:",
             "doc_to_target": "label", "doc_to_choice": ["True", "False"], "metrics": ["acc"]},
+    # beyond the papers' tasks: the last word of a passage, scored by its log-likelihood (lm-eval's
+    # lambada_openai YAML: perplexity and acc, no choices)
+    "lambada_openai": {"output_type": "loglikelihood", "doc_to_text": "{{text.split(' ')[:-1]|join(' ')}}",
+                       "doc_to_target": "{{' '+text.split(' ')[-1]}}",
+                       "metric_list": [{"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
+                                       {"metric": "acc", "aggregation": "mean", "higher_is_better": True}]},
 }
 
 
@@ -96,6 +102,8 @@ def _docs(task: str, sentences: list[str], n: int, rng: random.Random) -> list[d
             probe = rng.choice([w for w in source.split() if len(w) > 4] or ["value"])
             docs.append({"passage": picks[0], "question": f"does the passage use the word \"{probe}\"",
                          "label": int(probe in picks[0].split())})
+        elif task == "lambada_openai":
+            docs.append({"text": re.sub(r"\W+$", "", picks[0])})  # lambada's passages end on the word itself
         elif task == "rte":
             entailed = rng.randrange(2) == 0
             docs.append({"sentence1": picks[0], "sentence2": (context if entailed else _split(picks[1])[0]) + ".",
@@ -117,13 +125,13 @@ def write_mirrors(directory: Path, n: int = 50, seed: int = 0, tasks: tuple = tu
             "task": task,
             "dataset_path": "json",
             "dataset_kwargs": {"data_files": {"test": str(data_file)}},
-            "output_type": "multiple_choice",
+            "output_type": template.get("output_type", "multiple_choice"),
             "test_split": "test",
             "doc_to_text": template["doc_to_text"],
             "doc_to_target": template["doc_to_target"],
-            "doc_to_choice": template["doc_to_choice"],
-            "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
-                            for m in template["metrics"]],
+            **({"doc_to_choice": template["doc_to_choice"]} if "doc_to_choice" in template else {}),
+            "metric_list": template.get("metric_list") or [
+                {"metric": m, "aggregation": "mean", "higher_is_better": True} for m in template["metrics"]],
             "metadata": {"version": 1.0, "description": "prunebench offline mirror built from pydoc text; "
                                                         "NOT the real benchmark"},
         }

@@ -101,6 +101,23 @@ def test_any_task_lm_eval_resolves_scored_by_its_primary_metric_and_no_samples_b
     assert not list((tmp_path / "cell").rglob("samples_*.jsonl"))  # before: always written
 
 
+def test_lambada_through_its_offline_mirror_is_scored_by_run_py(mirrors, tmp_path):
+    """A task beyond the papers' (lambada_openai: a passage's last word by log-likelihood, no choices) has a
+    mirror in its real schema and prompt; before, the mirrors held multiple-choice tasks alone."""
+    docs = [json.loads(line) for line in (mirrors / "lambada_openai.jsonl").read_text().splitlines()]
+    assert len(docs) == 6 and all(len(d["text"].split()) >= 10 and d["text"][-1].isalnum() for d in docs)
+    run = subprocess.run([sys.executable, "run.py", "model=llama-tiny", "method=magnitude", "threads=1", "cache=false",
+                          "eval.speed=null", *TINY, "eval=[ppl,zeroshot]", "eval.zeroshot.tasks=[lambada_openai]",
+                          f"eval.zeroshot.include_path={mirrors}", f"hydra.run.dir={tmp_path / 'run'}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    score = result["metrics"]["zeroshot"]["tasks"]["lambada_openai"]
+    assert score["metric"] == "acc" and 0 <= score["value"] <= 1  # lm-eval's primary metric, not perplexity
+    assert result["protocol"]["fields"]["zeroshot_mirror"] is True
+    assert "lambada_openai (mirror) acc" in run.stdout  # the table says whose numbers these are
+
+
 def test_ppl_only_by_default(make_config):
     cfg, _ = make_config("model=llama-tiny", *TINY)
     assert cfg.eval.ppl is not None and cfg.eval.zeroshot is None
