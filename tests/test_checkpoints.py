@@ -89,7 +89,7 @@ def test_uniform_width_loads_with_plain_from_pretrained(make_config, tmp_path, n
 
 
 @pytest.mark.parametrize("name", ["llama-tiny", "bloom-tiny"])
-def test_per_block_widths_load_with_the_shipped_model_code(make_config, tmp_path, name):
+def test_per_block_widths_load_with_the_shipped_model_code(make_config, tmp_path, name, capfd):
     model, tokenizer = tiny(make_config, name)
     shrink(model, [100, 150] if name == "llama-tiny" else [128, 128])  # BLOOM's config cannot say 128
     expected = logits(model)
@@ -100,7 +100,10 @@ def test_per_block_widths_load_with_the_shipped_model_code(make_config, tmp_path
     assert (target / checkpoint.MODELING_FILE).exists()
     reloaded, printed = reload_logits(target, tmp_path, remote_code=True)
     assert torch.equal(reloaded, expected) and printed.startswith("PrunedForCausalLM")
+    capfd.readouterr()
     assert torch.equal(logits(load_with_prunebench(target)), expected)
+    said = "".join(capfd.readouterr())
+    assert "custom code" not in said and "model of type" not in said  # before: the trust_remote_code prompt
 
 
 def two_four(model) -> None:
