@@ -206,6 +206,9 @@ class Table:
                 if previous[:c + 1] == row[:c + 1]:
                     shown[c] = ""
             previous = row
+            for c in text:  # ragged, not justified over a narrow column; the last cell's \\ must stay the row's
+                if shown[c] and c < len(shown) - 1:
+                    shown[c] = r"\raggedright " + shown[c]
             lines.append(" & ".join(shown) + r" \\")
         lines += [r"\bottomrule", r"\end{tabular}"]
         if self.footnotes:
