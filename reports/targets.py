@@ -206,12 +206,17 @@ def _paper(header: list[str], rows: list[list[str]], notes: list[str]) -> Table:
     sources = list(dict.fromkeys(row[at["source"]] for row in rows if row[at["source"]]))
     differences = list(dict.fromkeys(f"{row[at['model']]} {row[at['method']]}: {row[at['protocol differences']]}"
                                      for row in rows if row[at["protocol differences"]] not in ("-", "none")))
+    columns = list(PAPER_COLUMNS)
+    if all(len({r[2] for r in shown if r[0] == model}) == 1 for model in models):
+        # one metric per model: it heads the model's section, and the table is a column narrower
+        shown = [[f"{row[0]}: {row[2]}", *row[1:2], *row[3:]] for row in shown]
+        columns.remove("metric")
     short = {"difference": "diff.", "tolerance": "tol."}  # headers no wider than their numbers
-    return Table("Reported vs reproduced", [short.get(c, c) for c in PAPER_COLUMNS], shown,
+    return Table("Reported vs reproduced", [short.get(c, c) for c in columns], shown,
                  notes + [f"Source: {source}." for source in sources]
                  + [f"Protocol differences, {difference}." for difference in differences],
                  caption="Reported vs reproduced, dense targets first; ours: the mean over n = " + seeds
                          + (" seeds " if max(counts, default=1) > 1 else " seed ")
                          + "(± their sample std where n > 1); over dense: ours / the paper's, each over its own "
-                           "dense number", label="tab:prunebench-targets", index=3,
+                           "dense number", label="tab:prunebench-targets", index=len(columns) - 6,
                  sections=True, dense=True)
