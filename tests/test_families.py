@@ -117,6 +117,24 @@ def test_layer_wise_perplexity_equals_the_whole_model(preset):
 
 
 @pytest.mark.parametrize("preset", list(FAMILY_PRESETS))
+def test_layer_wise_windows_batched_per_block_forward_give_each_window_its_own_numbers(preset, monkeypatch):
+    """5 windows 2 at a time: two full chunks and a remainder, whose kwargs (masks, BLOOM's ALiBi, rotary
+    tables) are captured for its own size."""
+    model = _model(preset).eval()
+    windows = torch.randint(0, 256, (5, 40), generator=torch.Generator().manual_seed(3))
+    chunks = []
+    run_block_form = engine.run_block_form
+    monkeypatch.setattr(engine, "run_block_form", lambda block, inputs, kwargs, device: (
+        chunks.append(sorted(kwargs)), run_block_form(block, inputs, kwargs, device))[1])
+    one = perplexity.layerwise_window_nlls(model, windows, "cpu", batch=1)
+    assert chunks and all(sizes == [1] for sizes in chunks)
+    chunks.clear()
+    batched = perplexity.layerwise_window_nlls(model, windows, "cpu", batch=2)
+    assert chunks and all(sizes == [1, 2] for sizes in chunks)
+    assert torch.equal(batched, one), (batched - one).abs().max()
+
+
+@pytest.mark.parametrize("preset", list(FAMILY_PRESETS))
 def test_every_claimed_family_runs_a_whole_cell(preset, make_config, tmp_path):
     cfg, resolved = make_config(f"model={preset}", "method=wanda", "sparsity=0.5", *TINY)
     result = run_cell(cfg, resolved, tmp_path / "u", rerun="all")
