@@ -29,7 +29,7 @@ from bench.sweep import SweepCallback
 from reports.callback import CollectTable, SweepProgress
 from tests.conftest import ROOT, TINY
 
-HEAVY_FOR_HELP = ("torch", "transformers", "peft")
+HEAVY_FOR_HELP = ("torch", "transformers", "peft", "submitit")  # submitit: Hydra lists our launchers
 # The stages that use these are off in a plain tiny cell: recovery (peft), zero-shot (lm_eval, datasets),
 # W&B (wandb), the Self-Pruner's LLM backends (openai, xgrammar).
 HEAVY_FOR_A_PLAIN_CELL = ("peft", "lm_eval", "wandb", "openai", "xgrammar")
