@@ -101,7 +101,7 @@ class PplConfig:
     seqlen: int = 512
     max_windows: Optional[int] = None  # None = the whole split (paper protocol)
     layerwise: Any = "auto"  # true: block by block (SparseGPT's way for big models); auto: when it does not fit
-    batch: int = 8  # windows per block forward of a layer-wise pass (numbers as one at a time)
+    batch: int = 4  # windows per block forward of a layer-wise pass (numbers as one at a time)
 
     def __post_init__(self):
         check_range("eval.ppl.datasets", self.datasets, isinstance(self.datasets, list) and len(self.datasets) >= 1,
