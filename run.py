@@ -14,7 +14,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from bench.compose import eval_sweep, unknown_key
+from bench.compose import app_help, eval_sweep, unknown_key
+from bench.core.vocab import ConfigError
 
 log = logging.getLogger("prunebench")
 
@@ -62,7 +63,22 @@ def main(cfg: DictConfig) -> None:
             print(f"prunebench: checkpoint in {result.saved_to}")
 
 
+def _help(arguments: list[str]) -> str | None:
+    """Our --help text, where Hydra's would be the same (plain overrides, our help template), else None."""
+    flags = [a for a in arguments if a.startswith("-")]
+    overrides = [a for a in arguments if a not in flags]
+    if flags not in (["--help"], ["-h"]) or any("=" not in a or a.lstrip("+~").startswith("hydra") for a in overrides):
+        return None  # Hydra's own flags and settings (hydra/help=, hydra.job.name=) are Hydra's
+    try:
+        return app_help(overrides)
+    except ConfigError:
+        return None  # Hydra says what is wrong with the override
+
+
 if __name__ == "__main__":
+    if (text := _help(sys.argv[1:])) is not None:
+        print(text)
+        sys.exit(0)
     # before Hydra: its hint for an unknown key is to add `+key=`, and it sweeps `eval=ppl,zeroshot` silently
     if (error := eval_sweep(sys.argv[1:]) or unknown_key(sys.argv[1:])) is not None:
         sys.exit(f"prunebench: config error: {error}")

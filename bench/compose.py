@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import difflib
 import re
+import string
 from pathlib import Path
 from typing import Optional
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bench.core.vocab import ConfigError
 
@@ -91,3 +92,24 @@ def _dotted(tree: dict, prefix: str = "") -> list[str]:
         if isinstance(value, dict):
             keys += _dotted(value, f"{prefix}{key}.")
     return keys
+
+
+_HELP_FIELDS = {"APP_CONFIG_GROUPS", "CONFIG"}
+
+
+def app_help(overrides: list[str]) -> Optional[str]:
+    """`python run.py --help`'s text as Hydra writes it from conf/hydra/help, or None where the template
+    asks for more than the config groups and the config (a user's own hydra/help: Hydra answers).
+    Hydra fills every field of its template whatever the template uses, listing the groups of the
+    whole search path twice, about a config repository per group: that was most of --help's time."""
+    cfg = compose(overrides, with_hydra=True)
+    template = string.Template(cfg.hydra.help.template)
+    if {match[1] or match[2] for match in template.pattern.findall(template.template)} - {""} - _HELP_FIELDS:
+        return None
+    groups = sorted(path.parent.relative_to(CONF_DIR).as_posix() for path in CONF_DIR.rglob("*.yaml")
+                    if path.parent != CONF_DIR and path.relative_to(CONF_DIR).parts[0] != "hydra")
+    lines = "".join(f"{group}: {', '.join(sorted(p.stem for p in (CONF_DIR / group).glob('*.yaml')))}\n"
+                    for group in dict.fromkeys(groups))
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return template.substitute(APP_CONFIG_GROUPS=lines, CONFIG=OmegaConf.to_yaml(cfg))

@@ -101,6 +101,7 @@ class PplConfig:
     seqlen: int = 512
     max_windows: Optional[int] = None  # None = the whole split (paper protocol)
     layerwise: Any = "auto"  # true: block by block (SparseGPT's way for big models); auto: when it does not fit
+    batch: int = 4  # windows per block forward of a layer-wise pass (numbers as one at a time)
 
     def __post_init__(self):
         check_range("eval.ppl.datasets", self.datasets, isinstance(self.datasets, list) and len(self.datasets) >= 1,
@@ -112,6 +113,7 @@ class PplConfig:
         windows = self.max_windows
         check_range("eval.ppl.max_windows", windows, windows is None or windows >= 1, ">= 1, or null for all")
         check_choice("eval.ppl.layerwise", self.layerwise, STREAM_CHOICES)
+        check_range("eval.ppl.batch", self.batch, self.batch >= 1, ">= 1")
 
 
 @dataclass

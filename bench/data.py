@@ -363,6 +363,9 @@ def _hub_rows(hub: Optional[Hub], split: str) -> tuple[list[str], str]:
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """One long row of token ids (1, N), with the tokenizer's default special tokens, as the reference
     code calls it (`tokenizer(text)`): BOS first where the tokenizer adds one."""
+    table = getattr(tokenizer, "byte_ids", None)  # `models.byte_tokenizer`'s: one token per byte, no BOS
+    if table is not None and text and not any(token in text for token in tokenizer.get_added_vocab()):
+        return table[torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8).long()].unsqueeze(0)
     ids = tokenizer(text, return_attention_mask=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long).unsqueeze(0)
 

@@ -13,9 +13,8 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import submitit
 from hydra._internal.callbacks import Callbacks
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, filter_overrides
@@ -24,6 +23,9 @@ from hydra.types import HydraContext
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:
+    import submitit
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,10 @@ class _PerCellResources(submitit_launcher.BaseSubmititLauncher):
         return state
 
     def _executor(self) -> submitit.AutoExecutor:
+        # here, not at the top: Hydra imports every launcher plugin to list them, for --help and --cfg job
+        # too, and submitit is most of this module's import time
+        import submitit
+
         init = {"folder": self.params["submitit_folder"]}
         if "max_num_timeout" in self.params:
             init[f"{self._EXECUTOR}_max_num_timeout"] = self.params["max_num_timeout"]

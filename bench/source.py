@@ -127,7 +127,7 @@ class InMemory(ModelSource):
 
         def evaluate() -> float:
             return perplexity.perplexity(self.model, windows, cfg.device, desc=desc, layerwise=cfg.eval.ppl.layerwise,
-                                         on_step=self.observer.step)
+                                         on_step=self.observer.step, batch=cfg.eval.ppl.batch)
         # the dense model's ppl is the same in every cell
         return shared.dense_ppl(windows, cfg.device, evaluate) if cfg.method.dense else evaluate()
 

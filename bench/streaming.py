@@ -237,10 +237,11 @@ def should_stream(cfg: ModelConfig) -> bool:
 
 
 def streamed_perplexity(checkpoint: Path, windows: torch.Tensor, device: str = "cpu",
-                        dtype: torch.dtype = torch.float32, on_step: engine.OnStep = None) -> float:
+                        dtype: torch.dtype = torch.float32, on_step: engine.OnStep = None, batch: int = 1) -> float:
     """`bench.core.perplexity.perplexity` of a checkpoint, computed layer-wise with its blocks read from disk."""
     model = load_meta(checkpoint, dtype)
-    return perplexity.perplexity(model, windows, device, stream=BlockStream(model, checkpoint), on_step=on_step)
+    return perplexity.perplexity(model, windows, device, stream=BlockStream(model, checkpoint), on_step=on_step,
+                                 batch=batch)
 
 
 class Streamed(ModelSource):
@@ -294,4 +295,5 @@ class Streamed(ModelSource):
         self.result.saved_to = str(self.target.resolve())
 
     def perplexity(self, windows: torch.Tensor, desc: str, shared: CellCache) -> float:
-        return streamed_perplexity(self.evaluated, windows, self.cfg.device, self.dtype, on_step=self.observer.step)
+        return streamed_perplexity(self.evaluated, windows, self.cfg.device, self.dtype, on_step=self.observer.step,
+                                   batch=self.cfg.eval.ppl.batch)

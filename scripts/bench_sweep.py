@@ -28,7 +28,7 @@ GRID = ["method=dense,wanda", "sparsity=0.5,0.6", "seed=0,1"]
 
 
 def _run(arguments: list[str], out: Path) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # this checkout, whatever the cwd
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *arguments], cwd=out, env=env,
                           capture_output=True, text=True)

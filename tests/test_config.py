@@ -117,6 +117,7 @@ def test_a_checkpoint_dir_names_the_row_as_model_name_allows(folder, name, tmp_p
     (DataConfig, {"format": "xml"}, ["data.format='xml'", "text, json"]),
     (CalibConfig, {"nsamples": 0}, ["data.calib.nsamples=0", ">= 1"]),
     (PplConfig, {"layerwise": "yes"}, ["eval.ppl.layerwise='yes'", "auto, True, False"]),
+    (PplConfig, {"batch": 0}, ["eval.ppl.batch=0", ">= 1"]),
     (ZeroShotConfig, {"metric": {"boolq": "acc_norm"}}, ["eval.zeroshot.metric.boolq='acc_norm'", "allowed: acc"]),
     (SpeedConfig, {"repeats": 0}, ["eval.speed.repeats=0", ">= 1"]),
     (LoggerConfig, {"mode": "live"}, ["logger.mode='live'", "offline, online, disabled"]),

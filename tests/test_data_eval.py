@@ -98,6 +98,26 @@ def test_window_samples_of_the_offline_corpora_are_pinned(shared_data, name, spl
     assert hashlib.sha256(samples.numpy().tobytes()).hexdigest()[:16] == digest
 
 
+@pytest.mark.parametrize("name", ["wikitext2", "ptb", "pydoc"])
+def test_the_byte_tokenizer_is_a_lookup_with_the_tokenizers_own_ids(shared_data, name, monkeypatch):
+    """Tiny models tokenize each corpus through a table of byte ids instead of the tokenizer's call (seconds
+    per corpus); the ids are the call's, byte for byte, also for text outside ASCII. A text holding the
+    tokenizer's special token (one id for several bytes) goes through the call."""
+    tokenizer = models.byte_tokenizer()
+    corpus = data.load_corpus(name, "test", str(shared_data), "eval")
+    texts = [corpus.text, "ünïcödé 😀\x00\t\r\n \u00ad\u2028 end", " leading space"]
+    expected = [torch.tensor([tokenizer(text, return_attention_mask=False)["input_ids"]]) for text in texts]
+    called = []
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda self, *args, **kwargs: called.append(args))
+    for text, ids in zip(texts, expected):
+        assert torch.equal(data.tokenize(tokenizer, text), ids)
+    assert not called
+    monkeypatch.undo()
+    special = "a<eos>b"
+    assert data.tokenize(tokenizer, special).tolist() == [tokenizer(special)["input_ids"]]
+    assert len(data.tokenize(tokenizer, special)[0]) == 3
+
+
 def test_each_corpus_loads_from_the_hub_as_its_description_says(monkeypatch):
     calls = []
 

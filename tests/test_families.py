@@ -10,7 +10,7 @@ from bench import models
 from bench.cell import run_cell
 from bench.config import ConfigError, zoo_entry
 from bench.core import engine, families, perplexity
-from tests.conftest import TINY
+from tests.conftest import TINY, load_script
 
 # family preset -> whether its FFN has a known shape (separate ffn_in linears) for structured pruning
 FAMILY_PRESETS = {"opt-tiny": True, "bloom-tiny": True, "llama-tiny": True, "mistral-tiny": True,
@@ -114,6 +114,32 @@ def test_layer_wise_perplexity_equals_the_whole_model(preset):
     layerwise = perplexity.perplexity(model, windows, "cpu", layerwise=True)
     assert layerwise == pytest.approx(whole, rel=1e-6)
     assert perplexity.fits(model, "cpu")  # auto on CPU: the model is in host memory already
+
+
+@pytest.mark.parametrize("preset", list(FAMILY_PRESETS))
+def test_layer_wise_windows_batched_per_block_forward_give_each_window_its_own_numbers(preset, monkeypatch):
+    """5 windows 2 at a time: two full chunks and a remainder, whose kwargs (masks, BLOOM's ALiBi, rotary
+    tables) are captured for its own size."""
+    model = _model(preset).eval()
+    windows = torch.randint(0, 256, (5, 40), generator=torch.Generator().manual_seed(3))
+    chunks = []
+    run_block_form = engine.run_block_form
+    monkeypatch.setattr(engine, "run_block_form", lambda block, inputs, kwargs, device: (
+        chunks.append(sorted(kwargs)), run_block_form(block, inputs, kwargs, device))[1])
+    one = perplexity.layerwise_window_nlls(model, windows, "cpu", batch=1)
+    assert chunks and all(sizes == [1] for sizes in chunks)
+    chunks.clear()
+    batched = perplexity.layerwise_window_nlls(model, windows, "cpu", batch=2)
+    assert chunks and all(sizes == [1, 2] for sizes in chunks)
+    assert torch.equal(batched, one), (batched - one).abs().max()
+
+
+def test_the_layer_wise_batch_benchmark_prints_each_batch_against_one_window_at_a_time(shared_data, capsys):
+    load_script("bench_layerwise_ppl").main(["--model", "llama-tiny", "--windows", "5", "--seqlen", "32",
+                                             "--batches", "1", "2", "--repeats", "1"])
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[2:]}
+    assert set(rows) == {"1", "2"} and rows["1"][1] == "1.00"
+    assert all(row[2] == "True" for row in rows.values())
 
 
 @pytest.mark.parametrize("preset", list(FAMILY_PRESETS))

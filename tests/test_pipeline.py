@@ -10,7 +10,7 @@ import torch
 
 from bench import models
 from bench.cell import run_cell
-from bench.core import families
+from bench.core import engine, families
 from methods import catalog, lifecycle
 from tests.conftest import ROOT, TINY
 
@@ -136,3 +136,22 @@ def test_a_single_run_ends_by_saying_where_its_result_and_checkpoint_are(tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-2:] == [f"prunebench: result in {tmp_path / 'run.1' / 'result.json'}",
                                                      f"prunebench: checkpoint in {tmp_path / 'ckpt'}"]
+
+
+def test_layer_wise_perplexity_of_a_cell_runs_several_windows_per_block_forward_with_the_same_numbers(
+        tmp_path, monkeypatch):
+    import prunebench
+    sizes = []
+    run_block_form = engine.run_block_form
+    monkeypatch.setattr(engine, "run_block_form", lambda block, inputs, kwargs, device: (
+        sizes.append(max(kwargs)), run_block_form(block, inputs, kwargs, device))[1])
+    results = {}
+    for batch in (1, 4):
+        sizes.clear()
+        results[batch] = prunebench.run(["model=llama-tiny", "method=wanda", "sparsity=0.5", "threads=1", "cache=false",
+                                         *TINY, "eval.ppl.max_windows=6", "eval.ppl.layerwise=true",
+                                         f"eval.ppl.batch={batch}"], out_dir=tmp_path / str(batch))
+        assert results[batch].status == "ok", results[batch].error
+        assert max(sizes) == batch  # calibration runs one sample at a time, its own data.calib.batch
+    assert results[4].metrics["ppl"] == results[1].metrics["ppl"]
+    assert results[4].config_hash == results[1].config_hash  # the same cell: a sweep does not run it again

@@ -4,7 +4,9 @@ imported everything already) and reads its `sys.modules`; how long anything take
 scripts/bench_startup.py, not a test."""
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
 import os
 import pickle
@@ -14,16 +16,20 @@ import textwrap
 
 import pytest
 from hydra._internal.callbacks import Callbacks
+from hydra._internal.hydra import Hydra
+from hydra._internal.utils import create_config_search_path, get_args_parser
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.plugins import Plugins
 from hydra.experimental.callback import Callback
 from hydra.types import HydraContext, RunMode
 
+from bench.compose import CONF_DIR
 from bench.grid import SweepStart
 from bench.sweep import SweepCallback
 from reports.callback import CollectTable, SweepProgress
 from tests.conftest import ROOT, TINY
 
-HEAVY_FOR_HELP = ("torch", "transformers", "peft")
+HEAVY_FOR_HELP = ("torch", "transformers", "peft", "submitit")  # submitit: Hydra lists our launchers
 # The stages that use these are off in a plain tiny cell: recovery (peft), zero-shot (lm_eval, datasets),
 # W&B (wandb), the Self-Pruner's LLM backends (openai, xgrammar).
 HEAVY_FOR_A_PLAIN_CELL = ("peft", "lm_eval", "wandb", "openai", "xgrammar")
@@ -54,6 +60,34 @@ def test_help_and_cfg_import_no_torch(arguments, tmp_path):
             assert not exc.code, exc.code
     """, tmp_path)
     assert not imported & set(HEAVY_FOR_HELP), sorted(imported & set(HEAVY_FOR_HELP))
+
+
+def _hydras_help(overrides: list[str]) -> str:
+    hydra = Hydra.create_main_hydra2(task_name="run", config_search_path=create_config_search_path(str(CONF_DIR)))
+    text = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(text):
+            hydra.app_help(config_name="config", args_parser=get_args_parser(),
+                           args=get_args_parser().parse_args(["--help", *overrides]))
+    finally:
+        GlobalHydra.instance().clear()
+    return text.getvalue()
+
+
+def _run_py_help(overrides: list[str], tmp_path) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "--help", *overrides], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.parametrize("overrides", [[], ["model=llama-tiny", "method=wanda", "eval.ppl.seqlen=64"],
+                                       ["hydra/help=default"]])
+def test_help_prints_hydras_own_text(overrides, tmp_path):
+    """run.py writes the text of our help template itself (Hydra fills fields the template does not use,
+    at a config repository per group); Hydra's own settings (another template) are left to Hydra."""
+    assert _run_py_help(overrides, tmp_path) == _hydras_help(overrides)
 
 
 def test_a_plain_cell_imports_no_package_of_a_stage_it_skips(tmp_path):

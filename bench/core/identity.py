@@ -25,7 +25,7 @@ import json
 # presets set it to their own pruner, so no single LATER_KEYS value would keep their earlier hashes
 NOT_NUMERIC = ("save_dir", "save_format", "device", "targets", "paper_protocol", "logger", "rerun", "cache",
                "resume_every_s", "method.display", "eval.zeroshot.log_samples",
-               "plan", "method.realised_pruner")
+               "plan", "method.realised_pruner", "eval.ppl.batch")
 LATER_KEYS = {"data.calib.batch": 1, "method.targets": ["Linear"], "method.ignore": []}
 TABLE_AXES = ("model", "sparsity", "seed", "method.seed")
 BASELINE_SHARES = ("model", "protocol", "seed", "data", "eval")

@@ -7,7 +7,7 @@ and ppl = exp(mean token NLL over all windows), every window contributing seqlen
 Two ways to run the model, giving the same numbers: whole (`window_nlls`: the model on the device, one
 window at a time) or layer-wise (`layerwise_window_nlls`, the SparseGPT reference's way for big models:
 all windows through block 0, then block 1, ..., one block on the device at a time, blocks optionally
-streamed from disk). `perplexity(..., layerwise="auto")` picks layer-wise when the model does not fit
+streamed from disk; `batch` windows per block forward, which gives the same numbers as one at a time). `perplexity(..., layerwise="auto")` picks layer-wise when the model does not fit
 the device's free memory.
 """
 from __future__ import annotations
@@ -76,12 +76,15 @@ class _Replay(nn.Module):
 
 @torch.no_grad()
 def layerwise_window_nlls(model: nn.Module, windows: torch.Tensor, device: str, stream: Optional[engine.Stream] = None,
-                          desc: str = "perplexity (layer-wise)", on_step: engine.OnStep = None) -> torch.Tensor:
+                          desc: str = "perplexity (layer-wise)", on_step: engine.OnStep = None,
+                          batch: int = 1) -> torch.Tensor:
     """`window_nlls`, computed block by block over all windows: only one block is on `device` at a time
     (plus embeddings and head), and the (n, seqlen, hidden) activations stay on the CPU. `stream` (see
-    `engine.traverse`) loads each block from disk when it is reached and drops it after."""
+    `engine.traverse`) loads each block from disk when it is reached and drops it after. `batch` windows
+    go through a block per forward: a GPU idles on one window, and the windows never attend to each
+    other (equal lengths, no padding), so each one's numbers are those of a forward of its own."""
     arch = arch_for(model)
-    hidden, kwargs = engine.capture_inputs(model, windows, device)
+    hidden, kwargs = engine.capture_inputs(model, windows, device, batch)
     kwargs = engine.to_device(kwargs, device, {})
     blocks = arch.blocks(model)
     as_tuple = False
@@ -125,10 +128,11 @@ def from_nlls(nlls: torch.Tensor) -> float:
 
 def perplexity(model: nn.Module, windows: torch.Tensor, device: str, desc: str = "perplexity",
                layerwise: Union[str, bool] = "auto",
-               stream: Optional[engine.Stream] = None, on_step: engine.OnStep = None) -> float:
+               stream: Optional[engine.Stream] = None, on_step: engine.OnStep = None, batch: int = 1) -> float:
     """`layerwise`: True, False, or "auto" (layer-wise when the model does not `fit` the device).
-    `on_step` hears of each step of the pass that runs (`PPL_STEPS`)."""
+    `on_step` hears of each step of the pass that runs (`PPL_STEPS`); `batch`: windows per block forward
+    of the layer-wise pass."""
     if layerwise is True or stream is not None or (layerwise == "auto" and not fits(model, device)):
         return from_nlls(layerwise_window_nlls(model, windows, device, stream, desc=f"{desc} (layer-wise)",
-                                               on_step=on_step))
+                                               on_step=on_step, batch=batch))
     return from_nlls(window_nlls(model, windows, device, desc, on_step))
