@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 from omegaconf import OmegaConf
 
+from bench import models
 from bench.cell import run_cell
 from bench.compose import compose
 from bench.config import ConfigError, validate
@@ -32,6 +33,7 @@ def run(overrides: Sequence[str] = (), out_dir: Optional[Path] = None) -> Result
     again, unless `rerun=all` is among the overrides."""
     cfg = compose(list(overrides))
     run_cfg = validate(cfg)
+    models.check_reachable(run_cfg.model)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if out_dir is None:
         out_dir = Path("outputs") / (f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{cfg.model.name}_{cfg.method.name}_"

