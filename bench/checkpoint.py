@@ -47,6 +47,7 @@ from bench.core.vocab import ConfigError, check_choice
 
 SAVE_FORMATS = ("dense", "bitmask")
 MODELING_FILE = "modeling_prunebench.py"
+POSITION_KEYS = ("max_position_embeddings", "n_positions")  # what families call their position table's length
 AUTO_MAP = {"AutoConfig": f"{MODELING_FILE[:-3]}.PrunedConfig",
             "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.PrunedForCausalLM"}
 # A checkpoint that ships its code gets a model_type of its own: transformers then refuses every load
@@ -142,6 +143,17 @@ def ships_model_code(where: str | Path) -> bool:
     its config.json alone, which no class of ours or theirs is built from."""
     config, _ = transformers.PretrainedConfig.get_config_dict(str(where))
     return (config.get("auto_map") or {}).get("AutoModelForCausalLM") == AUTO_MAP["AutoModelForCausalLM"]
+
+
+def context_length(where: str | Path) -> Optional[int]:
+    """The positions a local checkpoint's config.json states (max_position_embeddings, n_positions), or None
+    where it states none or cannot be read (loading it then says what is wrong)."""
+    try:
+        config = json.loads((Path(where).expanduser() / "config.json").read_text())
+        found = [config.get(key) for key in POSITION_KEYS if isinstance(config.get(key), int)]
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found[0] if found else None
 
 
 def base_config(where: str | Path) -> transformers.PretrainedConfig:

@@ -24,7 +24,7 @@ from huggingface_hub.utils import validate_repo_id
 from omegaconf import DictConfig, OmegaConf
 
 from bench import protocol
-from bench.checkpoint import SAVE_FORMATS
+from bench.checkpoint import SAVE_FORMATS, context_length
 from bench.compose import CONF_DIR
 from bench.core.metrics import METRICS
 from bench.data import CUSTOM, SPLITS, DataConfig, dataset_names, resolve_files
@@ -375,11 +375,14 @@ def validate(cfg: DictConfig) -> RunConfig:
         raise ConfigError(f"recovery={recovery.name} merges LoRA updates into every weight, which would refill "
                           f"the zeros of pruner {method.pruner}; allowed with it: recovery=none "
                           f"(recovery is for structured pruners)")
+    context, whose = model.seqlen, f"the context length of model {model.name}"
+    positions = context_length(model.path) if model.path is not None else None
+    if positions is not None and positions < context:  # a preset's model.seqlen is not model.path's context
+        context, whose = positions, f"the positions of checkpoint model.path={model.path}"
     for key, seqlen in (("data.calib.seqlen", data.calib.seqlen),
                         ("eval.ppl.seqlen", evaluation.ppl.seqlen if evaluation.ppl else 1),
                         ("recovery.seqlen", recovery.seqlen if recovery.enabled else 1)):
-        check_range(key, seqlen, 0 < seqlen <= model.seqlen,
-                    f"1..{model.seqlen} (the context length of model {model.name})")
+        check_range(key, seqlen, 0 < seqlen <= context, f"1..{context} ({whose})")
     if CUSTOM in [data.calib.dataset, *(evaluation.ppl.datasets if evaluation.ppl else ())]:
         paths = {f"data.path.{k}": v for k, v in data.path.items()} if isinstance(data.path, dict) else \
             {"data.path": data.path}
