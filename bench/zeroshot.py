@@ -119,6 +119,8 @@ def evaluate(model: nn.Module, tokenizer, cfg: ZeroShotConfig, device: str, seed
         saved = {key: _renamed(value, name) for key, value in out.items()}
         for config in saved.get("configs", {}).values():
             config["task"] = name(config["task"])
+        for scores in saved.get("results", {}).values():  # each score names its task again, and its alias
+            scores.update({key: name(scores[key]) for key in ("name", "alias") if key in scores})
         tracker.save_results_aggregated(results=saved, samples=_renamed(samples, name))
         for task in out["configs"] if samples else ():
             tracker.save_results_samples(task_name=name(task), samples=samples[task])
