@@ -24,7 +24,7 @@ from huggingface_hub.utils import validate_repo_id
 from omegaconf import DictConfig, OmegaConf
 
 from bench import protocol
-from bench.checkpoint import SAVE_FORMATS, context_length
+from bench.checkpoint import SAVE_FORMATS, context_length, folder_problem
 from bench.compose import CONF_DIR
 from bench.core.metrics import METRICS
 from bench.data import CUSTOM, SPLITS, DataConfig, dataset_names, resolve_files
@@ -391,9 +391,9 @@ def validate(cfg: DictConfig) -> RunConfig:
                 resolve_files(path, key)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
-    if model.path is not None and not Path(model.path).expanduser().exists():
-        raise ConfigError(f"model.path={model.path!r} does not exist; pass a local checkpoint dir "
-                          f"or leave it null to load {model.id!r} from its source")
+    if model.path is not None and (problem := folder_problem(model.path)) is not None:
+        raise ConfigError(f"model.path={model.path!r} {problem}; allowed: a local checkpoint dir (its config.json "
+                          f"and weights), or null for the model's own source")
     _targets(raw.get("targets") or [], evaluation, method, built.pruner.structured)
     unknown = protocol.check_paper_protocol(raw.get("paper_protocol") or {})
     if unknown is not None:

@@ -696,3 +696,17 @@ def test_a_measured_sparsity_just_below_one_never_shows_as_100_percent(tmp_path)
     _forged(root, **{"sparsity.measured": 0.9998575846354166})
     details = collect(root, write=False).details
     assert "99.99%" in [cell for row in details.rows for cell in row]  # before: 100.0%
+
+
+@pytest.mark.parametrize("make, problem", [
+    (lambda p: p.write_text("weights"), "is not a folder"),
+    (lambda p: p.mkdir(), "has no config.json"),
+    (lambda p: (p.mkdir(), (p / "config.json").write_text("{bad")), "has a config.json that does not read as JSON"),
+    (lambda p: (p.mkdir(), (p / "config.json").write_text("[]")), "has a config.json that names no model_type"),
+])
+def test_a_model_path_that_is_no_checkpoint_folder_is_one_line_at_validation(make, problem, tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "load", lambda *a: pytest.fail("loaded"))  # before: transformers' traceback there
+    make(tmp_path / "ckpt")
+    with pytest.raises(ConfigError) as info:
+        validate(compose([*BASE, *TINY, f"model.path={tmp_path / 'ckpt'}"]))
+    assert str(info.value).startswith(f"model.path='{tmp_path / 'ckpt'}' {problem}") and "\n" not in str(info.value)
