@@ -106,8 +106,9 @@ class PplConfig:
         check_range("eval.ppl.datasets", self.datasets, isinstance(self.datasets, list) and len(self.datasets) >= 1,
                     f"a list of one or more of {', '.join(dataset_names())} (eval=zeroshot alone skips "
                     f"perplexity: an empty list would end ok with no metric)")
-        for name in self.datasets:
+        for index, name in enumerate(self.datasets):
             check_choice("eval.ppl.datasets", name, dataset_names())
+            check_range("eval.ppl.datasets", name, name not in self.datasets[:index], "each dataset once")
         check_choice("eval.ppl.split", self.split, SPLITS)
         windows = self.max_windows
         check_range("eval.ppl.max_windows", windows, windows is None or windows >= 1, ">= 1, or null for all")

@@ -49,9 +49,10 @@ class ZeroShotConfig:
     log_samples: bool = False  # lm-eval's per-example samples beside its results (about 30 MB for the seven tasks)
 
     def __post_init__(self):
-        for task in self.tasks:
+        for index, task in enumerate(self.tasks):
             check_range("eval.zeroshot.tasks", task, isinstance(task, str) and task.strip() != "",
                         "names of lm-eval tasks")
+            check_range("eval.zeroshot.tasks", task, task not in self.tasks[:index], "each task once")
         for task, metric in self.metric.items():
             check_choice("eval.zeroshot.metric", task, ZEROSHOT_TASKS)
             check_choice(f"eval.zeroshot.metric.{task}", metric,

@@ -382,6 +382,9 @@ BAD_INPUTS = [
     (["method=magnitude", "method.sparsity_type=5:7", "sparsity=0.2857142857142857"], "method.sparsity_type"),
     (["method=cfsp", "recovery=lora", "recovery.seqlen=100000"], "recovery.seqlen"),
     (["model.architecture.hidden_size=63"], "model.architecture"),
+    # found later: a list naming one entry twice was its own cell (another hash) measuring nothing more
+    (["eval.ppl.datasets=[pydoc,pydoc]"], "eval.ppl.datasets='pydoc'"),
+    (["eval=[ppl,zeroshot]", "eval.zeroshot.tasks=[piqa,boolq,piqa]"], "eval.zeroshot.tasks='piqa'"),
 ]
 
 
