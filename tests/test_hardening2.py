@@ -713,3 +713,12 @@ def test_a_model_path_that_is_no_checkpoint_folder_is_one_line_at_validation(mak
     with pytest.raises(ConfigError) as info:
         validate(compose([*BASE, *TINY, f"model.path={tmp_path / 'ckpt'}"]))
     assert str(info.value).startswith(f"model.path='{tmp_path / 'ckpt'}' {problem}") and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("data", ["text", "json"])
+def test_a_custom_corpus_of_empty_files_is_one_line_at_validation(data, tmp_path):
+    (tmp_path / "a.txt").write_text("")
+    (tmp_path / "b.txt").write_text("")
+    with pytest.raises(ConfigError) as info:  # before: datasets' DatasetGenerationError in every cell
+        validate(compose([*BASE, f"data={data}", f"data.path={tmp_path}/*.txt", "eval.ppl.datasets=[custom]"]))
+    assert str(info.value) == f"data.path='{tmp_path}/*.txt' matches no file with any text (2 empty)"
