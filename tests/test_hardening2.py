@@ -722,3 +722,14 @@ def test_a_custom_corpus_of_empty_files_is_one_line_at_validation(data, tmp_path
     with pytest.raises(ConfigError) as info:  # before: datasets' DatasetGenerationError in every cell
         validate(compose([*BASE, f"data={data}", f"data.path={tmp_path}/*.txt", "eval.ppl.datasets=[custom]"]))
     assert str(info.value) == f"data.path='{tmp_path}/*.txt' matches no file with any text (2 empty)"
+
+
+def test_a_single_run_dir_that_is_a_file_is_one_line_and_the_file_is_kept(tmp_path):
+    planted = tmp_path / "run"
+    planted.write_text("mine")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "run.py", *BASE, *TINY, f"hydra.run.dir={planted}"], cwd=ROOT,
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-2000:]  # before: Hydra's mkdir
+    assert f"hydra.run.dir={planted} cannot be a folder: {planted} is a file" in run.stderr
+    assert planted.read_text() == "mine"
