@@ -733,3 +733,24 @@ def test_a_single_run_dir_that_is_a_file_is_one_line_and_the_file_is_kept(tmp_pa
     assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-2000:]  # before: Hydra's mkdir
     assert f"hydra.run.dir={planted} cannot be a folder: {planted} is a file" in run.stderr
     assert planted.read_text() == "mine"
+
+
+def test_clearing_the_cache_removes_our_entries_only_and_nothing_through_a_symlink(tmp_path, monkeypatch, capsys):
+    from bench import cache as caching
+
+    monkeypatch.setenv("PRUNEBENCH_CACHE", str(tmp_path / "cache"))  # a typo'd one may point at a user's folder
+    tokens = tmp_path / "cache" / "cells" / "tokens"
+    tokens.mkdir(parents=True)
+    (tokens / "a.safetensors").write_bytes(b"x" * 64)
+    (tokens / ".b.safetensors.k2j4.tmp").write_bytes(b"half")  # an interrupted write of ours
+    (tokens / "notes.txt").write_text("mine")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "c.safetensors").write_bytes(b"y" * 64)
+    (tmp_path / "cache" / "cells" / "block0").symlink_to(elsewhere)
+    before = _tree(elsewhere)
+    assert caching.main(["clear"]) == 0
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in tokens.iterdir()) == ["notes.txt"]  # before: the whole folder went
+    assert _tree(elsewhere) == before and "tokens: removed 1 entries" in out
+    assert "block0: " in out and "is a symlink; nothing under it removed" in out  # before: 'removed 1 entries'
