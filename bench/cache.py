@@ -263,7 +263,8 @@ def main(argv=None) -> int:
                 print(f"{kind}: {root / kind} is a symlink; nothing under it removed")
                 continue
             # our entries and the staging files of interrupted writes, never a user's file that sits there
-            ours = [p for p in [*entries, *(root / kind).glob(f".*{SUFFIX}.*.tmp")] if p.is_file() and not p.is_symlink()]
+            staged = (root / kind).glob(f".*{SUFFIX}.*.tmp")
+            ours = [p for p in [*entries, *staged] if p.is_file() and not p.is_symlink()]
             for path in ours:
                 path.unlink()
             if (root / kind).is_dir() and not any((root / kind).iterdir()):
