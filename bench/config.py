@@ -83,6 +83,8 @@ class ModelConfig:
             check_range("model.file", self.file, not self.file.startswith(("/", "-")) and ".." not in self.file,
                         "a relative path inside the wheel, without '..'")
         check_range("model.seqlen", self.seqlen, self.seqlen >= 1, ">= 1")
+        budget = self.host_memory_gb  # a budget <= 0 streamed every model.path, and said it exceeded it
+        check_range("model.host_memory_gb", budget, budget is None or budget > 0, "> 0, or null for half the job's")
         check_choice("model.source", self.source, SOURCES)
         check_choice("model.dtype", self.dtype, DTYPES)
         check_choice("model.stream", self.stream, STREAM_CHOICES)
@@ -382,7 +384,9 @@ def validate(cfg: DictConfig) -> RunConfig:
         context, whose = positions, f"the positions of checkpoint model.path={model.path}"
     for key, seqlen in (("data.calib.seqlen", data.calib.seqlen),
                         ("eval.ppl.seqlen", evaluation.ppl.seqlen if evaluation.ppl else 1),
-                        ("recovery.seqlen", recovery.seqlen if recovery.enabled else 1)):
+                        ("recovery.seqlen", recovery.seqlen if recovery.enabled else 1),
+                        ("eval.speed.prefill_seqlen + eval.speed.decode_tokens", evaluation.speed.prefill_seqlen
+                         + evaluation.speed.decode_tokens if evaluation.speed and built.pruner.structured else 1)):
         check_range(key, seqlen, 0 < seqlen <= context, f"1..{context} ({whose})")
     if CUSTOM in [data.calib.dataset, *(evaluation.ppl.datasets if evaluation.ppl else ())]:
         paths = {f"data.path.{k}": v for k, v in data.path.items()} if isinstance(data.path, dict) else \

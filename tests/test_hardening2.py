@@ -385,6 +385,8 @@ BAD_INPUTS = [
     # found later: a list naming one entry twice was its own cell (another hash) measuring nothing more
     (["eval.ppl.datasets=[pydoc,pydoc]"], "eval.ppl.datasets='pydoc'"),
     (["eval=[ppl,zeroshot]", "eval.zeroshot.tasks=[piqa,boolq,piqa]"], "eval.zeroshot.tasks='piqa'"),
+    (["model.host_memory_gb=-3"], "model.host_memory_gb=-3.0"),  # streamed every model.path, late and puzzling
+    (["method=wanda_sp", "sparsity=0.2", "eval.speed.prefill_seqlen=600"], "eval.speed.prefill_seqlen"),  # > 512
 ]
 
 
