@@ -756,3 +756,17 @@ def test_clearing_the_cache_removes_our_entries_only_and_nothing_through_a_symli
     assert sorted(p.name for p in tokens.iterdir()) == ["notes.txt"]  # before: the whole folder went
     assert _tree(elsewhere) == before and "tokens: removed 1 entries" in out
     assert "block0: " in out and "is a symlink; nothing under it removed" in out  # before: 'removed 1 entries'
+
+
+@pytest.mark.parametrize("field, bad", [
+    ("cell.sparsity", "0.5"), ("cell.model", 5), ("cell.method", None), ("cell.display", 7), ("cell.baseline", "no"),
+    ("timings", []), ("timings.total", "x"), ("peak_memory", "x"), ("sparsity", None), ("sparsity.measured", "x"),
+    ("protocol", None), ("provenance", None), ("config", None), ("data", None), ("allocator", "x"),
+])
+def test_a_record_with_a_field_of_another_type_is_reported_and_the_others_tabled(field, bad, tmp_path):
+    root = tmp_path / "s"
+    _forged(root, **{field: bad})  # found: beside a string metric, each of these stopped the whole report
+    report = collect(root, formats=("md", "csv", "tex", "html"), plots=True)
+    assert [r.cell.method for r in report.records] == ["dense"]
+    assert any(field.split(".")[-1] in note and "not a result" in note for note in report.results.footnotes), \
+        report.results.footnotes
