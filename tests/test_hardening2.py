@@ -770,3 +770,12 @@ def test_a_record_with_a_field_of_another_type_is_reported_and_the_others_tabled
     assert [r.cell.method for r in report.records] == ["dense"]
     assert any(field.split(".")[-1] in note and "not a result" in note for note in report.results.footnotes), \
         report.results.footnotes
+
+
+def test_a_display_name_with_line_breaks_stays_one_latex_cell(tmp_path):
+    root = tmp_path / "s"
+    _forged(root, **{"cell.display": "X\n\n\\input{/etc/passwd}\r\n"})
+    collect(root, formats=("tex",))
+    tex = (root / "table.tex").read_text()
+    # before: a blank line (\par) inside the tabular, and \textbackslash\{\} (its own braces escaped)
+    assert r"X \textbackslash{}input\{/etc/passwd\}  &" in tex and "X\n" not in tex
