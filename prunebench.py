@@ -34,6 +34,7 @@ def run(overrides: Sequence[str] = (), out_dir: Optional[Path] = None) -> Result
     again, unless `rerun=all` is among the overrides."""
     cfg = compose(list(overrides))
     run_cfg = validate(cfg)
+    models.check_reachable(run_cfg.model)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if out_dir is None:
         out_dir = Path("outputs") / (f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{cfg.model.name}_{cfg.method.name}_"

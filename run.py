@@ -25,7 +25,7 @@ def main(cfg: DictConfig) -> None:
     # Imported here, not above: `--help` and `--cfg job` never call main, and the harness pulls in torch
     # and transformers (seconds) that those answers do not need. The packages themselves keep every
     # import of ours at module level (tests/test_layers.py); this script is their only lazy entry.
-    from bench import plan
+    from bench import models, plan
     from bench.cell import run_cell
     from bench.config import ConfigError, validate
     from bench.isolate import run_isolated
@@ -38,6 +38,8 @@ def main(cfg: DictConfig) -> None:
         if plan.plan_mode(cfg.get("plan", False)):  # a sweep's plan is printed by its callback, before any cell
             print(plan.sweep_plan([("cell", run_cfg, None)])[0])
             return
+        if hydra_cfg.mode != RunMode.MULTIRUN:  # a sweep's callback checked each distinct model once
+            models.check_reachable(run_cfg.model)
     except ConfigError as exc:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise  # the sweep's validation callback already checked every cell; this is a bug

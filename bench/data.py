@@ -279,17 +279,21 @@ def resolve_files(path: Union[str, list, None], key: str = "data.path") -> list[
     files = []
     for entry in entries:
         pattern = os.path.expanduser(str(entry))
-        matched = []
+        matched, empty = [], 0
         # a glob over a huge tree (`/usr/**`) would be walked whole before validation says anything
         for match in glob.iglob(pattern, recursive=True):
             if os.path.isfile(match):
+                if not os.path.getsize(match):  # no text, and datasets' reader fails on it in every cell
+                    empty += 1
+                    continue
                 matched.append(match)
                 if len(matched) > MAX_CUSTOM_FILES:
                     raise ValueError(f"{key}={str(entry)!r} matches more than {MAX_CUSTOM_FILES} files; allowed: "
                                      f"a file, or a glob of at most {MAX_CUSTOM_FILES} files (narrow it)")
         matched.sort()
         if not matched:
-            raise ValueError(f"{key}={str(entry)!r} matches no file")
+            raise ValueError(f"{key}={str(entry)!r} matches no file"
+                             + (f" with any text ({empty} empty)" if empty else ""))
         files.extend(os.path.abspath(m) for m in matched if os.path.abspath(m) not in files)
     return files
 

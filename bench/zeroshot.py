@@ -49,9 +49,10 @@ class ZeroShotConfig:
     log_samples: bool = False  # lm-eval's per-example samples beside its results (about 30 MB for the seven tasks)
 
     def __post_init__(self):
-        for task in self.tasks:
+        for index, task in enumerate(self.tasks):
             check_range("eval.zeroshot.tasks", task, isinstance(task, str) and task.strip() != "",
                         "names of lm-eval tasks")
+            check_range("eval.zeroshot.tasks", task, task not in self.tasks[:index], "each task once")
         for task, metric in self.metric.items():
             check_choice("eval.zeroshot.metric", task, ZEROSHOT_TASKS)
             check_choice(f"eval.zeroshot.metric.{task}", metric,
@@ -119,6 +120,8 @@ def evaluate(model: nn.Module, tokenizer, cfg: ZeroShotConfig, device: str, seed
         saved = {key: _renamed(value, name) for key, value in out.items()}
         for config in saved.get("configs", {}).values():
             config["task"] = name(config["task"])
+        for scores in saved.get("results", {}).values():  # each score names its task again, and its alias
+            scores.update({key: name(scores[key]) for key in ("name", "alias") if key in scores})
         tracker.save_results_aggregated(results=saved, samples=_renamed(samples, name))
         for task in out["configs"] if samples else ():
             tracker.save_results_samples(task_name=name(task), samples=samples[task])

@@ -93,6 +93,13 @@ def main(argv=None) -> int:
     except FileNotFoundError as exc:
         print(f"reports: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a read-only sweep dir (an archive, a teammate's), a full disk
+        tables = args.command == "collect"
+        if tables:
+            print(collect(args.sweep_dir, write=False).markdown)
+        print(f"reports: could not write into {args.sweep_dir} ({exc.strerror or exc}: {exc.filename})"
+              + ("; its tables are printed above" if tables else ""), file=sys.stderr)
+        return 1
     return 0
 
 

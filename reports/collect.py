@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 import pandas as pd
 
-from bench.core.metrics import METRICS, display, metric, names
+from bench.core.metrics import METRICS, MIRROR, display, metric, names
 from bench.core.records import Result, baselines, read_results, write_atomic
 from reports import league
 from reports.frame import aggregate, long_frame, row_labels
@@ -211,7 +211,12 @@ def _total(timings: dict, *stages: str) -> Optional[float]:
 
 
 def _pct(value) -> Optional[str]:
-    return None if value is None else f"{100 * value:.1f}%"
+    """One decimal, unless that rounds a fraction strictly between 0 and 1 to 0.0% or 100.0% (a sparsity of
+    0.99986 is not an empty model): then as many as it takes."""
+    if value is None:
+        return None
+    text = f"{100 * value:.1f}%"
+    return text if value <= 0 or value >= 1 or 0 < float(text[:-1]) < 100 else percent(value)
 
 
 def _num(value, pattern: str) -> Optional[str]:
@@ -288,7 +293,10 @@ def _wide(report: Report) -> str:
     stats = ["mean", "std", "n"]
     wide = wide[sorted(wide.columns, key=lambda c: (c[1], list(agg["metric"].unique()).index(c[2]), stats.index(c[0])))]
     sparsities = set(agg["sparsity"])
-    wide.columns = [f"{percent(s, sparsities)} {m} {stat}" for stat, s, m in wide.columns]
+    long = report.long
+    mirrored = set(long.loc[long["label"].str.contains(MIRROR, regex=False, na=False), "metric"])
+    wide.columns = [f"{percent(s, sparsities)} {m}{MIRROR if m in mirrored else ''} {stat}"
+                    for stat, s, m in wide.columns]
     return wide.reset_index().map(csv_escape).to_csv(index=False)
 
 

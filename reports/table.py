@@ -31,9 +31,12 @@ def fmt(value: float, name: str) -> str:
 
 
 def _latex_escape(text: str) -> str:
-    text = text.replace("\\", r"\textbackslash{}")
+    # a blank line in a name (method.display) is a paragraph break: inside a tabular, a broken document; the
+    # backslash waits as NUL (control characters are gone) so its own braces are not escaped below
+    text = re.sub(r"[\x00-\x1f\x7f]+", " ", text).replace("\\", "\x00")
     for char in "&%$#_{}":
         text = text.replace(char, "\\" + char)
+    text = text.replace("\x00", r"\textbackslash{}")
     text = text.replace("~", r"\textasciitilde{}").replace("^", r"\^{}").replace("±", r"$\pm$")
     text = _SPREAD.sub(r"\\,{\\scriptsize$\\pm$\1}", text)  # a spread in small type keeps columns narrow
     return _CODE.sub(r"\\texttt{\1}", text)  # `quick` is a name in code type, not quotes

@@ -107,6 +107,7 @@ def test_a_bad_hub_id_is_a_one_line_error(model_id, make_config):
                                           ("-x", "_x"), ("opt-1.3b", "opt-1.3b")])
 def test_a_checkpoint_dir_names_the_row_as_model_name_allows(folder, name, tmp_path, make_config):
     (tmp_path / folder).mkdir()
+    (tmp_path / folder / "config.json").write_text('{"model_type": "opt"}')
     cfg, _ = make_config("model=opt-125m", f"model.path='{tmp_path / folder}'")
     assert cfg.model.name == name
 

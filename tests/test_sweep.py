@@ -98,6 +98,8 @@ def test_a_presets_sweep_params_are_cells_of_the_whole_sweep(tmp_path, caplog, m
     callback = sweep.SweepCallback()
     validated = []
     monkeypatch.setattr(sweep, "validate", lambda cfg: validated.append(cfg) or validate(cfg))
+    # the grid is under test: opt-125m's cells would be refused offline without it in the hub cache
+    monkeypatch.delenv("HF_HUB_OFFLINE")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"), caplog.at_level("INFO"):
         callback.on_multirun_start(primary)
         callback.on_multirun_end(primary)

@@ -205,6 +205,7 @@ def test_ig_lora_keeps_the_update_scaling_of_plain_lora():
 def test_a_user_checkpoint_is_named_after_its_folder_and_the_default_model_says_what_it_is(tmp_path):
     checkpoint = tmp_path / "my-finetune"
     checkpoint.mkdir()
+    (checkpoint / "config.json").write_text('{"model_type": "llama"}')
     user = validate(compose_config(f"model.path={checkpoint}"))
     assert user.model.name == "my-finetune" and user.model.label is None
     named = validate(compose_config(f"model.path={checkpoint}", "model.name=mine"))

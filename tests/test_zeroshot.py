@@ -11,6 +11,7 @@ import pytest
 
 from bench.cell import run_cell
 from bench.core.vocab import ConfigError
+from reports.collect import collect
 from tests.conftest import ROOT, TINY, load_script
 
 TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "rte"]
@@ -57,6 +58,10 @@ def test_cell_scores_every_task_on_local_mirrors(mirrors, make_config, tmp_path)
     assert own["results"]["piqa_mirror"]["acc,none"] == zs["tasks"]["piqa"]["acc"]
     assert set(own["results"]) == set(own["configs"]) == {f"{task}_mirror" for task in TASKS}
     assert own["configs"]["piqa_mirror"]["task"] == "piqa_mirror"
+    assert {(s["name"], s["alias"]) for s in own["results"].values()} == {(f"{t}_mirror",) * 2 for t in TASKS}
+    wide = collect(tmp_path, formats=("csv",)).written
+    header = next(p for p in wide if p.name == "table_wide.csv").read_text().splitlines()[0]
+    assert "50% acc/piqa (mirror) mean" in header and "acc/piqa mean" not in header  # before: the benchmark's
     samples = list((tmp_path / "lm_eval").rglob("samples_*.jsonl"))
     assert len(samples) == len(TASKS) and all("_mirror_" in path.name for path in samples)
 

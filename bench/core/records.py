@@ -114,6 +114,9 @@ class Result:
             raise CorruptResult("cell and metrics must be objects")
         if not all(isinstance(v, dict) for v in payload["metrics"].values()):
             raise CorruptResult("every metric family (ppl, zeroshot, speed) must be an object")
+        wrong = _wrong_types(CellKey, payload["cell"]) + _wrong_types(Result, payload)
+        if wrong:
+            raise CorruptResult(f"{', '.join(wrong)} of another type than a record's")
         known = {f.name for f in dataclasses.fields(Result)} - {"path"}
         try:
             values = {k: v for k, v in payload.items() if k in known}
@@ -129,6 +132,30 @@ class Result:
 
 class CorruptResult(ValueError):
     """A result file that cannot be read as a record."""
+
+
+_JSON_TYPES = {"str": str, "float": (int, float), "int": int, "bool": bool, "dict": dict, "list": list}
+NUMBERS = {"timings": None, "sparsity": ("target", "measured", "params_removed")}  # None: every value
+
+
+def _wrong_types(schema, payload: dict) -> list[str]:
+    """The fields of `payload` whose JSON type is not the one `schema` (a record's dataclass) declares, and
+    the numbers the reports format that are not numbers: one hand-edited record would otherwise stop
+    every report of its sweep (a string sparsity, a null config), not only its own row."""
+    wrong = []
+    for spec in dataclasses.fields(schema):
+        value, declared = payload.get(spec.name), str(spec.type)
+        optional = declared.startswith("Optional[")
+        kind = _JSON_TYPES.get(declared[9:-1] if optional else declared)
+        if spec.name not in payload or kind is None or (value is None and optional):
+            continue
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, (int, float))):
+            wrong.append(f"{spec.name}={value!r:.40}")
+        elif spec.name in NUMBERS and schema is Result:
+            keys = NUMBERS[spec.name] or value
+            wrong += [f"{spec.name}.{k}={value[k]!r:.40}" for k in keys if value.get(k) is not None
+                      and (isinstance(value[k], bool) or not isinstance(value[k], (int, float)))]
+    return wrong
 
 
 def _check_metric_values(result: "Result") -> None:
