@@ -59,9 +59,9 @@ log = logging.getLogger(__name__)
 KINDS = ("tokens", "block0", "dense_ppl", "dense_state")
 # The modules whose code decides each kind of value; a change to any of them changes the key.
 STAGE_MODULES = {
-    "tokens": ("bench.data", "bench.models"),
+    "tokens": ("bench.data", "bench.models", "bench.tokenization"),
     "block0": ("bench.core.engine", "bench.core.families", "bench.models"),
-    "dense_ppl": ("bench.core.perplexity", "bench.data", "bench.models"),
+    "dense_ppl": ("bench.core.perplexity", "bench.data", "bench.models", "bench.tokenization"),
     "dense_state": ("bench.core.engine", "bench.core.families", "bench.models", "methods.base", "methods.lifecycle"),
 }
 

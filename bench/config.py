@@ -26,8 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 from bench import protocol
 from bench.checkpoint import SAVE_FORMATS, context_length, folder_problem
 from bench.compose import CONF_DIR
-from bench.core.metrics import METRICS
 from bench.data import CUSTOM, SPLITS, DataConfig, dataset_names, resolve_files
+from bench.speed import SpeedConfig
+from bench.targets import check_targets
 from bench.zeroshot import ZeroShotConfig
 from bench.core.families import arch_for, ffn_sizes, prunable_linears
 from bench.core.vocab import ConfigError, check_choice, check_range, typed
@@ -117,20 +118,6 @@ class PplConfig:
         check_range("eval.ppl.max_windows", windows, windows is None or windows >= 1, ">= 1, or null for all")
         check_choice("eval.ppl.layerwise", self.layerwise, STREAM_CHOICES)
         check_range("eval.ppl.batch", self.batch, self.batch >= 1, ">= 1")
-
-
-@dataclass
-class SpeedConfig:
-    """Inference throughput of a structurally pruned model vs its dense original, same run and shapes."""
-
-    batch: int = 1
-    prefill_seqlen: int = 128
-    decode_tokens: int = 32  # generated one at a time with a KV cache, after a prefill of prefill_seqlen
-    repeats: int = 3  # median over interleaved dense/pruned repeats
-
-    def __post_init__(self):
-        for key, value in vars(self).items():
-            check_range(f"eval.speed.{key}", value, value >= 1, ">= 1")
 
 
 @dataclass
@@ -294,41 +281,6 @@ def _known_linears(model: ModelConfig) -> Optional[tuple[dict[str, int], Optiona
     return linears, ffn
 
 
-TARGET_UNITS = ("relative", "absolute")  # tolerance as a fraction of the reported value, or in its units
-
-
-def _targets(targets: list, evaluation: EvalConfig, method: MethodSpec, structured: bool) -> None:
-    """Every target names a known metric, a tolerance with its unit, and a metric this config's evals
-    produce; the message names the target."""
-    for index, target in enumerate(targets):
-        where = f"targets[{index}] ({target.get('model')} {target.get('method')} {target.get('sparsity')} " \
-                f"{target.get('metric')})"
-        name = str(target.get("metric"))
-        family, _, arg = name.partition("/")
-        if family not in METRICS:
-            raise ConfigError(f"{where}: metric={name!r} is not known; allowed: {', '.join(METRICS)}")
-        check_choice(f"{where}: unit", target.get("unit"), TARGET_UNITS)
-        check_range(f"{where}: tolerance", target.get("tolerance"),
-                    isinstance(target.get("tolerance"), (int, float)) and target["tolerance"] >= 0, ">= 0")
-        reported = target.get("reported")
-        # a verdict divides by it (relative tolerance) and compares with it: else every collect fails
-        check_range(f"{where}: reported", reported, isinstance(reported, (int, float))
-                    and not isinstance(reported, bool) and math.isfinite(reported) and reported != 0,
-                    "the paper's number: finite and not 0")
-        section = METRICS[family].evaluated_by
-        if section == "ppl" and (evaluation.ppl is None or (arg or "wikitext2") not in evaluation.ppl.datasets):
-            raise ConfigError(f"{where}: no configured eval produces {name}; eval.ppl.datasets="
-                              f"{evaluation.ppl.datasets if evaluation.ppl else None} (add eval=ppl with that dataset)")
-        if section == "zeroshot" and (
-                evaluation.zeroshot is None or (arg and arg not in evaluation.zeroshot.tasks)):
-            raise ConfigError(f"{where}: no configured eval produces {name}; eval.zeroshot.tasks="
-                              f"{evaluation.zeroshot.tasks if evaluation.zeroshot else None} (add eval=[ppl,zeroshot])")
-        if section == "speed" and (evaluation.speed is None or (target.get("method") == method.name and not structured)):
-            raise ConfigError(f"{where}: no configured eval produces {name}; the speed-up is measured for structured "
-                              f"pruners with eval.speed set (eval.speed={'set' if evaluation.speed else None}, "
-                              f"method.pruner={method.pruner})")
-
-
 def validate(cfg: DictConfig) -> RunConfig:
     """Turn the composed Hydra config into a RunConfig, or raise ConfigError naming the bad key."""
     raw = OmegaConf.to_container(cfg, resolve=True)
@@ -401,7 +353,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     if model.path is not None and (problem := folder_problem(model.path)) is not None:
         raise ConfigError(f"model.path={model.path!r} {problem}; allowed: a local checkpoint dir (its config.json "
                           f"and weights), or null for the model's own source")
-    _targets(raw.get("targets") or [], evaluation, method, built.pruner.structured)
+    check_targets(raw.get("targets") or [], evaluation, method, built.pruner.structured)
     unknown = protocol.check_paper_protocol(raw.get("paper_protocol") or {})
     if unknown is not None:
         raise ConfigError(f"paper_protocol.{unknown} is not a protocol field; allowed: {', '.join(protocol.FIELDS)}")

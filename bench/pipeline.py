@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from bench import cache as caching
-from bench import data, models, protocol, streaming
+from bench import data, models, protocol, streaming, tokenization
 from bench.config import RunConfig
 from bench.core.records import Result
 from bench.core.vocab import ConfigError
@@ -44,7 +44,7 @@ def run(cfg: RunConfig, result: Result, observer: CellObserver, use_cache: bool,
     shared = caching.for_cell(use_cache, cfg.model, cfg.method)
 
     def tokens(text: str) -> torch.Tensor:
-        return shared.tokens(text, lambda: data.tokenize(tokenizer, text))
+        return shared.tokens(text, lambda: tokenization.tokenize(tokenizer, text))
 
     with observer.stage("calib_data"):
         draw = _calibration(cfg, result, tokenizer, tokens)
@@ -96,8 +96,8 @@ def _calibration(cfg: RunConfig, result: Result, tokenizer, tokens: Callable[[st
 
     def draw(nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
         if corpus.documents is not None:  # C4: the references' document sampler
-            return data.document_samples(tokenizer, corpus.documents, nsamples, seqlen, seed)
-        return data.calibration_samples(tokens(corpus.text), nsamples, seqlen, seed, key=corpus.key)
+            return tokenization.document_samples(tokenizer, corpus.documents, nsamples, seqlen, seed)
+        return tokenization.calibration_samples(tokens(corpus.text), nsamples, seqlen, seed, key=corpus.key)
 
     if corpus.fallback_for is not None:
         result.protocol = protocol_record(cfg, result.config, {
@@ -117,7 +117,7 @@ def _perplexities(cfg: RunConfig, result: Result, observer: CellObserver, tokens
         with observer.stage(f"eval_ppl_{name}"):
             corpus = _corpus(cfg, name, ppl_cfg.split, "eval")
             _note_fallback(result, corpus, "evaluation")
-            windows = data.eval_windows(tokens(corpus.text), ppl_cfg.seqlen, ppl_cfg.max_windows, corpus.name,
+            windows = tokenization.eval_windows(tokens(corpus.text), ppl_cfg.seqlen, ppl_cfg.max_windows, corpus.name,
                                         key=corpus.key)
             key = name if corpus.fallback_for is None else f"{name}(pydoc fallback)"
             ppl = result.metrics["ppl"][key] = measure(windows, f"ppl {corpus.name}")

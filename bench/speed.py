@@ -18,17 +18,33 @@ from __future__ import annotations
 import itertools
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.benchmark import Timer
 
 from bench import placement
-from bench.config import SpeedConfig
 from bench.core.engine import OnStep
+from bench.core.vocab import check_range
 
 SPREAD_LIMIT = 0.25  # rounds of one model further apart than this (relative to their median): not a reading
 SPEED_STEPS = {"speed": "round"}  # one model's prefill and decode; `on_step` hears of each
+
+
+@dataclass
+class SpeedConfig:
+    """Inference throughput of a structurally pruned model vs its dense original, same run and shapes."""
+
+    batch: int = 1
+    prefill_seqlen: int = 128
+    decode_tokens: int = 32  # generated one at a time with a KV cache, after a prefill of prefill_seqlen
+    repeats: int = 3  # median over interleaved dense/pruned repeats
+
+    def __post_init__(self):
+        for key, value in vars(self).items():
+            check_range(f"eval.speed.{key}", value, value >= 1, ">= 1")
+
 
 
 def _seconds(run) -> float:

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from bench import data, models
+from bench import data, models, tokenization
 from bench.compose import compose
 from bench.config import validate
 from bench.core import perplexity
@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     model, tokenizer = models.load(cfg.model)
     model.eval()
     corpus = data.load_corpus("wikitext2", "test", cfg.data.dir, "eval", cfg.data.allow_fallback)
-    windows = data.eval_windows(data.tokenize(tokenizer, corpus.text), args.seqlen, args.windows, "wikitext2")
+    windows = tokenization.eval_windows(tokenization.tokenize(tokenizer, corpus.text), args.seqlen, args.windows, "wikitext2")
     seconds = {batch: [] for batch in args.batches}
     nlls = {}
     for _ in range(args.repeats):

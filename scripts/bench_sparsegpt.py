@@ -29,7 +29,7 @@ from contextlib import contextmanager
 
 import torch
 
-from bench import data, models, provenance
+from bench import data, models, provenance, tokenization
 from bench.compose import compose
 from bench.config import validate
 from bench.core import engine
@@ -148,7 +148,7 @@ def main(argv=None) -> None:
     model, tokenizer = models.load(cfg.model)
     corpus = data.load_corpus(cfg.data.calib.dataset, cfg.data.calib.split, cfg.data.dir, "calib",
                               cfg.data.allow_fallback)
-    samples = data.calibration_samples(data.tokenize(tokenizer, corpus.text), args.nsamples, args.seqlen, cfg.seed)
+    samples = tokenization.calibration_samples(tokenization.tokenize(tokenizer, corpus.text), args.nsamples, args.seqlen, cfg.seed)
     print(f"model {args.model}, calibration {corpus.name}/{corpus.split} {args.nsamples} x {args.seqlen} tokens, "
           f"torch threads {torch.get_num_threads()}")
 

@@ -9,7 +9,8 @@ import pytest
 
 from bench import models
 from bench.compose import compose, eval_sweep, unknown_key
-from bench.config import LoggerConfig, ModelConfig, PplConfig, Resources, SpeedConfig
+from bench.config import LoggerConfig, ModelConfig, PplConfig, Resources
+from bench.speed import SpeedConfig
 from bench.data import CalibConfig, DataConfig
 from bench.zeroshot import ZeroShotConfig
 from bench.core.vocab import ConfigError

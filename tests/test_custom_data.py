@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from bench import data, models
+from bench import data, models, tokenization
 
 
 @pytest.fixture
@@ -81,16 +81,16 @@ def test_a_path_that_matches_nothing_names_the_key(tmp_path):
 def test_too_short_corpus_fails_for_calibration_and_evaluation(tmp_path):
     (tmp_path / "short.txt").write_text("x" * 300 + "\n", encoding="utf-8")  # 300 byte tokens
     corpus = data.load_custom(str(tmp_path / "short.txt"), "validation", "text")
-    ids = data.tokenize(models.byte_tokenizer(), corpus.text)
+    ids = tokenization.tokenize(models.byte_tokenizer(), corpus.text)
     assert ids.shape[1] == 300
     with pytest.raises(ValueError, match=(r"^data.path='.*short.txt': 300 tokens, fewer than "
                                           r"data.calib.nsamples x data.calib.seqlen = 8 x 64 = 512")):
-        data.calibration_samples(ids, 8, 64, seed=0, key=corpus.key)
-    assert data.calibration_samples(ids, 4, 64, seed=0, key=corpus.key).shape == (4, 64)
+        tokenization.calibration_samples(ids, 8, 64, seed=0, key=corpus.key)
+    assert tokenization.calibration_samples(ids, 4, 64, seed=0, key=corpus.key).shape == (4, 64)
     with pytest.raises(ValueError, match=r"^data.path='.*short.txt': 300 tokens is less than one window of "
                                          r"eval.ppl.seqlen=512$"):
-        data.eval_windows(ids, 512, None, corpus.name, key=corpus.key)
-    assert data.eval_windows(ids, 100, None, corpus.name, key=corpus.key).shape == (3, 100)
+        tokenization.eval_windows(ids, 512, None, corpus.name, key=corpus.key)
+    assert tokenization.eval_windows(ids, 100, None, corpus.name, key=corpus.key).shape == (3, 100)
 
 
 def test_custom_corpus_calibrates_and_scores_a_model(tmp_path):
@@ -103,10 +103,10 @@ def test_custom_corpus_calibrates_and_scores_a_model(tmp_path):
         architecture={"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                       "num_attention_heads": 2, "num_key_value_heads": 1}))
     calib = data.load_corpus("custom", "validation", None, "calib", path=str(tmp_path / "*.txt"))
-    ids = data.tokenize(tokenizer, calib.text)
-    samples = data.calibration_samples(ids, 4, 64, seed=0, key=calib.key)
+    ids = tokenization.tokenize(tokenizer, calib.text)
+    samples = tokenization.calibration_samples(ids, 4, 64, seed=0, key=calib.key)
     assert samples.shape == (4, 64)
-    windows = data.eval_windows(ids, 64, 5, calib.name, key=calib.key)
+    windows = tokenization.eval_windows(ids, 64, 5, calib.name, key=calib.key)
     assert torch.isfinite(torch.tensor(perplexity.perplexity(model.eval(), windows, "cpu")))
 
 

@@ -11,7 +11,7 @@ import datasets
 import pytest
 import torch
 
-from bench import data, models
+from bench import data, models, tokenization
 from bench.core import perplexity
 from bench.config import ModelConfig, PplConfig
 from bench.data import DataUnavailable
@@ -26,20 +26,20 @@ def test_wikitext2_eval_text_matches_the_protocol_checksum(shared_data):
 
 def test_eval_windows_are_contiguous_non_overlapping_and_drop_the_tail():
     ids = torch.arange(1000).unsqueeze(0)
-    windows = data.eval_windows(ids, 64, None, "wikitext2")
+    windows = tokenization.eval_windows(ids, 64, None, "wikitext2")
     assert windows.shape == (15, 64)  # 1000 // 64; the trailing 40 tokens are dropped
     assert torch.equal(windows.flatten(), torch.arange(960))
-    assert data.eval_windows(ids, 64, 3, "wikitext2").shape == (3, 64)
-    assert data.eval_windows(torch.arange(300 * 8).unsqueeze(0), 8, None, "c4").shape == (256, 8)
+    assert tokenization.eval_windows(ids, 64, 3, "wikitext2").shape == (3, 64)
+    assert tokenization.eval_windows(torch.arange(300 * 8).unsqueeze(0), 8, None, "c4").shape == (256, 8)
     with pytest.raises(ValueError, match="less than one window"):
-        data.eval_windows(ids, 2048, None, "wikitext2")
+        tokenization.eval_windows(ids, 2048, None, "wikitext2")
 
 
 def test_calibration_sampling_is_seeded_and_slices_the_text():
     ids = torch.arange(5000).unsqueeze(0)
-    first = data.calibration_samples(ids, 8, 100, seed=0)
-    assert torch.equal(first, data.calibration_samples(ids, 8, 100, seed=0))
-    assert not torch.equal(first, data.calibration_samples(ids, 8, 100, seed=1))
+    first = tokenization.calibration_samples(ids, 8, 100, seed=0)
+    assert torch.equal(first, tokenization.calibration_samples(ids, 8, 100, seed=0))
+    assert not torch.equal(first, tokenization.calibration_samples(ids, 8, 100, seed=1))
     assert all(torch.equal(row, torch.arange(row[0], row[0] + 100)) for row in first)
 
 
@@ -49,7 +49,7 @@ def test_perplexity_is_exp_of_mean_window_nll():
         architecture={"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                       "num_attention_heads": 2, "num_key_value_heads": 1}))
     model.eval()
-    windows = data.eval_windows(data.tokenize(tokenizer, "some text to score, " * 40), 32, 5, "pydoc")
+    windows = tokenization.eval_windows(tokenization.tokenize(tokenizer, "some text to score, " * 40), 32, 5, "pydoc")
     with torch.no_grad():  # independent reference: transformers' own shifted LM loss per window
         losses = [model(w.unsqueeze(0), labels=w.unsqueeze(0)).loss.item() for w in windows]
     assert perplexity.perplexity(model, windows, "cpu") == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-5)
@@ -83,9 +83,9 @@ def test_c4_is_read_as_its_description_says_and_its_document_samples_are_pinned(
     assert calib.text == " ".join(documents) and evaluation.text == " ".join(documents[:1100])
     assert calib.documents == documents == evaluation.documents
     tokenizer = models.byte_tokenizer()
-    samples = data.document_samples(tokenizer, calib.documents, 8, 64, seed=3)
+    samples = tokenization.document_samples(tokenizer, calib.documents, 8, 64, seed=3)
     assert hashlib.sha256(samples.numpy().tobytes()).hexdigest()[:16] == "34543e53e4ab29f9"
-    assert data.eval_windows(data.tokenize(tokenizer, evaluation.text), 8, None, "c4").shape == (256, 8)
+    assert tokenization.eval_windows(tokenization.tokenize(tokenizer, evaluation.text), 8, None, "c4").shape == (256, 8)
     assert data.sampling("c4") == data.C4_SAMPLING and data.sampling("ptb") == data.STREAM_SAMPLING
 
 
@@ -94,7 +94,7 @@ def test_c4_is_read_as_its_description_says_and_its_document_samples_are_pinned(
     ("pydoc", "validation", "2c19f170cc5a2098")])
 def test_window_samples_of_the_offline_corpora_are_pinned(shared_data, name, split, digest):
     corpus = data.load_corpus(name, split, str(shared_data), "calib")
-    samples = data.calibration_samples(data.tokenize(models.byte_tokenizer(), corpus.text[:200_000]), 8, 128, 0)
+    samples = tokenization.calibration_samples(tokenization.tokenize(models.byte_tokenizer(), corpus.text[:200_000]), 8, 128, 0)
     assert hashlib.sha256(samples.numpy().tobytes()).hexdigest()[:16] == digest
 
 
@@ -110,12 +110,12 @@ def test_the_byte_tokenizer_is_a_lookup_with_the_tokenizers_own_ids(shared_data,
     called = []
     monkeypatch.setattr(type(tokenizer), "__call__", lambda self, *args, **kwargs: called.append(args))
     for text, ids in zip(texts, expected):
-        assert torch.equal(data.tokenize(tokenizer, text), ids)
+        assert torch.equal(tokenization.tokenize(tokenizer, text), ids)
     assert not called
     monkeypatch.undo()
     special = "a<eos>b"
-    assert data.tokenize(tokenizer, special).tolist() == [tokenizer(special)["input_ids"]]
-    assert len(data.tokenize(tokenizer, special)[0]) == 3
+    assert tokenization.tokenize(tokenizer, special).tolist() == [tokenizer(special)["input_ids"]]
+    assert len(tokenization.tokenize(tokenizer, special)[0]) == 3
 
 
 def test_each_corpus_loads_from_the_hub_as_its_description_says(monkeypatch):

@@ -7,7 +7,7 @@ import zipfile
 
 import pytest
 
-from bench import models
+from bench import models, tokenization
 from bench.config import ConfigError, ModelConfig, zoo_entry
 
 
@@ -94,7 +94,7 @@ def test_real_gemma3_270m_loads_and_predicts_wikitext2(shared_data):
         assert isinstance(block.get_submodule(name), models.nn.Linear)
     assert model.config.vocab_size == len(tokenizer) == 262_144
     test = data.load_corpus("wikitext2", "test", str(shared_data), "eval")
-    windows = data.eval_windows(data.tokenize(tokenizer, test.text[:20_000]), 256, 2, "wikitext2")
+    windows = tokenization.eval_windows(tokenization.tokenize(tokenizer, test.text[:20_000]), 256, 2, "wikitext2")
     ppl = perplexity.perplexity(model, windows, "cpu")
     print(f"gemma3-270m dense ppl, 2 x 256 tokens of WikiText-2 test: {ppl:.2f}")
     assert ppl < 150  # measured: 78.2 here, 76.5 on 16 x 512 windows (no <bos>, as the protocol tokenizes)

@@ -88,3 +88,10 @@ def test_no_import_cycles_package_inits_included():
         edges[module] = targets
     cycles = [" -> ".join(chain) for chain in map(lambda m: _shortest_cycle(edges, m), sorted(edges)) if chain]
     assert not cycles, cycles[:5]
+
+
+def test_every_module_reads_in_one_sitting():
+    """A module of bench/, methods/ or reports/ over 400 lines holds two rooms: split it where they meet."""
+    long = {str(path.relative_to(ROOT)): n for package in ("bench", "methods", "reports")
+            for path in (ROOT / package).rglob("*.py") if (n := len(path.read_text().splitlines())) > 400}
+    assert not long, long

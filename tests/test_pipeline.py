@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from bench import models
+from bench import models, tokenization
 from bench.cell import run_cell
 from bench.core import engine, families
 from methods import catalog, lifecycle
@@ -52,7 +52,7 @@ def test_nm_pruned_checkpoint_reloads_identically(make_config, tmp_path):
 
     model, tokenizer = models.load(cfg.model)
     corpus = data.load_corpus("pydoc", "validation", None, "calib")
-    samples = data.calibration_samples(data.tokenize(tokenizer, corpus.text), 4, 64, cfg.seed)
+    samples = tokenization.calibration_samples(tokenization.tokenize(tokenizer, corpus.text), 4, 64, cfg.seed)
     lifecycle.prune(model, catalog.build(cfg.method), samples, 0.5, "cpu")
     ids = samples[:1]
     with torch.no_grad():

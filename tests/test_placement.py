@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from bench import models, placement, progress, speed
-from bench.config import SpeedConfig, zoo_entry
+from bench.config import zoo_entry
+from bench.speed import SpeedConfig
 from bench.core import perplexity
 from bench.core.perplexity import FIT_MARGIN
 

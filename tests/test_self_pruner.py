@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import numpy as np
 import pytest
 
-from bench import data, models
+from bench import data, models, tokenization
 from bench.core.families import block_of, prunable_linears
 from bench.core.records import CellKey, Result, write_result
 from bench.core.vocab import ConfigError
@@ -107,7 +107,7 @@ def test_the_search_reports_each_candidate_to_the_engines_on_step(make_config):
 def _tiny_model_and_samples(cfg):
     model, tokenizer = models.load(cfg.model)
     corpus = data.load_corpus("pydoc", "validation", None, "calib")
-    return model, data.calibration_samples(data.tokenize(tokenizer, corpus.text), 6, 64, 0)
+    return model, tokenization.calibration_samples(tokenization.tokenize(tokenizer, corpus.text), 6, 64, 0)
 
 
 def test_ga_search_respects_budget_mean_and_bounds(make_config):

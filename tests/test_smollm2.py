@@ -17,7 +17,7 @@ import copy
 
 import pytest
 
-from bench import data, models
+from bench import data, models, tokenization
 from bench.core import perplexity
 from bench.core.families import measured_sparsity
 from methods import catalog, lifecycle
@@ -35,9 +35,9 @@ def smollm2(shared_data):
     cfg = validate(compose_config("model=smollm2-135m", f"data.dir={shared_data}"))
     model, tokenizer = models.load(cfg.model)
     calib = data.load_corpus("wikitext2", "validation", str(shared_data), "calib")
-    samples = data.calibration_samples(data.tokenize(tokenizer, calib.text), 32, 512, seed=0)
+    samples = tokenization.calibration_samples(tokenization.tokenize(tokenizer, calib.text), 32, 512, seed=0)
     test = data.load_corpus("wikitext2", "test", str(shared_data), "eval")
-    windows = data.eval_windows(data.tokenize(tokenizer, test.text), 512, 16, "wikitext2")
+    windows = tokenization.eval_windows(tokenization.tokenize(tokenizer, test.text), 512, 16, "wikitext2")
     return cfg, model, samples, windows
 
 

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from bench import cache as caching
-from bench import data, models, progress, streaming
+from bench import data, models, progress, streaming, tokenization
 from bench.core import perplexity
 from methods import catalog, lifecycle
 from tests.conftest import TINY
@@ -20,9 +20,9 @@ def test_streamed_pruning_matches_in_memory_pruning(make_config, tmp_path, monke
     model, tokenizer = models.load(cfg.model)
     model.save_pretrained(tmp_path / "dense", max_shard_size="100KB")  # several shards, blocks split across
     assert len(list((tmp_path / "dense").glob("*.safetensors"))) > 2
-    ids = data.tokenize(tokenizer, data.load_corpus("pydoc", "validation", None, "calib").text)
-    samples = data.calibration_samples(ids, 4, 64, seed=0)
-    windows = data.eval_windows(data.tokenize(tokenizer, data.load_corpus("pydoc", "test", None, "eval").text),
+    ids = tokenization.tokenize(tokenizer, data.load_corpus("pydoc", "validation", None, "calib").text)
+    samples = tokenization.calibration_samples(ids, 4, 64, seed=0)
+    windows = tokenization.eval_windows(tokenization.tokenize(tokenizer, data.load_corpus("pydoc", "test", None, "eval").text),
                                 64, 4, "pydoc")
 
     lifecycle.prune(model, catalog.build(cfg.method), samples, 0.5, "cpu")

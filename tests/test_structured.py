@@ -209,7 +209,7 @@ def test_speed_uses_the_cache_api_of_transformers_after_5_40(make_config, monkey
     from transformers.utils.generic import ModelOutput
 
     from bench import speed
-    from bench.config import SpeedConfig
+    from bench.speed import SpeedConfig
 
     def removed(self):
         raise AttributeError("past_key_values was removed in transformers 5.40")

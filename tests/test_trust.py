@@ -16,7 +16,7 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast
 
-from bench import data, models, protocol, zeroshot
+from bench import data, models, protocol, tokenization, zeroshot
 from bench.cell import run_cell
 from bench.config import ConfigError, ModelConfig, validate
 from bench.core import records
@@ -107,21 +107,21 @@ def _bos_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def test_tokenize_keeps_the_tokenizers_bos_as_the_references_do():
-    ids = data.tokenize(_bos_tokenizer(), "a b c")
+    ids = tokenization.tokenize(_bos_tokenizer(), "a b c")
     assert ids.tolist() == [[0, 2, 3, 4]]
 
 
 def test_c4_calibration_takes_a_window_inside_one_document_longer_than_seqlen():
     tokenizer = _bos_tokenizer()
     documents = ["a b", "c d e f g h a b c d e f g h", "h g", "b c d e f g h a b c d e f g"]
-    samples = data.document_samples(tokenizer, documents, 6, 5, seed=0)
+    samples = tokenization.document_samples(tokenizer, documents, 6, 5, seed=0)
     assert samples.shape == (6, 5)
-    streams = [data.tokenize(tokenizer, d)[0].tolist() for d in documents[1::2]]
+    streams = [tokenization.tokenize(tokenizer, d)[0].tolist() for d in documents[1::2]]
     for sample in samples.tolist():  # contiguous inside one long document, never across two
         assert any(any(s[i:i + 5] == sample for i in range(len(s) - 4)) for s in streams)
-    assert torch.equal(samples, data.document_samples(tokenizer, documents, 6, 5, seed=0))
+    assert torch.equal(samples, tokenization.document_samples(tokenizer, documents, 6, 5, seed=0))
     with pytest.raises(ValueError, match="none longer than data.calib.seqlen=50"):
-        data.document_samples(tokenizer, documents, 1, 50, seed=0)
+        tokenization.document_samples(tokenizer, documents, 1, 50, seed=0)
 
 
 def test_mask_counts_follow_the_references():
