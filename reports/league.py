@@ -339,5 +339,9 @@ def write(records: list[Result], long: pd.DataFrame, sweep_dir: Path, plots: boo
         paths[sweep_dir / "league_factors.csv"] = found.factors.to_csv(index=False)
     for path, text in paths.items():
         path.write_text(text)
-    images = plot_pairs(found.pairs, sweep_dir / "plots" / "league") if plots and not found.pairs.empty else []
+    # the 2x2's effects are panels of their own: the LLM's side of a factor against the GA's
+    effects = found.factors.assign(arm=lambda f: "the LLM's " + f["effect"],
+                                   vs=lambda f: "the GA's (" + f["fixed"] + ")") if not found.factors.empty else None
+    shown = pd.concat([found.pairs, effects], ignore_index=True)
+    images = plot_pairs(shown, sweep_dir / "plots" / "league") if plots and not shown.empty else []
     return list(paths) + images

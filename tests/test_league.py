@@ -135,6 +135,18 @@ def test_the_2x2_of_prior_and_operators_says_which_one_the_llm_arm_owes_its_scor
     assert "| Loss estimate (Wanda) | 2 | 104.00 |" in markdown and "| -0.20 |" in markdown
 
 
+def test_the_plot_shows_the_2x2_effects_beside_the_pairs(tmp_path, monkeypatch):
+    records = [_record(m, s, 100.0 + s - 3.0 * (SEARCHES[m][1] == "llm")) for s in range(6) for m in SEARCHES]
+    drawn = []
+    monkeypatch.setattr(league, "plot_pairs", lambda frame, stem: drawn.append(frame) or [])
+    league.write(records, long_frame(records), tmp_path, plots=True)
+    panels = drawn[0].groupby("arm", sort=False)["vs"].apply(list).to_dict()
+    assert panels["the LLM's operators"] == ["the GA's (init llm)", "the GA's (init ga)"]
+    assert panels["the LLM's prior"] == ["the GA's (operators llm)", "the GA's (operators ga)"]
+    assert drawn[0].loc[drawn[0]["arm"] == "the LLM's operators", "verdict"].tolist() == ["better"] * 2
+    assert len(panels["Self-Pruner (LLM, Wanda)"]) == 3  # the paired table's rows are still drawn
+
+
 def test_without_the_crossed_arms_there_is_no_2x2():
     records = [r for s in range(3) for r in (_record("self_pruner", s, 100.0), _record("self_pruner_ga", s, 101.0))]
     found = _league(records)
