@@ -95,6 +95,9 @@ def cells_frame(records: list[Result]) -> pd.DataFrame:
             "model": result.cell.model, "sparsity": result.cell.sparsity, "arm": labels[id(result)],
             "pruner": method.get("pruner", result.cell.method), "seed": result.cell.seed, "search": bool(search),
             "llm_arm": search.get("operators") == "llm" and search.get("init") == "llm",
+            "operators": search.get("operators"), "init": search.get("init"),
+            # how well a loss-estimate schedule ranked the pruner's realised per-layer error (its record)
+            "estimate_fit": (result.allocator.get("realised_fit") or {}).get("spearman", np.nan),
             "allocation_s": sum(timings.get(s, 0.0) for s in ("allocate_observe", "allocate")),
             "cell_s": timings.get("total", np.nan),
             "evaluations": search.get("evaluations", np.nan), "tokens_scored": search.get("tokens_scored", np.nan),
@@ -117,10 +120,7 @@ def paired_frame(cells: pd.DataFrame, long: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, sparsity, metric, reference arm, other arm): the seeds both ran, the reference's
     wins, the mean and median of reference - other, the sign test's interval and p, and the verdict."""
     order = long.groupby("row", sort=False)["order"].min().to_dict()
-    measured = long.dropna(subset=["metric"])
-    measured = measured[measured["config_hash"].isin(cells["config_hash"])
-                        & measured["metric"].map(lambda name: metric(name).table == "results")]
-    values = measured.merge(cells[["config_hash", "arm", "pruner"]], on="config_hash")
+    values = _values(cells, long)
     rows = []
     for (model, sparsity, pruner), group in cells.groupby(["model", "sparsity", "pruner"], sort=False):
         arms = sorted(group["arm"].unique(), key=lambda arm: order.get(arm, 1 << 30))
@@ -133,20 +133,59 @@ def paired_frame(cells: pd.DataFrame, long: pd.DataFrame) -> pd.DataFrame:
             for reference in references:
                 for other in (a for a in arms if a != reference and a in table and reference in table):
                     both = table[[reference, other]].dropna()
-                    diffs = (both[reference] - both[other]).to_numpy()
-                    if not len(diffs):
-                        continue
-                    interval = median_interval(diffs)
-                    better = diffs < 0 if lower else diffs > 0
-                    rows.append({"model": model, "sparsity": sparsity, "pruner": pruner, "metric": name,
-                                 "arm": reference, "vs": other, "n": len(diffs), "seeds": ",".join(map(str, both.index)),
-                                 "diffs": ";".join(f"{d:.6g}" for d in diffs),
-                                 "wins": int(better.sum()), "mean_diff": float(diffs.mean()),
-                                 "median_diff": float(np.median(diffs)),
-                                 "low": np.nan if interval is None else interval.low,
-                                 "high": np.nan if interval is None else interval.high,
-                                 "coverage": np.nan if interval is None else interval.coverage,
-                                 "p_sign": sign_p(diffs), "verdict": verdict(diffs, lower)})
+                    if len(both):
+                        rows.append({"model": model, "sparsity": sparsity, "pruner": pruner, "metric": name,
+                                     "arm": reference, "vs": other, **_paired(both[reference], both[other], lower)})
+    return pd.DataFrame(rows)
+
+
+def _values(cells: pd.DataFrame, long: pd.DataFrame) -> pd.DataFrame:
+    """The results-table metrics of `cells`, one row per cell and metric, with the cell's arm and pruner."""
+    measured = long.dropna(subset=["metric"])
+    measured = measured[measured["config_hash"].isin(cells["config_hash"])
+                        & measured["metric"].map(lambda name: metric(name).table == "results")]
+    return measured.merge(cells[["config_hash", "arm", "pruner"]], on="config_hash")
+
+
+def _paired(first: pd.Series, second: pd.Series, lower: bool) -> dict:
+    """The paired statistics of first - second over the seeds (their shared index)."""
+    diffs = (first - second).to_numpy()
+    interval = median_interval(diffs)
+    better = diffs < 0 if lower else diffs > 0
+    return {"n": len(diffs), "seeds": ",".join(map(str, first.index)), "diffs": ";".join(f"{d:.6g}" for d in diffs),
+            "wins": int(better.sum()), "mean_diff": float(diffs.mean()), "median_diff": float(np.median(diffs)),
+            "low": np.nan if interval is None else interval.low,
+            "high": np.nan if interval is None else interval.high,
+            "coverage": np.nan if interval is None else interval.coverage,
+            "p_sign": sign_p(diffs), "verdict": verdict(diffs, lower)}
+
+
+# (effect, held fixed, the LLM side's (init, operators), the GA side's): each changes one factor of the 2x2
+FACTORS = [("operators", "init llm", ("llm", "llm"), ("llm", "ga")),
+           ("operators", "init ga", ("ga", "llm"), ("ga", "ga")),
+           ("prior", "operators llm", ("llm", "llm"), ("ga", "llm")),
+           ("prior", "operators ga", ("llm", "ga"), ("ga", "ga"))]
+
+
+def factor_frame(cells: pd.DataFrame, long: pd.DataFrame) -> pd.DataFrame:
+    """Where the search arms cross the LLM's and the GA's initial population with their operators, each
+    factor's paired effect with the other held fixed: LLM side - GA side per seed, so "better" says the
+    LLM's prior (or operators) helped. One row per (model, sparsity, pruner, metric, effect, held fixed)."""
+    searched = cells[cells["search"] & cells["init"].isin(["llm", "ga"]) & cells["operators"].isin(["llm", "ga"])]
+    values = _values(searched, long).merge(searched[["config_hash", "init", "operators"]], on="config_hash")
+    rows = []
+    for (model, sparsity, pruner, name), group in values.groupby(["model", "sparsity", "pruner", "metric"],
+                                                                 sort=False):
+        table = group.pivot_table(index="seed", columns=["init", "operators"], values="value")
+        arms = group.groupby(["init", "operators"])["arm"].first()
+        for effect, fixed, llm_side, ga_side in FACTORS:
+            if llm_side not in table or ga_side not in table:
+                continue
+            both = table[[llm_side, ga_side]].dropna()
+            if len(both):
+                rows.append({"model": model, "sparsity": sparsity, "pruner": pruner, "metric": name, "effect": effect,
+                             "fixed": fixed, "llm_side": arms[llm_side], "ga_side": arms[ga_side],
+                             **_paired(both[llm_side], both[ga_side], metric(name).lower_is_better)})
     return pd.DataFrame(rows)
 
 
@@ -163,7 +202,8 @@ def cost_frame(cells: pd.DataFrame, long: pd.DataFrame) -> pd.DataFrame:
     costs = cells.groupby(keys, sort=False).agg(
         seeds=("seed", "nunique"), allocation_s=("allocation_s", "mean"), cell_s=("cell_s", "mean"),
         evaluations=("evaluations", "mean"), tokens_scored=("tokens_scored", "mean"),
-        llm_calls=("llm_calls", "mean"), llm_tokens=("llm_tokens", "mean")).reset_index()
+        llm_calls=("llm_calls", "mean"), llm_tokens=("llm_tokens", "mean"),
+        estimate_fit=("estimate_fit", "mean")).reset_index()
     costs = costs.join(quality, on=["model", "sparsity", "arm"])
     costs["order"] = costs["arm"].map(lambda arm: order.get(arm, 1 << 30))
     return costs.sort_values(["model", "sparsity", "pruner", "order"]).drop(columns="order").reset_index(drop=True)
@@ -205,22 +245,41 @@ def cost_table(costs: pd.DataFrame, metrics: list[str]) -> Table:
     rows = [[c["model"], f"{c['sparsity']:.0%}", c["arm"], str(c["seeds"])]
             + [_number(c.get(m), "{:." + str(metric(m).decimals) + "f}") for m in metrics]
             + [_number(c["allocation_s"], "{:.1f}"), _number(c["cell_s"], "{:.1f}"), _number(c["evaluations"]),
-               _number(c["tokens_scored"]), _number(c["llm_calls"]), _number(c["llm_tokens"])]
+               _number(c["tokens_scored"]), _number(c["llm_calls"]), _number(c["llm_tokens"]),
+               _number(c["estimate_fit"], "{:+.2f}")]
             for _, c in costs.iterrows()]
     notes = ["every number: the mean over the arm's seeds; allocation time: the allocator's dense pass and search",
              "evaluations: distinct fitness evaluations; tokens scored: evaluations x fitness windows x their length",
-             "LLM tokens: tokens the LLM generated over the search; - where the record does not count them"]
+             "LLM tokens: tokens the LLM generated over the search; - where the record does not count them",
+             "estimate fit: a loss-estimate schedule's Spearman correlation, over layers, between its estimated loss "
+             "and the realised error of the pruner the arm uses (method.realised_pruner); near 0 or below, the "
+             "schedule does not model that pruner"]
     return Table("Search cost beside quality", ["model", "sparsity", "arm", "seeds", *metrics, "allocation time (s)",
                                                 "cell time (s)", "evaluations", "tokens scored", "LLM calls",
-                                                "LLM tokens"],
+                                                "LLM tokens", "estimate fit"],
                  rows, notes, caption="Quality and search cost of every arm", label="tab:prunebench-league-cost",
                  index=3)
+
+
+def factor_table(factors: pd.DataFrame) -> Table:
+    rows = [[f.model, f"{f.sparsity:.0%}", f.metric, f.effect, f.fixed, f.llm_side, f.ga_side, f"{f.wins}/{f.n}",
+             _signed(f.mean_diff, f.metric), _signed(f.median_diff, f.metric), f"{f.p_sign:.3f}", f.verdict]
+            for f in factors.itertuples()]
+    notes = ["each row changes one factor of the search and holds the other: the initial population (prior) or the "
+             "crossover and mutation (operators), the LLM's against the classical GA's",
+             "difference = LLM side - GA side, per seed; better: the LLM's prior (or operators) gave the better "
+             "schedule; verdicts and p as in the paired table"]
+    return Table("Prior or operators", ["model", "sparsity", "metric", "effect", "held fixed", "LLM side", "GA side",
+                                        "wins", "mean diff", "median diff", "p", "verdict"],
+                 rows, notes, caption="The LLM's prior and operators, each against the GA's with the other held",
+                 label="tab:prunebench-league-factors", index=5)
 
 
 @dataclass
 class League:
     pairs: pd.DataFrame
     costs: pd.DataFrame
+    factors: pd.DataFrame
     tables: list[Table]
 
     @property
@@ -233,9 +292,10 @@ def league(records: list[Result], long: pd.DataFrame) -> Optional[League]:
     cells = cells_frame(records)
     if not is_league(cells):
         return None
-    pairs, costs = paired_frame(cells, long), cost_frame(cells, long)
+    pairs, costs, factors = paired_frame(cells, long), cost_frame(cells, long), factor_frame(cells, long)
     metrics = list(dict.fromkeys(pairs["metric"])) if not pairs.empty else []
-    return League(pairs, costs, [paired_table(pairs), cost_table(costs, metrics)])
+    tables = [paired_table(pairs), *([factor_table(factors)] if not factors.empty else []), cost_table(costs, metrics)]
+    return League(pairs, costs, factors, tables)
 
 
 def plot_pairs(pairs: pd.DataFrame, out_stem: Path) -> list[Path]:
@@ -267,14 +327,21 @@ def plot_pairs(pairs: pd.DataFrame, out_stem: Path) -> list[Path]:
 
 
 def write(records: list[Result], long: pd.DataFrame, sweep_dir: Path, plots: bool = False) -> list[Path]:
-    """league.md, league.csv (one row per pair) and league_cost.csv into `sweep_dir`, with `plots` the
+    """league.md, league.csv (one row per pair), league_cost.csv and, where the arms cross the LLM's and the
+    GA's prior and operators, league_factors.csv into `sweep_dir`, with `plots` the
     paired differences as plots/league.png|svg; nothing when the sweep is no league."""
     found = league(records, long)
     if found is None:
         return []
     paths = {sweep_dir / "league.md": found.markdown + "\n", sweep_dir / "league.csv": found.pairs.to_csv(index=False),
              sweep_dir / "league_cost.csv": found.costs.to_csv(index=False)}
+    if not found.factors.empty:
+        paths[sweep_dir / "league_factors.csv"] = found.factors.to_csv(index=False)
     for path, text in paths.items():
         path.write_text(text)
-    images = plot_pairs(found.pairs, sweep_dir / "plots" / "league") if plots and not found.pairs.empty else []
+    # the 2x2's effects are panels of their own: the LLM's side of a factor against the GA's
+    effects = found.factors.assign(arm=lambda f: "the LLM's " + f["effect"],
+                                   vs=lambda f: "the GA's (" + f["fixed"] + ")") if not found.factors.empty else None
+    shown = pd.concat([found.pairs, effects], ignore_index=True)
+    images = plot_pairs(shown, sweep_dir / "plots" / "league") if plots and not shown.empty else []
     return list(paths) + images

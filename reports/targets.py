@@ -40,8 +40,12 @@ def seed_band(values: list[float], reported: float) -> str:
     return "within seed band" if abs(reported - mean) <= 2 * std else "outside seed band"
 
 
-def _not_run(result: Optional[Result]) -> str:
+def _not_run(result: Optional[Result], target: dict, unique: list[Result]) -> str:
     if result is None:
+        # a preset run on another model than its paper's (a tiny stand-in) has no cell its targets are about
+        models = sorted({r.cell.model for r in unique})
+        if models and target["model"] not in models:
+            return f"not run: no {target['model']} cell in this sweep (it ran {', '.join(models)})"
         return "not run: no result in this sweep"
     if result.status == "failed":
         if "load" not in result.timings:  # the model never loaded
@@ -134,7 +138,8 @@ def targets_table(unique: list[Result], labels: dict[int, str]) -> Optional[Tabl
             tolerance, unit, allowed = _tolerance(target, values_of.get(label, []), reported)
             ratios = ["-", "-"]
             if not ok:
-                judged = _not_evaluated(name, first, compared) if first is not None and first.ok else _not_run(first)
+                judged = (_not_evaluated(name, first, compared) if first is not None and first.ok
+                          else _not_run(first, target, unique))
                 text, diff, band, differs = "-", "-", "-", "-"
             else:
                 values = values_of[label]

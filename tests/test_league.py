@@ -11,24 +11,34 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.core.records import CellKey, Result, read_results
+from bench.core.records import CellKey, Result, read_results, write_result
 from reports import league
+from reports.__main__ import main as reports_main
 from reports.frame import long_frame
 from tests.conftest import ROOT, TINY
 
 DISPLAY = {"self_pruner": "Self-Pruner (LLM, Wanda)", "self_pruner_ga": "Self-Pruner (GA, Wanda)",
-           "wanda": "Wanda", "sparsegpt": "SparseGPT"}
+           "self_pruner_ga_llm_init": "GA ops, LLM init", "self_pruner_llm_ga_init": "LLM ops, GA init",
+           "wanda": "Wanda", "sparsegpt": "SparseGPT", "loss_estimate_wanda": "Loss estimate (Wanda)"}
+# the search arms' (init, operators)
+SEARCHES = {"self_pruner": ("llm", "llm"), "self_pruner_ga": ("ga", "ga"), "self_pruner_ga_llm_init": ("llm", "ga"),
+            "self_pruner_llm_ga_init": ("ga", "llm")}
 
 
 def _record(method: str, seed: int, ppl: float, pruner: str = "wanda") -> Result:
-    search = {"self_pruner": {"operators": "llm", "init": "llm", "evaluations": 13, "tokens_scored": 1664,
-                              "llm_tokens": 400, "calls": [{}] * 16},
-              "self_pruner_ga": {"operators": "ga", "init": "ga", "evaluations": 13, "tokens_scored": 1664,
-                                 "llm_tokens": 0, "calls": []}}.get(method)
+    search = None
+    if method in SEARCHES:
+        init, operators = SEARCHES[method]
+        asks = (init == "llm") * 4 + (operators == "llm") * 12
+        search = {"operators": operators, "init": init, "evaluations": 13, "tokens_scored": 1664,
+                  "llm_tokens": 25 * asks, "calls": [{}] * asks}
+    allocator = {"search": search} if search else {}
+    if method == "loss_estimate_wanda":
+        allocator = {"realised_fit": {"pruner": "wanda", "level": 0.7, "layers": 8, "spearman": -0.25 + seed / 10}}
     return Result(status="ok", config_hash=f"{method}-{seed}",
                   cell=CellKey("llama-tiny", method, 0.7, seed=seed, display=DISPLAY[method]),
                   config={"method": {"name": method, "pruner": pruner}, "seed": seed},
-                  metrics={"ppl": {"pydoc": ppl}}, allocator={"search": search} if search else {},
+                  metrics={"ppl": {"pydoc": ppl}}, allocator=allocator,
                   timings={"allocate": 4.0 if search else 0.0, "total": 5.0})
 
 
@@ -95,6 +105,52 @@ def test_arms_pair_within_their_pruner_and_costs_sit_beside_quality(tmp_path):
     assert "| llama-tiny | 70% | Self-Pruner (LLM, Wanda) | 3 | 100.00 |" in found.markdown
     assert found.pairs["diffs"].tolist() == ["-1;-1;-1", "-2;-2;-2"]  # per seed, for the CSV and the plot
     assert all(path.stat().st_size > 0 for path in league.plot_pairs(found.pairs, tmp_path / "league"))
+
+
+def test_the_2x2_of_prior_and_operators_says_which_one_the_llm_arm_owes_its_score_to(tmp_path):
+    # the LLM's operators take 3 off the perplexity on every seed; its prior helps on 3 seeds of 6 and hurts on 3
+    def ppl(method: str, seed: int) -> float:
+        init, operators = SEARCHES[method]
+        return 100.0 + seed - 3.0 * (operators == "llm") + (init == "llm") * (1.0 if seed % 2 else -1.0)
+    records = [_record(m, s, ppl(m, s)) for s in range(6) for m in SEARCHES]
+    records += [_record("loss_estimate_wanda", s, 104.0) for s in range(2)]
+    for record in records:
+        write_result(tmp_path / record.config_hash, record)
+    assert reports_main(["collect", str(tmp_path), "--no-plots"]) == 0
+    factors = pd.read_csv(tmp_path / "league_factors.csv")
+    assert factors[["effect", "fixed", "llm_side", "ga_side", "n", "wins", "verdict"]].values.tolist() == [
+        ["operators", "init llm", "Self-Pruner (LLM, Wanda)", "GA ops, LLM init", 6, 6, "better"],
+        ["operators", "init ga", "LLM ops, GA init", "Self-Pruner (GA, Wanda)", 6, 6, "better"],
+        ["prior", "operators llm", "Self-Pruner (LLM, Wanda)", "LLM ops, GA init", 6, 3, "no difference"],
+        ["prior", "operators ga", "GA ops, LLM init", "Self-Pruner (GA, Wanda)", 6, 3, "no difference"]]
+    assert factors.loc[factors["effect"] == "operators", "diffs"].tolist() == [";".join(["-3"] * 6)] * 2
+    markdown = (tmp_path / "league.md").read_text()
+    assert "## Prior or operators" in markdown
+    assert "| llama-tiny | 70% | ppl/pydoc | operators | init llm | Self-Pruner (LLM, Wanda) | GA ops, LLM init |" \
+        in markdown
+    # the loss estimate's fit to the pruner it used sits beside its cost: the mean Spearman over its seeds
+    costs = pd.read_csv(tmp_path / "league_cost.csv").set_index("arm")
+    assert costs.loc["Loss estimate (Wanda)", "estimate_fit"] == pytest.approx(-0.2)
+    assert np.isnan(costs.loc["Self-Pruner (LLM, Wanda)", "estimate_fit"])
+    assert "| Loss estimate (Wanda) | 2 | 104.00 |" in markdown and "| -0.20 |" in markdown
+
+
+def test_the_plot_shows_the_2x2_effects_beside_the_pairs(tmp_path, monkeypatch):
+    records = [_record(m, s, 100.0 + s - 3.0 * (SEARCHES[m][1] == "llm")) for s in range(6) for m in SEARCHES]
+    drawn = []
+    monkeypatch.setattr(league, "plot_pairs", lambda frame, stem: drawn.append(frame) or [])
+    league.write(records, long_frame(records), tmp_path, plots=True)
+    panels = drawn[0].groupby("arm", sort=False)["vs"].apply(list).to_dict()
+    assert panels["the LLM's operators"] == ["the GA's (init llm)", "the GA's (init ga)"]
+    assert panels["the LLM's prior"] == ["the GA's (operators llm)", "the GA's (operators ga)"]
+    assert drawn[0].loc[drawn[0]["arm"] == "the LLM's operators", "verdict"].tolist() == ["better"] * 2
+    assert len(panels["Self-Pruner (LLM, Wanda)"]) == 3  # the paired table's rows are still drawn
+
+
+def test_without_the_crossed_arms_there_is_no_2x2():
+    records = [r for s in range(3) for r in (_record("self_pruner", s, 100.0), _record("self_pruner_ga", s, 101.0))]
+    found = _league(records)
+    assert found.factors.empty and "Prior or operators" not in found.markdown
 
 
 def test_one_seed_or_no_search_is_no_league():

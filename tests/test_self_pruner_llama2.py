@@ -48,7 +48,7 @@ def test_every_target_has_a_verdict_or_a_named_reason_and_acc_avg_drop_is_judged
     # as shipped, the targets are the paper's 70B numbers: on llama-tiny each names why it is not judged
     targets = pd.read_csv(sweep / "table_reported.csv")
     assert len(targets) == 4 and set(targets["metric"]) == {"acc_avg_drop", "speedup/prefill"}
-    assert targets["verdict"].tolist() == ["not run: no result in this sweep"] * 4
+    assert targets["verdict"].tolist() == ["not run: no llama2-70b cell in this sweep (it ran llama-tiny)"] * 4
 
     # the same targets about llama-tiny: each is judged on the cells the preset ran
     for result in found:
