@@ -12,8 +12,9 @@ The model is built on the meta device from its architecture (no weights, no hub)
   (pruning), the whole model or one block + every window's hidden states (perplexity), its share of
   the model over the GPUs (zero-shot, speed); each whole-model stage with `FIT_MARGIN` for activations;
 - peak host RAM: the model (or, streamed, its non-block parameters and two blocks) + the activations
-  when computed on the CPU + Hessians + the dense copies a cell keeps (the structured speed reference,
-  a search's trial model) + `BASE_RSS_GIB` for the interpreter and its libraries;
+  when computed on the CPU + Hessians + what a stage adds beside the model (a search's candidate: the
+  dense copy of one block; a structured cell's speed stage: the dense model loaded again beside the
+  pruned one) + `BASE_RSS_GIB` for the interpreter and its libraries;
 - disk: resume state (the pruned blocks and the next block's inputs, with resume_every_s set) and the
   checkpoint (save_dir, or the streamed output);
 - tokens: calibration (nsamples x seqlen) and perplexity (windows x seqlen, per corpus);
@@ -104,6 +105,7 @@ class Shape:
     blocks: int
     hidden: int
     linears: list[tuple[int, int]]  # (in, out) of every prunable linear of the largest block
+    ffn_params: int  # the FFN linears' weights over all blocks: what structured pruning removes a share of
 
 
 def shape(arch_kwargs: dict) -> Shape:
@@ -111,11 +113,14 @@ def shape(arch_kwargs: dict) -> Shape:
     config = transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
-    blocks = arch_for(model).blocks(model)
+    arch = arch_for(model)
+    blocks = arch.blocks(model)
     sizes = [sum(p.numel() for p in block.parameters()) for block in blocks]
     largest = blocks[sizes.index(max(sizes))]
-    linears = [(layer.in_features, layer.out_features) for layer in arch_for(model).linears(largest).values()]
-    return Shape(sum(p.numel() for p in model.parameters()), max(sizes), len(blocks), config.hidden_size, linears)
+    linears = [(layer.in_features, layer.out_features) for layer in arch.linears(largest).values()]
+    ffn = sum(block.get_submodule(name).weight.numel() for block in blocks for name in (*arch.ffn_in, arch.ffn_out))
+    return Shape(sum(p.numel() for p in model.parameters()), max(sizes), len(blocks), config.hidden_size, linears,
+                 ffn)
 
 
 @dataclass
@@ -172,8 +177,12 @@ def plan_cell(cfg: RunConfig, granted: Grant) -> Plan:
         streamed = bool(cfg.model.stream)
 
     host = BASE_RSS_GIB * GIB + hessians * (not on_gpu) + (activations + eval_activations) * (not on_gpu)
-    host += (weights - s.blocks * block + 2 * block) if streamed else \
-        weights * (1 + (structured and cfg.eval.speed is not None) + search)
+    if streamed:
+        host += weights - s.blocks * block + 2 * block
+    else:  # the speed stage holds the pruned model and the dense one loaded again
+        pruned = weights - int(cfg.sparsity * s.ffn_params * size) if structured else weights
+        speed_stage = weights + pruned if structured and cfg.eval.speed is not None else 0
+        host += max(weights + block * search, speed_stage)
     gpu, placement = 0, "streamed" if streamed else "in memory"
     if on_gpu:
         one_gpu = granted.gpu_bytes
@@ -230,10 +239,9 @@ def _knob(cfg, granted: Grant, s: Shape, streamed, checkpoint_path, host, gpu, s
     if host > mem:
         over = f"host RAM {host / GIB:.1f} GiB > {mem / GIB:.1f} GiB ({where})"
         if not streamed:
-            if structured and cfg.eval.speed is not None and host - weights <= mem:
-                return f"{over}: eval.speed=null (the structured speed reference is a second copy of the model)"
-            if search and host - weights <= mem:
-                return f"{over}: model.resources.mem_gb={math.ceil(host / GIB)} (the search prunes a copy of the model)"
+            pruned = weights - int(cfg.sparsity * s.ffn_params * BYTES[cfg.model.dtype])
+            if structured and cfg.eval.speed is not None and host - pruned + block * search <= mem:
+                return f"{over}: eval.speed=null (the speed stage loads the dense model beside the pruned one)"
             if checkpoint_path is None:
                 return f"{over}: model.path=<local checkpoint> model.stream=true (blocks read from its shards)"
             return f"{over}: model.stream=true (blocks read from the shards one at a time)"

@@ -111,3 +111,13 @@ def test_a_sweep_is_refused_before_any_cell_when_a_cell_cannot_fit(tmp_path):
     assert "cell [cache=False threads=1 model=llama2-70b model.resources.mem_gb=64 method=wanda] cannot fit: host " \
            "RAM" in refused.stderr and "plan=true prints the plan" in refused.stderr
     assert not list(tmp_path.rglob(records.RESULT_FILE))
+
+
+def test_self_pruner_at_70b_holds_the_model_once_plus_the_dense_model_at_its_speed_stage():
+    """Its candidates are scored without a copy of the model and the speed reference is loaded at the speed
+    stage: on the 384 GiB its preset asks for, no longer model + reference + trial (~385 GiB)."""
+    cfg = _cfg("experiment=self_pruner_llama2", "sparsity=0.37", "device=cuda")
+    resources = cfg.model.resources
+    planned = plan.plan_cell(cfg, plan.Grant(resources.mem_gb * GIB, resources.gpus, 80 * GIB, None, "given"))
+    weights = planned.params * 2
+    assert weights < planned.host_peak < 2 * weights and "host RAM" not in planned.knob, planned.knob
