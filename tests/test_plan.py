@@ -60,14 +60,18 @@ def test_llama2_70b_on_64_gib_is_refused_in_memory_and_fits_streamed(tmp_path):
     assert streamed.host_peak < 16 * GIB and streamed.disk_checkpoint == streamed.params * 2
 
 
-def test_a_gpu_cell_with_too_many_calibration_samples_names_the_count_that_fits():
-    planned = plan.plan_cell(_cfg("model=llama2-70b", "device=cuda", "method=sparsegpt", "data.calib.nsamples=2048",
-                                  "data.calib.seqlen=4096"), plan.Grant(1024 * GIB, 2, 80 * GIB, None, "given"))
-    assert not planned.fits and "data.calib.nsamples=" in planned.knob
+def test_a_gpu_cell_with_too_many_calibration_samples_names_the_count_that_fits_the_host():
+    """Every sample's block inputs and outputs stay on the host (the GPU holds one batch of them): 2048 x 4096
+    samples of LLaMA-2-70B are 256 GiB of host RAM, the GPU's share one block and one batch."""
+    grant = plan.Grant(256 * GIB, 2, 80 * GIB, None, "given")
+    overrides = ("model=llama2-70b", "device=cuda", "method=sparsegpt", "data.calib.seqlen=4096")
+    planned = plan.plan_cell(_cfg(*overrides, "data.calib.nsamples=2048"), grant)
+    assert not planned.fits and "data.calib.nsamples=" in planned.knob and "stay on the host" in planned.knob
+    assert planned.host_peak > 2 * 2048 * 4096 * 8192 * 2
     fit = int(planned.knob.split("data.calib.nsamples=")[1].split()[0])
-    again = plan.plan_cell(_cfg("model=llama2-70b", "device=cuda", "method=sparsegpt", f"data.calib.nsamples={fit}",
-                                "data.calib.seqlen=4096"), plan.Grant(1024 * GIB, 2, 80 * GIB, None, "given"))
+    again = plan.plan_cell(_cfg(*overrides, f"data.calib.nsamples={fit}"), grant)
     assert again.fits, again.knob
+    assert planned.gpu_peak == again.gpu_peak < 80 * GIB  # the samples' count does not reach the GPU
 
 
 def test_a_cpu_cell_too_slow_for_a_gpu_job_is_told_to_use_the_gpu():
