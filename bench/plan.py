@@ -16,8 +16,9 @@ The model is built on the meta device from its architecture (no weights, no hub)
   a stage adds beside the model (a search's candidate: the dense copy of one block; a structured cell's
   speed stage: the dense model loaded again beside the pruned one) + `BASE_RSS_GIB` for the interpreter
   and its libraries;
-- disk: resume state (the pruned blocks and the next block's inputs, with resume_every_s set) and the
-  checkpoint (save_dir, or the streamed output);
+- disk: resume state (the pruned blocks and the next block's inputs, with resume_every_s set: the share
+  of the pass's estimated time past the first resume_every_s) and the checkpoint (save_dir, or the
+  streamed output);
 - tokens: calibration (nsamples x seqlen) and perplexity (windows x seqlen, per corpus);
 - wall time from the throughput constants below (printed with the table): forward FLOPs 2 x params x
   tokens, SparseGPT's solve 2 x out x in^2 per linear, a search's candidates and LLM calls.
@@ -201,7 +202,12 @@ def plan_cell(cfg: RunConfig, granted: Grant) -> Plan:
                 gpu = max(gpu, int(share))
                 placement += f", dispatched over {granted.gpus}"
 
-    resume = 0 if streamed or cfg.resume_every_s is None or method.dense else weights + activations // 2
+    resume = 0
+    if not (streamed or cfg.resume_every_s is None or method.dense):
+        # blocks are written every resume_every_s: a pass shorter than that writes none, a long one nearly all
+        every, prune_seconds = cfg.resume_every_s, _seconds(cfg, s, calib_tokens, 0, on_gpu, pruner, False)
+        kept = 1.0 if every <= 0 else max(0.0, 1 - every / max(prune_seconds, 1e-9))
+        resume = int((weights + activations // 2) * kept)
     if cfg.save_dir is None and not streamed:
         saved = 0
     elif cfg.save_format == "bitmask":
