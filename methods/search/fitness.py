@@ -45,6 +45,8 @@ class Fitness:
         self.ctx, self.block_of, self.target = context, block_of, target
         self.cache: dict[tuple, float] = {}
         self.hits = 0
+        # what an interrupted run of this search scored: replayed, the same choices reach the same candidates
+        self.restored = dict(context.scores.scored()) if context.scores is not None else {}
         self.seconds = 0.0
         samples = self.ctx.samples
         scored = o.fitness_nsamples + o.fitness_windows
@@ -83,9 +85,14 @@ class Fitness:
         if key in self.cache:
             self.hits += 1
             return self.cache[key], True
-        start = time.perf_counter()
-        value = self._score(rates, self.heldout, self.dense_logp)
-        self.seconds += time.perf_counter() - start
+        if key in self.restored:  # a distinct evaluation all the same: the record is the uninterrupted one's
+            value = self.restored[key]
+        else:
+            start = time.perf_counter()
+            value = self._score(rates, self.heldout, self.dense_logp)
+            self.seconds += time.perf_counter() - start
+            if self.ctx.scores is not None:
+                self.ctx.scores.save_score(key, value)
         self.cache[key] = value
         return value, False
 
