@@ -178,11 +178,12 @@ def plan_cell(cfg: RunConfig, granted: Grant) -> Plan:
     else:
         streamed = bool(cfg.model.stream)
 
+    # a structured pruner removes its share of the FFN channels physically; the rest keep their zeros
+    pruned = weights - int(cfg.sparsity * s.ffn_params * size) if structured else weights
     host = BASE_RSS_GIB * GIB + hessians * (not on_gpu) + activations + eval_activations
     if streamed:
         host += weights - s.blocks * block + 2 * block
     else:  # the speed stage holds the pruned model and the dense one loaded again
-        pruned = weights - int(cfg.sparsity * s.ffn_params * size) if structured else weights
         speed_stage = weights + pruned if structured and cfg.eval.speed is not None else 0
         host += max(weights + block * search, speed_stage)
     gpu, placement = 0, "streamed" if streamed else "in memory"
@@ -213,7 +214,7 @@ def plan_cell(cfg: RunConfig, granted: Grant) -> Plan:
     elif cfg.save_format == "bitmask":
         saved = int(weights * (1 - cfg.sparsity)) + s.params // 8
     else:
-        saved = weights
+        saved = pruned
 
     seconds = _seconds(cfg, s, calib_tokens, eval_tokens, on_gpu, pruner, search)
     knob = _knob(cfg, granted, s, streamed, checkpoint_path, host, gpu, seconds, activations, block, hessians,

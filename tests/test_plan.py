@@ -137,3 +137,13 @@ def test_resume_state_on_disk_is_the_share_of_the_pass_past_the_first_save():
     big = plan.plan_cell(_cfg("model=llama2-70b", "method=sparsegpt", "device=cuda", "resume_every_s=300"),
                          plan.Grant(1024 * GIB, 2, 80 * GIB, None, "given"))
     assert 0.5 * big.params * 2 < big.disk_resume < 1.1 * big.params * 2
+
+
+def test_a_structured_checkpoint_is_planned_without_the_channels_it_removes(tmp_path):
+    """A SmolLM2 CFSP cell at 50% wrote 0.35 GiB where the plan said its dense size, 0.50 GiB."""
+    overrides = ("model=llama-tiny", "threads=1", "sparsity=0.5", f"save_dir={tmp_path}")
+    dense = plan.plan_cell(_cfg(*overrides, "method=wanda"), NODE).disk_checkpoint
+    structured = plan.plan_cell(_cfg(*overrides, "method=cfsp"), NODE).disk_checkpoint
+    arch = _cfg("model=llama-tiny").model.architecture
+    ffn = 3 * arch["hidden_size"] * arch["intermediate_size"] * arch["num_hidden_layers"]
+    assert dense - structured == 0.5 * ffn * 4
