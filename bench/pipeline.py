@@ -69,7 +69,7 @@ def run(cfg: RunConfig, result: Result, observer: CellObserver, use_cache: bool,
             # local task YAMLs carry the real task names: the record says they are mirrors
             result.metrics["zeroshot"]["mirror"] = cfg.eval.zeroshot.include_path is not None
         observer.measured(_values(result, "acc", "acc_avg"))
-    if source.reference is not None:
+    if source.measures_speed:
         with observer.stage("speed"):
             result.metrics["speed"] = source.speed()
         observer.measured(_values(result, "speedup"))

@@ -8,14 +8,17 @@ The model is built on the meta device from its architecture (no weights, no hub)
 - placement: `in memory` (the whole model in host RAM, blocks computed on `device`), `streamed` (blocks
   read from the shards one at a time: model.stream=true, or auto over the host budget), and for the
   whole-model stages on GPUs (in-memory perplexity, zero-shot, speed) `1 GPU` or `dispatched over N`;
-- peak GPU memory per device: the largest of one block + its calibration activations + its Hessians
-  (pruning), the whole model or one block + every window's hidden states (perplexity), its share of
+- peak GPU memory per device: the largest of one block + one calibration batch's activations + its
+  Hessians (pruning), the whole model or one block + one window's hidden states (perplexity), its share of
   the model over the GPUs (zero-shot, speed); each whole-model stage with `FIT_MARGIN` for activations;
 - peak host RAM: the model (or, streamed, its non-block parameters and two blocks) + the activations
-  when computed on the CPU + Hessians + the dense copies a cell keeps (the structured speed reference,
-  a search's trial model) + `BASE_RSS_GIB` for the interpreter and its libraries;
-- disk: resume state (the pruned blocks and the next block's inputs, with resume_every_s set) and the
-  checkpoint (save_dir, or the streamed output);
+  (every sample's block inputs and outputs stay on the host, on a GPU too) + Hessians on the CPU + what
+  a stage adds beside the model (a search's candidate: the dense copy of one block; a structured cell's
+  speed stage: the dense model loaded again beside the pruned one) + `BASE_RSS_GIB` for the interpreter
+  and its libraries;
+- disk: resume state (the pruned blocks and the next block's inputs, with resume_every_s set: the share
+  of the pass's estimated time past the first resume_every_s) and the checkpoint (save_dir, or the
+  streamed output);
 - tokens: calibration (nsamples x seqlen) and perplexity (windows x seqlen, per corpus);
 - wall time from the throughput constants below (printed with the table): forward FLOPs 2 x params x
   tokens, SparseGPT's solve 2 x out x in^2 per linear, a search's candidates and LLM calls.
@@ -104,6 +107,7 @@ class Shape:
     blocks: int
     hidden: int
     linears: list[tuple[int, int]]  # (in, out) of every prunable linear of the largest block
+    ffn_params: int  # the FFN linears' weights over all blocks: what structured pruning removes a share of
 
 
 def shape(arch_kwargs: dict) -> Shape:
@@ -111,11 +115,14 @@ def shape(arch_kwargs: dict) -> Shape:
     config = transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
-    blocks = arch_for(model).blocks(model)
+    arch = arch_for(model)
+    blocks = arch.blocks(model)
     sizes = [sum(p.numel() for p in block.parameters()) for block in blocks]
     largest = blocks[sizes.index(max(sizes))]
-    linears = [(layer.in_features, layer.out_features) for layer in arch_for(model).linears(largest).values()]
-    return Shape(sum(p.numel() for p in model.parameters()), max(sizes), len(blocks), config.hidden_size, linears)
+    linears = [(layer.in_features, layer.out_features) for layer in arch.linears(largest).values()]
+    ffn = sum(block.get_submodule(name).weight.numel() for block in blocks for name in (*arch.ffn_in, arch.ffn_out))
+    return Shape(sum(p.numel() for p in model.parameters()), max(sizes), len(blocks), config.hidden_size, linears,
+                 ffn)
 
 
 @dataclass
@@ -151,7 +158,7 @@ def plan_cell(cfg: RunConfig, granted: Grant) -> Plan:
     calib_tokens = calib.nsamples * calib.seqlen
     windows = {name: _eval_windows(cfg, name) for name in (cfg.eval.ppl.datasets if cfg.eval.ppl else [])}
     eval_tokens = sum(count * cfg.eval.ppl.seqlen for count in windows.values())
-    # the engine holds every sample's block inputs and outputs
+    # the engine holds every sample's block inputs and outputs on the host, and one batch of them on a GPU
     activations = 2 * calib_tokens * s.hidden * size
     eval_activations = 2 * max(windows.values(), default=0) * (cfg.eval.ppl.seqlen if cfg.eval.ppl else 0) * \
         s.hidden * size
@@ -171,15 +178,21 @@ def plan_cell(cfg: RunConfig, granted: Grant) -> Plan:
     else:
         streamed = bool(cfg.model.stream)
 
-    host = BASE_RSS_GIB * GIB + hessians * (not on_gpu) + (activations + eval_activations) * (not on_gpu)
-    host += (weights - s.blocks * block + 2 * block) if streamed else \
-        weights * (1 + (structured and cfg.eval.speed is not None) + search)
+    # a structured pruner removes its share of the FFN channels physically; the rest keep their zeros
+    pruned = weights - int(cfg.sparsity * s.ffn_params * size) if structured else weights
+    host = BASE_RSS_GIB * GIB + hessians * (not on_gpu) + activations + eval_activations
+    if streamed:
+        host += weights - s.blocks * block + 2 * block
+    else:  # the speed stage holds the pruned model and the dense one loaded again
+        speed_stage = weights + pruned if structured and cfg.eval.speed is not None else 0
+        host += max(weights + block * search, speed_stage)
     gpu, placement = 0, "streamed" if streamed else "in memory"
     if on_gpu:
         one_gpu = granted.gpu_bytes
-        prune_peak = block + activations + hessians
+        prune_peak = block + activations * calib.batch // max(calib.nsamples, 1) + hessians
         whole_fits = not streamed and weights * FIT_MARGIN < one_gpu
-        ppl_peak = weights * FIT_MARGIN if whole_fits else block + eval_activations
+        ppl_peak = weights * FIT_MARGIN if whole_fits else block + 2 * cfg.eval.ppl.seqlen * s.hidden * size \
+            if cfg.eval.ppl else 0
         gpu = max(prune_peak, ppl_peak)
         needs_whole = not streamed and (cfg.eval.zeroshot is not None or (structured and cfg.eval.speed is not None))
         if needs_whole:
@@ -190,17 +203,22 @@ def plan_cell(cfg: RunConfig, granted: Grant) -> Plan:
                 gpu = max(gpu, int(share))
                 placement += f", dispatched over {granted.gpus}"
 
-    resume = 0 if streamed or cfg.resume_every_s is None or method.dense else weights + activations // 2
+    resume = 0
+    if not (streamed or cfg.resume_every_s is None or method.dense):
+        # blocks are written every resume_every_s: a pass shorter than that writes none, a long one nearly all
+        every, prune_seconds = cfg.resume_every_s, _seconds(cfg, s, calib_tokens, 0, on_gpu, pruner, False)
+        kept = 1.0 if every <= 0 else max(0.0, 1 - every / max(prune_seconds, 1e-9))
+        resume = int((weights + activations // 2) * kept)
     if cfg.save_dir is None and not streamed:
         saved = 0
     elif cfg.save_format == "bitmask":
         saved = int(weights * (1 - cfg.sparsity)) + s.params // 8
     else:
-        saved = weights
+        saved = pruned
 
     seconds = _seconds(cfg, s, calib_tokens, eval_tokens, on_gpu, pruner, search)
-    knob = _knob(cfg, granted, s, streamed, checkpoint_path, host, gpu, seconds, activations, eval_activations,
-                 block, hessians, weights, structured, search)
+    knob = _knob(cfg, granted, s, streamed, checkpoint_path, host, gpu, seconds, activations, block, hessians,
+                 weights, structured, search)
     return Plan(placement, s.params, gpu, int(host), resume, saved, calib_tokens, eval_tokens, seconds, not knob, knob)
 
 
@@ -223,17 +241,20 @@ def _seconds(cfg, s: Shape, calib_tokens, eval_tokens, on_gpu, pruner, search) -
     return seconds
 
 
-def _knob(cfg, granted: Grant, s: Shape, streamed, checkpoint_path, host, gpu, seconds, activations,
-          eval_activations, block, hessians, weights, structured, search) -> str:
+def _knob(cfg, granted: Grant, s: Shape, streamed, checkpoint_path, host, gpu, seconds, activations, block,
+          hessians, weights, structured, search) -> str:
     """"" when the cell fits its grant, else what is over and the one change that makes it fit."""
     mem, where = granted.mem_bytes, granted.source
     if host > mem:
         over = f"host RAM {host / GIB:.1f} GiB > {mem / GIB:.1f} GiB ({where})"
+        if activations > host - mem:  # fewer samples fit where the model does
+            per_sample = 2 * cfg.data.calib.seqlen * s.hidden * BYTES[cfg.model.dtype]
+            fit = int((mem - (host - activations)) // per_sample)
+            return f"{over}: data.calib.nsamples={fit} (every sample's block inputs and outputs stay on the host)"
         if not streamed:
-            if structured and cfg.eval.speed is not None and host - weights <= mem:
-                return f"{over}: eval.speed=null (the structured speed reference is a second copy of the model)"
-            if search and host - weights <= mem:
-                return f"{over}: model.resources.mem_gb={math.ceil(host / GIB)} (the search prunes a copy of the model)"
+            pruned = weights - int(cfg.sparsity * s.ffn_params * BYTES[cfg.model.dtype])
+            if structured and cfg.eval.speed is not None and host - pruned + block * search <= mem:
+                return f"{over}: eval.speed=null (the speed stage loads the dense model beside the pruned one)"
             if checkpoint_path is None:
                 return f"{over}: model.path=<local checkpoint> model.stream=true (blocks read from its shards)"
             return f"{over}: model.stream=true (blocks read from the shards one at a time)"
@@ -244,14 +265,11 @@ def _knob(cfg, granted: Grant, s: Shape, streamed, checkpoint_path, host, gpu, s
         one = granted.gpu_bytes
         if gpu > one:
             over = f"GPU memory {gpu / GIB:.1f} GiB > {one / GIB:.0f} GiB per GPU ({where})"
-            if block + activations + hessians > one:
-                per_sample = 2 * cfg.data.calib.seqlen * s.hidden * BYTES[cfg.model.dtype]
-                fit = max(int((one - block - hessians) // per_sample), 0)
-                return f"{over}: data.calib.nsamples={fit} (calibration activations sit on the GPU)"
-            if block + eval_activations > one and weights * FIT_MARGIN >= one:
-                per_window = 2 * cfg.eval.ppl.seqlen * s.hidden * BYTES[cfg.model.dtype]
-                return f"{over}: eval.ppl.max_windows={max(int((one - block) // per_window), 1)} (every window's " \
-                       f"hidden states sit on the GPU)"
+            calib = cfg.data.calib
+            per_sample = 2 * calib.seqlen * s.hidden * BYTES[cfg.model.dtype]
+            if block + calib.batch * per_sample + hessians > one and calib.batch > 1:
+                fit = max(int((one - block - hessians) // per_sample), 1)
+                return f"{over}: data.calib.batch={fit} (one batch of calibration activations is on the GPU)"
             return f"{over}: model.resources.gpus={math.ceil(weights * FIT_MARGIN / one)}"
     if granted.timeout_min is not None and seconds / 60 > granted.timeout_min:
         if cfg.device == "cpu" and granted.gpus:

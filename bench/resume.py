@@ -9,6 +9,9 @@ Under `<cell dir>/resume/`:
     block_<i>.safetensors    the state of pruned block i
     inputs_<k>.safetensors   the inputs of block k: the outputs of the pruned blocks before it
     state.json               the commit: its key, the next block k and its inputs file
+    search.json              before the allocation: every candidate a search scored so far (its rounded
+                             rates and fitness) under the key's digest; a requeued search replays its
+                             choices and scores none of them again (91 candidates at 70B)
 
 The blocks' keyword arguments (attention masks, rotary tables) are not saved: the engine captures them
 again from the calibration samples, which no pruning changes (only the embeddings run for that).
@@ -50,6 +53,7 @@ log = logging.getLogger(__name__)
 
 FOLDER = "resume"
 STATE_FILE = "state.json"
+SEARCH_FILE = "search.json"
 ALLOCATION_FILE = "allocation.safetensors"
 # The harness modules whose code decides the pruned weights, besides every module of `methods`.
 PRUNING_MODULES = ("bench.core.engine", "bench.core.families", "bench.models", "bench.llm", "bench.data")
@@ -80,6 +84,7 @@ class ResumeState:
         self.last_save = time.monotonic()
         self.warnings: list[str] = []
         self.failed = False  # a save could not be written: no more are tried
+        self.scores: dict[tuple, float] = {}  # a search's scored candidates (SEARCH_FILE)
 
     def load(self) -> Optional[ResumePoint]:
         """The saved point of this key, or None (nothing saved, or saved under another key)."""
@@ -121,6 +126,36 @@ class ResumeState:
 
     def block(self, index: int) -> dict[str, torch.Tensor]:
         return load_file(self._block_path(index))
+
+    def scored(self) -> dict[tuple, float]:
+        """The candidates an interrupted search of this key scored (none when the file is another key's or
+        unreadable: the search scores them again)."""
+        path = self.root / SEARCH_FILE
+        if self.root.is_symlink() or not path.exists():
+            return {}
+        try:
+            saved = json.loads(path.read_text())
+            if saved["digest"] != self.digest:
+                return {}
+            self.scores = {tuple(float(r) for r in rates): float(value) for rates, value in saved["scores"]}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self.warnings.append(f"search state {path} not used ({exc}); the search scores its candidates again")
+            return {}
+        return dict(self.scores)
+
+    def save_score(self, key: tuple, value: float) -> None:
+        """One more scored candidate, written at once (a candidate costs minutes, the file milliseconds)."""
+        if self.failed:
+            return
+        self.scores[key] = value
+        self._guarded(self._save_scores)
+
+    def _save_scores(self) -> None:
+        if self.root.is_symlink():
+            raise OSError(f"{self.root} is a symlink; nothing is written under it")
+        self.root.mkdir(parents=True, exist_ok=True)
+        records.write_atomic(self.root / SEARCH_FILE, json.dumps(
+            {"digest": self.digest, "scores": [[list(rates), value] for rates, value in self.scores.items()]}))
 
     def save_allocation(self, allocation: Allocation) -> None:
         """A fresh pass starts: whatever was saved before goes, then the allocation and a commit at block 0."""

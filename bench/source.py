@@ -6,7 +6,6 @@ there, never in branches of the recipe.
 """
 from __future__ import annotations
 
-import copy
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Optional
@@ -31,7 +30,7 @@ class ModelSource(ABC):
     """One cell's model, from loading to its evaluation. Each step records in `result` what only it knows.
     A source that cannot recover or run zero-shot refuses the cell when it is opened, before any work."""
 
-    reference: Optional[torch.nn.Module] = None  # the dense model, kept for the speed comparison
+    measures_speed = False  # a structured cell's speed-up against the dense model (`speed`)
 
     def __init__(self, cfg: RunConfig, result: Result, observer: CellObserver, save_to: Optional[Path]):
         self.cfg, self.result, self.observer, self.save_to = cfg, result, observer, save_to
@@ -61,7 +60,7 @@ class ModelSource(ABC):
         raise NotImplementedError
 
     def speed(self) -> dict:
-        """Tokens/s of the pruned model against `reference`."""
+        """Tokens/s of the pruned model against the dense one."""
         raise NotImplementedError
 
 
@@ -87,7 +86,7 @@ class InMemory(ModelSource):
         cfg, result, model = self.cfg, self.result, self.model
         if method.pruner.structured:  # FFN channels removed physically: measured against the dense widths
             self.dense = families.ffn_sizes(model), families.parameter_count(model)
-            self.reference = copy.deepcopy(model) if cfg.eval.speed else None
+            self.measures_speed = cfg.eval.speed is not None
         self.observer.enter("prune")
         store = None if cfg.resume_every_s is None else resume.ResumeState(
             self.out_dir, self.config_hash, cfg.device, cfg.resume_every_s, resume.samples_digest(samples),
@@ -137,7 +136,10 @@ class InMemory(ModelSource):
                                  self.tasks)
 
     def speed(self) -> dict:
-        measured = speed.measure(self.reference, self.model, self.cfg.eval.speed, self.cfg.device, self.cfg.seed,
+        # the dense model loaded again from its source, not a copy held through the prune and evaluation:
+        # at 70B that copy is 128 GiB beside the model (and a search's work) from the first stage on
+        dense, _ = models.load(self.cfg.model)
+        measured = speed.measure(dense, self.model, self.cfg.eval.speed, self.cfg.device, self.cfg.seed,
                                  on_step=self.observer.step)
         if not measured["single_device"]:
             devices = {name: sorted(set(where.values())) for name, where in measured["device_map"].items()}

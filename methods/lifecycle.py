@@ -48,6 +48,16 @@ class SearchContext:
     make_llm: Optional[MakeLLM] = None
     batch: int = 1  # calibration samples per block forward, for the candidates' prunes
     on_candidate: OnBlock = None  # (index, budget, seconds) per scored candidate
+    scores: Optional["SearchScores"] = None  # fitness values an interrupted search already computed
+
+
+class SearchScores(Protocol):
+    """Where a search's scored candidates outlive the process (e.g. `bench.resume.ResumeState`): a requeued
+    search replays its choices and takes each fitness value it finds here instead of pruning again."""
+
+    def scored(self) -> dict[tuple, float]: ...
+
+    def save_score(self, key: tuple, value: float) -> None: ...
 
 
 @dataclass
@@ -72,10 +82,11 @@ class ResumePoint:
     inputs: Optional[torch.Tensor]
 
 
-class ResumeStore(Protocol):
-    """Makes a pruning pass resumable (e.g. the harness's `bench.resume.ResumeState`): it is handed the
-    allocation before block 0 and every block once pruned, with the next block's inputs (None after the
-    last); `load()` returns where an earlier pass stopped, None for a fresh pass."""
+class ResumeStore(SearchScores, Protocol):
+    """Makes a pruning pass resumable (e.g. the harness's `bench.resume.ResumeState`): it is handed each
+    candidate a search scores, the allocation before block 0 and every block once pruned, with the next
+    block's inputs (None after the last); `load()` returns where an earlier pass stopped, None for a fresh
+    pass."""
 
     def load(self) -> Optional[ResumePoint]: ...
 
@@ -129,7 +140,7 @@ def prune(model: nn.Module, method: Method, samples: torch.Tensor, sparsity: flo
     point = None if resume is None else resume.load()
     if point is None:
         allocation = _allocate(model, method, samples, sparsity, device, sizes, cache, stream, make_llm, on_step,
-                               batch)
+                               batch, resume)
         if resume is not None:
             resume.save_allocation(allocation)
         start, inputs = 0, None
@@ -176,8 +187,10 @@ def _step_reporter(on_step: OnStep) -> Callable[[str], OnBlock]:
 
 def _allocate(model: nn.Module, method: Method, samples: torch.Tensor, sparsity: float, device: str,
               sizes: dict[str, int], cache: Optional[CellCache], stream: Optional[Stream],
-              make_llm: Optional[MakeLLM], on_step: OnStep, batch: int) -> Allocation:
-    """The phase before pruning: the dense pass, the search, `allocate` and `finish`."""
+              make_llm: Optional[MakeLLM], on_step: OnStep, batch: int, scores: Optional[SearchScores] = None
+              ) -> Allocation:
+    """The phase before pruning: the dense pass, the search (its fitness values kept in `scores`),
+    `allocate` and `finish`."""
     allocator, pruner = method.allocator, method.pruner
     seconds = {}
     step_done = _step_reporter(on_step)
@@ -202,7 +215,7 @@ def _allocate(model: nn.Module, method: Method, samples: torch.Tensor, sparsity:
         seconds["allocate_observe"] = time.perf_counter() - start
     if allocator.needs_search:
         allocator.bind(SearchContext(model, samples, pruner, device, make_llm, batch=batch,
-                                     on_candidate=step_done("search")))
+                                     on_candidate=step_done("search"), scores=scores))
     start = time.perf_counter()
     rates = allocator.allocate(sizes, sparsity)
     seconds["allocate"] = time.perf_counter() - start

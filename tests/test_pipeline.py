@@ -155,3 +155,28 @@ def test_layer_wise_perplexity_of_a_cell_runs_several_windows_per_block_forward_
         assert max(sizes) == batch  # calibration runs one sample at a time, its own data.calib.batch
     assert results[4].metrics["ppl"] == results[1].metrics["ppl"]
     assert results[4].config_hash == results[1].config_hash  # the same cell: a sweep does not run it again
+
+
+def test_block0_inputs_leave_the_device_batch_by_batch_into_one_host_buffer(monkeypatch):
+    """Every window's block-0 inputs were kept on the device and concatenated there (~32 GB for C4 at seqlen
+    4096 on a GPU, twice over while concatenating): each batch is copied into one host buffer as it is
+    captured, and that buffer is what the walk reads."""
+    from bench.core import engine
+    from bench.config import zoo_entry
+
+    model = models.load(zoo_entry("llama-tiny"))[0]
+    samples = torch.randint(0, 256, (5, 16), generator=torch.Generator().manual_seed(0))
+    held = []
+    real = engine._InputCatcher.forward
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.first:  # what the catcher holds when the next batch arrives
+            held.append(self.hidden if isinstance(self.hidden, torch.Tensor) else None)
+        return real(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(engine._InputCatcher, "forward", forward)
+    hidden, kwargs = engine.capture_inputs(model, samples, "cpu", batch=2)
+    embedded = model.get_input_embeddings()(samples)
+    assert hidden.device.type == "cpu" and torch.equal(hidden, embedded) and sorted(kwargs[0]) == [1, 2]
+    # one buffer of all 5 samples from the second batch on, and the walk reads that very buffer
+    assert len(held) == 3 and all(h is not None and h.data_ptr() == hidden.data_ptr() for h in held[1:])

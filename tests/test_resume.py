@@ -97,6 +97,41 @@ def test_a_resumed_search_is_not_run_again(make_config, tmp_path, monkeypatch):
     assert resumed.metrics["ppl"] == whole.metrics["ppl"]
 
 
+def test_a_search_interrupted_midway_resumes_scoring_only_the_candidates_it_had_not_scored(make_config, tmp_path,
+                                                                                         monkeypatch):
+    """A requeued search replays its choices (same seed, same rates) and takes the fitness of every candidate
+    scored before the interruption from the resume state: at 70B each candidate is minutes of pruning."""
+    from methods.search import fitness
+
+    overrides = [*CELL, "method=self_pruner_ga", "method.population=3", "method.generations=2",
+                 "method.fitness_nsamples=1", "method.fitness_windows=1", "method.rescore_windows=1",
+                 "method.fitness_seqlen=16", "sparsity=0.3"]
+    cfg, resolved = make_config(*overrides)
+    whole = run_cell(cfg, resolved, tmp_path / "whole")
+    assert whole.ok, whole.error
+    scored = fitness.Fitness._score
+    calls = []
+
+    def counted(self, rates, windows, logp, stop_at=None):
+        calls.append(windows is self.heldout)
+        if stop_at is not None and calls.count(True) > stop_at:
+            raise Preempted
+        return scored(self, rates, windows, logp)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fitness.Fitness, "_score", lambda *a: counted(*a, stop_at=4))
+        with pytest.raises(Preempted):
+            run_cell(cfg, resolved, tmp_path / "resumed")
+    assert len(json.loads((tmp_path / "resumed" / resume.FOLDER / resume.SEARCH_FILE).read_text())["scores"]) == 4
+    calls.clear()
+    monkeypatch.setattr(fitness.Fitness, "_score", lambda *a: counted(*a))
+    resumed = run_cell(cfg, resolved, tmp_path / "resumed")
+    assert resumed.ok, resumed.error
+    evaluations = whole.allocator["search"]["evaluations"]
+    assert calls.count(True) == evaluations - 4  # the fitness calls; the finalists' re-scores are cheap
+    assert _untimed(resumed.allocator) == _untimed(whole.allocator) and resumed.metrics == whole.metrics
+
+
 def _untimed(record):
     """The record without its wall times (`seconds`), which differ between any two runs."""
     if isinstance(record, dict):

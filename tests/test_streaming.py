@@ -189,3 +189,36 @@ def test_stream_auto_budgets_half_the_jobs_cgroup_limit_not_the_nodes_ram(tmp_pa
     monkeypatch.setenv("SLURM_MEM_PER_NODE", "2048")  # Slurm's own word, when no cgroup enforces it
     assert streaming.host_memory_budget(None) == 2**30
     assert streaming.host_memory_budget(0.5) == 2**29  # model.host_memory_gb wins
+
+
+def _memory_cgroups_writable() -> bool:
+    import os
+    from pathlib import Path
+
+    root = Path("/sys/fs/cgroup/memory") if Path("/sys/fs/cgroup/memory").is_dir() else Path("/sys/fs/cgroup")
+    return os.geteuid() == 0 and os.access(root, os.W_OK) and ((root / "memory.limit_in_bytes").exists()
+                                                               or (root / "cgroup.controllers").exists())
+
+
+@pytest.mark.skipif(not _memory_cgroups_writable(), reason="needs root and a writable memory cgroup")
+def test_plan_check_capped_runs_a_streamed_cell_inside_a_cgroup_limit_to_the_in_memory_perplexity(tmp_path):
+    """scripts/plan_check.py capped, the benchmark of a checkpoint bigger than the job's memory, on a tiny
+    checkpoint: the streamed cell runs in its own memory cgroup and ends with the in-memory cell's ppl."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from streaming_bench import write_synthetic
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    write_synthetic(tmp_path / "ckpt", layers=2, hidden=64, ffn=128, heads=4, kv_heads=4)
+    done = subprocess.run([sys.executable, "scripts/plan_check.py", "capped", str(tmp_path / "ckpt"), "--limit-gb",
+                           "2", "--windows", "2", "--work", str(tmp_path / "work")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    assert "cgroup memory limit 2.00 GiB" in done.stdout and "same perplexity (6 decimals): yes" in done.stdout
+    peak = float(done.stdout.split("streamed, under the limit: peak RSS ")[1].split()[0])
+    assert 0 < peak <= 2

@@ -2,6 +2,7 @@
 recovery, errors; on the tiny random OPT/BLOOM/LLaMA models."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -221,3 +222,28 @@ def test_speed_uses_the_cache_api_of_transformers_after_5_40(make_config, monkey
         warnings.filterwarnings("error", message=".*past_key_values.*")  # the renamed argument warns, then goes
         result = speed.measure(model, model, SpeedConfig(prefill_seqlen=8, decode_tokens=2, repeats=1), "cpu")
     assert result["decode_speedup"] > 0
+
+
+def test_the_speed_reference_is_loaded_again_not_a_copy_held_through_the_cell(make_config, tmp_path, monkeypatch):
+    """A structured cell's dense speed reference is read from the model's source when the speed is measured:
+    a copy held from the prune on was a second model in RAM beside the cell's work (128 GiB at 70B)."""
+    from transformers import PreTrainedModel
+
+    from bench import speed
+
+    cfg, resolved = make_config("model=llama-tiny", "method=wanda_sp", "sparsity=0.4", *FAST_SPEED, *TINY)
+    real_copy, real_measure, references = copy.deepcopy, speed.measure, []
+
+    def no_model_copy(value, *args):
+        assert not isinstance(value, PreTrainedModel), "the cell copied the whole model"
+        return real_copy(value, *args)
+
+    def measure(dense, pruned, *args, **kwargs):
+        references.append(sum(p.numel() for p in dense.parameters()))
+        return real_measure(dense, pruned, *args, **kwargs)
+
+    monkeypatch.setattr(copy, "deepcopy", no_model_copy)
+    monkeypatch.setattr(speed, "measure", measure)
+    result = run_cell(cfg, resolved, tmp_path)
+    assert result.status == "ok", result.error
+    assert references == [result.sparsity["params"]["dense"]] and result.metrics["speed"]["prefill_speedup"] > 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -86,28 +86,37 @@ def layerwise_window_nlls(model: nn.Module, windows: torch.Tensor, device: str, 
     arch = arch_for(model)
     hidden, kwargs = engine.capture_inputs(model, windows, device, batch)
     kwargs = engine.to_device(kwargs, device, {})
-    blocks = arch.blocks(model)
     as_tuple = False
     on_block = None if on_step is None else lambda index, total, seconds: on_step("ppl_layerwise", index, total,
                                                                                    seconds)
-    for index, block in engine.walk(blocks, desc, stream, on_block=on_block):
+    for index, block in engine.walk(arch.blocks(model), desc, stream, on_block=on_block):
         hidden, as_tuple = engine.run_block_form(block.to(device), hidden, kwargs[index], device)
         block.to("cpu")
+    nlls = torch.empty(windows.shape[0], dtype=torch.float64)
+    for row, logits in enumerate(head_logits(model, windows, hidden, as_tuple, device)):
+        nlls[row] = window_nll(logits, windows[row:row + 1].to(device))
+    return nlls
+
+
+@torch.no_grad()
+def head_logits(model: nn.Module, windows: torch.Tensor, hidden: torch.Tensor, as_tuple: bool,
+                device: str) -> Iterator[torch.Tensor]:
+    """The logits (1, seqlen, vocab) of each window from `hidden`, the last block's outputs of a layer-wise
+    pass (`as_tuple`: the blocks return tuples), one window at a time on `device`."""
+    arch = arch_for(model)
+    blocks = arch.blocks(model)
     replays = [_Replay(block, index == len(blocks) - 1, as_tuple) for index, block in enumerate(blocks)]
     for index, replay in enumerate(replays):
         blocks[index] = replay
     engine.non_block_modules_to(model, arch, device)
-    nlls = torch.empty(windows.shape[0], dtype=torch.float64)
     try:
         for row in range(windows.shape[0]):
-            ids = windows[row:row + 1].to(device)
             replays[-1].hidden = hidden[row:row + 1].to(device)
-            nlls[row] = window_nll(model(ids, use_cache=False).logits, ids)
+            yield model(windows[row:row + 1].to(device), use_cache=False).logits
     finally:
         for index, replay in enumerate(replays):
             blocks[index] = replay.block
         engine.non_block_modules_to(model, arch, "cpu")
-    return nlls
 
 
 def fits(model: nn.Module, device: str) -> bool:

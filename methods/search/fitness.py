@@ -1,6 +1,11 @@
 """The fitness of candidate rates: the model pruned with them on a slice of the calibration samples,
 scored on the next slice (`ppl` or `kl`; the choices are documented in `methods.allocators.self_pruner`);
 and the re-score of the search's finalists on a third slice that no fitness call saw.
+
+A candidate never copies the model (at 70B a copy per candidate is 128 GiB beside the model): the dense
+model's own blocks are pruned one at a time, the scored windows go through each pruned block as the walk
+leaves it, and the block's dense copy is put back (`_Trial`). So a candidate costs one block beside the
+model, on the host and on the device, and the model is dense again when it is scored.
 """
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.core import perplexity
+from bench.core import engine, perplexity
+from bench.core.families import arch_for
 from bench.core.vocab import ConfigError
 from methods import lifecycle, registry
 from methods.base import Allocator, Method
@@ -39,6 +45,8 @@ class Fitness:
         self.ctx, self.block_of, self.target = context, block_of, target
         self.cache: dict[tuple, float] = {}
         self.hits = 0
+        # what an interrupted run of this search scored: replayed, the same choices reach the same candidates
+        self.restored = dict(context.scores.scored()) if context.scores is not None else {}
         self.seconds = 0.0
         samples = self.ctx.samples
         scored = o.fitness_nsamples + o.fitness_windows
@@ -50,6 +58,7 @@ class Fitness:
         self.calib = samples[:o.fitness_nsamples, :o.fitness_seqlen]
         self.heldout = samples[o.fitness_nsamples:scored, :o.fitness_seqlen]
         self.rescore_windows = samples[scored:need, :o.fitness_seqlen]
+        self.inputs: dict[int, tuple] = {}  # id of a window set -> its block-0 inputs and per-block kwargs
         # the dense model's next-token distributions on the scored windows, once per search
         self.dense_logp = None
         self.dense_rescore_logp = None
@@ -76,9 +85,14 @@ class Fitness:
         if key in self.cache:
             self.hits += 1
             return self.cache[key], True
-        start = time.perf_counter()
-        value = self._score(rates, self.heldout, self.dense_logp)
-        self.seconds += time.perf_counter() - start
+        if key in self.restored:  # a distinct evaluation all the same: the record is the uninterrupted one's
+            value = self.restored[key]
+        else:
+            start = time.perf_counter()
+            value = self._score(rates, self.heldout, self.dense_logp)
+            self.seconds += time.perf_counter() - start
+            if self.ctx.scores is not None:
+                self.ctx.scores.save_score(key, value)
         self.cache[key] = value
         return value, False
 
@@ -87,19 +101,48 @@ class Fitness:
         return self._score(rates, self.rescore_windows, self.dense_rescore_logp)
 
     def _score(self, rates: np.ndarray, windows: torch.Tensor, dense_logp) -> float:
-        trial = copy.deepcopy(self.ctx.model)
+        model, device = self.ctx.model, self.ctx.device
+        if id(windows) not in self.inputs:  # they depend on the windows alone, not on any pruning
+            hidden, kwargs = engine.capture_inputs(model, windows, device)
+            self.inputs[id(windows)] = hidden, engine.to_device(kwargs, device, {})
+        trial = _Trial(model, *self.inputs[id(windows)], device)
         per_linear = {name: float(rates[b]) for name, b in self.block_of.items()}
         # a copy of the pruner too: one that observes the dense model keeps per-model state
-        lifecycle.prune(trial, Method("fitness", _Fixed(per_linear), copy.deepcopy(self.pruner)), self.calib,
-                        self.target, self.ctx.device, batch=self.ctx.batch)
+        lifecycle.prune(model, Method("fitness", _Fixed(per_linear), copy.deepcopy(self.pruner)), self.calib,
+                        self.target, device, batch=self.ctx.batch, stream=trial)
+        logits = perplexity.head_logits(model, windows, trial.hidden, trial.as_tuple, device)
         if dense_logp is None:
-            value = perplexity.perplexity(trial, windows, self.ctx.device, desc="fitness ppl")
+            nlls = [perplexity.window_nll(each, windows[row:row + 1].to(device)) for row, each in enumerate(logits)]
+            value = math.exp(sum(nlls) / len(nlls))
         else:
-            pruned = log_probs(trial, windows, self.ctx.device)
+            pruned = torch.stack([F.log_softmax(each[0].float(), -1).cpu() for each in logits])
             value = F.kl_div(pruned, dense_logp, log_target=True, reduction="sum").item() / (
                 pruned.shape[0] * pruned.shape[1])
-        del trial
         return value if math.isfinite(value) else math.inf
+
+
+class _Trial:
+    """The `engine.Stream` of a candidate's prune over the dense model's own blocks: `load` keeps a dense
+    copy of the block the walk reaches; `release` of a pruned block runs the scored windows' hidden states
+    through it, then puts the dense copy back in the model (a structured pruner changed the block's shapes,
+    so the whole block is swapped, not its weights). A block that was only observed stays as it is."""
+
+    def __init__(self, model, hidden: torch.Tensor, kwargs: list, device: str):
+        self.blocks = arch_for(model).blocks(model)
+        self.hidden, self.kwargs, self.device = hidden, kwargs, device
+        self.as_tuple = False
+        self.dense = None
+
+    def load(self, index: int, block) -> None:
+        self.dense = copy.deepcopy(block)
+
+    def release(self, index: int, block, edited: bool) -> None:
+        if edited:
+            self.hidden, self.as_tuple = engine.run_block_form(block.to(self.device), self.hidden, self.kwargs[index],
+                                                               self.device)
+            block.to("cpu")
+            self.blocks[index] = self.dense
+        self.dense = None
 
 
 @torch.no_grad()
