@@ -292,7 +292,7 @@ def byte_tokenizer() -> "transformers.PreTrainedTokenizerFast":
     backend.decoder = decoders.ByteLevel()
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>",
                                                      bos_token="<eos>", pad_token="<eos>")
-    # the id of each UTF-8 byte, for `bench.data.tokenize`: a lookup where the tokenizer takes seconds per
+    # the id of each UTF-8 byte, for `bench.tokenization.tokenize`: a lookup where the tokenizer takes seconds per
     # corpus (every tiny cell tokenizes two)
     tokenizer.byte_ids = torch.tensor([vocab[char] for char in _byte_chars()])
     return tokenizer
