@@ -117,10 +117,11 @@ DEFAULT_TARGETS = ("Linear",)
 
 def matches(pattern: str, name: str, module: nn.Module) -> bool:
     """llm-compressor's rule for `targets`/`ignore`: `re:<regex>` matched (re.match) against the module's
-    full name, else the full name itself or the module's class name."""
+    full name, else the full name itself or the module's class name; a subclass answers to its bases' names
+    too, so `Linear` selects a family's own Linear subclass (Falcon's FalconLinear)."""
     if pattern.startswith("re:"):
         return re.match(pattern[3:], name) is not None
-    return pattern in (name, type(module).__name__)
+    return pattern == name or pattern in (cls.__name__ for cls in type(module).__mro__)
 
 
 @dataclass

@@ -73,3 +73,15 @@ def test_a_selection_of_no_linear_is_refused_naming_the_keys(make_config):
     model, _ = models.load(cfg.model)
     with pytest.raises(ConfigError, match=r"method.targets=\['re:.\*nothing'\] less method.ignore=\[\] select none"):
         lifecycle.prune(model, catalog.build(cfg.method), torch.zeros(4, 64, dtype=torch.long), 0.5, "cpu")
+
+
+def test_a_class_name_selects_its_subclasses_as_every_family_needs():
+    """Falcon's linears are FalconLinear: `Linear`, the default target, selected none of them and every
+    falcon cell failed."""
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+
+    from methods.base import matches
+    falcon = FalconLinear(4, 4)
+    assert matches("Linear", "transformer.h.0.mlp.dense_4h_to_h", falcon)
+    assert matches("FalconLinear", "x", falcon) and not matches("FalconLinear", "x", torch.nn.Linear(4, 4))
+    assert not matches("Embedding", "x", falcon)
