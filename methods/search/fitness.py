@@ -112,8 +112,9 @@ class Fitness:
                         self.target, device, batch=self.ctx.batch, stream=trial)
         logits = perplexity.head_logits(model, windows, trial.hidden, trial.as_tuple, device)
         if dense_logp is None:
-            nlls = [perplexity.window_nll(each, windows[row:row + 1].to(device)) for row, each in enumerate(logits)]
-            value = math.exp(sum(nlls) / len(nlls))
+            value = perplexity.from_nlls(torch.tensor(
+                [perplexity.window_nll(each, windows[row:row + 1].to(device)) for row, each in enumerate(logits)],
+                dtype=torch.float64))
         else:
             pruned = torch.stack([F.log_softmax(each[0].float(), -1).cpu() for each in logits])
             value = F.kl_div(pruned, dense_logp, log_target=True, reduction="sum").item() / (
