@@ -104,7 +104,7 @@ class SweepCallback(Callback):
         loader = GlobalHydra.instance().config_loader()
         sweep_dir = Path(str(config.hydra.sweep.dir))
         try:
-            _check_sweep_dir(sweep_dir)
+            _refuse_a_file_on_the_path(sweep_dir)
             cells = expand(sweep_arguments(config), lambda o: loader.load_sweep_config(config, o))
             slurm = config.hydra.launcher.get("_target_") == SLURM_LAUNCHER
             printed, refusals = plan.sweep_plan([
@@ -155,9 +155,10 @@ class SweepCallback(Callback):
             self.lock = None
 
 
-def _check_sweep_dir(where: Path, key: str = "hydra.sweep.dir") -> None:
-    """Before the cells are validated: Hydra reports an error raised by a callback as a warning and goes on
-    to its own mkdir, whose traceback would be the only word on a sweep dir that cannot be a folder."""
+def _refuse_a_file_on_the_path(where: Path, key: str = "hydra.sweep.dir") -> None:
+    """A sweep or run dir (`key`) that cannot be a folder because it or a parent is a file: checked before
+    the cells are validated, since Hydra reports an error raised by a callback as a warning and goes on to
+    its own mkdir, whose traceback would be the only word."""
     for path in (where, *where.parents):
         if path.exists():
             if not path.is_dir():
@@ -169,7 +170,7 @@ def _check_sweep_dir(where: Path, key: str = "hydra.sweep.dir") -> None:
 def check_output_dir(where: Path, key: str) -> None:
     """`where` made (if missing) and writable, with room for more than Hydra's own files; an OSError says why
     not. Root writes past read-only permissions, so a read-only mount is read from the mount's flags."""
-    _check_sweep_dir(where, key)
+    _refuse_a_file_on_the_path(where, key)
     where.mkdir(parents=True, exist_ok=True)
     if os.statvfs(where).f_flag & os.ST_RDONLY:
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(where))
