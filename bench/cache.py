@@ -6,9 +6,15 @@ Cached (each entry keyed by a hash of its inputs and of the code that computes i
 - the perplexity of the *dense* model: model identity + the evaluation token windows;
 - the dense-model observations of the components that make a dense pass (OWL outlier ratios, loss
   estimates, CFSP block and channel scores; `dense_state()` of `methods.base.Component`): model
-  identity + calibration samples + allocator and pruner names and options + statistics level.
-Not cached: anything computed after a block was pruned (sequential pruners calibrate block k on the
-outputs of the already-pruned blocks 0..k-1, so those statistics differ between cells).
+  identity + calibration samples + allocator and pruner names and options + statistics level;
+- the rates and record of a search (Self-Pruner and its GA/random arms): model identity + calibration
+  samples + target + what the allocator says its search depends on (`Allocator.search_identity`: its
+  options and its *fitness* pruner, not the cell's), so the Wanda and SparseGPT cells of a search arm
+  that scores candidates with Wanda run one search, and the second cell's record says `cache.hits: search`.
+Not cached: anything computed after a block was pruned by the cell's pruner (sequential pruners calibrate
+block k on the outputs of the already-pruned blocks 0..k-1, so those statistics differ between cells).
+Every key but the tokens' carries the number of torch threads: it changes the order of reductions, so
+the last bits of what is computed (which is why `threads` is part of a cell's identity).
 
 Code: every key carries a fingerprint of the modules that compute that kind of value (`STAGE_MODULES`,
 plus the observing components' own modules), the prunebench version, and the torch and transformers
@@ -56,13 +62,16 @@ from methods.registry import ALLOCATORS, PRUNERS
 
 log = logging.getLogger(__name__)
 
-KINDS = ("tokens", "block0", "dense_ppl", "dense_state")
+KINDS = ("tokens", "block0", "dense_ppl", "dense_state", "search")
 # The modules whose code decides each kind of value; a change to any of them changes the key.
 STAGE_MODULES = {
     "tokens": ("bench.data", "bench.models", "bench.tokenization"),
     "block0": ("bench.core.engine", "bench.core.families", "bench.models"),
     "dense_ppl": ("bench.core.perplexity", "bench.data", "bench.models", "bench.tokenization"),
     "dense_state": ("bench.core.engine", "bench.core.families", "bench.models", "methods.base", "methods.lifecycle"),
+    # besides the allocator's own modules (`search_identity`); bench.llm loads the search's LLM
+    "search": ("bench.core.engine", "bench.core.families", "bench.core.perplexity", "bench.llm", "bench.models",
+               "methods.base", "methods.lifecycle"),
 }
 
 
@@ -213,18 +222,26 @@ class CellCache:
         return self.disk.get_or_compute("tokens", key, STAGE_MODULES["tokens"], compute)
 
     def dense_ppl(self, windows: torch.Tensor, device: str, compute: Callable[[], float]) -> float:
-        key = [self.model, tensor_digest(windows), device]
+        key = [self.model, tensor_digest(windows), device, torch.get_num_threads()]
         return self.disk.get_or_compute("dense_ppl", key, STAGE_MODULES["dense_ppl"], compute)
 
     def block0(self, samples: torch.Tensor, device: str, batch: int, compute: Callable[[], tuple]) -> tuple:
-        key = [self.model, tensor_digest(samples), device, batch]  # kwargs are captured per batch size
+        # kwargs are captured per batch size
+        key = [self.model, tensor_digest(samples), device, batch, torch.get_num_threads()]
         return self.disk.get_or_compute("block0", key, STAGE_MODULES["block0"], compute)
 
     def dense_state(self, samples: torch.Tensor, stats_level: str, batch: int, compute: Callable[[], Any]) -> Any:
         # the batch changes the order of the statistics' sums, so the last bits of what is observed
-        key = [self.model, tensor_digest(samples), self.method, stats_level, batch]
+        key = [self.model, tensor_digest(samples), self.method, stats_level, batch, torch.get_num_threads()]
         code = STAGE_MODULES["dense_state"] + self.components
         return self.disk.get_or_compute("dense_state", key, code, compute)
+
+    def search(self, samples: torch.Tensor, target: float, device: str, batch: int, identity: dict,
+               modules: Iterable[str], compute: Callable[[], tuple]) -> tuple:
+        """(rates, record) of a search; `identity` and `modules` from `Allocator.search_identity`."""
+        key = [self.model, tensor_digest(samples), target, device, batch, torch.get_num_threads(), identity]
+        code = STAGE_MODULES["search"] + tuple(modules)
+        return self.disk.get_or_compute("search", key, code, compute)
 
     @property
     def report(self) -> dict:

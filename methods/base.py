@@ -8,6 +8,8 @@ and in which order.
     dense_state() / load_dense_state(state)
                              what observe_block gathered, so the harness can cache it across cells
     bind(context)            only with `needs_search`: a `SearchContext` to score candidate rates
+    search_identity(pruner)  only with `needs_search`: what the search depends on besides the model and
+                             the calibration samples, so the harness can share one search across cells
     allocate(sizes, target)  allocator: {linear name: sparsity}, parameter-weighted mean = target
     finish()                 allocator: its record for the result (search history, ...), right after
                              allocate: a resumable cell stores it with the rates before pruning
@@ -70,6 +72,12 @@ class Allocator(Component):
     def bind(self, context) -> None:
         """`context`: a `methods.lifecycle.SearchContext`."""
         raise NotImplementedError(f"{type(self).__name__} sets needs_search but has no bind")
+
+    def search_identity(self, pruner: "Pruner") -> tuple[dict, tuple[str, ...]]:
+        """(everything the search's result depends on besides the model, the calibration samples and the
+        target; the modules whose code computes it): cells with equal identities get the same rates and
+        record, so the harness may run the search once for all of them."""
+        raise NotImplementedError(f"{type(self).__name__} sets needs_search but has no search_identity")
 
     @abstractmethod
     def allocate(self, sizes: dict[str, int], target: float) -> dict[str, float]:

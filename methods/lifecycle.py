@@ -35,6 +35,9 @@ class CellCache(Block0Cache, Protocol):
     def dense_state(self, samples: torch.Tensor, stats_level: str, batch: int,
                     compute: Callable[[], list[dict]]) -> list[dict]: ...
 
+    def search(self, samples: torch.Tensor, target: float, device: str, batch: int, identity: dict,
+               modules: tuple[str, ...], compute: Callable[[], tuple[dict, dict]]) -> tuple[dict, dict]: ...
+
 
 @dataclass
 class SearchContext:
@@ -213,11 +216,17 @@ def _allocate(model: nn.Module, method: Method, samples: torch.Tensor, sparsity:
             for component, state in zip(observers, cache.dense_state(samples, level, batch, observe)):
                 component.load_dense_state(state)
         seconds["allocate_observe"] = time.perf_counter() - start
-    if allocator.needs_search:
-        allocator.bind(SearchContext(model, samples, pruner, device, make_llm, batch=batch,
-                                     on_candidate=step_done("search"), scores=scores))
     start = time.perf_counter()
-    rates = allocator.allocate(sizes, sparsity)
+    if allocator.needs_search:
+        def search() -> tuple[dict, dict]:  # bind loads the search's LLM: not needed when the cache has it
+            allocator.bind(SearchContext(model, samples, pruner, device, make_llm, batch=batch,
+                                         on_candidate=step_done("search"), scores=scores))
+            return allocator.allocate(sizes, sparsity), allocator.finish()
+
+        rates, details = search() if cache is None else cache.search(
+            samples, sparsity, device, batch, *allocator.search_identity(pruner), search)
+    else:
+        rates, details = allocator.allocate(sizes, sparsity), allocator.finish()
     seconds["allocate"] = time.perf_counter() - start
-    return Allocation(rates=rates, details=allocator.finish(), block_weights=allocator.block_weights,
+    return Allocation(rates=rates, details=details, block_weights=allocator.block_weights,
                       pruner_state=pruner.dense_state() if pruner.needs_dense_pass else None, seconds=seconds)

@@ -370,3 +370,23 @@ def test_every_cell_of_every_shipped_experiment_validates(experiment):
     primary = _primary(f"experiment={experiment}")
     cells = sweep.expand(sweep.sweep_arguments(primary), lambda overrides: compose(overrides, with_hydra=True))
     assert cells and all(f"experiment={experiment}" in cell.overrides for cell in cells)
+
+
+def test_a_search_scored_with_wanda_runs_once_for_its_wanda_and_sparsegpt_cells(make_config, tmp_path, monkeypatch):
+    # the allocator league's two columns: *_sparsegpt search arms score candidates with Wanda (fitness_pruner)
+    monkeypatch.setenv("PRUNEBENCH_CACHE", str(tmp_path / "cache"))
+    search = ["sparsity=0.7", "method.population=3", "method.generations=1", "method.fitness_nsamples=2",
+              "method.fitness_windows=1", "method.rescore_windows=1", "method.fitness_seqlen=32", *TINY]
+    wanda = run_cell(*make_config("model=llama-tiny", "method=self_pruner_ga", *search), tmp_path / "w", cache=True)
+    sparsegpt = make_config("model=llama-tiny", "method=self_pruner_ga_sparsegpt", *search)
+    shared = run_cell(*sparsegpt, tmp_path / "s", cache=True)
+    alone = run_cell(*sparsegpt, tmp_path / "alone")
+    assert wanda.ok and shared.ok and "search" in wanda.cache["misses"] and "search" in shared.cache["hits"]
+    assert shared.allocator == wanda.allocator  # the search that ran, its record included
+    searched = [[(c["rates"], c["fitness"]) for c in r.allocator["search"]["candidates"]] for r in (shared, alone)]
+    assert searched[0] == searched[1]  # what the cell would have found searching itself
+    assert shared.metrics == alone.metrics and shared.sparsity == alone.sparsity
+    assert shared.metrics != wanda.metrics  # the final prune is the cell's own
+    other_seed = run_cell(*make_config("model=llama-tiny", "method=self_pruner_ga_sparsegpt", "seed=1", *search),
+                          tmp_path / "seed1", cache=True)
+    assert "search" in other_seed.cache["misses"]

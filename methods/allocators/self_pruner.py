@@ -68,13 +68,14 @@ conf/experiment/self_pruner_llama2.yaml).
 """
 from __future__ import annotations
 
+import dataclasses
 import string
 from dataclasses import dataclass, field
 from typing import Optional
 
 from bench.core.vocab import ConfigError, check_choice, check_range
 from methods import registry
-from methods.base import Allocator
+from methods.base import Allocator, Pruner
 from methods.lifecycle import SearchContext
 from methods.registry import register_allocator
 from methods.search.chat import ChatLLM, LLMConfig, Replay
@@ -154,6 +155,22 @@ class SelfPruner(Allocator):
         if "llm" in (self.options.operators, self.options.init) and self.llm is None:
             replay = self.options.llm.replay
             self.llm = Replay(replay, self.options) if replay else context.make_llm(self.options.llm)
+
+    def search_identity(self, pruner: Pruner) -> tuple[dict, tuple[str, ...]]:
+        # The fitness pruner, not the cell's: with fitness_pruner=wanda a Wanda and a SparseGPT cell run the
+        # same search, which the allocator league's two columns then share.
+        if self.options.fitness_pruner is None:
+            fitness = type(pruner), pruner.options
+        else:  # built with its default options (methods.search.fitness)
+            cls = registry.PRUNERS[self.options.fitness_pruner]
+            fitness = cls, cls.Options()
+        options = dataclasses.asdict(self.options)
+        del options["fitness_pruner"]  # None and the name of the method's own pruner search alike
+        identity = {"options": options, "fitness_pruner": [fitness[0].__name__, dataclasses.asdict(fitness[1])],
+                    "pattern": str(pruner.pattern)}
+        modules = (__name__, fitness[0].__module__, "methods.search.chat", "methods.search.evolution",
+                   "methods.search.fitness")
+        return identity, modules
 
     def allocate(self, sizes: dict[str, int], target: float) -> dict[str, float]:
         if self.context is None:
