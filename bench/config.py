@@ -328,6 +328,8 @@ def validate(cfg: DictConfig) -> RunConfig:
                               f"that divides {sorted(set(widths.values()))}")
     if model.stream is True:
         _check_streamable(model, method, built, recovery, evaluation, cfg.save_dir)
+    if not method.dense:  # after what cannot run at all: a calibration size is only a number to change
+        built.allocator.check_calibration(data.calib.nsamples, data.calib.seqlen)
     if recovery.enabled and not built.pruner.structured:
         raise ConfigError(f"recovery={recovery.name} merges LoRA updates into every weight, which would refill "
                           f"the zeros of pruner {method.pruner}; allowed with it: recovery=none "

@@ -69,6 +69,9 @@ class Allocator(Component):
         """Raise ConfigError for a target this allocator cannot reach (n_layers = prunable linears, None
         when unknown before the model loads)."""
 
+    def check_calibration(self, nsamples: int, seqlen: int) -> None:
+        """Raise ConfigError for calibration samples (count x tokens) too few or too short for this allocator."""
+
     def bind(self, context) -> None:
         """`context`: a `methods.lifecycle.SearchContext`."""
         raise NotImplementedError(f"{type(self).__name__} sets needs_search but has no bind")

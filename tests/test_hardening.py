@@ -52,6 +52,8 @@ BAD_INPUTS = [
     (["model=smollm2-135m", "model.file=../../etc/passwd"], "model.file"),
     (["model=smollm2-135m", "model.file=/etc/passwd"], "model.file"),
     (["save_dir=''"], "save_dir"),
+    # calibration too small for a search's fitness samples (was refused in the cell, after loading the model)
+    (["method=self_pruner_ga", "data.calib.nsamples=4"], "method.fitness_nsamples"),
     # numbers: ranges and types
     (["sparsity=1.0"], "sparsity"),
     (["sparsity=-0.1"], "sparsity"),

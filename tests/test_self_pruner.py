@@ -359,7 +359,7 @@ def test_global_channel_selection_cannot_silently_ignore_a_schedule(make_config)
 
 
 def test_model_without_chat_template_fails_before_pruning(make_config):
-    cfg, _ = make_config("model=llama-tiny", *TINY, "method=self_pruner")
+    cfg, _ = make_config("model=llama-tiny", *FAST, "method=self_pruner")
     allocator = catalog.build(cfg.method).allocator
     with pytest.raises(ConfigError, match="no chat template"):
         allocator.bind(lifecycle.SearchContext(None, None, None, "cpu", make_backend))

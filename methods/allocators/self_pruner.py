@@ -80,7 +80,7 @@ from methods.lifecycle import SearchContext
 from methods.registry import register_allocator
 from methods.search.chat import ChatLLM, LLMConfig, Replay
 from methods.search.evolution import INITS, OPERATORS, TEMPLATE_FIELDS, Prompts, Search
-from methods.search.fitness import FITNESSES
+from methods.search.fitness import FITNESSES, check_samples
 
 
 @register_allocator("self_pruner")
@@ -147,6 +147,9 @@ class SelfPruner(Allocator):
         self.llm: Optional[ChatLLM] = None
         self.context: Optional[SearchContext] = None
         self.details: dict = {}
+
+    def check_calibration(self, nsamples: int, seqlen: int) -> None:
+        check_samples(self.options, nsamples, seqlen)
 
     def bind(self, context: SearchContext) -> None:
         """Called by the lifecycle before any pruning: a missing key or chat template, an unreachable

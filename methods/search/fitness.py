@@ -37,6 +37,15 @@ class _Fixed(Allocator):
         return self.rates
 
 
+def check_samples(options, nsamples: int, seqlen: int) -> None:
+    """The search prunes on, scores on and re-scores on disjoint calibration samples of fitness_seqlen tokens."""
+    need = options.fitness_nsamples + options.fitness_windows + options.rescore_windows
+    if nsamples < need or seqlen < options.fitness_seqlen:
+        raise ConfigError(f"method.fitness_nsamples + fitness_windows + rescore_windows = {need} samples of "
+                          f"fitness_seqlen={options.fitness_seqlen} tokens needed; calibration has {nsamples} x "
+                          f"{seqlen} (data.calib.nsamples x data.calib.seqlen); allowed: raise those or lower these")
+
+
 class Fitness:
     """Scores per-block rates (lower is better), remembering each rounded candidate it has scored."""
 
@@ -49,12 +58,9 @@ class Fitness:
         self.restored = dict(context.scores.scored()) if context.scores is not None else {}
         self.seconds = 0.0
         samples = self.ctx.samples
+        check_samples(o, *samples.shape)
         scored = o.fitness_nsamples + o.fitness_windows
         need = scored + o.rescore_windows
-        if samples.shape[0] < need or samples.shape[1] < o.fitness_seqlen:
-            raise ConfigError(f"method.fitness_nsamples + fitness_windows + rescore_windows = {need} samples of "
-                              f"fitness_seqlen={o.fitness_seqlen} tokens needed; calibration has "
-                              f"{tuple(samples.shape)} (raise data.calib.nsamples or lower them)")
         self.calib = samples[:o.fitness_nsamples, :o.fitness_seqlen]
         self.heldout = samples[o.fitness_nsamples:scored, :o.fitness_seqlen]
         self.rescore_windows = samples[scored:need, :o.fitness_seqlen]
