@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from bench.compose import app_help, eval_sweep, unknown_key
+from bench.compose import app_help, eval_sweep, keys_of_swept_groups, unknown_key
 from bench.core.vocab import ConfigError
 
 log = logging.getLogger("prunebench")
@@ -82,6 +82,7 @@ if __name__ == "__main__":
         print(text)
         sys.exit(0)
     # before Hydra: its hint for an unknown key is to add `+key=`, and it sweeps `eval=ppl,zeroshot` silently
+    sys.argv[1:] = keys_of_swept_groups(sys.argv[1:])
     if (error := eval_sweep(sys.argv[1:]) or unknown_key(sys.argv[1:])) is not None:
         sys.exit(f"prunebench: config error: {error}")
     main()

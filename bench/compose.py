@@ -84,6 +84,31 @@ def eval_sweep(arguments: list[str]) -> Optional[str]:
     return None
 
 
+def keys_of_swept_groups(arguments: list[str]) -> list[str]:
+    """A multirun's command line with each `group.key=value` of a swept group (`method=a,b`, or an
+    experiment's `hydra.sweeper.params`) made `++group.key=value`: Hydra composes a sweep's base config with
+    the group's *default* preset first, and refuses a key that preset lacks though every swept preset has
+    it. Each cell then overrides the key its preset has; a cell whose preset lacks it is refused by
+    validation, naming that cell."""
+    if not any(a in ("-m", "--multirun") for a in arguments):
+        return arguments
+    parsed = [(a, *a.partition("=")) for a in arguments]
+    plain = [(a, key) for a, key, equals, _ in parsed if equals and not a.startswith(("+", "~", "-"))]
+    grouped = [(a, key) for a, key in plain if "." in key and not key.startswith("hydra.")]
+    if not grouped:
+        return arguments
+    swept = {key for a, key, _, value in parsed
+             if (a, key) in plain and "." not in key and "," in value and not value.startswith(("[", "{", "'", '"'))}
+    if any(key == "experiment" for _, key in plain):  # an experiment may sweep groups in its own config
+        try:
+            params = compose([a for a, key in plain if "." not in key], with_hydra=True).hydra.sweeper.params
+        except ConfigError:
+            params = None  # Hydra says what is wrong with the command line
+        swept |= {key for key in (params or {}) if "." not in key}
+    rewrite = {a for a, key in grouped if key.split(".")[0] in swept}
+    return [f"++{a}" if a in rewrite else a for a in arguments]
+
+
 def _dotted(tree: dict, prefix: str = "") -> list[str]:
     """Every key of a nested config, dotted (`eval.ppl.seqlen`)."""
     keys = []

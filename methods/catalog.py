@@ -6,6 +6,7 @@ from __future__ import annotations
 
 
 import dataclasses
+import difflib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -61,8 +62,9 @@ def parse(raw: dict) -> MethodSpec:
     unknown = sorted(set(raw) - alloc_keys - prune_keys)
     if unknown:
         allowed = [*SPEC_KEYS, *sorted(alloc_keys | prune_keys)]
-        raise ConfigError(f"method.{unknown[0]} is not an option of allocator={allocator}, pruner={pruner}; "
-                          f"allowed: {', '.join(allowed)}")
+        close = difflib.get_close_matches(unknown[0], allowed, n=1, cutoff=0.6)
+        raise ConfigError(f"method.{unknown[0]} is not an option of allocator={allocator}, pruner={pruner}"
+                          + (f"; did you mean method.{close[0]}?" if close else "") + f"; allowed: {', '.join(allowed)}")
     if (targets, ignore) != (DEFAULT_TARGETS, ()) and (prune_class.structured or not prune_class.prunes):
         why = "removes FFN channels, which couple its linears" if prune_class.prunes else "prunes nothing"
         raise ConfigError(f"method.targets={list(targets)}, method.ignore={list(ignore)}: pruner={pruner} {why}; "

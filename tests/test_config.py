@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from bench import models
-from bench.compose import compose, eval_sweep, unknown_key
+from bench.compose import compose, eval_sweep, keys_of_swept_groups, unknown_key
 from bench.config import LoggerConfig, ModelConfig, PplConfig, Resources
 from bench.speed import SpeedConfig
 from bench.data import CalibConfig, DataConfig
@@ -167,3 +167,36 @@ def test_an_eval_sweep_without_brackets_is_refused_with_the_fix(tmp_path):
         "all in every cell write eval=[ppl,zeroshot] (to sweep them on purpose: eval=choice(ppl,zeroshot))"]
     assert eval_sweep(["-m", "eval=[ppl,zeroshot]"]) is None
     assert eval_sweep(["-m", "eval=choice(ppl,zeroshot)"]) is None
+
+
+def test_a_sweep_over_presets_takes_the_keys_they_share(tmp_path):
+    # before: Hydra composed the sweep with the default method (dense) first and refused method.population,
+    # so the allocator league ran one sweep per search arm
+    def plan(*arguments):
+        return subprocess.Popen([sys.executable, "run.py", "-m", "model=llama-tiny", *arguments, "plan=true",
+                                 f"hydra.sweep.dir={tmp_path}/{len(arguments[0])}"], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    shared = plan("method=self_pruner_ga,self_pruner_ga_sparsegpt", "method.population=3")
+    lacking = plan("method=self_pruner_ga,wanda", "method.population=3")
+    out = shared.communicate(timeout=300)[0]
+    assert shared.returncode == 0, out[-2000:]
+    assert [line.split(" | ")[0] for line in out.splitlines() if "method.population=3" in line] == [
+        "| model=llama-tiny method=self_pruner_ga ++method.population=3",
+        "| model=llama-tiny method=self_pruner_ga_sparsegpt ++method.population=3"]
+    out = lacking.communicate(timeout=300)[0]
+    assert lacking.returncode != 0 and "Traceback" not in out
+    assert ("sweep not started: cell [model=llama-tiny method=wanda ++method.population=3 plan=True]: "
+            "method.population is not an option of allocator=uniform, pruner=wanda") in out
+    # a misspelt key of a swept group: refused before any cell, with the keys its presets have
+    typo = plan("method=wanda,magnitude", "method.sparsity_typ=2:4")
+    out = typo.communicate(timeout=300)[0]
+    assert typo.returncode != 0 and "Traceback" not in out
+    assert "method.sparsity_typ is not an option of allocator=uniform, pruner=wanda; did you mean " \
+           "method.sparsity_type?; allowed: " in out
+    # a group that is not swept keeps Hydra's own override, and unknown keys their own one-line error
+    assert keys_of_swept_groups(["-m", "method=wanda", "method.x=1", "model=a,b"]) == [
+        "-m", "method=wanda", "method.x=1", "model=a,b"]
+    assert keys_of_swept_groups(["method=a,b", "method.x=1"]) == ["method=a,b", "method.x=1"]
+    # an experiment that sweeps the group in its own config (hydra.sweeper.params)
+    assert keys_of_swept_groups(["-m", "experiment=allocator_league", "method.population=3", "data.calib.seed=1"]) \
+        == ["-m", "experiment=allocator_league", "++method.population=3", "data.calib.seed=1"]

@@ -167,15 +167,14 @@ SEARCH = ["method.population=3", "method.generations=1", "method.fitness_nsample
 
 
 def test_a_tiny_league_through_run_py_gets_a_verdict_per_pair_and_its_costs(tmp_path):
-    # one sweep per arm: a multirun cannot sweep method= and set method.* keys at once
-    for arm, extra in (("self_pruner", ["method.llm.model=llama-tiny", f"method.llm.chat_template={json.dumps(TEMPLATE)}",
-                                        "method.llm.max_new_tokens=12"]),
-                       ("self_pruner_ga", [])):
-        run = subprocess.run([sys.executable, "run.py", "-m", "cache=false", "hydra/launcher=basic", "threads=1",
-                              "model=llama-tiny", "sparsity=0.7", "seed=0,1", f"method={arm}", *TINY, *SEARCH, *extra,
-                              f"hydra.sweep.dir={tmp_path / arm}"], cwd=ROOT, capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
-        assert run.returncode == 0, run.stderr[-2000:]
+    # one sweep: each arm takes the method.* keys both presets have (run.py makes them ++method.*)
+    extra = ["method.llm.model=llama-tiny", f"method.llm.chat_template={json.dumps(TEMPLATE)}",
+             "method.llm.max_new_tokens=12"]
+    run = subprocess.run([sys.executable, "run.py", "-m", "cache=false", "hydra/launcher=basic", "threads=1",
+                          "model=llama-tiny", "sparsity=0.7", "seed=0,1", "method=self_pruner,self_pruner_ga", *TINY,
+                          *SEARCH, *extra, f"hydra.sweep.dir={tmp_path / 'league'}"], cwd=ROOT, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
     collect = subprocess.run([sys.executable, "-m", "reports", "collect", str(tmp_path), "--no-plots"], cwd=ROOT,
                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert collect.returncode == 0, collect.stderr[-2000:]
