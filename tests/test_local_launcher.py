@@ -17,16 +17,16 @@ from bench import launcher
 from bench.core import records
 from tests.conftest import ROOT, TINY
 
-# Counts, in a file, the processes that import the harness (sitecustomize runs in every interpreter started
-# with this dir on PYTHONPATH; a forked process has the modules of its parent and imports nothing again).
+# Counts, in a file, the processes that import the harness and transformers' model code (sitecustomize runs in
+# every interpreter started with this dir on PYTHONPATH; a forked process has its parent's modules).
 IMPORT_COUNTER = '''
 import os, sys
 
 class _Counter:
     def find_spec(self, name, path=None, target=None):
-        if name == "bench.cell":
+        if name in ("bench.cell", "transformers.modeling_utils"):
             with open({log!r}, "a") as handle:
-                handle.write(f"{{os.getpid()}}\\n")
+                handle.write(f"{{name}} {{os.getpid()}}\\n")
         return None
 
 sys.meta_path.insert(0, _Counter())
@@ -46,7 +46,10 @@ def test_a_local_sweep_imports_the_harness_once_and_runs_each_cell_in_its_own_lo
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = records.read_results(sweep_dir).records
     assert len(results) == 4 and all(result.ok for result in results), [r.error for r in results]
-    assert len(imports.read_text().split()) == 1  # the fork server's, once for the 4 cells
+    imported = imports.read_text().splitlines()
+    assert len([line for line in imported if line.startswith("bench.cell ")]) == 1  # the fork server, for 4 cells
+    # what transformers imports lazily for a model class (3 s a job): the sweep's validation and the server
+    assert len([line for line in imported if line.startswith("transformers.modeling_utils ")]) == 2
     # each cell's job: its own process (hydra.job.id is its pid) and its own log, as Submitit named them
     logs = sorted(sweep_dir.glob(".submitit/*/*_0_log.out"))
     assert len(logs) == 4 and len({log.parent.name for log in logs}) == 4
