@@ -10,9 +10,8 @@ from bench import models
 from bench.cell import run_cell
 from bench.config import ConfigError, zoo_entry
 from bench.core import engine, families, perplexity
-from tests.conftest import TINY, load_script
+from tests.conftest import FAST_SPEED, TINY, load_script
 
-FAST_SPEED = ["eval.speed.repeats=1", "eval.speed.decode_tokens=2", "eval.speed.prefill_seqlen=8"]
 # family preset -> whether its FFN has a known shape (separate ffn_in linears) for structured pruning
 FAMILY_PRESETS = {"opt-tiny": True, "bloom-tiny": True, "llama-tiny": True, "mistral-tiny": True,
                   "qwen2-tiny": True, "qwen3-tiny": True, "gemma2-tiny": True, "gemma3-tiny": True,
