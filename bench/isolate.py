@@ -4,6 +4,7 @@ so, and the sweep lives on to run its next cell. `run.py` runs every cell throug
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing
 import signal
@@ -38,11 +39,12 @@ def run_isolated(out_dir: Path, run: Callable[..., Result], *args: Any) -> Resul
     except EOFError:  # the child died without sending its result
         result = None
     except BaseException as exc:  # Ctrl-C, SIGTERM, or Submitit's preemption/timeout handler in this process
-        child.terminate()
-        child.join(10)
-        child.kill()
-        child.join()
-        _mark(out_dir, "interrupted", type(exc).__name__, f"the sweep process was interrupted: {exc}")
+        with _signals_held():
+            child.terminate()
+            child.join(10)
+            child.kill()
+            child.join()
+            _mark(out_dir, "interrupted", type(exc).__name__, f"the sweep process was interrupted: {exc}")
         raise
     finally:
         if previous is not None:
@@ -69,6 +71,22 @@ def _mark(out_dir: Path, status: str, error_type: str, message: str) -> Result:
     return result
 
 
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM ignored while an interrupted cell is stopped and marked: Ctrl-C reaches every process
+    of the sweep's group, and the local launcher then stops its cells' jobs with SIGTERM; a second signal
+    cut the marking short and left the cell "running"."""
+    try:
+        held = {number: signal.signal(number, signal.SIG_IGN) for number in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: no handler of ours could have run here either
+        held = {}
+    try:
+        yield
+    finally:
+        for number, handler in held.items():
+            signal.signal(number, handler)
+
+
 class Terminated(SystemExit):
     """SIGTERM reached the sweep process while a cell ran: it exits 143 (128 + SIGTERM), as if killed."""
 
@@ -91,6 +109,12 @@ def _take_sigterm():
         return None
 
 
+def die_with_parent() -> None:
+    """SIGTERM to this process when its parent dies, even by SIGKILL (Linux), so no cell outlives its sweep."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _child(send, run: Callable[..., Result], args: tuple) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # Slurm sends Submitit's preemption/timeout signal (USR2, or USR1 where configured) to every process
@@ -98,7 +122,6 @@ def _child(send, run: Callable[..., Result], args: tuple) -> None:
     # handler the fork inherited would requeue it a second time.
     for preempt in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(preempt, signal.SIG_IGN)
-    if sys.platform == "linux":  # die with the sweep process, even when it is SIGKILLed
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    die_with_parent()
     send.send(run(*args))
     send.close()

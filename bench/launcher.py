@@ -7,22 +7,36 @@ sweep would get one request. Here each cell's resource keys are resolved from it
 as usual), the cells are grouped by them, and each group becomes its own job array with its own
 request: a sweep over a 125M and a 66B model is two arrays. Every array is submitted before any result
 is awaited, so they queue side by side.
+
+The local launcher does not start Submitit's executor: that started two fresh interpreters per cell (its
+controller and the job), and every job imported hydra, torch, transformers and the harness again (16-18 s a
+cell on a loaded 2-core machine, where a fork costs milliseconds). Its cells' jobs are forked from one
+multiprocessing fork server per sweep, which imports the harness once (`PRELOAD`); each job keeps what
+Submitit's gave it (see `LocalLauncher`).
 """
 from __future__ import annotations
 
+import functools
 import logging
+import multiprocessing
 import os
+import sys
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import wait
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from hydra._internal.callbacks import Callbacks
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, filter_overrides
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides, run_job, setup_globals
 from hydra.experimental.callback import Callback
 from hydra.types import HydraContext
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from bench.isolate import die_with_parent
 
 if TYPE_CHECKING:
     import submitit
@@ -31,6 +45,13 @@ log = logging.getLogger(__name__)
 
 # Launcher keys that interpolate `model.resources.*`: what differs between the job arrays of a sweep.
 RESOURCE_KEYS = ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min")
+# What the local launcher's fork server imports once, before it forks any cell's job: what a job
+# imports (Hydra's job run, run.py's main, the harness, torch), and what transformers imports lazily for
+# any model class (modeling_utils: 3 s of a 4.5 s job on the loaded machine; a family's own module then
+# takes 0.01 s).
+PRELOAD = ["hydra.core.utils", "bench.cell", "bench.config", "bench.isolate", "bench.models", "bench.plan",
+           "bench.sweep", "cloudpickle", "transformers.modeling_utils", "transformers.generation.utils"]
+LOCAL_MAX_NUM_TIMEOUT = 3  # Submitit's local executor's default: a timed-out cell runs again at most 3 times
 
 
 def resource_groups(launchers: Sequence[DictConfig]) -> dict[tuple, list[int]]:
@@ -54,15 +75,9 @@ class _PerCellResources(submitit_launcher.BaseSubmititLauncher):
     with one `map_array` per resource group instead of one for the whole sweep."""
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        loader = self.hydra_context.config_loader
-        launchers = [loader.load_sweep_config(self.config, list(overrides)).hydra.launcher
-                     for overrides in job_overrides]
+        launchers = self._cell_launchers(job_overrides)
         executor = self._executor()
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        if "mode" in self.config.hydra.sweep:
-            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
-        log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {sweep_dir}")
+        self._make_sweep_dir()
         submitted = {}
         for resources, indices in resource_groups(launchers).items():
             executor.update_parameters(**self._executor_keys(dict(resources)))
@@ -76,6 +91,18 @@ class _PerCellResources(submitit_launcher.BaseSubmititLauncher):
                               Singleton.get_state()))
             submitted.update(zip(indices, executor.map_array(self, *zip(*calls))))
         return [submitted[index].results()[0] for index in range(len(job_overrides))]
+
+    def _cell_launchers(self, job_overrides: Sequence[Sequence[str]]) -> list[DictConfig]:
+        """Each cell's `hydra.launcher`, resolved from its own config (its model's resources)."""
+        loader = self.hydra_context.config_loader
+        return [loader.load_sweep_config(self.config, list(overrides)).hydra.launcher for overrides in job_overrides]
+
+    def _make_sweep_dir(self) -> None:
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in self.config.hydra.sweep:
+            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
+        log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {sweep_dir}")
 
     def __getstate__(self) -> dict:
         """What Submitit pickles into every cell's job: the launcher with the sweep's callbacks that hook a
@@ -114,4 +141,148 @@ class SlurmLauncher(_PerCellResources):
 
 
 class LocalLauncher(_PerCellResources):
+    """Each cell's job is forked from the sweep's fork server (`run_jobs`), with what Submitit's local
+    executor gave it: its own log (stdout and stderr under its `submitit_folder`, `%j` the job's pid,
+    which is also `hydra.job.id`), its time limit (`timeout_min`: stopped, then run again from what it
+    saved, at most `max_num_timeout` times), the first `gpus_per_node` GPUs (CUDA_VISIBLE_DEVICES), and
+    every cell the sweeper hands over at once (one, unless `hydra.sweeper.max_batch_size` says more)."""
+
     _EXECUTOR = "local"
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        import cloudpickle  # a job calls run.py's main, which plain pickle cannot name from another process
+
+        launchers = self._cell_launchers(job_overrides)
+        self._make_sweep_dir()
+        jobs = []
+        for index, (overrides, cell) in enumerate(zip(job_overrides, launchers)):
+            number = initial_job_idx + index
+            log.info(f"\t#{number} : {' '.join(filter_overrides(overrides))}")
+            call = functools.partial(self._run_job, list(overrides), number, Singleton.get_state())
+            jobs.append(Job(f"#{number}", cloudpickle.dumps(call), str(cell.submitit_folder),
+                            60.0 * cell.timeout_min, cell.gpus_per_node or 0, bool(cell.stderr_to_stdout)))
+        returns = run_jobs(jobs, self.params.get("max_num_timeout", LOCAL_MAX_NUM_TIMEOUT))
+        # a job that ended without a result left its cell's record saying so (or none): the sweep goes on,
+        # and its end lists the cell among the failed ones
+        return [JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED) if returned is None else returned
+                for overrides, returned in zip(job_overrides, returns)]
+
+    def _run_job(self, overrides: list[str], number: int, singleton_state: dict) -> JobReturn:
+        """The cell's Hydra job, in its forked process: what Submitit's job ran (`BaseSubmititLauncher.__call__`)."""
+        Singleton.set_state(singleton_state)
+        setup_globals()
+        config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with open_dict(config.hydra.job):
+            config.hydra.job.id = str(os.getpid())
+            config.hydra.job.num = number
+        return run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=config,
+                       job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+
+
+@dataclass
+class Job:
+    name: str  # for the log: "#3"
+    payload: bytes  # a cloudpickled callable, called in the job's process; its return value comes back
+    folder: str  # where the job's log goes; `%j` is its pid
+    timeout_s: float
+    gpus: int
+    stderr_to_stdout: bool
+
+
+def log_paths(folder: str, pid: int, stderr_to_stdout: bool = False) -> tuple[Path, Path]:
+    """A job's stdout and stderr files, named as Submitit names them (`<id>_0_log.out`, `.err`)."""
+    where = Path(folder.replace("%j", str(pid)))
+    out = where / f"{pid}_0_log.out"
+    return out, out if stderr_to_stdout else where / f"{pid}_0_log.err"
+
+
+def run_jobs(jobs: Sequence[Job], max_num_timeout: int) -> list[Optional[Any]]:
+    """Every job at once, each in a process forked from the fork server; what each returned, or None where
+    its process ended without a result (killed, or out of time `max_num_timeout` + 1 times). An exception
+    here (Ctrl-C, SIGTERM) stops every running job first: its `run_isolated` marks its cell interrupted."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)  # read when the server starts: the first job of the process
+    returns: list[Optional[Any]] = [None] * len(jobs)
+    running: dict[int, tuple] = {}  # job index -> (process, its result pipe, deadline, times run)
+
+    def start(index: int, runs: int) -> None:
+        job = jobs[index]
+        receive, send = context.Pipe(duplex=False)
+        process = context.Process(target=_job, name=f"cell {job.name}", args=(send, job))
+        process.start()
+        send.close()
+        running[index] = (process, receive, time.monotonic() + job.timeout_s, runs + 1)
+
+    try:
+        for index in range(len(jobs)):
+            start(index, 0)
+        while running:
+            nearest = min(deadline for _, _, deadline, _ in running.values())
+            wait([receive for _, receive, _, _ in running.values()], timeout=max(0.0, nearest - time.monotonic()))
+            for index, (process, receive, deadline, runs) in list(running.items()):
+                if receive.poll():
+                    returns[index] = _receive(receive)
+                elif time.monotonic() < deadline:
+                    continue
+                else:
+                    _stop([process])
+                    log.error("cell %s ran out of time (hydra.launcher.timeout_min=%g)%s", jobs[index].name,
+                              jobs[index].timeout_s / 60, "; running it again" if runs <= max_num_timeout else "")
+                    del running[index]
+                    if runs <= max_num_timeout:
+                        start(index, runs)
+                    continue
+                process.join()
+                del running[index]
+                if returns[index] is None:
+                    _, err = log_paths(jobs[index].folder, process.pid, jobs[index].stderr_to_stdout)
+                    log.error("cell %s: its process ended without a result (exit code %s); its log: %s",
+                              jobs[index].name, process.exitcode, err)
+    except BaseException:
+        _stop([process for process, *_ in running.values()])
+        raise
+    return returns
+
+
+def _receive(receive) -> Optional[Any]:
+    import cloudpickle
+
+    try:
+        return cloudpickle.loads(receive.recv_bytes())
+    except EOFError:  # the process ended without sending
+        return None
+
+
+def _stop(processes: list) -> None:
+    """SIGTERM (a job's `run_isolated` marks its cell interrupted and stops it), then SIGKILL after 10 s."""
+    for process in processes:
+        process.terminate()
+    deadline = time.monotonic() + 10
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.exitcode is None:
+            process.kill()
+            process.join()
+
+
+def _job(send, job: Job) -> None:
+    """A cell's job, in a fork of the fork server: its output to its own log files, its GPUs, then the call."""
+    import cloudpickle
+
+    die_with_parent()  # the server's: it ends when the sweep process does
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in range(job.gpus))
+    out, err = log_paths(job.folder, os.getpid(), job.stderr_to_stdout)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, stream in ((out, sys.stdout), (err, sys.stderr)):
+        stream.flush()
+        with open(path, "a") as log_file:
+            os.dup2(log_file.fileno(), stream.fileno())
+        stream.reconfigure(line_buffering=True)  # as Submitit's `python -u`: a log that is read while it grows
+    returned = cloudpickle.loads(job.payload)()
+    try:
+        payload = cloudpickle.dumps(returned)
+    except Exception:  # an exception of the job that does not pickle: its text
+        failure = RuntimeError(repr(getattr(returned, "_return_value", returned)))
+        payload = cloudpickle.dumps(JobReturn(status=JobStatus.FAILED, _return_value=failure))
+    send.send_bytes(payload)
+    send.close()

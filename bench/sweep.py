@@ -5,8 +5,8 @@
   a preset declares) and validates every cell (`bench.config.validate`), so a typo in the
   last value of a sweep fails before anything is submitted, naming the cell, the key and the value;
 - checks the Slurm side before submitting: `sbatch` on PATH, a partition where the cluster has no default;
-- hands Submitit's local executor one cell at a time by default (it starts every job it gets at once);
-  the Submitit launchers themselves (bench/launcher.py) give each cell its own model's resources;
+- hands the local launcher one cell at a time by default (it starts every cell it gets at once);
+  our launchers themselves (bench/launcher.py) give each cell its own model's resources;
 - locks the sweep dir (`.prunebench.lock`, held until the sweep ends or its process dies), so a second
   sweep into the same dir stops instead of interleaving with it;
 - writes `cells.json` in the sweep dir (`bench.core.records.write_manifest`) (overrides + config hash of every

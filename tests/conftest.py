@@ -21,6 +21,9 @@ if os.environ.get("PRUNEBENCH_DATA"):
 # Small enough for a 2-core CPU: a few short calibration windows and eval windows.
 TINY = ["data=pydoc", "eval.ppl.datasets=[pydoc]", "data.calib.nsamples=4", "data.calib.seqlen=64",
         "eval.ppl.seqlen=64", "eval.ppl.max_windows=4"]
+# A structured cell's speed stage at the fewest tokens: it still runs (dense and pruned, timed), in a fraction of
+# a second instead of the defaults' ~20 s on a tiny model, for tests that check something else.
+FAST_SPEED = ["eval.speed.repeats=1", "eval.speed.decode_tokens=2", "eval.speed.prefill_seqlen=8"]
 
 
 @pytest.fixture(autouse=True)

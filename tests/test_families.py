@@ -10,7 +10,7 @@ from bench import models
 from bench.cell import run_cell
 from bench.config import ConfigError, zoo_entry
 from bench.core import engine, families, perplexity
-from tests.conftest import TINY, load_script
+from tests.conftest import FAST_SPEED, TINY, load_script
 
 # family preset -> whether its FFN has a known shape (separate ffn_in linears) for structured pruning
 FAMILY_PRESETS = {"opt-tiny": True, "bloom-tiny": True, "llama-tiny": True, "mistral-tiny": True,
@@ -149,12 +149,14 @@ def test_every_claimed_family_runs_a_whole_cell(preset, make_config, tmp_path):
     assert result.status == "ok", result.error
     assert result.sparsity["measured"] == pytest.approx(0.5, abs=0.01)
     assert result.metrics["ppl"]["pydoc"] > 1
-    cfg, resolved = make_config(f"model={preset}", "method=wanda_sp", "sparsity=0.25", *TINY)
+    # the speed stage runs on every family, at the fewest tokens (its defaults took ~22 of a cell's ~25 s)
+    cfg, resolved = make_config(f"model={preset}", "method=wanda_sp", "sparsity=0.25", *TINY, *FAST_SPEED)
     result = run_cell(cfg, resolved, tmp_path / "s", rerun="all")
     if FAMILY_PRESETS[preset]:
         assert result.status == "ok", result.error
         assert result.sparsity["ffn_channels_removed"] == pytest.approx(0.25, abs=0.02)
         assert result.metrics["ppl"]["pydoc"] > 1
+        assert result.metrics["speed"]["decode_tokens_per_s"]["pruned"] > 0
     else:
         assert result.status == "failed" and result.error.type == "ConfigError"
         assert "structured (FFN channel) pruning is not supported" in result.error.message

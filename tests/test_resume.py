@@ -14,11 +14,11 @@ from bench.cell import run_cell
 from bench.config import ConfigError
 from bench.core import records
 from methods.allocators.self_pruner import SelfPruner
-from tests.conftest import TINY
+from tests.conftest import FAST_SPEED, TINY
 
 BLOCKS = 4
 CELL = ["model=llama-tiny", f"model.architecture.num_hidden_layers={BLOCKS}", "cache=false", "resume_every_s=0",
-        *TINY]
+        *TINY, *FAST_SPEED]
 
 
 class Preempted(BaseException):
