@@ -13,12 +13,12 @@ The model is built on the meta device from its architecture (no weights, no hub)
   the model over the GPUs (zero-shot, speed); each whole-model stage with `FIT_MARGIN` for activations;
 - peak host RAM: the model (or, streamed, its non-block parameters and two blocks) + the activations
   (every sample's block inputs and outputs stay on the host, on a GPU too) + Hessians on the CPU + what
-  a stage adds beside the model (a search's candidate: the dense copy of one block; a structured cell's
-  speed stage: the dense model loaded again beside the pruned one) + `BASE_RSS_GIB` for the interpreter
-  and its libraries;
-- disk: resume state (the pruned blocks and the next block's inputs, with resume_every_s set: the share
-  of the pass's estimated time past the first resume_every_s) and the checkpoint (save_dir, or the
-  streamed output);
+  a stage adds beside the model (a search's candidate or a resumable pass: the dense copy of one block;
+  a structured cell's speed stage: the dense model loaded again beside the pruned one) + `BASE_RSS_GIB`
+  for the interpreter and its libraries;
+- disk: resume state (with resume_every_s set, the share of the pass's estimated time past the first
+  resume_every_s of: what pruning changed in each block, `bench.resume.encode`, and the next block's
+  inputs) and the checkpoint (save_dir, or the streamed output);
 - tokens: calibration (nsamples x seqlen) and perplexity (windows x seqlen, per corpus);
 - wall time from the throughput constants below (printed with the table): forward FLOPs 2 x params x
   tokens, SparseGPT's solve 2 x out x in^2 per linear, a search's candidates and LLM calls.
@@ -47,7 +47,7 @@ from bench.core.perplexity import FIT_MARGIN
 from bench.core.vocab import ConfigError, check_choice
 from bench.data import CORPORA
 from bench.models import byte_tokenizer
-from methods import registry
+from methods import catalog, registry
 
 ARCHITECTURES = CONF_DIR / "architectures.json"
 GIB = 2**30
@@ -168,6 +168,7 @@ def plan_cell(cfg: RunConfig, granted: Grant) -> Plan:
         else 0
     structured = pruner.structured and not method.dense
     search = registry.ALLOCATORS[method.allocator].needs_search
+    resumable = not (cfg.resume_every_s is None or method.dense)
     on_gpu = cfg.device == "cuda"
 
     checkpoint_path = Path(cfg.model.path).expanduser() if cfg.model.path else None
@@ -185,7 +186,7 @@ def plan_cell(cfg: RunConfig, granted: Grant) -> Plan:
         host += weights - s.blocks * block + 2 * block
     else:  # the speed stage holds the pruned model and the dense one loaded again
         speed_stage = weights + pruned if structured and cfg.eval.speed is not None else 0
-        host += max(weights + block * search, speed_stage)
+        host += max(weights + block * (search or resumable), speed_stage)
     gpu, placement = 0, "streamed" if streamed else "in memory"
     if on_gpu:
         one_gpu = granted.gpu_bytes
@@ -204,11 +205,13 @@ def plan_cell(cfg: RunConfig, granted: Grant) -> Plan:
                 placement += f", dispatched over {granted.gpus}"
 
     resume = 0
-    if not (streamed or cfg.resume_every_s is None or method.dense):
+    if resumable and not streamed:
         # blocks are written every resume_every_s: a pass shorter than that writes none, a long one nearly all
         every, prune_seconds = cfg.resume_every_s, _seconds(cfg, s, calib_tokens, 0, on_gpu, pruner, False)
         kept = 1.0 if every <= 0 else max(0.0, 1 - every / max(prune_seconds, 1e-9))
-        resume = int((weights + activations // 2) * kept)
+        changed, inputs = _changed_bytes(cfg, s, structured), activations // 2
+        # the next block's inputs are on disk beside every saved block but the last one's
+        resume = int(max(changed * min(kept, 1 - 1 / s.blocks) + inputs, changed * kept)) if kept > 0 else 0
     if cfg.save_dir is None and not streamed:
         saved = 0
     elif cfg.save_format == "bitmask":
@@ -220,6 +223,20 @@ def plan_cell(cfg: RunConfig, granted: Grant) -> Plan:
     knob = _knob(cfg, granted, s, streamed, checkpoint_path, host, gpu, seconds, activations, block, hessians,
                  weights, structured, search)
     return Plan(placement, s.params, gpu, int(host), resume, saved, calib_tokens, eval_tokens, seconds, not knob, knob)
+
+
+def _changed_bytes(cfg: RunConfig, s: Shape, structured: bool) -> int:
+    """What a resume keeps of the pruned blocks (`bench.resume.encode`): the FFN linears at their pruned
+    width (structured), the mask and kept values of every pruned linear (kept weights changed: SparseGPT,
+    quantization), else its mask alone (1 bit per weight)."""
+    size = BYTES[cfg.model.dtype]
+    if structured:
+        return int((1 - cfg.sparsity) * s.ffn_params * size)
+    linear_params = s.blocks * sum(n_in * n_out for n_in, n_out in s.linears)
+    pruner = catalog.build(cfg.method).pruner
+    if pruner.changes_kept or pruner.quantizes:
+        return int(linear_params * min(size, (1 - cfg.sparsity) * size + 1 / 8))
+    return linear_params // 8
 
 
 def _seconds(cfg, s: Shape, calib_tokens, eval_tokens, on_gpu, pruner, search) -> float:

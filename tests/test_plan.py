@@ -133,10 +133,13 @@ def test_resume_state_on_disk_is_the_share_of_the_pass_past_the_first_save():
     tiny = ("model=llama-tiny", "method=sparsegpt", "threads=1")
     assert plan.plan_cell(_cfg(*tiny, "resume_every_s=300"), NODE).disk_resume == 0
     every_block = plan.plan_cell(_cfg(*tiny, "resume_every_s=0"), NODE)
-    assert every_block.disk_resume >= every_block.params * 4
-    big = plan.plan_cell(_cfg("model=llama2-70b", "method=sparsegpt", "device=cuda", "resume_every_s=300"),
-                         plan.Grant(1024 * GIB, 2, 80 * GIB, None, "given"))
-    assert 0.5 * big.params * 2 < big.disk_resume < 1.1 * big.params * 2
+    assert every_block.disk_resume > 0
+    # what pruning changed: SparseGPT's mask and kept values (about 17/32 of the weights at 50%), Wanda's mask
+    big = {method: plan.plan_cell(_cfg("model=llama2-70b", f"method={method}", "device=cuda",
+                                       f"resume_every_s={every}"), plan.Grant(1024 * GIB, 2, 80 * GIB, None, "given"))
+           for method, every in (("sparsegpt", 300), ("wanda", 0))}  # a Wanda pass is shorter than 300 s
+    assert 0.4 * big["sparsegpt"].params * 2 < big["sparsegpt"].disk_resume < 0.6 * big["sparsegpt"].params * 2
+    assert 0 < big["wanda"].disk_resume < big["wanda"].params * 2 / 12
 
 
 def test_a_structured_checkpoint_is_planned_without_the_channels_it_removes(tmp_path):
