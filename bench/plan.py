@@ -12,7 +12,8 @@ The model is built on the meta device from its architecture (no weights, no hub)
   Hessians (pruning), the whole model or one block + one window's hidden states (perplexity), its share of
   the model over the GPUs (zero-shot, speed); each whole-model stage with `FIT_MARGIN` for activations;
 - peak host RAM: the model (or, streamed, its non-block parameters and two blocks) + the activations
-  (every sample's block inputs and outputs stay on the host, on a GPU too) + Hessians on the CPU + what
+  (every sample's block inputs and outputs stay on the host, on a GPU too) + Hessians, one window's logits
+  and their log-softmax on the CPU + the tokenizer (`TOKENIZER_BYTES_PER_ENTRY`) + what
   a stage adds beside the model (a search's candidate or a resumable pass: the dense copy of one block;
   a structured cell's speed stage: the dense model loaded again beside the pruned one) + `BASE_RSS_GIB`
   for the interpreter and its libraries;
@@ -53,6 +54,8 @@ ARCHITECTURES = CONF_DIR / "architectures.json"
 GIB = 2**30
 GPU_GIB = 80  # one GPU of a Slurm grant (A100-80GB, H100): model.resources.gpus says how many
 BASE_RSS_GIB = 0.6  # python + torch + transformers imported, before any model
+# a fast tokenizer in memory, per vocabulary entry (measured: Gemma-3-270M's 262k entries 328 MiB, 1313 bytes)
+TOKENIZER_BYTES_PER_ENTRY = 1300
 GPU_TFLOPS = 50.0  # effective half-precision forward throughput of one GPU
 CPU_GFLOPS_PER_THREAD = 15.0  # effective fp32 forward throughput of one CPU thread
 SOLVE_TFLOPS_GPU = 1.0  # SparseGPT's column-by-column solve is memory bound: far below the forward's rate
@@ -108,6 +111,7 @@ class Shape:
     hidden: int
     linears: list[tuple[int, int]]  # (in, out) of every prunable linear of the largest block
     ffn_params: int  # the FFN linears' weights over all blocks: what structured pruning removes a share of
+    vocab: int
 
 
 def shape(arch_kwargs: dict) -> Shape:
@@ -122,7 +126,7 @@ def shape(arch_kwargs: dict) -> Shape:
     linears = [(layer.in_features, layer.out_features) for layer in arch.linears(largest).values()]
     ffn = sum(block.get_submodule(name).weight.numel() for block in blocks for name in (*arch.ffn_in, arch.ffn_out))
     return Shape(sum(p.numel() for p in model.parameters()), max(sizes), len(blocks), config.hidden_size, linears,
-                 ffn)
+                 ffn, config.vocab_size)
 
 
 @dataclass
@@ -181,7 +185,10 @@ def plan_cell(cfg: RunConfig, granted: Grant) -> Plan:
 
     # a structured pruner removes its share of the FFN channels physically; the rest keep their zeros
     pruned = weights - int(cfg.sparsity * s.ffn_params * size) if structured else weights
-    host = BASE_RSS_GIB * GIB + hessians * (not on_gpu) + activations + eval_activations
+    # one window's fp32 logits and their log-softmax on the CPU (a 262k vocabulary: 0.25 GiB at seqlen 128)
+    logits = 2 * cfg.eval.ppl.seqlen * s.vocab * 4 if cfg.eval.ppl and not on_gpu else 0
+    host = BASE_RSS_GIB * GIB + s.vocab * TOKENIZER_BYTES_PER_ENTRY + hessians * (not on_gpu) + activations + \
+        eval_activations + logits
     if streamed:
         host += weights - s.blocks * block + 2 * block
     else:  # the speed stage holds the pruned model and the dense one loaded again
