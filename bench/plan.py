@@ -319,7 +319,8 @@ def table(rows: list[tuple[str, Plan]], granted: list[Grant]) -> str:
     lines = [f"plan: no cell runs. Constants: forward {GPU_TFLOPS:g} TFLOP/s per GPU, "
              f"{CPU_GFLOPS_PER_THREAD:g} GFLOP/s per CPU thread; SparseGPT solve {SOLVE_TFLOPS_GPU:g} TFLOP/s per "
              f"GPU, {SOLVE_GFLOPS_PER_THREAD:g} GFLOP/s per thread; {LLM_SECONDS_PER_CALL:g} s per search LLM call; "
-             f"{GPU_GIB} GiB per Slurm GPU; {BASE_RSS_GIB} GiB base RSS; FIT_MARGIN {FIT_MARGIN}",
+             f"{GPU_GIB} GiB per Slurm GPU; {BASE_RSS_GIB} GiB base RSS; {TOKENIZER_BYTES_PER_ENTRY} bytes per "
+             f"tokenizer entry; FIT_MARGIN {FIT_MARGIN}",
              "| cell | placement | params | GPU GiB/device | host GiB | resume GiB | checkpoint GiB | calib tokens "
              "| eval tokens | est. time | grant | fits |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
