@@ -53,7 +53,7 @@ from methods import catalog, registry
 ARCHITECTURES = CONF_DIR / "architectures.json"
 GIB = 2**30
 GPU_GIB = 80  # one GPU of a Slurm grant (A100-80GB, H100): model.resources.gpus says how many
-BASE_RSS_GIB = 0.6  # python + torch + transformers imported, before any model
+BASE_RSS_GIB = 0.5  # python + torch + transformers imported, before any model (the tokenizer counted apart)
 # a fast tokenizer in memory, per vocabulary entry (measured: Gemma-3-270M's 262k entries 328 MiB, 1313 bytes)
 TOKENIZER_BYTES_PER_ENTRY = 1300
 GPU_TFLOPS = 50.0  # effective half-precision forward throughput of one GPU
