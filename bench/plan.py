@@ -12,13 +12,14 @@ The model is built on the meta device from its architecture (no weights, no hub)
   Hessians (pruning), the whole model or one block + one window's hidden states (perplexity), its share of
   the model over the GPUs (zero-shot, speed); each whole-model stage with `FIT_MARGIN` for activations;
 - peak host RAM: the model (or, streamed, its non-block parameters and two blocks) + the activations
-  (every sample's block inputs and outputs stay on the host, on a GPU too) + Hessians on the CPU + what
-  a stage adds beside the model (a search's candidate: the dense copy of one block; a structured cell's
-  speed stage: the dense model loaded again beside the pruned one) + `BASE_RSS_GIB` for the interpreter
-  and its libraries;
-- disk: resume state (the pruned blocks and the next block's inputs, with resume_every_s set: the share
-  of the pass's estimated time past the first resume_every_s) and the checkpoint (save_dir, or the
-  streamed output);
+  (every sample's block inputs and outputs stay on the host, on a GPU too) + Hessians, one window's logits
+  and their log-softmax on the CPU + the tokenizer (`TOKENIZER_BYTES_PER_ENTRY`) + what
+  a stage adds beside the model (a search's candidate or a resumable pass: the dense copy of one block;
+  a structured cell's speed stage: the dense model loaded again beside the pruned one) + `BASE_RSS_GIB`
+  for the interpreter and its libraries;
+- disk: resume state (with resume_every_s set, the share of the pass's estimated time past the first
+  resume_every_s of: what pruning changed in each block, `bench.resume.encode`, and the next block's
+  inputs) and the checkpoint (save_dir, or the streamed output);
 - tokens: calibration (nsamples x seqlen) and perplexity (windows x seqlen, per corpus);
 - wall time from the throughput constants below (printed with the table): forward FLOPs 2 x params x
   tokens, SparseGPT's solve 2 x out x in^2 per linear, a search's candidates and LLM calls.
@@ -47,12 +48,14 @@ from bench.core.perplexity import FIT_MARGIN
 from bench.core.vocab import ConfigError, check_choice
 from bench.data import CORPORA
 from bench.models import byte_tokenizer
-from methods import registry
+from methods import catalog, registry
 
 ARCHITECTURES = CONF_DIR / "architectures.json"
 GIB = 2**30
 GPU_GIB = 80  # one GPU of a Slurm grant (A100-80GB, H100): model.resources.gpus says how many
-BASE_RSS_GIB = 0.6  # python + torch + transformers imported, before any model
+BASE_RSS_GIB = 0.5  # python + torch + transformers imported, before any model (the tokenizer counted apart)
+# a fast tokenizer in memory, per vocabulary entry (measured: Gemma-3-270M's 262k entries 328 MiB, 1313 bytes)
+TOKENIZER_BYTES_PER_ENTRY = 1300
 GPU_TFLOPS = 50.0  # effective half-precision forward throughput of one GPU
 CPU_GFLOPS_PER_THREAD = 15.0  # effective fp32 forward throughput of one CPU thread
 SOLVE_TFLOPS_GPU = 1.0  # SparseGPT's column-by-column solve is memory bound: far below the forward's rate
@@ -108,6 +111,7 @@ class Shape:
     hidden: int
     linears: list[tuple[int, int]]  # (in, out) of every prunable linear of the largest block
     ffn_params: int  # the FFN linears' weights over all blocks: what structured pruning removes a share of
+    vocab: int
 
 
 def shape(arch_kwargs: dict) -> Shape:
@@ -122,7 +126,7 @@ def shape(arch_kwargs: dict) -> Shape:
     linears = [(layer.in_features, layer.out_features) for layer in arch.linears(largest).values()]
     ffn = sum(block.get_submodule(name).weight.numel() for block in blocks for name in (*arch.ffn_in, arch.ffn_out))
     return Shape(sum(p.numel() for p in model.parameters()), max(sizes), len(blocks), config.hidden_size, linears,
-                 ffn)
+                 ffn, config.vocab_size)
 
 
 @dataclass
@@ -168,6 +172,7 @@ def plan_cell(cfg: RunConfig, granted: Grant) -> Plan:
         else 0
     structured = pruner.structured and not method.dense
     search = registry.ALLOCATORS[method.allocator].needs_search
+    resumable = not (cfg.resume_every_s is None or method.dense)
     on_gpu = cfg.device == "cuda"
 
     checkpoint_path = Path(cfg.model.path).expanduser() if cfg.model.path else None
@@ -180,12 +185,15 @@ def plan_cell(cfg: RunConfig, granted: Grant) -> Plan:
 
     # a structured pruner removes its share of the FFN channels physically; the rest keep their zeros
     pruned = weights - int(cfg.sparsity * s.ffn_params * size) if structured else weights
-    host = BASE_RSS_GIB * GIB + hessians * (not on_gpu) + activations + eval_activations
+    # one window's fp32 logits and their log-softmax on the CPU (a 262k vocabulary: 0.25 GiB at seqlen 128)
+    logits = 2 * cfg.eval.ppl.seqlen * s.vocab * 4 if cfg.eval.ppl and not on_gpu else 0
+    host = BASE_RSS_GIB * GIB + s.vocab * TOKENIZER_BYTES_PER_ENTRY + hessians * (not on_gpu) + activations + \
+        eval_activations + logits
     if streamed:
         host += weights - s.blocks * block + 2 * block
     else:  # the speed stage holds the pruned model and the dense one loaded again
         speed_stage = weights + pruned if structured and cfg.eval.speed is not None else 0
-        host += max(weights + block * search, speed_stage)
+        host += max(weights + block * (search or resumable), speed_stage)
     gpu, placement = 0, "streamed" if streamed else "in memory"
     if on_gpu:
         one_gpu = granted.gpu_bytes
@@ -204,11 +212,13 @@ def plan_cell(cfg: RunConfig, granted: Grant) -> Plan:
                 placement += f", dispatched over {granted.gpus}"
 
     resume = 0
-    if not (streamed or cfg.resume_every_s is None or method.dense):
+    if resumable and not streamed:
         # blocks are written every resume_every_s: a pass shorter than that writes none, a long one nearly all
         every, prune_seconds = cfg.resume_every_s, _seconds(cfg, s, calib_tokens, 0, on_gpu, pruner, False)
         kept = 1.0 if every <= 0 else max(0.0, 1 - every / max(prune_seconds, 1e-9))
-        resume = int((weights + activations // 2) * kept)
+        changed, inputs = _changed_bytes(cfg, s, structured), activations // 2
+        # the next block's inputs are on disk beside every saved block but the last one's
+        resume = int(max(changed * min(kept, 1 - 1 / s.blocks) + inputs, changed * kept)) if kept > 0 else 0
     if cfg.save_dir is None and not streamed:
         saved = 0
     elif cfg.save_format == "bitmask":
@@ -220,6 +230,20 @@ def plan_cell(cfg: RunConfig, granted: Grant) -> Plan:
     knob = _knob(cfg, granted, s, streamed, checkpoint_path, host, gpu, seconds, activations, block, hessians,
                  weights, structured, search)
     return Plan(placement, s.params, gpu, int(host), resume, saved, calib_tokens, eval_tokens, seconds, not knob, knob)
+
+
+def _changed_bytes(cfg: RunConfig, s: Shape, structured: bool) -> int:
+    """What a resume keeps of the pruned blocks (`bench.resume.encode`): the FFN linears at their pruned
+    width (structured), the mask and kept values of every pruned linear (kept weights changed: SparseGPT,
+    quantization), else its mask alone (1 bit per weight)."""
+    size = BYTES[cfg.model.dtype]
+    if structured:
+        return int((1 - cfg.sparsity) * s.ffn_params * size)
+    linear_params = s.blocks * sum(n_in * n_out for n_in, n_out in s.linears)
+    pruner = catalog.build(cfg.method).pruner
+    if pruner.changes_kept or pruner.quantizes:
+        return int(linear_params * min(size, (1 - cfg.sparsity) * size + 1 / 8))
+    return linear_params // 8
 
 
 def _seconds(cfg, s: Shape, calib_tokens, eval_tokens, on_gpu, pruner, search) -> float:
@@ -295,7 +319,8 @@ def table(rows: list[tuple[str, Plan]], granted: list[Grant]) -> str:
     lines = [f"plan: no cell runs. Constants: forward {GPU_TFLOPS:g} TFLOP/s per GPU, "
              f"{CPU_GFLOPS_PER_THREAD:g} GFLOP/s per CPU thread; SparseGPT solve {SOLVE_TFLOPS_GPU:g} TFLOP/s per "
              f"GPU, {SOLVE_GFLOPS_PER_THREAD:g} GFLOP/s per thread; {LLM_SECONDS_PER_CALL:g} s per search LLM call; "
-             f"{GPU_GIB} GiB per Slurm GPU; {BASE_RSS_GIB} GiB base RSS; FIT_MARGIN {FIT_MARGIN}",
+             f"{GPU_GIB} GiB per Slurm GPU; {BASE_RSS_GIB} GiB base RSS; {TOKENIZER_BYTES_PER_ENTRY} bytes per "
+             f"tokenizer entry; FIT_MARGIN {FIT_MARGIN}",
              "| cell | placement | params | GPU GiB/device | host GiB | resume GiB | checkpoint GiB | calib tokens "
              "| eval tokens | est. time | grant | fits |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -98,6 +98,7 @@ class Pruner(Component):
     supports_nm: bool = False
     structured: bool = False  # removes FFN channels physically (the model shrinks)
     prunes: bool = True  # False only for the dense baseline
+    changes_kept: bool = False  # the weights it keeps change too (a resume saves their values, not only a mask)
 
     def __init__(self, options, pattern: SparsityPattern):
         super().__init__(options)

@@ -87,13 +87,16 @@ class ResumePoint:
 
 class ResumeStore(SearchScores, Protocol):
     """Makes a pruning pass resumable (e.g. the harness's `bench.resume.ResumeState`): it is handed each
-    candidate a search scores, the allocation before block 0 and every block once pruned, with the next
-    block's inputs (None after the last); `load()` returns where an earlier pass stopped, None for a fresh
-    pass."""
+    candidate a search scores, the allocation before block 0, every block before it is pruned (so it may
+    keep only what pruning changed) and once pruned, with the next block's inputs (None after the last);
+    `load()` returns where an earlier pass stopped, None for a fresh pass, and `block(index, dense)` a pruned
+    block's state given its dense state."""
 
     def load(self) -> Optional[ResumePoint]: ...
 
-    def block(self, index: int) -> dict[str, torch.Tensor]: ...
+    def block(self, index: int, dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+    def dense_block(self, index: int, block: nn.Module) -> None: ...
 
     def save_allocation(self, allocation: Allocation) -> None: ...
 
@@ -153,10 +156,15 @@ def prune(model: nn.Module, method: Method, samples: torch.Tensor, sparsity: flo
         if pruner.needs_dense_pass:
             pruner.load_dense_state(allocation.pruner_state)
         for index in range(start):
-            arch.load_block(blocks[index], resume.block(index))
+            arch.load_block(blocks[index], resume.block(index, blocks[index].state_dict()))
         log.info("%s: resuming the pruning pass at block %d of %d", method.name, start, len(blocks))
     rates = allocation.rates
     seconds = dict(allocation.seconds)
+
+    def prune_block(view: BlockView) -> None:
+        if resume is not None:
+            resume.dense_block(view.index, view.block)
+        pruner.prune_block(view, rates)
 
     def done(index: int, block: nn.Module, outputs: Optional[torch.Tensor]) -> None:
         if resume is not None:
@@ -170,10 +178,10 @@ def prune(model: nn.Module, method: Method, samples: torch.Tensor, sparsity: flo
         for index, block in walk(blocks, desc, stream, start, on_block, edited=True):
             prefix = f"{arch.block_name(index)}."
             linears = {prefix + name: module for name, module in arch.linears(block).items()}
-            pruner.prune_block(BlockView(index, block, arch, linears, {}, torch.empty(0), None), rates)
+            prune_block(BlockView(index, block, arch, linears, {}, torch.empty(0), None))
             done(index, block, None)
     else:
-        traverse(model, samples, device, pruner.stats_level, lambda view: pruner.prune_block(view, rates),
+        traverse(model, samples, device, pruner.stats_level, prune_block,
                  edits=True, desc=desc, cache=cache, stream=stream, on_block=on_block, batch=batch, start=start,
                  inputs=inputs, done=done)
     seconds["prune"] = time.perf_counter() - started

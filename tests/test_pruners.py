@@ -126,3 +126,15 @@ def test_a_component_without_its_required_hook_cannot_be_built():
 
     with pytest.raises(TypeError, match="prune_linear"):
         Forgetful(None, UNSTRUCTURED)
+
+
+@pytest.mark.parametrize("name", sorted(name for name, cls in registry.PRUNERS.items()
+                                        if issubclass(cls, LinearPruner) and cls.prunes))
+def test_changes_kept_says_whether_a_pruner_changes_the_weights_it_keeps(name):
+    """A resume saves a block as the mask of its nonzeros when the kept weights are the dense ones
+    (bench/resume.py), and the plan sizes the resume state by this flag."""
+    W, _, stats = correlated_layer()
+    cls = registry.PRUNERS[name]
+    weight = pruned(cls(cls.Options(), SparsityPattern.parse("unstructured")), W, stats, 0.5)
+    kept = weight != 0
+    assert (kept.sum() < W.numel()) and torch.equal(weight[kept], W[kept]) != cls.changes_kept

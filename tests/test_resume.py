@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bench import resume
+from bench import plan, resume
 from bench.cell import run_cell
 from bench.config import ConfigError
 from bench.core import records
@@ -177,3 +177,31 @@ def test_resume_every_s_is_checked(make_config):
         make_config("model=llama-tiny", "resume_every_s=-1")
     cfg, _ = make_config("model=llama-tiny", "resume_every_s=null")
     assert cfg.resume_every_s is None
+
+
+@pytest.mark.parametrize("method, share", [
+    ("wanda", 1 / 25),  # the kept weights are the dense ones: a 1-bit mask per fp32 weight (1/32)
+    ("sparsegpt", 0.6),  # the kept weights are updated: the mask and the half of the values kept (17/32)
+])
+def test_resume_state_on_disk_is_what_pruning_changed_as_the_plan_says(method, share, make_config, tmp_path,
+                                                                      monkeypatch):
+    """The default resume_every_s kept every pruned block whole: about 128 GiB under a 70B cell's dir. A
+    block's file holds only what pruning changed against the dense weights a resumed cell loads anyway, and
+    the plan's resume disk is the peak measured under the cell's resume folder."""
+    cfg, resolved = make_config(*CELL, "model.architecture.hidden_size=256", "model.architecture.intermediate_size=768",
+                                f"method={method}", "sparsity=0.5")
+    sizes = []
+    save_block = resume.ResumeState.save_block
+
+    def save_and_measure(self, index, module, next_inputs):
+        save_block(self, index, module, next_inputs)
+        sizes.append({p.name: p.stat().st_size for p in self.root.iterdir()})
+
+    monkeypatch.setattr(resume.ResumeState, "save_block", save_and_measure)
+    assert run_cell(cfg, resolved, tmp_path / "cell").ok
+    blocks = sum(size for name, size in sizes[-1].items() if name.startswith("block_"))
+    shape = plan.shape(plan.architecture(cfg))
+    assert blocks < share * shape.blocks * shape.block_params * 4
+    peak = max(sum(files.values()) for files in sizes)
+    planned = plan.plan_cell(cfg, plan.Grant(64 * 2**30, 0, 0, None, "given")).disk_resume
+    assert 0.8 < peak / planned < 1.2, (peak, planned)

@@ -41,6 +41,7 @@ from methods.registry import register_pruner
 class SparseGPT(LinearPruner):
     stats_level = "full"
     supports_nm = True
+    changes_kept = True  # the OBS update of the weights it keeps
 
     @dataclass
     class Options:

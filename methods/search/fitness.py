@@ -16,6 +16,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from bench.core import engine, perplexity
 from bench.core.families import arch_for
@@ -131,8 +132,8 @@ class Fitness:
 class _Trial:
     """The `engine.Stream` of a candidate's prune over the dense model's own blocks: `load` keeps a dense
     copy of the block the walk reaches; `release` of a pruned block runs the scored windows' hidden states
-    through it, then puts the dense copy back in the model (a structured pruner changed the block's shapes,
-    so the whole block is swapped, not its weights). A block that was only observed stays as it is."""
+    through it, then copies the dense weights back into it (or, when pruning reshaped it, puts the dense
+    copy in its place). A block that was only observed stays as it is."""
 
     def __init__(self, model, hidden: torch.Tensor, kwargs: list, device: str):
         self.blocks = arch_for(model).blocks(model)
@@ -148,8 +149,23 @@ class _Trial:
             self.hidden, self.as_tuple = engine.run_block_form(block.to(self.device), self.hidden, self.kwargs[index],
                                                                self.device)
             block.to("cpu")
-            self.blocks[index] = self.dense
+            # Written into the block's own tensors: swapping in the dense copy leaked a model per search, since
+            # loaded weights are views of the checkpoint's private file mapping, which lives as long as any of
+            # them (the embeddings), so the pages pruning wrote stayed resident after their block was dropped
+            # (SmolLM2: 1.67 GiB peak RSS where the plan said 1.13). A reshaped block is swapped whole.
+            if _reshaped(block, self.dense):
+                self.blocks[index] = self.dense
+            else:
+                with torch.no_grad():
+                    block.load_state_dict(self.dense.state_dict())
         self.dense = None
+
+
+def _reshaped(block: nn.Module, dense: nn.Module) -> bool:
+    """Whether pruning changed a linear's shape (structured) or gave it a bias (FLAP)."""
+    return any(module.weight.shape != block.get_submodule(name).weight.shape
+               or (module.bias is None) != (block.get_submodule(name).bias is None)
+               for name, module in dense.named_modules() if isinstance(module, nn.Linear))
 
 
 @torch.no_grad()
