@@ -86,26 +86,27 @@ def eval_sweep(arguments: list[str]) -> Optional[str]:
 
 def keys_of_swept_groups(arguments: list[str]) -> list[str]:
     """A multirun's command line with each `group.key=value` of a swept group (`method=a,b`, or an
-    experiment's `hydra.sweeper.params`) made `++group.key=value`: Hydra composes a sweep's base config with
-    the group's *default* preset first, and refuses a key that preset lacks though every swept preset has
-    it. Each cell then overrides the key its preset has; a cell whose preset lacks it is refused by
-    validation, naming that cell."""
+    experiment's `hydra.sweeper.params`) that the group's default preset lacks made `++group.key=value`:
+    Hydra composes a sweep's base config with the default preset first, and refused such a key though every
+    swept preset has it. Each cell then overrides the key its preset has; a cell whose preset lacks it is
+    refused by validation, naming that cell."""
     if not any(a in ("-m", "--multirun") for a in arguments):
         return arguments
     parsed = [(a, *a.partition("=")) for a in arguments]
-    plain = [(a, key) for a, key, equals, _ in parsed if equals and not a.startswith(("+", "~", "-"))]
-    grouped = [(a, key) for a, key in plain if "." in key and not key.startswith("hydra.")]
+    plain = [(a, key, value) for a, key, equals, value in parsed if equals and not a.startswith(("+", "~", "-"))]
+    grouped = [(a, key) for a, key, _ in plain if "." in key and not key.startswith("hydra.")]
     if not grouped:
         return arguments
-    swept = {key for a, key, _, value in parsed
-             if (a, key) in plain and "." not in key and "," in value and not value.startswith(("[", "{", "'", '"'))}
-    if any(key == "experiment" for _, key in plain):  # an experiment may sweep groups in its own config
-        try:
-            params = compose([a for a, key in plain if "." not in key], with_hydra=True).hydra.sweeper.params
-        except ConfigError:
-            params = None  # Hydra says what is wrong with the command line
-        swept |= {key for key in (params or {}) if "." not in key}
-    rewrite = {a for a, key in grouped if key.split(".")[0] in swept}
+    swept = {key for _, key, value in plain
+             if "." not in key and "," in value and not value.startswith(("[", "{", "'", '"'))}
+    try:  # the sweep's base, as Hydra composes it: without the swept values, an experiment's own sweep included
+        base = compose([a for a, key, _ in plain if "." not in key and key not in swept], with_hydra=True)
+    except ConfigError:
+        return arguments  # Hydra says what is wrong with the command line
+    swept |= {key for key in (base.hydra.sweeper.params or {}) if "." not in key}
+    missing = object()
+    rewrite = {a for a, key in grouped
+               if key.split(".")[0] in swept and OmegaConf.select(base, key, default=missing) is missing}
     return [f"++{a}" if a in rewrite else a for a in arguments]
 
 

@@ -193,9 +193,12 @@ def test_a_sweep_over_presets_takes_the_keys_they_share(tmp_path):
     assert typo.returncode != 0 and "Traceback" not in out
     assert "method.sparsity_typ is not an option of allocator=uniform, pruner=wanda; did you mean " \
            "method.sparsity_type?; allowed: " in out
-    # a group that is not swept keeps Hydra's own override, and unknown keys their own one-line error
+    # a group that is not swept keeps Hydra's own override, and unknown keys their own one-line error; a key
+    # the default preset has is left as typed
     assert keys_of_swept_groups(["-m", "method=wanda", "method.x=1", "model=a,b"]) == [
         "-m", "method=wanda", "method.x=1", "model=a,b"]
+    assert keys_of_swept_groups(["-m", "model=llama-tiny,opt-tiny", "model.resources.mem_gb=64"]) == [
+        "-m", "model=llama-tiny,opt-tiny", "model.resources.mem_gb=64"]
     assert keys_of_swept_groups(["method=a,b", "method.x=1"]) == ["method=a,b", "method.x=1"]
     # an experiment that sweeps the group in its own config (hydra.sweeper.params)
     assert keys_of_swept_groups(["-m", "experiment=allocator_league", "method.population=3", "data.calib.seed=1"]) \
