@@ -107,6 +107,22 @@ def test_arms_pair_within_their_pruner_and_costs_sit_beside_quality(tmp_path):
     assert all(path.stat().st_size > 0 for path in league.plot_pairs(found.pairs, tmp_path / "league"))
 
 
+def test_a_search_taken_from_the_cache_counts_its_own_time_in_the_arms_cost():
+    # the SparseGPT cells of a search arm take the Wanda cells' searches from the cache (bench/cache.py): the
+    # cell spent next to nothing on its search, the arm did not
+    records = []
+    for seed in range(2):
+        records += [_record("self_pruner", seed, 100.0), _record("wanda", seed, 102.0)]
+        shared = _record("self_pruner", seed, 90.0, "sparsegpt")
+        shared.config_hash, shared.cache = f"shared-{seed}", {"hits": ["block0", "search"], "misses": []}
+        shared.allocator["search"]["seconds"] = {"llm": 500.0, "fitness": 90.0, "total": 600.0}
+        shared.timings = {"allocate": 0.5, "total": 30.0}
+        records.append(shared)
+    costs = _league(records).costs
+    assert costs.loc[costs["pruner"] == "sparsegpt", ["allocation_s", "cell_s"]].values.tolist() == [[600.5, 630.0]]
+    assert costs.loc[costs["pruner"] == "wanda", "allocation_s"].tolist() == [4.0, 0.0]  # ran their own
+
+
 def test_the_2x2_of_prior_and_operators_says_which_one_the_llm_arm_owes_its_score_to(tmp_path):
     # the LLM's operators take 3 off the perplexity on every seed; its prior helps on 3 seeds of 6 and hurts on 3
     def ppl(method: str, seed: int) -> float:
