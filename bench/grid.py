@@ -16,7 +16,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 
+from bench.launcher import start_fork_server
+
 log = logging.getLogger(__name__)
+LOCAL_LAUNCHER = "hydra_plugins.prunebench_launcher.LocalLauncher"  # conf/hydra/launcher/local.yaml
 
 
 def grid_arguments(params: Optional[dict], task: list[str]) -> list[str]:
@@ -36,8 +39,11 @@ def cell_overrides(task_overrides: list[str]) -> list[list[str]]:
 class SweepStart(Callback):
     """Built by Hydra with `hydra.mode`, `hydra.sweeper.params` and `hydra.overrides.task` (conf/config.yaml):
     it says how many cells a sweep has the moment Hydra builds the callbacks (its constructor is the
-    earliest code of ours Hydra runs; no hook runs before every callback is built)."""
+    earliest code of ours Hydra runs; no hook runs before every callback is built). Under the local launcher
+    it also starts the sweep's fork server, whose imports then run beside the validation instead of after it."""
 
-    def __init__(self, mode: Any, params: Optional[dict], task: list[str]) -> None:
+    def __init__(self, mode: Any, params: Optional[dict], task: list[str], launcher: Optional[str] = None) -> None:
         if mode == RunMode.MULTIRUN:
             log.info("validating %d cells ...", len(cell_overrides(grid_arguments(params, task))))
+            if launcher == LOCAL_LAUNCHER:
+                start_fork_server()

@@ -16,9 +16,11 @@ Submitit's gave it (see `LocalLauncher`).
 """
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import sys
 import time
@@ -47,11 +49,36 @@ log = logging.getLogger(__name__)
 RESOURCE_KEYS = ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min")
 # What the local launcher's fork server imports once, before it forks any cell's job: what a job
 # imports (Hydra's job run, run.py's main, the harness, torch), and what transformers imports lazily for
-# any model class (modeling_utils: 3 s of a 4.5 s job on the loaded machine; a family's own module then
+# any model class (modeling_utils: 3 s of a 4.5 s job on the loaded machine; the auto classes and the
+# decoder layers' base that every cell's validation imports: 0.05 s a job; a family's own module then
 # takes 0.01 s).
 PRELOAD = ["hydra.core.utils", "bench.cell", "bench.config", "bench.isolate", "bench.models", "bench.plan",
-           "bench.sweep", "cloudpickle", "transformers.modeling_utils", "transformers.generation.utils"]
+           "bench.sweep", "cloudpickle", "transformers.modeling_utils", "transformers.generation.utils",
+           "transformers.models.auto.modeling_auto", "transformers.modeling_layers"]
 LOCAL_MAX_NUM_TIMEOUT = 3  # Submitit's local executor's default: a timed-out cell runs again at most 3 times
+
+
+def start_fork_server() -> None:
+    """Start the fork server that every local job forks from, in the background (it imports `PRELOAD` in
+    its own process); `run_jobs` connects to it when the first cell starts. Called before any thread of the
+    sweep runs: for the moment of the server's start this process's stdout and stderr are /dev/null, which
+    the server keeps. Each job writes to its own log files (`_job`); a server that inherited the sweep's
+    console would keep a pipe reading it (`| tee`, a test's capture) open for the second its interpreter
+    takes to exit after the sweep's, with torch and transformers loaded."""
+    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
 
 
 def resource_groups(launchers: Sequence[DictConfig]) -> dict[tuple, list[int]]:
@@ -108,13 +135,17 @@ class _PerCellResources(submitit_launcher.BaseSubmititLauncher):
         """What Submitit pickles into every cell's job: the launcher with the sweep's callbacks that hook a
         job (`on_job_start`/`on_job_end`, which Hydra calls in the cell's process) and none of the others.
         Ours act at the sweep's start and end, in the submitting process; unpickled in each cell, they
-        would cost it the imports of their modules (the reports' pandas and matplotlib) for nothing."""
+        would cost it the imports of their modules (the reports' pandas and matplotlib) for nothing. The
+        config loader goes without the sweep's composed cells (`bench.sweep._reuse_composed`): every job
+        would carry all of them."""
         state = dict(self.__dict__)
         context = self.hydra_context
         if context is not None:
             kept = Callbacks()
             kept.callbacks = [callback for callback in context.callbacks.callbacks if hooks_jobs(callback)]
-            state["hydra_context"] = HydraContext(config_loader=context.config_loader, callbacks=kept)
+            loader = copy.copy(context.config_loader)
+            vars(loader).pop("load_sweep_config", None)
+            state["hydra_context"] = HydraContext(config_loader=loader, callbacks=kept)
         return state
 
     def _executor(self) -> submitit.AutoExecutor:
@@ -152,13 +183,16 @@ class LocalLauncher(_PerCellResources):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import cloudpickle  # a job calls run.py's main, which plain pickle cannot name from another process
 
-        launchers = self._cell_launchers(job_overrides)
+        # each cell's config, composed once, here: its launcher keys are read here and its job runs it as it is
+        loader = self.hydra_context.config_loader
+        configs = [loader.load_sweep_config(self.config, list(overrides)) for overrides in job_overrides]
         self._make_sweep_dir()
         jobs = []
-        for index, (overrides, cell) in enumerate(zip(job_overrides, launchers)):
+        for index, (overrides, config) in enumerate(zip(job_overrides, configs)):
             number = initial_job_idx + index
             log.info(f"\t#{number} : {' '.join(filter_overrides(overrides))}")
-            call = functools.partial(self._run_job, list(overrides), number, Singleton.get_state())
+            call = functools.partial(self._run_job, config, number, Singleton.get_state())
+            cell = config.hydra.launcher
             jobs.append(Job(f"#{number}", cloudpickle.dumps(call), str(cell.submitit_folder),
                             60.0 * cell.timeout_min, cell.gpus_per_node or 0, bool(cell.stderr_to_stdout)))
         returns = run_jobs(jobs, self.params.get("max_num_timeout", LOCAL_MAX_NUM_TIMEOUT))
@@ -167,11 +201,11 @@ class LocalLauncher(_PerCellResources):
         return [JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED) if returned is None else returned
                 for overrides, returned in zip(job_overrides, returns)]
 
-    def _run_job(self, overrides: list[str], number: int, singleton_state: dict) -> JobReturn:
-        """The cell's Hydra job, in its forked process: what Submitit's job ran (`BaseSubmititLauncher.__call__`)."""
+    def _run_job(self, config: DictConfig, number: int, singleton_state: dict) -> JobReturn:
+        """The cell's Hydra job, in its forked process: what Submitit's job ran (`BaseSubmititLauncher.__call__`),
+        on the config the sweep's process composed for it."""
         Singleton.set_state(singleton_state)
         setup_globals()
-        config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         with open_dict(config.hydra.job):
             config.hydra.job.id = str(os.getpid())
             config.hydra.job.num = number
@@ -201,7 +235,7 @@ def run_jobs(jobs: Sequence[Job], max_num_timeout: int) -> list[Optional[Any]]:
     its process ended without a result (killed, or out of time `max_num_timeout` + 1 times). An exception
     here (Ctrl-C, SIGTERM) stops every running job first: its `run_isolated` marks its cell interrupted."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)  # read when the server starts: the first job of the process
+    context.set_forkserver_preload(PRELOAD)  # where the sweep's start did not start the server (read once)
     returns: list[Optional[Any]] = [None] * len(jobs)
     running: dict[int, tuple] = {}  # job index -> (process, its result pipe, deadline, times run)
 

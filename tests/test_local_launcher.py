@@ -20,7 +20,11 @@ from tests.conftest import ROOT, TINY
 # Counts, in a file, the processes that import the harness and transformers' model code (sitecustomize runs in
 # every interpreter started with this dir on PYTHONPATH; a forked process has its parent's modules).
 IMPORT_COUNTER = '''
-import os, sys
+import os, sys, time
+
+if "multiprocessing.forkserver" in " ".join(sys.orig_argv):
+    with open({log!r}, "a") as handle:
+        handle.write(f"forkserver {{os.getpid()}} {{time.time()}}\\n")
 
 class _Counter:
     def find_spec(self, name, path=None, target=None):
@@ -30,6 +34,21 @@ class _Counter:
         return None
 
 sys.meta_path.insert(0, _Counter())
+
+try:
+    from hydra._internal import config_loader_impl
+except ImportError:
+    pass
+else:  # every compose of a cell's config once the sweep's validation has written cells.json
+    _load = config_loader_impl.ConfigLoaderImpl.load_configuration
+
+    def _counted(self, *args, **kwargs):
+        if os.path.exists({cells!r}):
+            with open({log!r}, "a") as handle:
+                handle.write(f"compose {{os.getpid()}}\\n")
+        return _load(self, *args, **kwargs)
+
+    config_loader_impl.ConfigLoaderImpl.load_configuration = _counted
 '''
 
 
@@ -38,7 +57,7 @@ def test_a_local_sweep_imports_the_harness_once_and_runs_each_cell_in_its_own_lo
     the harness again (16-18 s a cell on the loaded 2-core machine; 4 imports here)."""
     hook, imports, sweep_dir = tmp_path / "hook", tmp_path / "imports.txt", tmp_path / "sweep"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(IMPORT_COUNTER.format(log=str(imports)))
+    (hook / "sitecustomize.py").write_text(IMPORT_COUNTER.format(log=str(imports), cells=str(sweep_dir / "cells.json")))
     proc = subprocess.run([sys.executable, "run.py", "-m", "hydra/launcher=local", "hydra.sweeper.max_batch_size=2",
                            "cache=false", "model=llama-tiny", *TINY, "method=magnitude,wanda", "sparsity=0.5,0.6",
                            f"hydra.sweep.dir={sweep_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -56,6 +75,13 @@ def test_a_local_sweep_imports_the_harness_once_and_runs_each_cell_in_its_own_lo
     for log in logs:
         assert log.name == f"{log.parent.name}_0_log.out" and (log.parent / f"{log.parent.name}_0_log.err").exists()
     assert "] 4 cells: 4 done, 0 running, 0 failed, 0 waiting" in proc.stdout  # the live status
+    # the server was started with the sweep's first line, so its imports ran beside the validation, which
+    # ends by writing cells.json (before: after it, when the first cell's job was started)
+    (server,) = [line.split() for line in imported if line.startswith("forkserver ")]
+    assert float(server[2]) < (sweep_dir / "cells.json").stat().st_mtime
+    # each cell's config is composed once, by the validation: not again by Hydra's sweeper and the launcher
+    # in the sweep's process, nor by its job (before: 3 more composes a cell)
+    assert not [line for line in imported if line.startswith("compose ")]
 
 
 def _job(tmp_path: Path, name: str, call, timeout_s: float = 60.0) -> launcher.Job:
