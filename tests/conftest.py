@@ -65,12 +65,3 @@ def shared_data() -> Path:
         pytest.skip(f"WikiText-2 not found under {path}; set PRUNEBENCH_DATA")
     return path
 
-
-def pytest_collection_modifyitems(config, items):
-    # Under pytest-xdist (`-n 2`): the single-host Slurm cluster's tests share one node and its ports, so
-    # they run one after another on one worker; the longest tests go first, so neither worker is left
-    # with one of them at the end while the other idles.
-    for item in items:
-        if item.get_closest_marker("slurm"):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
-    items.sort(key=lambda item: not (item.get_closest_marker("slow") or item.get_closest_marker("slurm")))
