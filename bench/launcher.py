@@ -143,8 +143,10 @@ class _PerCellResources(submitit_launcher.BaseSubmititLauncher):
         if context is not None:
             kept = Callbacks()
             kept.callbacks = [callback for callback in context.callbacks.callbacks if hooks_jobs(callback)]
-            loader = copy.copy(context.config_loader)
-            vars(loader).pop("load_sweep_config", None)
+            loader = context.config_loader
+            if "load_sweep_config" in getattr(loader, "__dict__", {}):
+                loader = copy.copy(loader)
+                del loader.load_sweep_config
             state["hydra_context"] = HydraContext(config_loader=loader, callbacks=kept)
         return state
 

@@ -1,15 +1,24 @@
 """Shared fixtures: compose real configs from conf/ (the same path run.py takes) for tiny models."""
 from __future__ import annotations
 
+import atexit
 import importlib.util
+import multiprocessing
 import os
+import runpy
+import subprocess
+import sys
+import tempfile
+import traceback
 from pathlib import Path
+from typing import Optional, Sequence
 
 import pytest
 from omegaconf import OmegaConf
 
 from bench.compose import compose
 from bench.config import validate
+from bench.launcher import PRELOAD
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -65,3 +74,61 @@ def shared_data() -> Path:
         pytest.skip(f"WikiText-2 not found under {path}; set PRUNEBENCH_DATA")
     return path
 
+
+
+# What `run_py`'s server imports once per session: what run.py's cells import (the local launcher's
+# preload), run.py itself, and the table a single run prints.
+RUN_PY_PRELOAD = [*PRELOAD, "run", "reports.collect", "tests.conftest"]
+
+
+def run_py(arguments: Sequence[str], cwd: Path = ROOT, env: Optional[dict] = None, timeout: float = 600,
+           stderr_to_stdout: bool = False) -> subprocess.CompletedProcess:
+    """`python run.py *arguments` in `cwd` with `env` (default: this process's), as a subprocess would run
+    it: its own process, exit status, stdout and stderr; but forked from a server that imported the
+    harness once per test session, not a new interpreter importing torch, transformers and Hydra again
+    (~6 s each on the 2-core machine). Environment variables read when a package is imported (PYTHONPATH
+    hooks, OMP_NUM_THREADS) come from the server's start, so the tests of start-up itself, and those that
+    signal a process group, start a real interpreter."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(RUN_PY_PRELOAD)  # read when the first call starts the server
+    argv = [str(ROOT / "run.py"), *arguments]
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        process = context.Process(target=_run_py_child, args=(
+            argv, str(cwd), dict(os.environ if env is None else env), str(out), str(out if stderr_to_stdout else err)))
+        process.start()
+        process.join(timeout)
+        if process.exitcode is None:
+            process.kill()
+            process.join()
+            raise subprocess.TimeoutExpired([sys.executable, *argv], timeout)
+        return subprocess.CompletedProcess([sys.executable, *argv], process.exitcode, out.read_text(),
+                                           None if stderr_to_stdout else err.read_text())
+
+
+def _run_py_child(argv: list[str], cwd: str, env: dict, out: str, err: str) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    for path, fd in ((out, 1), (err, 2)):
+        opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(opened, fd)
+        os.close(opened)
+    sys.argv = argv
+    sys.path.insert(0, str(ROOT))  # a script's own folder comes first on its path
+    code = 0
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as exc:  # as the interpreter exits on it: a message goes to stderr, status 1
+        if isinstance(exc.code, int) or exc.code is None:
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

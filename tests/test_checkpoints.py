@@ -24,7 +24,7 @@ from bench.cell import run_cell
 from bench.config import ConfigError, ModelConfig
 from bench.core import families, pruned_model, records
 from methods import catalog, lifecycle
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, run_py
 from tests.test_families import FAMILY_PRESETS
 
 IDS = torch.tensor([[5, 17, 200, 33, 91, 4, 250, 12]])
@@ -293,9 +293,8 @@ def test_every_family_that_prunes_saves_checkpoints_that_reload_exactly(preset, 
 def test_run_py_saves_a_structured_qwen2_that_reloads(tmp_path):
     """Before: the cell pruned the whole model, then failed with KeyError: 'qwen2' and lost its result."""
     command = ["model=qwen2-tiny", "method=cfsp", "sparsity=0.4", "method.round_to=1", f"save_dir={tmp_path / 'ckpt'}"]
-    proc = subprocess.run([sys.executable, "run.py", *command, "cache=false", "eval.speed=null", *TINY,
-                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    proc = run_py([*command, "cache=false", "eval.speed=null", *TINY,
+                           f"hydra.run.dir={tmp_path / 'run'}"], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = records.read_result(tmp_path / "run" / records.RESULT_FILE)
     assert result.status == "ok" and result.saved_to == str(tmp_path / "ckpt")
@@ -306,17 +305,15 @@ def test_run_py_saves_a_structured_qwen2_that_reloads(tmp_path):
 
 def test_the_saved_config_is_named_for_what_it_is_and_the_readme_command_replays_it(tmp_path):
     # before: `recipe.yaml`, which llm-compressor's oneshot(recipe=...) cannot read, and no replay command
-    made = subprocess.run([sys.executable, "run.py", "model=llama-tiny", "method=wanda", "threads=1", "cache=false",
-                           "eval.speed=null", *TINY, f"save_dir={tmp_path / 'ckpt'}", f"hydra.run.dir={tmp_path / 'run'}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    made = run_py(["model=llama-tiny", "method=wanda", "threads=1", "cache=false",
+                           "eval.speed=null", *TINY, f"save_dir={tmp_path / 'ckpt'}", f"hydra.run.dir={tmp_path / 'run'}"], timeout=300)
     assert made.returncode == 0, made.stderr[-3000:]
     assert not (tmp_path / "ckpt" / "recipe.yaml").exists()
     command = next(line.strip() for line in (ROOT / "README.md").read_text().splitlines()
                    if "--config-name prunebench_config" in line).split()
     assert command[:2] == ["python", "run.py"]
     command = [a.replace("<dir>", str(tmp_path / "ckpt")) for a in command[2:]]
-    replayed = subprocess.run([sys.executable, "run.py", *command, f"hydra.run.dir={tmp_path / 'replay'}"], cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
+    replayed = run_py([*command, f"hydra.run.dir={tmp_path / 'replay'}"], timeout=300)
     assert replayed.returncode == 0, replayed.stderr[-3000:]
     first, again = (records.read_result(tmp_path / d / records.RESULT_FILE) for d in ("run", "replay"))
     assert again.metrics == first.metrics and again.config_hash == first.config_hash

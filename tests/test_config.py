@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -14,7 +12,7 @@ from bench.speed import SpeedConfig
 from bench.data import CalibConfig, DataConfig
 from bench.zeroshot import ZeroShotConfig
 from bench.core.vocab import ConfigError
-from tests.conftest import ROOT
+from tests.conftest import run_py
 
 
 @pytest.mark.parametrize("overrides, fragments", [
@@ -53,16 +51,15 @@ def test_dense_ignores_the_sweep_sparsity(make_config):
 
 
 def test_run_py_exits_with_one_line_error_and_writes_no_result(tmp_path):
-    proc = subprocess.run([sys.executable, "run.py", "model=llama-tiny", "sparsity=1.5",
-                           f"hydra.run.dir={tmp_path}/run"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = run_py(["model=llama-tiny", "sparsity=1.5",
+                           f"hydra.run.dir={tmp_path}/run"], timeout=120)
     assert proc.returncode == 2
     assert "config error: sparsity=1.5" in proc.stderr
     assert not list(tmp_path.rglob("result.json"))
 
 
 def test_unknown_model_lists_the_zoo(tmp_path):
-    proc = subprocess.run([sys.executable, "run.py", "model=opt-1t", f"hydra.run.dir={tmp_path}/run"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = run_py(["model=opt-1t", f"hydra.run.dir={tmp_path}/run"], timeout=120)
     assert proc.returncode != 0
     assert "model/opt-1t" in proc.stderr and "opt-125m" in proc.stderr
 
@@ -158,9 +155,8 @@ def test_known_keys_sweeps_and_hydras_own_are_left_alone():
 
 def test_an_eval_sweep_without_brackets_is_refused_with_the_fix(tmp_path):
     # before: two cells per cell of the grid, one evaluation each, and not a word about it
-    proc = subprocess.run([sys.executable, "run.py", "-m", "model=llama-tiny", "eval=ppl,zeroshot",
-                           f"hydra.sweep.dir={tmp_path}/sweep"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    proc = run_py(["-m", "model=llama-tiny", "eval=ppl,zeroshot",
+                           f"hydra.sweep.dir={tmp_path}/sweep"], timeout=120)
     assert proc.returncode == 1 and not (tmp_path / "sweep").exists()
     assert proc.stderr.strip().splitlines() == [
         "prunebench: config error: eval=ppl,zeroshot would sweep over 2 evaluations, one per cell; to run them "
@@ -173,23 +169,22 @@ def test_a_sweep_over_presets_takes_the_keys_they_share(tmp_path):
     # before: Hydra composed the sweep with the default method (dense) first and refused method.population,
     # so the allocator league ran one sweep per search arm
     def plan(*arguments):
-        return subprocess.Popen([sys.executable, "run.py", "-m", "model=llama-tiny", *arguments, "plan=true",
-                                 f"hydra.sweep.dir={tmp_path}/{len(arguments[0])}"], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        return run_py(["-m", "model=llama-tiny", *arguments, "plan=true", f"hydra.sweep.dir={tmp_path}/{len(arguments[0])}"],
+                      timeout=300, stderr_to_stdout=True)
     shared = plan("method=self_pruner_ga,self_pruner_ga_sparsegpt", "method.population=3")
-    lacking = plan("method=self_pruner_ga,wanda", "method.population=3")
-    out = shared.communicate(timeout=300)[0]
+    out = shared.stdout
     assert shared.returncode == 0, out[-2000:]
     assert [line.split(" | ")[0] for line in out.splitlines() if "method.population=3" in line] == [
         "| model=llama-tiny method=self_pruner_ga ++method.population=3",
         "| model=llama-tiny method=self_pruner_ga_sparsegpt ++method.population=3"]
-    out = lacking.communicate(timeout=300)[0]
+    lacking = plan("method=self_pruner_ga,wanda", "method.population=3")
+    out = lacking.stdout
     assert lacking.returncode != 0 and "Traceback" not in out
     assert ("sweep not started: cell [model=llama-tiny method=wanda ++method.population=3 plan=True]: "
             "method.population is not an option of allocator=uniform, pruner=wanda") in out
     # a misspelt key of a swept group: refused before any cell, with the keys its presets have
     typo = plan("method=wanda,magnitude", "method.sparsity_typ=2:4")
-    out = typo.communicate(timeout=300)[0]
+    out = typo.stdout
     assert typo.returncode != 0 and "Traceback" not in out
     assert "method.sparsity_typ is not an option of allocator=uniform, pruner=wanda; did you mean " \
            "method.sparsity_type?; allowed: " in out

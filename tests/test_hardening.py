@@ -29,7 +29,7 @@ from bench.core.vocab import ConfigError
 from methods import lifecycle
 from reports.collect import collect
 from reports.status import render, status
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, run_py
 
 BASE = ["model=llama-tiny"]
 
@@ -178,17 +178,18 @@ def _run_py(*args: str, sweep_mode: bool = False) -> subprocess.Popen:
 
 
 def test_run_py_answers_bad_input_with_one_line_and_no_traceback(tmp_path):
-    cases = {  # started together: each is mostly interpreter start-up
+    cases = {
         "experiment=nope": "experiment/nope",
         "+sparsty=0.7": "sparsty is not a known key",
         "sparsity=abc": "sparsity='abc' is not valid",
         "model.name=a/../../outside": "model.name='a/../../outside' is not a valid name",
     }
-    procs = {bad: _run_py(*BASE, bad, f"hydra.run.dir={tmp_path}/{i}") for i, bad in enumerate(cases)}
-    swept = _run_py(*BASE, "method=magnitude", "model.name=ok,a/../x", f"hydra.sweep.dir={tmp_path}/s",
-                    sweep_mode=True)
+    procs = {bad: run_py(["cache=false", *BASE, bad, f"hydra.run.dir={tmp_path}/{i}"], timeout=300)
+             for i, bad in enumerate(cases)}
+    swept = run_py(["-m", "cache=false", *BASE, "method=magnitude", "model.name=ok,a/../x",
+                    f"hydra.sweep.dir={tmp_path}/s"], timeout=300)
     for bad, proc in [*procs.items(), ("sweep", swept)]:
-        _, err = proc.communicate(timeout=300)
+        err = proc.stderr
         assert proc.returncode != 0 and "Traceback" not in err, (bad, err)
         assert cases.get(bad, "sweep not started: cell [") in err, (bad, err)
     assert not list(tmp_path.rglob(records.RESULT_FILE))

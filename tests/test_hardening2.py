@@ -35,7 +35,7 @@ from bench.core.vocab import ConfigError
 from bench.llm import LLMConfig, LLMError, make_backend
 from reports.collect import collect
 from reports.status import CellStatus, _dead, _milestone, stage_of
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, run_py
 from tests.test_reports import fake
 
 BASE = ["model=llama-tiny"]
@@ -524,9 +524,8 @@ def test_a_sweep_dir_that_is_a_file_is_one_line_before_any_cell(where, tmp_path)
     planted.write_text("mine")
     sweep_dir = planted if where == "file" else planted / "inner"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "run.py", "-m", "hydra/launcher=local", "cache=false", *BASE, *TINY,
-                          f"hydra.sweep.dir={sweep_dir}"], cwd=ROOT, capture_output=True, text=True, env=env,
-                         timeout=600)
+    run = run_py(["-m", "hydra/launcher=local", "cache=false", *BASE, *TINY,
+                          f"hydra.sweep.dir={sweep_dir}"], env=env, timeout=600)
     assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-2000:]
     assert f"hydra.sweep.dir={sweep_dir}" in run.stderr and "validating" not in run.stderr.split("sweep not started")[1]
     assert planted.read_text() == "mine"
@@ -730,8 +729,7 @@ def test_a_single_run_dir_that_is_a_file_is_one_line_and_the_file_is_kept(tmp_pa
     planted = tmp_path / "run"
     planted.write_text("mine")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "run.py", *BASE, *TINY, f"hydra.run.dir={planted}"], cwd=ROOT,
-                         capture_output=True, text=True, env=env, timeout=600)
+    run = run_py([*BASE, *TINY, f"hydra.run.dir={planted}"], env=env, timeout=600)
     assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-2000:]  # before: Hydra's mkdir
     assert f"hydra.run.dir={planted} cannot be a folder: {planted} is a file" in run.stderr
     assert planted.read_text() == "mine"

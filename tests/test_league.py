@@ -15,7 +15,7 @@ from bench.core.records import CellKey, Result, read_results, write_result
 from reports import league
 from reports.__main__ import main as reports_main
 from reports.frame import long_frame
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, run_py
 
 DISPLAY = {"self_pruner": "Self-Pruner (LLM, Wanda)", "self_pruner_ga": "Self-Pruner (GA, Wanda)",
            "self_pruner_ga_llm_init": "GA ops, LLM init", "self_pruner_llm_ga_init": "LLM ops, GA init",
@@ -186,10 +186,9 @@ def test_a_tiny_league_through_run_py_gets_a_verdict_per_pair_and_its_costs(tmp_
     # one sweep: each arm takes the method.* keys both presets have (run.py makes them ++method.*)
     extra = ["method.llm.model=llama-tiny", f"method.llm.chat_template={json.dumps(TEMPLATE)}",
              "method.llm.max_new_tokens=12"]
-    run = subprocess.run([sys.executable, "run.py", "-m", "cache=false", "hydra/launcher=basic", "threads=1",
+    run = run_py(["-m", "cache=false", "hydra/launcher=basic", "threads=1",
                           "model=llama-tiny", "sparsity=0.7", "seed=0,1", "method=self_pruner,self_pruner_ga", *TINY,
-                          *SEARCH, *extra, f"hydra.sweep.dir={tmp_path / 'league'}"], cwd=ROOT, capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+                          *SEARCH, *extra, f"hydra.sweep.dir={tmp_path / 'league'}"], env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     collect = subprocess.run([sys.executable, "-m", "reports", "collect", str(tmp_path), "--no-plots"], cwd=ROOT,
                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)

@@ -4,8 +4,6 @@ the selection, and cells at the defaults keep their config hash and protocol id.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,14 +12,13 @@ from bench import models, protocol
 from bench.config import ConfigError
 from bench.core import families, identity
 from methods import catalog, lifecycle
-from tests.conftest import ROOT, TINY
+from tests.conftest import TINY, run_py
 
 
 def test_run_py_leaves_ignored_linears_dense_and_records_the_selection(tmp_path):
-    run = subprocess.run([sys.executable, "run.py", "model=llama-tiny", "method=wanda",
+    run = run_py(["model=llama-tiny", "method=wanda",
                           "method.ignore=[re:.*mlp.down_proj]", "threads=1", "cache=false", "eval.speed=null", *TINY,
-                          f"hydra.run.dir={tmp_path / 'run'}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          f"hydra.run.dir={tmp_path / 'run'}"], timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     record = json.loads((tmp_path / "run" / "result.json").read_text())
     per_layer = record["sparsity"]["per_layer"]

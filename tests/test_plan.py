@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from bench.compose import CONF_DIR, compose
 from bench.config import validate, zoo_entry
 from bench.core import records
 from bench.core.vocab import ConfigError
+from tests.conftest import run_py
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 2**30
@@ -94,9 +93,7 @@ def test_plan_must_be_a_boolean():
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "run.py", "-m", "cache=false", "threads=1", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return run_py(["-m", "cache=false", "threads=1", *args], env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
 
 
 def test_plan_true_prints_a_row_per_cell_and_runs_none(tmp_path):

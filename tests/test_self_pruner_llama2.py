@@ -13,7 +13,7 @@ import pandas as pd
 
 from bench.core.records import read_results
 from reports.collect import build_report
-from tests.conftest import ROOT, TINY, load_script
+from tests.conftest import ROOT, TINY, load_script, run_py
 
 TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
 SMALL_SEARCH = ["method.llm.backend=local", "method.llm.model=llama-tiny", f"method.llm.chat_template={json.dumps(TEMPLATE)}",
@@ -32,8 +32,7 @@ def test_every_target_has_a_verdict_or_a_named_reason_and_acc_avg_drop_is_judged
     # the preset's sweep (sparsity 0.37, 0.62), then the dense cell its header asks for, at the same protocol
     for cell in (["experiment=self_pruner_llama2", *SMALL_SEARCH, f"hydra.sweep.dir={sweep / 'search'}"],
                  ["method=dense", "protocol=paper", "eval=[ppl,zeroshot]", f"hydra.sweep.dir={sweep / 'dense'}"]):
-        run = subprocess.run([sys.executable, "run.py", "-m", *common, *cell], cwd=ROOT, capture_output=True,
-                             text=True, env=env, timeout=600)
+        run = run_py(["-m", *common, *cell], env=env, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
     collected = subprocess.run([sys.executable, "-m", "reports", "collect", str(sweep), "--no-plots"], cwd=ROOT,
                                capture_output=True, text=True, env=env, timeout=300)

@@ -28,7 +28,7 @@ from bench.core.vocab import ConfigError
 from methods.base import Allocator
 from methods import catalog, lifecycle
 from reports.status import status
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, run_py
 
 GOLDEN = Path(__file__).parent / "golden" / "slurm_opt-66b.sbatch"
 
@@ -143,8 +143,7 @@ def test_slurm_preflight_errors(tmp_path, monkeypatch):
 
 
 def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "run.py", "-m", "cache=false", *args], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, timeout=300)
+    return run_py(["-m", "cache=false", *args], env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, timeout=300)
 
 
 def test_bad_cell_or_missing_sbatch_stops_the_sweep_before_any_cell_runs(tmp_path):
@@ -354,12 +353,12 @@ def test_dense_statistics_of_real_methods_are_cached_and_give_the_same_pruning(m
 def test_an_unreachable_or_keyless_llm_endpoint_stops_the_sweep_before_any_cell(tmp_path):
     env = {**os.environ, "PB_KEY": "k"}
     env.pop("PB_NO_KEY", None)
-    base = [sys.executable, "run.py", "-m", "model=llama-tiny", "method=self_pruner", "sparsity=0.3,0.5",
-            "method.llm.backend=http", "method.llm.base_url=http://127.0.0.1:9/v1"]
+    base = ["-m", "model=llama-tiny", "method=self_pruner", "sparsity=0.3,0.5", "method.llm.backend=http",
+            "method.llm.base_url=http://127.0.0.1:9/v1"]
     for key_env, message in (("PB_NO_KEY", "environment variable is not set"), ("PB_KEY", "is unreachable")):
         sweep_dir = tmp_path / key_env
-        proc = subprocess.run(base + [f"method.llm.api_key_env={key_env}", f"hydra.sweep.dir={sweep_dir}"],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        proc = run_py(base + [f"method.llm.api_key_env={key_env}", f"hydra.sweep.dir={sweep_dir}"], env=env,
+                      timeout=300)
         assert proc.returncode != 0
         assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert not list(sweep_dir.rglob(records.RESULT_FILE))  # no cell ran

@@ -4,8 +4,6 @@ fixed."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,7 +20,7 @@ from bench.config import ConfigError, ModelConfig, validate
 from bench.core import records
 from bench.core.metrics import metric
 from methods import masks, recovery
-from tests.conftest import ROOT, TINY, compose_config
+from tests.conftest import ROOT, TINY, compose_config, run_py
 
 CELL = ["model=llama-tiny", "method=sparsegpt", "sparsity=0.5", *TINY]
 
@@ -40,9 +38,8 @@ def test_a_cell_gives_identical_numbers_with_and_without_cache_in_process_and_un
     warm = run_cell(cfg, resolved, tmp_path / "warm", cache=True, rerun="all")
     off = run_cell(cfg, resolved, tmp_path / "off", cache=False, rerun="all")
     assert "tokens" in warm.cache["hits"] and "tokens" not in off.cache.get("hits", [])
-    proc = subprocess.run([sys.executable, "run.py", "-m", "hydra/launcher=local", *CELL,
-                           f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    proc = run_py(["-m", "hydra/launcher=local", *CELL,
+                           f"hydra.sweep.dir={tmp_path / 'sweep'}"], env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the live status reaches the console, its end state before the table
     ended = proc.stdout.find("] 1 cells: 1 done, 0 running, 0 failed, 0 waiting")

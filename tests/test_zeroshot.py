@@ -12,7 +12,7 @@ import pytest
 from bench.cell import run_cell
 from bench.core.vocab import ConfigError
 from reports.collect import collect
-from tests.conftest import ROOT, TINY, load_script
+from tests.conftest import ROOT, TINY, load_script, run_py
 
 TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "rte"]
 
@@ -111,10 +111,9 @@ def test_lambada_through_its_offline_mirror_is_scored_by_run_py(mirrors, tmp_pat
     mirror in its real schema and prompt; before, the mirrors held multiple-choice tasks alone."""
     docs = [json.loads(line) for line in (mirrors / "lambada_openai.jsonl").read_text().splitlines()]
     assert len(docs) == 6 and all(len(d["text"].split()) >= 10 and d["text"][-1].isalnum() for d in docs)
-    run = subprocess.run([sys.executable, "run.py", "model=llama-tiny", "method=magnitude", "threads=1", "cache=false",
+    run = run_py(["model=llama-tiny", "method=magnitude", "threads=1", "cache=false",
                           "eval.speed=null", *TINY, "eval=[ppl,zeroshot]", "eval.zeroshot.tasks=[lambada_openai]",
-                          f"eval.zeroshot.include_path={mirrors}", f"hydra.run.dir={tmp_path / 'run'}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          f"eval.zeroshot.include_path={mirrors}", f"hydra.run.dir={tmp_path / 'run'}"], timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     score = result["metrics"]["zeroshot"]["tasks"]["lambada_openai"]
@@ -161,10 +160,10 @@ def test_offline_mirrors_are_labelled_as_mirrors_in_tables_and_csv(mirrors, tmp_
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets")}
     sweep = tmp_path / "sweep"
-    run = subprocess.run([sys.executable, "run.py", "-m", "hydra/launcher=local", "cache=false", "model=llama-tiny",
+    run = run_py(["-m", "hydra/launcher=local", "cache=false", "model=llama-tiny",
                           "method=dense", *TINY, "eval=[ppl,zeroshot]", "eval.zeroshot.tasks=[boolq]",
                           "eval.zeroshot.limit=4", f"eval.zeroshot.include_path={mirrors}",
-                          f"hydra.sweep.dir={sweep}"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+                          f"hydra.sweep.dir={sweep}"], env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     collected = subprocess.run([sys.executable, "-m", "reports", "collect", str(sweep), "--no-plots",
                                 "--format", "md,csv,tex"],
