@@ -256,9 +256,8 @@ TOKENIZER_KEYS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
 
 def _known_linears(model: ModelConfig) -> Optional[tuple[dict[str, int], Optional[list[int]]]]:
     """({prunable linear: its input width}, every block's FFN width or None for a fused FFN) when the config
-    states the architecture (random models), else None.
-    The model is built on the meta device (no memory), which also checks that its family adapter can be
-    inferred before any work starts."""
+    states the architecture (random models), else None. The model is built on the meta device (no memory),
+    which also checks that its family adapter can be inferred before any work starts."""
     if model.source != "random" or model.path is not None:
         return None
     kwargs = dict(model.architecture)
@@ -313,6 +312,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     if not method.dense:
         built.allocator.check(cfg.sparsity, linears)
     if built.pruner.structured and ffn and not method.dense:
+        built.allocator.check_ffn(cfg.sparsity, ffn)
         # what ChannelPruner.prune_block removes at a uniform rate; else it fails after loading and calibrating
         emptied = sorted({width for width in ffn if round(cfg.sparsity * width) >= width})
         if emptied:

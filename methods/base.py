@@ -69,6 +69,10 @@ class Allocator(Component):
         """Raise ConfigError for a target this allocator cannot reach (n_layers = prunable linears, None
         when unknown before the model loads)."""
 
+    def check_ffn(self, target: float, widths: list[int]) -> None:
+        """Raise ConfigError for FFN widths (every block's, known before the model loads) this allocator
+        cannot share `target` over; called for structured pruners."""
+
     def check_calibration(self, nsamples: int, seqlen: int) -> None:
         """Raise ConfigError for calibration samples (count x tokens) too few or too short for this allocator."""
 

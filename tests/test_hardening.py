@@ -112,6 +112,9 @@ BAD_INPUTS = [
     (["method=owl_wanda", "method.sparsity_type=2:4"], "method.sparsity_type"),
     (["method=cfsp", "method.sparsity_type=2:4"], "method.sparsity_type"),
     (["method=cfsp", "method.round_to=0"], "method.round_to"),
+    # before: refused inside the cell, after loading the model and its dense pass (llama-tiny's FFN is 192 wide)
+    (["method=cfsp", "method.round_to=256"], "method.round_to=256 is larger than the smallest FFN width (192)"),
+    (["method=cfsp", "sparsity=0.8"], "sparsity=0.8 leaves zero FFN channels in some block with method.round_to=128"),
     (["method=cfsp", "method.a=-1"], "method.a"),
     (["method=cfsp", "method.fine_score=bogus"], "method.fine_score"),
     (["method=wanda_sp", "method.selection=bogus"], "method.selection"),

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.core.engine import traverse
-from bench.core.vocab import check_range
+from bench.core.vocab import ConfigError, check_range
 from methods.base import Allocator
 from methods.registry import register_allocator
 
@@ -70,6 +70,9 @@ class CFSPCoarse(Allocator):
         def __post_init__(self):
             check_range("method.a", self.a, self.a >= 0, "a >= 0")
             check_range("method.round_to", self.round_to, self.round_to >= 1, ">= 1")
+
+    def check_ffn(self, target: float, widths: list[int]) -> None:
+        check_rounding(widths, self.options.round_to, target)
 
     def __init__(self, options: Options):
         super().__init__(options)
@@ -106,18 +109,24 @@ class CFSPCoarse(Allocator):
         return rates
 
 
+def check_rounding(widths: list[int], unit: int, target: float) -> None:
+    """ConfigError where FFN widths (one per block) cannot keep at least one `unit` of channels per block."""
+    if unit > min(widths):
+        raise ConfigError(f"method.round_to={unit} is larger than the smallest FFN width ({min(widths)}); "
+                          f"allowed: 1..{min(widths)}")
+    if round((1 - target) * sum(widths) / unit) < len(widths):
+        raise ConfigError(f"sparsity={target} leaves zero FFN channels in some block with method.round_to={unit}; "
+                          f"allowed: sparsity <= {1 - len(widths) * unit / sum(widths):.3f} (one unit per block), "
+                          f"or a smaller method.round_to")
+
+
 def round_channels(widths: list[int], keep: list[float], unit: int, target: float) -> list[int]:
     """Kept channels per block: multiples of `unit`, at least one unit, at most the width (rounded down
     to units), total = round((1 - target) * total width / unit) units, closest to `keep` (largest
     remainders)."""
-    if unit > min(widths):
-        raise ValueError(f"method.round_to={unit} is larger than the smallest FFN width ({min(widths)}); "
-                         f"allowed: 1..{min(widths)}")
+    check_rounding(widths, unit, target)
     caps = [w // unit for w in widths]
     budget = round((1 - target) * sum(widths) / unit)
-    if budget < len(widths):
-        raise ValueError(f"sparsity={target} leaves zero FFN channels in some block with method.round_to={unit} "
-                         f"(at most {1 - len(widths) * unit / sum(widths):.3f} keeps one unit per block)")
     if budget > sum(caps):
         budget = sum(caps)  # widths not multiples of the unit: the rounded-down widths are the most we can keep
     ideal = [k * w / unit for k, w in zip(keep, widths)]
