@@ -102,7 +102,7 @@ class _PerCellResources(submitit_launcher.BaseSubmititLauncher):
     with one `map_array` per resource group instead of one for the whole sweep."""
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        launchers = self._cell_launchers(job_overrides)
+        launchers = [config.hydra.launcher for config in self._cell_configs(job_overrides)]
         executor = self._executor()
         self._make_sweep_dir()
         submitted = {}
@@ -119,10 +119,10 @@ class _PerCellResources(submitit_launcher.BaseSubmititLauncher):
             submitted.update(zip(indices, executor.map_array(self, *zip(*calls))))
         return [submitted[index].results()[0] for index in range(len(job_overrides))]
 
-    def _cell_launchers(self, job_overrides: Sequence[Sequence[str]]) -> list[DictConfig]:
-        """Each cell's `hydra.launcher`, resolved from its own config (its model's resources)."""
+    def _cell_configs(self, job_overrides: Sequence[Sequence[str]]) -> list[DictConfig]:
+        """Each cell's config, whose `hydra.launcher` is resolved from it (its model's resources)."""
         loader = self.hydra_context.config_loader
-        return [loader.load_sweep_config(self.config, list(overrides)).hydra.launcher for overrides in job_overrides]
+        return [loader.load_sweep_config(self.config, list(overrides)) for overrides in job_overrides]
 
     def _make_sweep_dir(self) -> None:
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
@@ -185,9 +185,7 @@ class LocalLauncher(_PerCellResources):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import cloudpickle  # a job calls run.py's main, which plain pickle cannot name from another process
 
-        # each cell's config, composed once, here: its launcher keys are read here and its job runs it as it is
-        loader = self.hydra_context.config_loader
-        configs = [loader.load_sweep_config(self.config, list(overrides)) for overrides in job_overrides]
+        configs = self._cell_configs(job_overrides)  # its launcher keys are read here; its job runs it as it is
         self._make_sweep_dir()
         jobs = []
         for index, (overrides, config) in enumerate(zip(job_overrides, configs)):

@@ -89,7 +89,7 @@ class ResumeState:
         self.files: dict[str, str] = {}  # SHA-256 of every file the next commit covers
         self.digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:24]
         self.every_s = every_s
-        self.pending: dict[int, tuple[nn.Module, dict]] = {}  # pruned blocks not saved yet, with their dense state
+        self.pending: dict[int, tuple[nn.Module, dict]] = {}  # pruned blocks not saved yet, with `encode_masks`'s
         self.dense: Optional[tuple[int, dict[str, torch.Tensor]]] = None  # the block being pruned, as it was
         self.last_save = time.monotonic()
         self.warnings: list[str] = []
@@ -217,8 +217,7 @@ class ResumeState:
     def _save_blocks(self, index: int, next_inputs: Optional[torch.Tensor]) -> None:
         for pending, (module, masks) in self.pending.items():
             encoded, same = encode(module.state_dict(), masks)
-            records.write_atomic(self._block_path(pending), lambda staging: save_file(
-                encoded, str(staging), metadata={"same": json.dumps(same)}))
+            _write(self._block_path(pending), encoded, {"same": json.dumps(same)})
             self.files[self._block_path(pending).name] = _sha256(self._block_path(pending))
         self.pending = {}
         self.files = {name: digest for name, digest in self.files.items() if not name.startswith("inputs_")}
@@ -242,8 +241,8 @@ class ResumeState:
         return self.root / f"block_{index}.safetensors"
 
 
-def _write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    records.write_atomic(path, lambda staging: save_file(tensors, str(staging)))
+def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> None:
+    records.write_atomic(path, lambda staging: save_file(tensors, str(staging), metadata=metadata))
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:

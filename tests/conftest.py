@@ -75,7 +75,6 @@ def shared_data() -> Path:
     return path
 
 
-
 # What `run_py`'s server imports once per session: what run.py's cells import (the local launcher's
 # preload), run.py itself, and the table a single run prints.
 RUN_PY_PRELOAD = [*PRELOAD, "run", "reports.collect", "tests.conftest"]

@@ -174,8 +174,9 @@ def test_launcher_values_with_control_characters_are_refused_before_submitting(l
     assert "\n" not in str(info.value) and "control character" in str(info.value)
 
 
-def _run_py(*args: str, sweep_mode: bool = False) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "run.py", *(["-m"] if sweep_mode else []), "cache=false", *args],
+def _start_sweep(*args: str) -> subprocess.Popen:
+    """`run.py -m` in an interpreter of its own, which a test signals."""
+    return subprocess.Popen([sys.executable, "run.py", "-m", "cache=false", *args],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
 
@@ -592,7 +593,7 @@ def test_a_signalled_sweep_process_leaves_no_cell_running(sig, tmp_path):
 def test_sigterm_mid_sweep_then_resume_completes_and_keeps_finished_results(tmp_path):
     sweep_dir = tmp_path / "sweep"
     command = [*BASE, "method=magnitude", "sparsity=0.3,0.5,0.7", *TINY, f"hydra.sweep.dir={sweep_dir}"]
-    proc = _run_py(*command, sweep_mode=True)
+    proc = _start_sweep(*command)
     deadline = time.time() + 400
     while time.time() < deadline and not any(r.ok for r in records.read_results(sweep_dir).records):
         time.sleep(0.3)
@@ -603,7 +604,7 @@ def test_sigterm_mid_sweep_then_resume_completes_and_keeps_finished_results(tmp_
     assert finished and not found.corrupt
     for r in found.records:
         assert r.ok or r.status == "interrupted" or _gone(r.process.get("pid", 0), 1)
-    resumed = _run_py(*command, sweep_mode=True)
+    resumed = _start_sweep(*command)
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err
     assert {path: _sha(Path(path)) for path in finished} == finished
