@@ -16,6 +16,12 @@ from typing import Optional, Sequence
 import pytest
 from omegaconf import OmegaConf
 
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # Workers side by side on few cores: an OpenMP thread waiting at a barrier sleeps instead of spinning on a
+    # core the other worker's threads need (spinning made a 24 s test take 80 s beside another). Read when
+    # torch loads its OpenMP runtime, so before anything below imports torch; cells inherit it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from bench.compose import compose
 from bench.config import validate
 from bench.launcher import PRELOAD
@@ -131,3 +137,17 @@ def _run_py_child(argv: list[str], cwd: str, env: dict, out: str, err: str) -> N
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+# The suite's longest tests, started first when pytest-xdist runs it on several workers (the README's `-n 2`):
+# the real-model ordering test (~4 min, both cores) beside the Slurm tests (mostly waiting on Slurm), and the
+# short tests packed around them, one at a time (`--maxschedchunk=1` in pyproject.toml).
+LONGEST_FIRST = ("tests/test_smollm2.py", "tests/test_slurm.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if "PYTEST_XDIST_WORKER" in os.environ:  # the workers' collections are what the controller hands out
+        def rank(item):
+            path = item.nodeid.split("::")[0]
+            return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+        items.sort(key=rank)

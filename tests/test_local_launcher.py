@@ -139,9 +139,11 @@ def test_ctrl_c_stops_a_local_sweep_and_marks_each_running_cell_interrupted(tmp_
     cut short a job still marking its cell: the cell stayed "running"."""
     sweep_dir = tmp_path / "sweep"
     command = [sys.executable, "run.py", "-m", "hydra/launcher=local", "hydra.sweeper.max_batch_size=2", "cache=false",
-               "model=llama-tiny", "method=sparsegpt", *TINY, "data.calib.nsamples=64", "data.calib.seqlen=256",
-               "sparsity=0.5,0.6,0.7", f"hydra.sweep.dir={sweep_dir}"]
-    proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
+               "model=llama-tiny", "method=sparsegpt", *TINY, "sparsity=0.5,0.6,0.7", f"hydra.sweep.dir={sweep_dir}"]
+    # Every block forward sleeps 5 s (tests/slow_blocks): both cells are still pruning when Ctrl-C comes, however
+    # fast or loaded the machine (with real work alone, a cell could finish in the second before the signal).
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests' / 'slow_blocks'}:{ROOT}", "PRUNEBENCH_TEST_BLOCK_DELAY_S": "5"}
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's
     try:
