@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import fcntl
 import importlib.util
 import multiprocessing
 import os
@@ -11,7 +12,7 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import pytest
 from omegaconf import OmegaConf
@@ -81,6 +82,22 @@ def shared_data() -> Path:
     return path
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """The dir `build(dir)` filled, once per test session: under `-n N` a module's tests may run on several
+    workers, each with its own module fixtures; the first to get here builds (holding a lock), the others
+    wait for it and reuse what it built (pytest-xdist's documented pattern for expensive fixtures)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / name  # the workers' common dir
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{root}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / ".built").exists():
+            root.mkdir(exist_ok=True)
+            build(root)
+            (root / ".built").touch()
+    return root
+
+
 # What `run_py`'s server imports once per session: what run.py's cells import (the local launcher's
 # preload), run.py itself, and the table a single run prints.
 RUN_PY_PRELOAD = [*PRELOAD, "run", "reports.collect", "tests.conftest"]
@@ -141,7 +158,7 @@ def _run_py_child(argv: list[str], cwd: str, env: dict, out: str, err: str) -> N
 
 # The suite's longest tests, started first when pytest-xdist runs it on several workers (the README's `-n 2`):
 # the real-model ordering test (~4 min, both cores) beside the Slurm tests (mostly waiting on Slurm), and the
-# short tests packed around them, one at a time (`--maxschedchunk=1` in pyproject.toml).
+# short tests packed around them (the scheduling options are in pyproject.toml).
 LONGEST_FIRST = ("tests/test_smollm2.py", "tests/test_slurm.py")
 
 

@@ -191,24 +191,27 @@ def test_the_shipped_model_code_imports_nothing_of_prunebench():
 
 LOAD_AS_TRANSFORMERS = """
 import json, sys, torch, transformers
-kwargs = json.loads(sys.argv[2])
-model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, **kwargs)
-with torch.no_grad():
-    torch.save(model(torch.load(sys.argv[3])).logits, sys.argv[4])
-print(json.dumps({"dtypes": sorted({str(p.dtype) for p in model.parameters()}),
-                  "device_map": getattr(model, "hf_device_map", None), "widths": model.config.prunebench_ffn_sizes}))
+ids = torch.load(sys.argv[3])
+for i, kwargs in enumerate(json.loads(sys.argv[2])):
+    model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, **kwargs)
+    with torch.no_grad():
+        torch.save(model(ids).logits, f"{sys.argv[4]}.{i}")
+    print(json.dumps({"dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+                      "device_map": getattr(model, "hf_device_map", None), "widths": model.config.prunebench_ffn_sizes}))
 """
 
 
-def load_as_transformers(where: str, tmp_path: Path, env: dict = {}, **kwargs) -> tuple[torch.Tensor, dict]:
-    """Logits and what the model looks like, loaded by plain transformers (fresh interpreter, no prunebench)."""
+def load_as_transformers(where: str, tmp_path: Path, *variants: dict, env: dict = {}) -> list[tuple[torch.Tensor, dict]]:
+    """Logits and what the model looks like, loaded by plain transformers with each variant of
+    from_pretrained's arguments in turn (one fresh interpreter, no prunebench)."""
     torch.save(IDS, tmp_path / "ids.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"} | env
-    run = subprocess.run([sys.executable, "-c", LOAD_AS_TRANSFORMERS, where, json.dumps(kwargs),
+    run = subprocess.run([sys.executable, "-c", LOAD_AS_TRANSFORMERS, where, json.dumps(variants),
                           str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    return torch.load(tmp_path / "logits.pt"), json.loads(run.stdout.strip().splitlines()[-1])
+    seen = [json.loads(line) for line in run.stdout.strip().splitlines()[-len(variants):]]
+    return [(torch.load(tmp_path / f"logits.pt.{i}"), looks) for i, looks in enumerate(seen)]
 
 
 def bf16_per_block_checkpoint(make_config, target: Path, save_format: str = "dense"):
@@ -226,16 +229,17 @@ def test_the_shipped_model_code_honours_dtype_auto_and_device_map_auto(make_conf
     whatever the checkpoint's dtype ("auto", transformers' default, gave float32 here)."""
     expected, target = bf16_per_block_checkpoint(make_config, tmp_path / "ckpt", save_format)
     assert json.loads((target / "config.json").read_text())["dtype"] == "bfloat16"
-    got, seen = load_as_transformers(str(target), tmp_path, dtype="auto", device_map="auto")
+    (got, seen), (default, seen_default), (wide, seen_wide) = load_as_transformers(
+        str(target), tmp_path, {"dtype": "auto", "device_map": "auto"},
+        {},  # no dtype: "auto", as for any transformers model
+        {"dtype": "float32", "device_map": {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu",
+                                            "model.rotary_emb": "cpu", "lm_head": "cpu"}})
     assert seen["dtypes"] == ["torch.bfloat16"] and seen["widths"] == [100, 150]
     assert seen["device_map"] == {"": "cpu"}  # accelerate's map of this machine: no GPU here
     assert torch.equal(got, expected)
-    default, seen = load_as_transformers(str(target), tmp_path)  # no dtype: "auto", as for any transformers model
-    assert seen["dtypes"] == ["torch.bfloat16"] and seen["device_map"] is None and torch.equal(default, expected)
-    wide, seen = load_as_transformers(str(target), tmp_path, dtype="float32",
-                                      device_map={"model.embed_tokens": "cpu", "model.layers": "cpu",
-                                                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"})
-    assert seen["dtypes"] == ["torch.float32"] and torch.allclose(wide, expected.float(), atol=0.05)
+    assert seen_default["dtypes"] == ["torch.bfloat16"] and seen_default["device_map"] is None
+    assert torch.equal(default, expected)
+    assert seen_wide["dtypes"] == ["torch.float32"] and torch.allclose(wide, expected.float(), atol=0.05)
 
 
 def test_the_shipped_model_code_loads_from_a_hub_repo_id(make_config, tmp_path, monkeypatch):
@@ -247,8 +251,8 @@ def test_the_shipped_model_code_loads_from_a_hub_repo_id(make_config, tmp_path, 
     shutil.copytree(target, repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    got, seen = load_as_transformers("prunebench/llama-tiny-pruned", tmp_path, env={"HF_HUB_CACHE": str(cache)},
-                                     dtype="auto")
+    [(got, seen)] = load_as_transformers("prunebench/llama-tiny-pruned", tmp_path, {"dtype": "auto"},
+                                         env={"HF_HUB_CACHE": str(cache)})
     assert torch.equal(got, expected) and seen["widths"] == [100, 150]
     # read when huggingface_hub was imported, before the fixture set HF_HUB_OFFLINE (else it waits on the network)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))

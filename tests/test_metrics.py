@@ -15,7 +15,7 @@ import pytest
 from bench.config import EvalConfig
 from bench.core import records
 from bench.core.metrics import METRICS
-from tests.conftest import ROOT, TINY, load_script, run_py
+from tests.conftest import ROOT, TINY, built_once, load_script, run_py
 
 FAST_SPEED = ["eval.speed.repeats=1", "eval.speed.decode_tokens=2", "eval.speed.prefill_seqlen=8"]
 TARGET = ("+targets=[{model: llama-tiny, method: magnitude, sparsity: 0.4, metric: acc_avg_drop, reported: 1.0, "
@@ -24,8 +24,11 @@ TARGET = ("+targets=[{model: llama-tiny, method: magnitude, sparsity: 0.4, metri
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
+    return built_once(tmp_path_factory, "metrics", _sweep) / "sweep"
+
+
+def _sweep(root):
     """dense, an unstructured and a structured pruner (whose cell measures the speed-ups), with zero-shot."""
-    root = tmp_path_factory.mktemp("metrics")
     mirrors = load_script("zeroshot_mirrors").write_mirrors(root / "mirrors", n=6)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(root / "hf_datasets")}
@@ -37,7 +40,6 @@ def sweep(tmp_path_factory):
     collected = subprocess.run([sys.executable, "-m", "reports", "collect", str(root / "sweep"), "--no-plots"],
                                cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert collected.returncode == 0, collected.stderr[-3000:]
-    return root / "sweep"
 
 
 def test_every_metric_names_the_evaluation_that_writes_it():
