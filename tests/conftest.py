@@ -88,7 +88,6 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Pa
     wait for it and reuse what it built (pytest-xdist's documented pattern for expensive fixtures)."""
     base = tmp_path_factory.getbasetemp()
     root = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / name  # the workers' common dir
-    root.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{root}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (root / ".built").exists():

@@ -298,7 +298,7 @@ def test_run_py_saves_a_structured_qwen2_that_reloads(tmp_path):
     """Before: the cell pruned the whole model, then failed with KeyError: 'qwen2' and lost its result."""
     command = ["model=qwen2-tiny", "method=cfsp", "sparsity=0.4", "method.round_to=1", f"save_dir={tmp_path / 'ckpt'}"]
     proc = run_py([*command, "cache=false", "eval.speed=null", *TINY,
-                           f"hydra.run.dir={tmp_path / 'run'}"], timeout=600)
+                   f"hydra.run.dir={tmp_path / 'run'}"], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = records.read_result(tmp_path / "run" / records.RESULT_FILE)
     assert result.status == "ok" and result.saved_to == str(tmp_path / "ckpt")
@@ -310,7 +310,7 @@ def test_run_py_saves_a_structured_qwen2_that_reloads(tmp_path):
 def test_the_saved_config_is_named_for_what_it_is_and_the_readme_command_replays_it(tmp_path):
     # before: `recipe.yaml`, which llm-compressor's oneshot(recipe=...) cannot read, and no replay command
     made = run_py(["model=llama-tiny", "method=wanda", "threads=1", "cache=false",
-                           "eval.speed=null", *TINY, f"save_dir={tmp_path / 'ckpt'}", f"hydra.run.dir={tmp_path / 'run'}"], timeout=300)
+                   "eval.speed=null", *TINY, f"save_dir={tmp_path / 'ckpt'}", f"hydra.run.dir={tmp_path / 'run'}"], timeout=300)
     assert made.returncode == 0, made.stderr[-3000:]
     assert not (tmp_path / "ckpt" / "recipe.yaml").exists()
     command = next(line.strip() for line in (ROOT / "README.md").read_text().splitlines()

@@ -52,7 +52,7 @@ def test_dense_ignores_the_sweep_sparsity(make_config):
 
 def test_run_py_exits_with_one_line_error_and_writes_no_result(tmp_path):
     proc = run_py(["model=llama-tiny", "sparsity=1.5",
-                           f"hydra.run.dir={tmp_path}/run"], timeout=120)
+                   f"hydra.run.dir={tmp_path}/run"], timeout=120)
     assert proc.returncode == 2
     assert "config error: sparsity=1.5" in proc.stderr
     assert not list(tmp_path.rglob("result.json"))
@@ -156,7 +156,7 @@ def test_known_keys_sweeps_and_hydras_own_are_left_alone():
 def test_an_eval_sweep_without_brackets_is_refused_with_the_fix(tmp_path):
     # before: two cells per cell of the grid, one evaluation each, and not a word about it
     proc = run_py(["-m", "model=llama-tiny", "eval=ppl,zeroshot",
-                           f"hydra.sweep.dir={tmp_path}/sweep"], timeout=120)
+                   f"hydra.sweep.dir={tmp_path}/sweep"], timeout=120)
     assert proc.returncode == 1 and not (tmp_path / "sweep").exists()
     assert proc.stderr.strip().splitlines() == [
         "prunebench: config error: eval=ppl,zeroshot would sweep over 2 evaluations, one per cell; to run them "

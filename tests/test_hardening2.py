@@ -525,7 +525,7 @@ def test_a_sweep_dir_that_is_a_file_is_one_line_before_any_cell(where, tmp_path)
     sweep_dir = planted if where == "file" else planted / "inner"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     run = run_py(["-m", "hydra/launcher=local", "cache=false", *BASE, *TINY,
-                          f"hydra.sweep.dir={sweep_dir}"], env=env, timeout=600)
+                  f"hydra.sweep.dir={sweep_dir}"], env=env, timeout=600)
     assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-2000:]
     assert f"hydra.sweep.dir={sweep_dir}" in run.stderr and "validating" not in run.stderr.split("sweep not started")[1]
     assert planted.read_text() == "mine"

@@ -187,8 +187,8 @@ def test_a_tiny_league_through_run_py_gets_a_verdict_per_pair_and_its_costs(tmp_
     extra = ["method.llm.model=llama-tiny", f"method.llm.chat_template={json.dumps(TEMPLATE)}",
              "method.llm.max_new_tokens=12"]
     run = run_py(["-m", "cache=false", "hydra/launcher=basic", "threads=1",
-                          "model=llama-tiny", "sparsity=0.7", "seed=0,1", "method=self_pruner,self_pruner_ga", *TINY,
-                          *SEARCH, *extra, f"hydra.sweep.dir={tmp_path / 'league'}"], env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+                  "model=llama-tiny", "sparsity=0.7", "seed=0,1", "method=self_pruner,self_pruner_ga", *TINY,
+                  *SEARCH, *extra, f"hydra.sweep.dir={tmp_path / 'league'}"], env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     collect = subprocess.run([sys.executable, "-m", "reports", "collect", str(tmp_path), "--no-plots"], cwd=ROOT,
                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)

@@ -17,8 +17,8 @@ from tests.conftest import TINY, run_py
 
 def test_run_py_leaves_ignored_linears_dense_and_records_the_selection(tmp_path):
     run = run_py(["model=llama-tiny", "method=wanda",
-                          "method.ignore=[re:.*mlp.down_proj]", "threads=1", "cache=false", "eval.speed=null", *TINY,
-                          f"hydra.run.dir={tmp_path / 'run'}"], timeout=300)
+                  "method.ignore=[re:.*mlp.down_proj]", "threads=1", "cache=false", "eval.speed=null", *TINY,
+                  f"hydra.run.dir={tmp_path / 'run'}"], timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     record = json.loads((tmp_path / "run" / "result.json").read_text())
     per_layer = record["sparsity"]["per_layer"]

@@ -15,9 +15,8 @@ import pytest
 from bench.config import EvalConfig
 from bench.core import records
 from bench.core.metrics import METRICS
-from tests.conftest import ROOT, TINY, built_once, load_script, run_py
+from tests.conftest import FAST_SPEED, ROOT, TINY, built_once, load_script, run_py
 
-FAST_SPEED = ["eval.speed.repeats=1", "eval.speed.decode_tokens=2", "eval.speed.prefill_seqlen=8"]
 TARGET = ("+targets=[{model: llama-tiny, method: magnitude, sparsity: 0.4, metric: acc_avg_drop, reported: 1.0, "
           "tolerance: 100, unit: absolute, source: test}]")
 
@@ -33,9 +32,9 @@ def _sweep(root):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(root / "hf_datasets")}
     run = run_py(["-m", "hydra/launcher=local", "cache=false", "model=llama-tiny",
-                          "method=dense,magnitude,wanda_sp", "sparsity=0.4", *TINY, *FAST_SPEED, "eval=[ppl,zeroshot]",
-                          "eval.zeroshot.tasks=[boolq,piqa]", "eval.zeroshot.limit=4",
-                          f"eval.zeroshot.include_path={mirrors}", TARGET, f"hydra.sweep.dir={root / 'sweep'}"], env=env, timeout=900)
+                  "method=dense,magnitude,wanda_sp", "sparsity=0.4", *TINY, *FAST_SPEED, "eval=[ppl,zeroshot]",
+                  "eval.zeroshot.tasks=[boolq,piqa]", "eval.zeroshot.limit=4",
+                  f"eval.zeroshot.include_path={mirrors}", TARGET, f"hydra.sweep.dir={root / 'sweep'}"], env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     collected = subprocess.run([sys.executable, "-m", "reports", "collect", str(root / "sweep"), "--no-plots"],
                                cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)

@@ -130,8 +130,8 @@ def test_a_single_run_ends_by_saying_where_its_result_and_checkpoint_are(tmp_pat
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "result.json").write_text("not a record")  # so the cell's dir is `run.1`, not the one asked
     proc = run_py(["model=llama-tiny", "method=magnitude", "threads=1",
-                           "cache=false", "eval.speed=null", *TINY, f"save_dir={tmp_path / 'ckpt'}",
-                           f"hydra.run.dir={tmp_path / 'run'}"], timeout=300)
+                   "cache=false", "eval.speed=null", *TINY, f"save_dir={tmp_path / 'ckpt'}",
+                   f"hydra.run.dir={tmp_path / 'run'}"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-2:] == [f"prunebench: result in {tmp_path / 'run.1' / 'result.json'}",
                                                      f"prunebench: checkpoint in {tmp_path / 'ckpt'}"]

@@ -19,9 +19,7 @@ from bench.core.vocab import ConfigError
 from methods.allocators.cfsp_coarse import round_channels
 from methods.recovery import lora_ranks
 from methods import catalog, lifecycle
-from tests.conftest import TINY
-
-FAST_SPEED = ["eval.speed.repeats=1", "eval.speed.decode_tokens=2", "eval.speed.prefill_seqlen=8"]
+from tests.conftest import FAST_SPEED, TINY
 
 
 def _pruned(make_config, *overrides):

@@ -39,7 +39,7 @@ def test_a_cell_gives_identical_numbers_with_and_without_cache_in_process_and_un
     off = run_cell(cfg, resolved, tmp_path / "off", cache=False, rerun="all")
     assert "tokens" in warm.cache["hits"] and "tokens" not in off.cache.get("hits", [])
     proc = run_py(["-m", "hydra/launcher=local", *CELL,
-                           f"hydra.sweep.dir={tmp_path / 'sweep'}"], env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+                   f"hydra.sweep.dir={tmp_path / 'sweep'}"], env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the live status reaches the console, its end state before the table
     ended = proc.stdout.find("] 1 cells: 1 done, 0 running, 0 failed, 0 waiting")

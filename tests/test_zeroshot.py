@@ -112,8 +112,8 @@ def test_lambada_through_its_offline_mirror_is_scored_by_run_py(mirrors, tmp_pat
     docs = [json.loads(line) for line in (mirrors / "lambada_openai.jsonl").read_text().splitlines()]
     assert len(docs) == 6 and all(len(d["text"].split()) >= 10 and d["text"][-1].isalnum() for d in docs)
     run = run_py(["model=llama-tiny", "method=magnitude", "threads=1", "cache=false",
-                          "eval.speed=null", *TINY, "eval=[ppl,zeroshot]", "eval.zeroshot.tasks=[lambada_openai]",
-                          f"eval.zeroshot.include_path={mirrors}", f"hydra.run.dir={tmp_path / 'run'}"], timeout=600)
+                  "eval.speed=null", *TINY, "eval=[ppl,zeroshot]", "eval.zeroshot.tasks=[lambada_openai]",
+                  f"eval.zeroshot.include_path={mirrors}", f"hydra.run.dir={tmp_path / 'run'}"], timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     score = result["metrics"]["zeroshot"]["tasks"]["lambada_openai"]
@@ -161,9 +161,9 @@ def test_offline_mirrors_are_labelled_as_mirrors_in_tables_and_csv(mirrors, tmp_
            "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets")}
     sweep = tmp_path / "sweep"
     run = run_py(["-m", "hydra/launcher=local", "cache=false", "model=llama-tiny",
-                          "method=dense", *TINY, "eval=[ppl,zeroshot]", "eval.zeroshot.tasks=[boolq]",
-                          "eval.zeroshot.limit=4", f"eval.zeroshot.include_path={mirrors}",
-                          f"hydra.sweep.dir={sweep}"], env=env, timeout=900)
+                  "method=dense", *TINY, "eval=[ppl,zeroshot]", "eval.zeroshot.tasks=[boolq]",
+                  "eval.zeroshot.limit=4", f"eval.zeroshot.include_path={mirrors}",
+                  f"hydra.sweep.dir={sweep}"], env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     collected = subprocess.run([sys.executable, "-m", "reports", "collect", str(sweep), "--no-plots",
                                 "--format", "md,csv,tex"],
